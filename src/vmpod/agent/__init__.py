@@ -1,0 +1,1 @@
+"""Host/guest agent: protocol (shared, stdlib only), client (host), server (guest)."""

@@ -1,0 +1,217 @@
+"""Host side of the agent channel (asyncio). The guest is hostile: every frame is
+size-checked by the protocol reader, every JSON message schema-checked, every
+request time-limited, and any violation closes the channel for good.
+
+``request`` is the one choke point for RPCs (timeout, logging, latency).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmpod.agent import protocol as p
+from vmpod.errors import AgentError, AgentTimeout, ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessSink:
+    """Where one process's output goes; ``exited`` resolves with the ExitEvent."""
+    on_stdout: Callable[[bytes], None]
+    on_stderr: Callable[[bytes], None]
+    exited: asyncio.Future[p.ExitEvent] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+    inflight: int = 0
+    credit: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class AgentRequestError(AgentError):
+    """The agent carried out the request and said no (``kind`` from the guest)."""
+
+    def __init__(self, op: str, message: str, kind: str) -> None:
+        super().__init__(f"guest agent refused {op}: {message}", kind=kind, op=op)
+        self.kind = kind
+
+
+class AgentClient:
+    def __init__(self) -> None:
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[p.Response]] = {}
+        self._sinks: dict[int, ProcessSink] = {}
+        self._next_id = 1
+        self._hello: asyncio.Future[p.Hello] | None = None
+        self._closed: BaseException | None = None
+        self.hello: p.Hello | None = None
+
+    async def connect(self, socket: Path, timeout: float,
+                      check_alive: Callable[[], None]) -> p.Hello:
+        """Connect and wait for the agent's hello. ``check_alive`` raises when the VM
+        died, so a crashed boot fails at once instead of at the timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            check_alive()
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(
+                    str(socket), limit=p.MAX_DATA * 2)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if loop.time() > deadline:
+                    raise AgentTimeout(f"agent socket {socket} never appeared") from None
+                await asyncio.sleep(0.005)
+        self._hello = loop.create_future()
+        self._task = asyncio.create_task(self._read_loop())
+        while not self._hello.done():
+            check_alive()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AgentTimeout(f"guest agent did not answer within {timeout:g}s")
+            await asyncio.wait({self._hello}, timeout=min(0.05, remaining))
+        self.hello = self._hello.result()
+        return self.hello
+
+    async def request(self, op: str, args: dict[str, object] | None = None,
+                      timeout: float = 30.0) -> dict[str, object]:
+        """Send one request and wait for its response."""
+        if self._closed is not None:
+            raise AgentError(f"guest agent channel is closed: {self._closed}")
+        rid = self._next_id
+        self._next_id += 1
+        fut: asyncio.Future[p.Response] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        start = time.monotonic()
+        try:
+            self._send(p.encode_json(p.REQUEST, rid, {"id": rid, "op": op, "args": args or {}}))
+            resp = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise AgentTimeout(f"guest agent did not answer '{op}' within {timeout:g}s",
+                               op=op) from None
+        finally:
+            self._pending.pop(rid, None)
+            log.debug("agent %s took %.1f ms", op, (time.monotonic() - start) * 1000)
+        if not resp.ok:
+            raise AgentRequestError(op, resp.error, resp.error_kind)
+        return resp.result
+
+    def attach(self, stream: int, sink: ProcessSink) -> None:
+        self._sinks[stream] = sink
+
+    async def write_stdin(self, stream: int, data: bytes) -> None:
+        """Forward stdin, waiting for guest credit beyond the window."""
+        sink = self._sinks[stream]
+        for i in range(0, len(data), p.MAX_DATA):
+            chunk = data[i:i + p.MAX_DATA]
+            while sink.inflight + len(chunk) > p.STDIN_WINDOW and not sink.exited.done():
+                sink.credit.clear()
+                await sink.credit.wait()
+            if sink.exited.done():
+                return
+            sink.inflight += len(chunk)
+            self._send(p.encode_frame(p.STDIN, stream, chunk))
+            await self._drain()
+
+    def close_stdin(self, stream: int) -> None:
+        self._send(p.encode_frame(p.STDIN, stream, b""))
+
+    def _send(self, frame: bytes) -> None:
+        if self._writer is None or self._closed is not None:
+            raise AgentError(f"guest agent channel is closed: {self._closed}")
+        self._writer.write(frame)
+
+    async def _drain(self) -> None:
+        if self._writer is not None:
+            await self._writer.drain()
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        frames = p.FrameReader()
+        try:
+            while True:
+                data = await self._reader.read(1 << 16)
+                if not data:
+                    raise AgentError("guest agent channel closed (the VM stopped?)")
+                for kind, stream, payload in frames.feed(data):
+                    self._dispatch(kind, stream, payload)
+        except p.ProtocolViolation as err:
+            self._fail(ProtocolError(f"guest broke the agent protocol: {err}"))
+        except AgentError as err:
+            self._fail(err)
+        except (OSError, asyncio.IncompleteReadError) as err:
+            self._fail(AgentError(f"guest agent channel failed: {err}"))
+
+    def _dispatch(self, kind: int, stream: int, payload: bytes) -> None:
+        if kind in (p.STDOUT, p.STDERR):
+            sink = self._sinks.get(stream)
+            if sink is None:
+                raise p.ProtocolViolation(f"output for unknown stream {stream}")
+            (sink.on_stdout if kind == p.STDOUT else sink.on_stderr)(payload)
+        elif kind == p.CREDIT:
+            sink = self._sinks.get(stream)
+            if sink is None or len(payload) != 4:
+                raise p.ProtocolViolation("bad credit frame")
+            (n,) = struct.unpack("!I", payload)
+            sink.inflight = max(0, sink.inflight - n)
+            sink.credit.set()
+        elif kind == p.RESPONSE:
+            resp = p.decode(p.Response, p.parse_json(payload))
+            fut = self._pending.get(resp.id)
+            if fut is None:
+                log.debug("late or unknown response %d dropped", resp.id)
+            elif not fut.done():
+                fut.set_result(resp)
+        elif kind == p.EVENT:
+            self._on_event(p.parse_json(payload))
+        else:
+            raise p.ProtocolViolation(f"unexpected frame kind {kind} from guest")
+
+    def _on_event(self, obj: dict[str, object]) -> None:
+        event = obj.get("event")
+        if event == "hello":
+            hello = p.decode(p.Hello, {k: v for k, v in obj.items() if k != "event"})
+            if hello.protocol != p.PROTOCOL_VERSION:
+                raise p.ProtocolViolation(f"agent speaks protocol {hello.protocol}")
+            if self._hello is not None and not self._hello.done():
+                self._hello.set_result(hello)
+        elif event == "exit":
+            ev = p.decode(p.ExitEvent, obj)
+            if not 0 <= ev.status <= 255:
+                raise p.ProtocolViolation(f"exit status {ev.status} out of range")
+            sink = self._sinks.get(ev.stream)
+            if sink is not None and not sink.exited.done():
+                sink.exited.set_result(ev)
+                sink.credit.set()
+        else:
+            raise p.ProtocolViolation(f"unknown event {event!r}")
+
+    def _fail(self, err: BaseException) -> None:
+        self._closed = err
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        for sink in self._sinks.values():
+            if not sink.exited.done():
+                sink.exited.set_exception(err)
+            sink.credit.set()
+        if self._hello is not None and not self._hello.done():
+            self._hello.set_exception(err)
+        if self._writer is not None:
+            self._writer.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._writer is not None:
+            self._writer.close()
+        self._closed = self._closed or AgentError("closed by host")

@@ -1,0 +1,1 @@
+"""Guest assets: kernels, the initramfs and the read-only guest root image."""

@@ -1,0 +1,81 @@
+"""The initramfs: static busybox, the kernel's boot modules and /init.
+
+Uncompressed newc cpio: under TCG decompressing costs more than reading.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from vmpod.errors import AssetError
+from vmpod.guest.kernel import Kernel
+from vmpod.guest.modules import BOOT_MODULES, load_order, read_module, module_name
+from vmpod.paths import Paths
+from vmpod.proc import run
+
+FORMAT = "1"  # bump when the layout below changes
+
+
+def init_script() -> bytes:
+    return resources.files("vmpod.guest").joinpath("init.sh").read_bytes()
+
+
+def initramfs_key(kernel: Kernel, busybox: Path) -> str:
+    """Inputs that decide the initramfs content."""
+    h = hashlib.sha256()
+    for part in (FORMAT, kernel.release, kernel.version, ",".join(BOOT_MODULES)):
+        h.update(part.encode() + b"\0")
+    h.update(init_script())
+    h.update(hashlib.sha256(busybox.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def ensure_initramfs(paths: Paths, kernel: Kernel, busybox: Path) -> Path:
+    """Cached initramfs for ``kernel``; rebuilt when any input changes."""
+    key = initramfs_key(kernel, busybox)
+    final = paths.guest / f"initramfs-{kernel.release}-{key}.cpio"
+    if final.is_file():
+        return final
+    paths.tmp.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="initramfs-") as tmp:
+        stage = Path(tmp) / "root"
+        _stage(stage, kernel, busybox)
+        names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
+        out = Path(tmp) / "initramfs.cpio"
+        with out.open("wb") as fh:
+            proc = run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
+                       what="pack initramfs", cwd=stage,
+                       input=("\n".join([".", *names]) + "\n").encode())
+            fh.write(proc.stdout)
+        for old in paths.guest.glob(f"initramfs-{kernel.release}-*.cpio"):
+            old.unlink()
+        out.rename(final)
+    return final
+
+
+def _stage(stage: Path, kernel: Kernel, busybox: Path) -> None:
+    for d in ("bin", "dev", "proc", "sys", "sysroot", "etc", "lib/modules"):
+        (stage / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox, stage / "bin/busybox")
+    os.chmod(stage / "bin/busybox", 0o755)
+    (stage / "bin/sh").symlink_to("busybox")
+    init = stage / "init"
+    init.write_bytes(init_script())
+    init.chmod(0o755)
+    # The kernel opens /dev/console for init before devtmpfs is mounted.
+    try:
+        os.mknod(stage / "dev/console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
+    except PermissionError as err:
+        raise AssetError("building the initramfs needs root (mknod /dev/console)",
+                         hint="run as root") from err
+    order = []
+    for path in load_order(kernel.modules_dir):
+        name = module_name(path.name)
+        (stage / "lib/modules" / f"{name}.ko").write_bytes(read_module(path))
+        order.append(name)
+    (stage / "etc/modules.load").write_text("\n".join(order) + "\n")

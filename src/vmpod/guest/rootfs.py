@@ -1,0 +1,97 @@
+"""The guest root image: a read-only erofs with python3, runc, busybox and the agent.
+
+Two cached stages: the Debian tree from mmdebstrap (slow, keyed by the package
+list) and the erofs image (fast, keyed by the tree and the agent's sources), so
+editing the agent rebuilds only the image.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from vmpod.guest.progress import Progress
+from vmpod.paths import Paths
+from vmpod.proc import run
+
+SUITE = "bookworm"
+# python3-minimal lacks json & co.; libpython3.11-stdlib brings them.
+PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "runc", "busybox-static")
+TREE_FORMAT = "1"
+AGENT_FILES = ("__init__.py", "protocol.py", "server.py", "runc.py")
+_ENTRY = b"import sys\nsys.path.insert(0, '/opt/vmpod')\n" \
+         b"from vmpod.agent.server import main\nmain()\n"
+MOUNT_POINTS = ("proc", "sys", "dev", "run", "tmp", "opt/vmpod/vmpod/agent")
+
+
+def tree_key() -> str:
+    return hashlib.sha256("\0".join((TREE_FORMAT, SUITE, *PACKAGES)).encode()).hexdigest()[:16]
+
+
+def agent_sources() -> dict[str, bytes]:
+    pkg = resources.files("vmpod.agent")
+    return {name: pkg.joinpath(name).read_bytes() for name in AGENT_FILES}
+
+
+def image_key(tree: str) -> str:
+    h = hashlib.sha256(tree.encode() + _ENTRY)
+    for name, data in sorted(agent_sources().items()):
+        h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()[:16]
+
+
+def ensure_tree(paths: Paths, progress: Progress) -> Path:
+    """Cached Debian tree for the guest root (mmdebstrap --variant=extract)."""
+    final = paths.guest / f"tree-{tree_key()}"
+    if (final / ".complete").exists():
+        return final
+    paths.tmp.mkdir(parents=True, exist_ok=True)
+    paths.guest.mkdir(parents=True, exist_ok=True)
+    progress(f"building guest root from Debian {SUITE} packages (mmdebstrap)")
+    with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="tree-") as tmp:
+        tree = Path(tmp) / "tree"
+        run(["mmdebstrap", "--quiet", "--variant=extract", f"--include={','.join(PACKAGES)}",
+             SUITE, tree], what="build guest root with mmdebstrap", timeout=900,
+            hint="check that Debian's mirror is reachable and the disk has 200 MB free")
+        for d in MOUNT_POINTS:
+            (tree / d).mkdir(parents=True, exist_ok=True)
+        # extract runs no maintainer scripts and the root is read-only at run
+        # time, so compile bytecode now (unchecked: sources never change there).
+        progress("compiling Python bytecode for the guest")
+        run(["chroot", tree, "/usr/bin/python3", "-m", "compileall", "-q",
+             "--invalidation-mode", "unchecked-hash", "/usr/lib/python3.11"],
+            what="compile guest Python bytecode", timeout=900)
+        (tree / ".complete").touch()
+        for old in paths.guest.glob("tree-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        tree.rename(final)
+    return final
+
+
+def ensure_image(paths: Paths, tree: Path, progress: Progress) -> Path:
+    """Cached erofs image: the tree plus the current agent sources."""
+    final = paths.guest / f"rootfs-{image_key(tree.name)}.erofs"
+    if final.is_file():
+        return final
+    progress("installing the agent into the guest root image")
+    agent_dir = tree / "opt/vmpod/vmpod/agent"
+    shutil.rmtree(tree / "opt/vmpod", ignore_errors=True)
+    agent_dir.mkdir(parents=True)
+    (tree / "opt/vmpod/vmpod/__init__.py").write_bytes(b"")
+    for name, data in agent_sources().items():
+        (agent_dir / name).write_bytes(data)
+    (tree / "opt/vmpod/agent.py").write_bytes(_ENTRY)
+    run(["chroot", tree, "/usr/bin/python3", "-m", "compileall", "-q",
+         "--invalidation-mode", "unchecked-hash", "/opt/vmpod/vmpod"],
+        what="compile agent bytecode")
+    with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="erofs-") as tmp:
+        out = Path(tmp) / "rootfs.erofs"
+        # Uncompressed: the image sits in the host page cache; lz4 would only add CPU.
+        run(["mkfs.erofs", "--quiet", "-T0", out, tree], what="make guest root image")
+        for old in paths.guest.glob("rootfs-*.erofs"):
+            old.unlink()
+        out.rename(final)
+    return final
+

@@ -1,0 +1,1 @@
+"""Hypervisors: a small interface and one driver module per VMM."""

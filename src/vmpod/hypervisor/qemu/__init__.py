@@ -1,0 +1,1 @@
+"""QEMU driver: devices render their own arguments; the driver runs the process."""

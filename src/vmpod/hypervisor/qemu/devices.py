@@ -1,0 +1,112 @@
+"""QEMU command line, one frozen dataclass per device, each rendering its own args."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmpod.agent.protocol import PORT_NAME
+from vmpod.hypervisor.base import Disk, VmConfig
+
+
+def q(value: object) -> str:
+    """Escape a value for a QEMU option list (commas are doubled)."""
+    return str(value).replace(",", ",,")
+
+
+@dataclass(frozen=True)
+class Machine:
+    accel: str
+    cpus: int
+    memory_mb: int
+
+    def args(self) -> list[str]:
+        # microvm: virtio-mmio only, no PCI, no firmware option ROMs: fastest boot.
+        accel = "tcg,thread=multi" if self.accel == "tcg" else "kvm"
+        cpu = "max" if self.accel == "tcg" else "host"
+        return ["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+                "-accel", accel, "-cpu", cpu, "-smp", str(self.cpus),
+                "-m", f"{self.memory_mb}M", "-nodefaults", "-no-user-config",
+                "-nographic", "-no-reboot"]
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    kernel: Path
+    initramfs: Path
+    cmdline: str
+
+    def args(self) -> list[str]:
+        return ["-kernel", str(self.kernel), "-initrd", str(self.initramfs),
+                "-append", self.cmdline]
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    index: int
+    disk: Disk
+
+    def args(self) -> list[str]:
+        node = f"disk{self.index}"
+        ro = "on" if self.disk.readonly else "off"
+        return ["-drive", f"id={node},file={q(self.disk.path)},format=raw,if=none,readonly={ro}",
+                "-device", f"virtio-blk-device,drive={node},serial={q(self.disk.serial)}"]
+
+
+@dataclass(frozen=True)
+class SerialConsole:
+    log: Path
+
+    def args(self) -> list[str]:
+        return ["-chardev", f"file,id=console,path={q(self.log)}", "-serial", "chardev:console"]
+
+
+@dataclass(frozen=True)
+class AgentSerialPort:
+    socket: Path
+
+    def args(self) -> list[str]:
+        return ["-device", "virtio-serial-device",
+                "-chardev", f"socket,id=agent,path={q(self.socket)},server=on,wait=off",
+                "-device", f"virtserialport,chardev=agent,name={PORT_NAME}"]
+
+
+@dataclass(frozen=True)
+class VsockDevice:
+    cid: int
+
+    def args(self) -> list[str]:
+        return ["-device", f"vhost-vsock-device,guest-cid={self.cid}"]
+
+
+@dataclass(frozen=True)
+class QmpSocket:
+    socket: Path
+
+    def args(self) -> list[str]:
+        return ["-qmp", f"unix:{q(self.socket)},server=on,wait=off"]
+
+
+def build_argv(binary: str, cfg: VmConfig) -> list[str]:
+    devices: list[Machine | KernelBoot | BlockDevice | SerialConsole | AgentSerialPort
+                  | VsockDevice | QmpSocket] = [
+        Machine(cfg.accel.accel, cfg.cpus, cfg.memory_mb),
+        KernelBoot(cfg.kernel, cfg.initramfs, cfg.cmdline),
+        SerialConsole(cfg.console_log),
+        QmpSocket(cfg.qmp_socket),
+        *(BlockDevice(i, d) for i, d in enumerate(cfg.disks)),
+        AgentSerialPort(cfg.agent_socket) if cfg.agent_channel == "serial"
+        else VsockDevice(cfg.vsock_cid),
+    ]
+    argv = [binary]
+    for dev in devices:
+        argv += dev.args()
+    return argv
+
+
+def find_qemu() -> str | None:
+    for d in os.environ.get("PATH", "/usr/bin").split(os.pathsep):
+        cand = os.path.join(d, "qemu-system-x86_64")
+        if os.access(cand, os.X_OK):
+            return cand
+    return None

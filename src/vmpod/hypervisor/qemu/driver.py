@@ -1,0 +1,170 @@
+"""QEMU as a Hypervisor: launch, QMP (qemu.qmp), graceful-then-hard shutdown, kill by pid."""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import time
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from vmpod.errors import HypervisorError
+from vmpod.hypervisor.base import VmConfig
+from vmpod.hypervisor.qemu.devices import build_argv, find_qemu
+
+log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # QEMU must not outlive vmpod, even when vmpod is killed with SIGKILL.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class QemuVm:
+    """One QEMU process. States: new -> running -> stopped (checked in ``_expect``)."""
+
+    def __init__(self, config: VmConfig, binary: str | None = None) -> None:
+        self.config = config
+        self.binary = binary or find_qemu()
+        self.argv: list[str] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qmp: QMPClient | None = None
+        self._state = "new"
+
+    def _expect(self, *states: str) -> None:
+        if self._state not in states:
+            raise HypervisorError(f"QEMU is {self._state}, expected {'/'.join(states)}")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def exit_status(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    async def launch(self) -> None:
+        self._expect("new")
+        if self.binary is None:
+            raise HypervisorError("qemu-system-x86_64 not found",
+                                  hint="run the README set-up command (apt-get install qemu-system-x86)")
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.argv = build_argv(self.binary, self.config)
+        log.debug("launching %s", " ".join(self.argv))
+        errlog = (self.config.state_dir / "qemu.log").open("wb")
+        try:
+            self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=errlog,
+                                          stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                          close_fds=True)
+        except OSError as err:
+            raise HypervisorError(f"cannot start QEMU: {err}", argv=self.argv) from err
+        finally:
+            errlog.close()
+        self._state = "running"
+        try:
+            await self._connect_qmp()
+        except BaseException:
+            self.kill()
+            raise
+
+    async def _connect_qmp(self, timeout: float = 30.0) -> None:
+        sock = self.config.qmp_socket
+        deadline = time.monotonic() + timeout
+        while not sock.exists():
+            self._raise_if_dead("QEMU exited during start-up")
+            if time.monotonic() > deadline:
+                raise HypervisorError("QEMU did not open its QMP socket", argv=self.argv,
+                                      console_tail=self.console_tail())
+            await asyncio.sleep(0.005)
+        qmp = QMPClient("vmpod")
+        try:
+            await asyncio.wait_for(qmp.connect(str(sock)), timeout)
+        except (QMPError, OSError, asyncio.TimeoutError) as err:
+            self._raise_if_dead("QEMU exited during start-up")
+            raise HypervisorError(f"cannot talk QMP to QEMU: {err}", argv=self.argv) from err
+        self._qmp = qmp
+
+    def _raise_if_dead(self, what: str) -> None:
+        code = self.exit_status()
+        if code is not None:
+            raise HypervisorError(f"{what} ({describe_exit(code)}): {self.qemu_error()}",
+                                  argv=self.argv, returncode=code,
+                                  console_tail=self.console_tail())
+
+    async def qmp(self, cmd: str, **args: object) -> object:
+        """One QMP command (for snapshots, status and quit)."""
+        self._expect("running")
+        if self._qmp is None:
+            raise HypervisorError("QMP is not connected")
+        return await self._qmp.execute(cmd, args or None)
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Ask QEMU to quit over QMP, wait, then SIGKILL by pid; always cleans up."""
+        if self._state != "running":
+            return
+        try:
+            if self._qmp is not None and self.exit_status() is None:
+                await asyncio.wait_for(self._qmp.execute("quit"), timeout)
+            await self._wait_exit(timeout)
+        except (QMPError, OSError, asyncio.TimeoutError, EOFError) as err:
+            log.debug("graceful QEMU shutdown failed: %s", err)
+        finally:
+            await self._close_qmp()
+            self.kill()
+
+    async def _wait_exit(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.exit_status() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def _close_qmp(self) -> None:
+        if self._qmp is not None:
+            try:
+                await asyncio.wait_for(self._qmp.disconnect(), 2)
+            except (QMPError, OSError, asyncio.TimeoutError, EOFError):
+                pass
+            self._qmp = None
+
+    def kill(self) -> None:
+        """Idempotent hard stop by pid; reaps the process."""
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                os.kill(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._proc.wait()
+        if self._state == "running":
+            self._state = "stopped"
+
+    def console_tail(self, lines: int = 20) -> str:
+        return _tail(self.config.console_log, lines)
+
+    def qemu_error(self) -> str:
+        text = _tail(self.config.state_dir / "qemu.log", 3)
+        return text.replace("\n", " ") or "no error output"
+
+
+def _tail(path: os.PathLike[str], lines: int) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            data = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.replace("\r", "").splitlines()[-lines:])
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exit status {code}"

@@ -1,0 +1,58 @@
+"""Running external tools: argv lists only, errors that carry argv, status and output."""
+from __future__ import annotations
+
+import errno
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from vmpod.errors import CommandError
+
+_TAIL = 2000
+
+
+def tail(text: str | bytes, limit: int = _TAIL) -> str:
+    """Last ``limit`` characters of tool output, decoded leniently."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return text[-limit:].strip()
+
+
+def run(argv: Sequence[str | Path], *, what: str, input: bytes | None = None,
+        cwd: Path | None = None, timeout: float | None = 600,
+        hint: str = "") -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv`` to completion; raise CommandError (with output tail) on failure.
+
+    ``what`` names the step for the one-line message ("download kernel package").
+    """
+    args = [str(a) for a in argv]
+    try:
+        proc = subprocess.run(args, input=input, cwd=cwd, capture_output=True,
+                              timeout=timeout, check=False)
+    except FileNotFoundError as err:
+        raise CommandError(f"{what}: '{args[0]}' is not installed", argv=args,
+                           returncode=None,
+                           hint=hint or "run the README set-up command") from err
+    except subprocess.TimeoutExpired as err:
+        raise CommandError(f"{what}: '{args[0]}' timed out after {timeout}s", argv=args,
+                           returncode=None, output_tail=tail(err.stderr or b"")) from err
+    if proc.returncode != 0:
+        out = tail(proc.stderr or proc.stdout)
+        last = out.splitlines()[-1] if out else "no output"
+        raise CommandError(f"{what} failed: {last}", argv=args, returncode=proc.returncode,
+                           output_tail=out, hint=hint or _hint_for(out))
+    return proc
+
+
+def _hint_for(output: str) -> str:
+    low = output.lower()
+    if "no space left" in low or "disk full" in low or "enospc" in low:
+        return "the disk is full: free some space and retry"
+    return ""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True when an OSError or a failed tool reports ENOSPC."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(err, CommandError) and "disk is full" in err.hint

@@ -1,0 +1,1 @@
+"""Sandbox (one VM per pod) and container lifecycle."""

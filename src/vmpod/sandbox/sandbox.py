@@ -1,0 +1,164 @@
+"""A Sandbox is one VM (one pod): hypervisor + agent connection + state directory.
+
+Lifecycle: ``start`` (launch VM, wait for the agent's hello) -> use ``agent`` ->
+``stop`` (agent shutdown, QEMU quit, hard kill, state dir removed). ``stop`` is
+idempotent and runs in ``finally`` paths, so nothing is left behind.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from vmpod.agent.client import AgentClient
+from vmpod.errors import AgentError, AgentTimeout, HypervisorError, SandboxError
+from vmpod.guest.assets import GuestAssets
+from vmpod.hypervisor.accel import AccelChoice
+from vmpod.hypervisor.base import Disk, VmConfig
+from vmpod.hypervisor.qemu.driver import QemuVm, describe_exit
+from vmpod.paths import Paths
+
+log = logging.getLogger(__name__)
+ROOT_SERIAL = "vmpod-root"
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    assets: GuestAssets
+    accel: AccelChoice
+    cpus: int = 1
+    memory_mb: int = 512
+    boot_timeout: float = 60.0
+    disks: tuple[Disk, ...] = ()
+    kernel_args: tuple[str, ...] = field(default_factory=tuple)
+    verbose_console: bool = False
+
+
+def host_tsc_khz() -> int | None:
+    """Host TSC rate: passing it avoids a random early-boot hang (field notes)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def kernel_cmdline(cfg: SandboxConfig) -> str:
+    args = ["console=ttyS0", "panic=-1", "reboot=t", "8250.nr_uarts=1",
+            "cryptomgr.notests", "no_timer_check", "random.trust_cpu=on"]
+    if not cfg.verbose_console:
+        args.append("quiet")
+    khz = host_tsc_khz()
+    if khz:
+        args.append(f"tsc_early_khz={khz}")
+    return " ".join([*args, *cfg.kernel_args])
+
+
+class Sandbox:
+    def __init__(self, paths: Paths, config: SandboxConfig, sandbox_id: str | None = None) -> None:
+        self.paths = paths
+        self.config = config
+        self.id = sandbox_id or secrets.token_hex(6)
+        self.state_dir = paths.sandboxes / self.id
+        self.agent = AgentClient()
+        self.vm: QemuVm | None = None
+        self._lock: IO[str] | None = None
+        self.timings: dict[str, float] = {}
+
+    async def __aenter__(self) -> Sandbox:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        t0 = time.monotonic()
+        self._make_state_dir()
+        a = self.config.assets
+        vm_config = VmConfig(
+            kernel=a.kernel.boot_image, initramfs=a.initramfs,
+            cmdline=kernel_cmdline(self.config), cpus=self.config.cpus,
+            memory_mb=self.config.memory_mb, accel=self.config.accel,
+            disks=(Disk(a.rootfs, ROOT_SERIAL), *self.config.disks),
+            state_dir=self.state_dir)
+        self.vm = QemuVm(vm_config)
+        await self.vm.launch()
+        self.timings["launch"] = time.monotonic() - t0
+        try:
+            await self.agent.connect(vm_config.agent_socket, self.config.boot_timeout,
+                                     self._check_alive)
+        except AgentTimeout as err:
+            raise AgentTimeout(
+                f"guest agent did not answer within {self.config.boot_timeout:g}s "
+                f"(kernel {a.kernel.release}, {self.config.accel.accel})",
+                hint="see the console tail below; raise --boot-timeout on slow hosts",
+                console_tail=self.console_tail()) from err
+        self.timings["agent_ready"] = time.monotonic() - t0
+        await self.agent.request("set_clock", {"epoch_ns": time.time_ns()})
+
+    def _make_state_dir(self) -> None:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=False)
+        except FileExistsError as err:
+            raise SandboxError(f"sandbox {self.id} already exists") from err
+        self._lock = (self.state_dir / "lock").open("w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (self.state_dir / "pid").write_text(str(os.getpid()))
+
+    def _check_alive(self) -> None:
+        """Raise if the VM stopped (boot failure, kernel panic, QEMU killed)."""
+        code = self.vm.exit_status() if self.vm else None
+        if code is not None:
+            assert self.vm is not None
+            raise HypervisorError(
+                f"the VM stopped during boot ({describe_exit(code)}): "
+                f"{self._last_console_line()}",
+                hint="see the console tail below", console_tail=self.console_tail())
+
+    def _last_console_line(self) -> str:
+        lines = [ln for ln in self.console_tail(40).splitlines() if ln.strip()]
+        return lines[-1].strip() if lines else "no console output"
+
+    def vm_failure(self) -> HypervisorError | None:
+        """Why the VM is gone, if it is (used when the agent channel drops)."""
+        code = self.vm.exit_status() if self.vm else None
+        if code is None:
+            return None
+        return HypervisorError(f"the VM stopped unexpectedly (QEMU {describe_exit(code)})",
+                               console_tail=self.console_tail())
+
+    def console_tail(self, lines: int = 20) -> str:
+        return self.vm.console_tail(lines) if self.vm else ""
+
+    async def stop(self) -> None:
+        """Graceful, then hard; always removes the state directory."""
+        try:
+            if self.vm is not None and self.vm.exit_status() is None:
+                try:
+                    await self.agent.request("shutdown", timeout=2.0)
+                except AgentError as err:
+                    log.debug("agent shutdown: %s", err)
+            await self.agent.close()
+            if self.vm is not None:
+                await self.vm.shutdown(timeout=3.0)
+        finally:
+            if self.vm is not None:
+                self.vm.kill()
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+            shutil.rmtree(self.state_dir, ignore_errors=True)

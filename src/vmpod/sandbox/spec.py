@@ -1,0 +1,102 @@
+"""The OCI runtime config that runc runs inside the guest, built from the image
+config and the user's options (docker's precedence rules)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmpod.errors import ConfigError
+from vmpod.images import ImageConfig
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# docker's default capability set
+DEFAULT_CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+                "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+                "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")
+MASKED = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+          "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+          "/sys/firmware")
+READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    """What the user asked for on the command line (empty = take the image's)."""
+    args: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    workdir: str = ""
+    user: str = ""
+    tty: bool = False
+    hostname: str = "vmpod"
+    read_only: bool = False
+    nofile: int = 1024
+
+
+def command(image: ImageConfig, args: tuple[str, ...]) -> tuple[str, ...]:
+    """ENTRYPOINT + (CLI args or CMD), as docker does."""
+    argv = image.entrypoint + (args or image.cmd)
+    if not argv:
+        raise ConfigError("no command given and the image has none",
+                          hint="add one after '--', e.g. vmpod run IMAGE -- sh")
+    return argv
+
+
+def merge_env(image: ImageConfig, extra: tuple[str, ...], tty: bool,
+              hostname: str) -> list[str]:
+    env: dict[str, str] = {}
+    for item in (DEFAULT_PATH, f"HOSTNAME={hostname}", *image.env,
+                 *(("TERM=xterm",) if tty else ()), *extra):
+        key, sep, value = item.partition("=")
+        if not key or not sep:
+            raise ConfigError(f"invalid environment variable '{item}'", hint="use -e NAME=VALUE")
+        env[key] = value
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def user_of(image: ImageConfig, opts: ProcessOptions) -> str:
+    return opts.user or image.user
+
+
+def build_spec(image: ImageConfig, opts: ProcessOptions) -> dict[str, object]:
+    """A complete OCI runtime config; the agent fills in root.path and the user ids."""
+    workdir = opts.workdir or image.working_dir or "/"
+    if not workdir.startswith("/"):
+        raise ConfigError(f"working directory '{workdir}' is not absolute",
+                          hint="use an absolute path with -w")
+    caps = list(DEFAULT_CAPS)
+    return {
+        "ociVersion": "1.0.2",
+        "hostname": opts.hostname,
+        "process": {
+            "terminal": opts.tty,
+            "user": {"uid": 0, "gid": 0},
+            "args": list(command(image, opts.args)),
+            "env": merge_env(image, opts.env, opts.tty, opts.hostname),
+            "cwd": workdir,
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": opts.nofile, "soft": opts.nofile}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": opts.read_only},
+        "mounts": _mounts(),
+        "linux": {
+            # No network namespace: the container shares the VM's network (Kata model).
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
+            "maskedPaths": list(MASKED),
+            "readonlyPaths": list(READONLY),
+        },
+    }
+
+
+def _mounts() -> list[dict[str, object]]:
+    def m(dest: str, typ: str, src: str, *options: str) -> dict[str, object]:
+        return {"destination": dest, "type": typ, "source": src, "options": list(options)}
+    return [
+        m("/proc", "proc", "proc"),
+        m("/dev", "tmpfs", "tmpfs", "nosuid", "strictatime", "mode=755", "size=65536k"),
+        m("/dev/pts", "devpts", "devpts", "nosuid", "noexec", "newinstance", "ptmxmode=0666",
+          "mode=0620", "gid=5"),
+        m("/dev/shm", "tmpfs", "shm", "nosuid", "noexec", "nodev", "mode=1777", "size=65536k"),
+        m("/dev/mqueue", "mqueue", "mqueue", "nosuid", "noexec", "nodev"),
+        m("/sys", "sysfs", "sysfs", "nosuid", "noexec", "nodev", "ro"),
+        m("/sys/fs/cgroup", "cgroup", "cgroup", "nosuid", "noexec", "nodev", "relatime", "ro"),
+    ]

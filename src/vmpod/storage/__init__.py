@@ -1,0 +1,1 @@
+"""How a container's root filesystem reaches the guest."""
