@@ -7,22 +7,22 @@ SIGCHLD. RPC handlers are thin (decode, validate) and call ``_do_*``.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
+import select
 import signal
-import socket
 import struct
-import subprocess
 import sys
-import termios
 import time
-from selectors import EVENT_READ, EVENT_WRITE, DefaultSelector
-from typing import Callable
 
 from vmpod.agent import protocol as p
 from vmpod.agent import runc
 from vmpod.agent.runc import AgentFailure
+
+# Imports are kept to what the hot path needs (no subprocess, selectors, typing,
+# socket): each module costs tens of ms to import under TCG.
+EVENT_READ, EVENT_WRITE = select.EPOLLIN, select.EPOLLOUT
+_HANGUP = select.EPOLLHUP | select.EPOLLERR
 
 AGENT_VERSION = "0.1.0"
 _HIGH_WATER = 4 * 1024 * 1024     # stop reading process output above this backlog
@@ -39,10 +39,10 @@ def _log(msg: str) -> None:
 class Proc:
     """One process (container init or exec) and the fds that carry its stdio."""
 
-    def __init__(self, stream: int, cid: str, popen: subprocess.Popen[bytes],
+    def __init__(self, stream: int, cid: str, pid: int,
                  outs: dict[int, int], stdin_fd: int | None, tty_fd: int | None,
                  pid_file: str, log: str) -> None:
-        self.stream, self.cid, self.popen = stream, cid, popen
+        self.stream, self.cid, self.pid = stream, cid, pid
         self.outs = outs                  # fd -> STDOUT/STDERR frame kind
         self.stdin_fd = stdin_fd
         self.tty_fd = tty_fd
@@ -60,7 +60,7 @@ class Proc:
             with open(self.pid_file) as fh:
                 return int(fh.read(32).strip())
         except (OSError, ValueError):
-            return self.popen.pid
+            return self.pid
 
 
 class Channel:
@@ -68,13 +68,14 @@ class Channel:
 
     def __init__(self) -> None:
         self.fd = -1
-        self.listener: socket.socket | None = None
-        self.conn: socket.socket | None = None
+        self.listener = None   # socket.socket, imported only for vsock
+        self.conn = None
         self.out = bytearray()
         self.reader = p.FrameReader()
 
     def open(self) -> None:
         if "vmpod.channel=vsock" in _cmdline():
+            import socket
             self.listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
             self.listener.bind((socket.VMADDR_CID_ANY, p.VSOCK_PORT))
             self.listener.listen(1)
@@ -117,31 +118,31 @@ def _cmdline() -> str:
 
 class Agent:
     def __init__(self) -> None:
-        self.sel = DefaultSelector()
+        self.poll = select.epoll()
         self.chan = Channel()
         self.procs: dict[int, Proc] = {}
         self.by_pid: dict[int, Proc] = {}
         self.containers: set[str] = set()
         self.chan_paused_until = 0.0
         self.registered: dict[int, int] = {}
-        self.handlers: dict[int, Callable[[int, int], None]] = {}
+        self.handlers: dict[int, object] = {}   # fd -> callable(fd, mask)
         self.running = True
 
     # -- fd bookkeeping -----------------------------------------------------
-    def _want(self, fd: int, mask: int, handler: Callable[[int, int], None] | None = None) -> None:
+    def _want(self, fd: int, mask: int, handler: object = None) -> None:
         if handler is not None:
             self.handlers[fd] = handler
         old = self.registered.get(fd, 0)
         if mask == old:
             return
         if not mask:
-            self.sel.unregister(fd)
+            self.poll.unregister(fd)
             del self.registered[fd]
         elif not old:
-            self.sel.register(fd, mask)
+            self.poll.register(fd, mask)
             self.registered[fd] = mask
         else:
-            self.sel.modify(fd, mask)
+            self.poll.modify(fd, mask)
             self.registered[fd] = mask
 
     def _forget(self, fd: int) -> None:
@@ -159,10 +160,13 @@ class Agent:
         self._hello()
         while self.running:
             self._update_interest()
-            for key, mask in self.sel.select(self._timeout()):
-                handler = self.handlers.get(key.fd)
-                if handler is not None:
-                    handler(key.fd, mask)
+            timeout = self._timeout()
+            for fd, mask in self.poll.poll(-1 if timeout is None else timeout):
+                handler = self.handlers.get(fd)
+                if mask & _HANGUP:
+                    mask |= EVENT_READ   # let the read see EOF/EIO
+                if handler is not None and fd in self.registered:
+                    handler(fd, mask & self.registered[fd])  # type: ignore[operator]
             self._reap()
             self._finish_exited()
 
@@ -300,11 +304,11 @@ class Agent:
 
     def _op_guest_info(self, rid: int, _a: None) -> dict[str, object]:
         mem = _meminfo()
-        ver = subprocess.run([runc.RUNC, "--version"], capture_output=True, check=False)
+        _, ver = runc.run_wait([runc.RUNC, "--version"])
         info = p.GuestInfo(kernel=os.uname().release, uptime=_uptime(),
                            mem_total_kb=mem.get("MemTotal", 0), mem_free_kb=mem.get("MemAvailable", 0),
                            cpus=os.cpu_count() or 1, python=sys.version.split()[0],
-                           runc=ver.stdout.decode(errors="replace").split("\n")[0][:200])
+                           runc=ver.decode(errors="replace").split("\n")[0][:200])
         return p.encode(info)
 
     def _op_set_clock(self, rid: int, a: p.SetClock) -> dict[str, object]:
@@ -352,9 +356,11 @@ class Agent:
         pr = self._proc(a.stream)
         if pr.tty_fd is None:
             raise AgentFailure("process has no terminal", "invalid")
+        import fcntl
+        import termios
         fcntl.ioctl(pr.tty_fd, termios.TIOCSWINSZ, struct.pack("HHHH", a.rows, a.cols, 0, 0))
         # runc copies the size from its own console when it gets SIGWINCH.
-        os.kill(pr.popen.pid, signal.SIGWINCH)
+        os.kill(pr.pid, signal.SIGWINCH)
         return {}
 
     def _op_wait(self, rid: int, a: p.WaitProcess) -> dict[str, object] | None:
@@ -403,21 +409,16 @@ class Agent:
             outs, stdin_fd, tty_fd = {out_r: p.STDOUT, err_r: p.STDERR}, (in_w if stdin else None), None
             mine = [out_r, err_r] + ([in_w] if stdin else [])
         try:
-            popen = subprocess.Popen(argv, stdin=child[0], stdout=child[1], stderr=child[2],
-                                     start_new_session=True, close_fds=True)
-        except OSError:
-            for fd in mine:
-                os.close(fd)
-            raise
+            pid = runc.spawn(argv, *child)
         finally:
             for fd in set(child):
                 os.close(fd)
         for fd in mine:
             os.set_blocking(fd, False)
-        pr = Proc(stream, cid, popen, outs, stdin_fd, tty_fd, pid_file, log)
+        pr = Proc(stream, cid, pid, outs, stdin_fd, tty_fd, pid_file, log)
         self.procs[stream] = pr
-        self.by_pid[popen.pid] = pr
-        return {"pid": popen.pid}
+        self.by_pid[pid] = pr
+        return {"pid": pid}
 
     def _on_proc_fd(self, pr: Proc, fd: int, mask: int) -> None:
         if mask & EVENT_WRITE and fd == pr.stdin_fd:
@@ -476,8 +477,7 @@ class Agent:
             pr = self.by_pid.pop(pid, None)
             if pr is None:
                 continue  # an orphan re-parented to PID 1
-            pr.popen.returncode = os.waitstatus_to_exitcode(wstatus)
-            code = pr.popen.returncode
+            code = os.waitstatus_to_exitcode(wstatus)
             pr.status = 128 - code if code < 0 else code
             pr.exited_at = time.monotonic()
 

@@ -109,6 +109,7 @@ class Sandbox:
                 console_tail=self.console_tail()) from err
         self.timings["agent_ready"] = time.monotonic() - t0
         await self.agent.request("set_clock", {"epoch_ns": time.time_ns()})
+        log.info("guest uptime at hello: %.2fs", self.agent.hello.uptime if self.agent.hello else -1)
 
     def _make_state_dir(self) -> None:
         try:
