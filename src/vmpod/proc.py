@@ -40,7 +40,7 @@ def run(argv: Sequence[str | Path], *, what: str, input: bytes | None = None,
         out = tail(proc.stderr or proc.stdout)
         last = out.splitlines()[-1] if out else "no output"
         raise CommandError(f"{what} failed: {last}", argv=args, returncode=proc.returncode,
-                           output_tail=out, hint=hint or _hint_for(out))
+                           output_tail=out, hint=_hint_for(out) or hint)
     return proc
 
 

@@ -69,13 +69,17 @@ class AgentClient:
                 await asyncio.sleep(0.005)
         self._hello = loop.create_future()
         self._task = asyncio.create_task(self._read_loop())
-        while not self._hello.done():
-            check_alive()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise AgentTimeout(f"guest agent did not answer within {timeout:g}s")
-            await asyncio.wait({self._hello}, timeout=min(0.05, remaining))
-        self.hello = self._hello.result()
+        try:
+            while not self._hello.done():
+                check_alive()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise AgentTimeout(f"guest agent did not answer within {timeout:g}s")
+                await asyncio.wait({self._hello}, timeout=min(0.05, remaining))
+            self.hello = self._hello.result()
+        except BaseException:
+            await self.close()
+            raise
         return self.hello
 
     async def request(self, op: str, args: dict[str, object] | None = None,
@@ -112,6 +116,8 @@ class AgentClient:
             while sink.inflight + len(chunk) > p.STDIN_WINDOW and not sink.exited.done():
                 sink.credit.clear()
                 await sink.credit.wait()
+            if self._closed is not None:
+                raise AgentError(f"guest agent channel is closed: {self._closed}")
             if sink.exited.done():
                 return
             sink.inflight += len(chunk)
@@ -146,6 +152,8 @@ class AgentClient:
             self._fail(err)
         except (OSError, asyncio.IncompleteReadError) as err:
             self._fail(AgentError(f"guest agent channel failed: {err}"))
+        except Exception as err:  # anything else the guest provokes is a violation too
+            self._fail(ProtocolError(f"guest broke the agent protocol: {type(err).__name__}: {err}"))
 
     def _dispatch(self, kind: int, stream: int, payload: bytes) -> None:
         if kind in (p.STDOUT, p.STDERR):

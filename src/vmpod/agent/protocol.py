@@ -100,8 +100,9 @@ class FrameReader:
 def parse_json(payload: bytes) -> dict[str, object]:
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ProtocolViolation(f"invalid JSON payload: {err}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        # RecursionError: deeply nested arrays fit in MAX_JSON but blow the stack.
+        raise ProtocolViolation(f"invalid JSON payload: {type(err).__name__}") from None
     if not isinstance(obj, dict):
         raise ProtocolViolation("JSON payload is not an object")
     return obj

@@ -23,10 +23,15 @@ def _progress(msg: str) -> None:
 
 def _fail(err: VmpodError) -> int:
     click.echo(f"vmpod: error: {err}", err=True)
-    tail = err.details.get("console_tail") or getattr(err, "console_tail", "")
-    if tail:
+    if "console_tail" not in err.details:
+        return err.exit_code
+    tail = str(err.details["console_tail"])
+    if not tail.strip():
+        click.echo("vmpod: guest console is empty (nothing printed yet; "
+                   "--console keeps all kernel messages)", err=True)
+    else:
         click.echo("vmpod: guest console (last lines):", err=True)
-        for line in str(tail).splitlines():
+        for line in tail.splitlines():
             click.echo(f"  | {line}", err=True)
     return err.exit_code
 
@@ -48,8 +53,9 @@ def cli(verbose: int) -> None:
     """vmpod: containers that each run in their own lightweight VM."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="vmpod: %(message)s", stream=sys.stderr)
-    # qemu.qmp narrates every connection at INFO; only show it when debugging.
-    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    # qemu.qmp narrates connections and logs a dying QEMU as an error; vmpod
+    # reports those itself, so its log shows only when debugging.
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})
@@ -83,6 +89,9 @@ def run(image: str, command: tuple[str, ...], rootfs: str, env: tuple[str, ...],
     """
     from vmpod.cli.run import RunOptions
     from vmpod.cli.run import run as run_container
+    if command[:1] == ("--",):
+        # click stops option parsing at IMAGE, so an `IMAGE -- CMD` separator arrives here.
+        command = command[1:]
     if rootfs and image:
         # With --rootfs every positional word is the command.
         command, image = (image, *command), ""

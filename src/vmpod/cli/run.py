@@ -80,7 +80,7 @@ async def run(paths: Paths, opts: RunOptions, progress: Progress) -> int:
             return await _attach(container, opts)
         except AgentError as err:
             # A dropped channel usually means the VM died: say that instead.
-            failure = sandbox.vm_failure()
+            failure = await sandbox.vm_failure()
             if failure is not None:
                 raise failure from err
             raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import zlib
 import re
 import shutil
 import struct
@@ -220,8 +221,12 @@ def _decompress(payload: bytes) -> bytes:
         if payload[:2] == b"\x1f\x8b":
             return gzip.decompress(payload)
         if payload[:6] == b"\xfd7zXZ\x00":
-            return lzma.LZMADecompressor().decompress(payload)
-    except (OSError, lzma.LZMAError, EOFError) as err:
+            dec = lzma.LZMADecompressor()
+            out = dec.decompress(payload)
+            if not dec.eof:
+                raise AssetError("kernel payload is truncated (xz stream has no end)")
+            return out
+    except (OSError, lzma.LZMAError, EOFError, zlib.error) as err:
         raise AssetError(f"cannot decompress kernel payload: {err}") from err
     tools = {b"\x02\x21\x4c\x18": ["lz4", "-dc"], b"\x28\xb5\x2f\xfd": ["zstd", "-dcq"]}
     argv = tools.get(payload[:4])

@@ -6,6 +6,7 @@ idempotent and runs in ``finally`` paths, so nothing is left behind.
 """
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -63,6 +64,27 @@ def kernel_cmdline(cfg: SandboxConfig) -> str:
     return " ".join([*args, *cfg.kernel_args])
 
 
+def collect_stale(paths: Paths) -> list[str]:
+    """Remove state dirs of sandboxes whose owner died (e.g. vmpod killed with -9).
+
+    A live owner holds the flock on ``lock``; its QEMU died with it (PDEATHSIG).
+    """
+    removed = []
+    if not paths.sandboxes.is_dir():
+        return removed
+    for d in paths.sandboxes.iterdir():
+        try:
+            with (d / "lock").open("a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue    # alive
+        except OSError:
+            pass        # no lock file: half-created, the owner is gone too
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d.name)
+    return removed
+
+
 class Sandbox:
     def __init__(self, paths: Paths, config: SandboxConfig, sandbox_id: str | None = None) -> None:
         self.paths = paths
@@ -105,13 +127,14 @@ class Sandbox:
             raise AgentTimeout(
                 f"guest agent did not answer within {self.config.boot_timeout:g}s "
                 f"(kernel {a.kernel.release}, {self.config.accel.accel})",
-                hint="see the console tail below; raise --boot-timeout on slow hosts",
+                hint="raise --boot-timeout on slow hosts",
                 console_tail=self.console_tail()) from err
         self.timings["agent_ready"] = time.monotonic() - t0
         await self.agent.request("set_clock", {"epoch_ns": time.time_ns()})
         log.info("guest uptime at hello: %.2fs", self.agent.hello.uptime if self.agent.hello else -1)
 
     def _make_state_dir(self) -> None:
+        collect_stale(self.paths)
         try:
             self.state_dir.mkdir(parents=True, exist_ok=False)
         except FileExistsError as err:
@@ -128,15 +151,22 @@ class Sandbox:
             raise HypervisorError(
                 f"the VM stopped during boot ({describe_exit(code)}): "
                 f"{self._last_console_line()}",
-                hint="see the console tail below", console_tail=self.console_tail())
+                console_tail=self.console_tail())
 
     def _last_console_line(self) -> str:
         lines = [ln for ln in self.console_tail(40).splitlines() if ln.strip()]
         return lines[-1].strip() if lines else "no console output"
 
-    def vm_failure(self) -> HypervisorError | None:
-        """Why the VM is gone, if it is (used when the agent channel drops)."""
-        code = self.vm.exit_status() if self.vm else None
+    async def vm_failure(self, grace: float = 2.0) -> HypervisorError | None:
+        """Why the VM is gone, if it is (used when the agent channel drops).
+
+        The channel closes while the dying QEMU is still exiting: wait a moment.
+        """
+        if self.vm is None:
+            return None
+        deadline = time.monotonic() + grace
+        while (code := self.vm.exit_status()) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         if code is None:
             return None
         return HypervisorError(f"the VM stopped unexpectedly (QEMU {describe_exit(code)})",

@@ -43,8 +43,9 @@ def command(image: ImageConfig, args: tuple[str, ...]) -> tuple[str, ...]:
 def merge_env(image: ImageConfig, extra: tuple[str, ...], tty: bool,
               hostname: str) -> list[str]:
     env: dict[str, str] = {}
-    for item in (DEFAULT_PATH, f"HOSTNAME={hostname}", *image.env,
-                 *(("TERM=xterm",) if tty else ()), *extra):
+    # Image values override defaults (TERM included, as in docker); -e wins last.
+    for item in (DEFAULT_PATH, f"HOSTNAME={hostname}", *(("TERM=xterm",) if tty else ()),
+                 *image.env, *extra):
         key, sep, value = item.partition("=")
         if not key or not sep:
             raise ConfigError(f"invalid environment variable '{item}'", hint="use -e NAME=VALUE")

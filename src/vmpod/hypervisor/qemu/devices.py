@@ -88,6 +88,10 @@ class QmpSocket:
 
 
 def build_argv(binary: str, cfg: VmConfig) -> list[str]:
+    if cfg.agent_channel not in ("serial", "vsock"):
+        raise ValueError(f"unknown agent channel {cfg.agent_channel!r}")
+    if cfg.agent_channel == "vsock" and cfg.vsock_cid < 3:
+        raise ValueError(f"vsock guest CID must be >= 3, not {cfg.vsock_cid}")
     devices: list[Machine | KernelBoot | BlockDevice | SerialConsole | AgentSerialPort
                   | VsockDevice | QmpSocket] = [
         Machine(cfg.accel.accel, cfg.cpus, cfg.memory_mb),

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine for vmpod (idempotent): Debian packages, the
+# pinned Python environment in .venv, the guest assets, and an example busybox
+# root filesystem in examples/busybox. Run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh: run as root (sudo ./scripts/setup.sh)" >&2
+    exit 1
+fi
+
+APT_PACKAGES=(
+    qemu-system-x86      # the VMM (microvm machine, TCG or KVM)
+    busybox-static       # example rootfs and test images
+    mmdebstrap           # builds the guest root from Debian packages
+    erofs-utils          # read-only images for the guest root and container roots
+    kmod cpio            # depmod for kernel modules, the initramfs archive
+    lz4 xz-utils zstd    # kernel and layer decompressors
+    python3-venv
+)
+export DEBIAN_FRONTEND=noninteractive
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+# Kernel packages are fetched with apt-get download, so the lists must be fresh.
+apt-get update -qq
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
+.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+
+./scripts/busybox-rootfs.sh examples/busybox
+.venv/bin/vmpod assets build

@@ -1,0 +1,4 @@
+"""`python -m vmpod.cli` runs the `vmpod` command."""
+from vmpod.cli.main import main
+
+main()

@@ -1,0 +1,144 @@
+"""The QEMU command line built from a VmConfig (no QEMU is started)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vmpod.agent.protocol import PORT_NAME
+from vmpod.hypervisor.accel import AccelChoice
+from vmpod.hypervisor.base import Disk, VmConfig
+from vmpod.hypervisor.qemu import devices
+from vmpod.hypervisor.qemu.devices import build_argv, q
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+
+
+def config(state: Path, *, accel: str = "tcg", disks: tuple[Disk, ...] = (),
+           **kw: object) -> VmConfig:
+    return VmConfig(kernel=Path("/k/vmlinux"), initramfs=Path("/k/initrd.img"),
+                    cmdline="console=ttyS0 quiet vmpod.agent=serial,fast",
+                    cpus=2, memory_mb=512, accel=AccelChoice(accel, "test"),
+                    disks=disks, state_dir=state, **kw)  # type: ignore[arg-type]
+
+
+def values(argv: list[str], flag: str) -> list[str]:
+    """Every value following ``flag`` in argv."""
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_argv_starts_with_binary_and_is_all_strings(tmp_path: Path) -> None:
+    argv = build_argv(QEMU, config(tmp_path))
+    assert argv[0] == QEMU
+    assert all(isinstance(a, str) for a in argv)
+
+
+def test_tcg_machine(tmp_path: Path) -> None:
+    argv = build_argv(QEMU, config(tmp_path))
+    assert values(argv, "-M") == ["microvm,x-option-roms=off,isa-serial=on,rtc=on"]
+    assert values(argv, "-accel") == ["tcg,thread=multi"]
+    assert values(argv, "-cpu") == ["max"]
+    assert values(argv, "-smp") == ["2"]
+    assert values(argv, "-m") == ["512M"]
+    for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
+        assert argv.count(flag) == 1, flag
+    assert "-enable-kvm" not in argv
+
+
+def test_kvm_machine(tmp_path: Path) -> None:
+    argv = build_argv(QEMU, config(tmp_path, accel="kvm"))
+    assert values(argv, "-accel") == ["kvm"]
+    assert values(argv, "-cpu") == ["host"]
+    assert values(argv, "-M")[0].startswith("microvm,")
+
+
+def test_kernel_boot_cmdline_is_not_escaped(tmp_path: Path) -> None:
+    argv = build_argv(QEMU, config(tmp_path))
+    assert values(argv, "-kernel") == ["/k/vmlinux"]
+    assert values(argv, "-initrd") == ["/k/initrd.img"]
+    # -append is a plain string, not an option list
+    assert values(argv, "-append") == ["console=ttyS0 quiet vmpod.agent=serial,fast"]
+
+
+def test_disks_with_serial_and_readonly(tmp_path: Path) -> None:
+    disks = (Disk(Path("/img/guest.img"), "guest"),
+             Disk(Path("/img/rootfs.erofs"), "ctr-rootfs", readonly=False))
+    argv = build_argv(QEMU, config(tmp_path, disks=disks))
+    assert values(argv, "-drive") == [
+        "id=disk0,file=/img/guest.img,format=raw,if=none,readonly=on",
+        "id=disk1,file=/img/rootfs.erofs,format=raw,if=none,readonly=off",
+    ]
+    blk = [d for d in values(argv, "-device") if d.startswith("virtio-blk-device")]
+    assert blk == ["virtio-blk-device,drive=disk0,serial=guest",
+                   "virtio-blk-device,drive=disk1,serial=ctr-rootfs"]
+
+
+def test_no_disks_no_drive(tmp_path: Path) -> None:
+    argv = build_argv(QEMU, config(tmp_path))
+    assert "-drive" not in argv
+    assert not any(d.startswith("virtio-blk") for d in values(argv, "-device"))
+
+
+def test_commas_in_paths_and_serials_are_doubled(tmp_path: Path) -> None:
+    state = tmp_path / "st,ate"
+    disks = (Disk(Path("/img/a,b.img"), "se,r"),)
+    argv = build_argv(QEMU, config(state, disks=disks))
+    s = str(state).replace(",", ",,")
+    assert values(argv, "-drive") == [
+        "id=disk0,file=/img/a,,b.img,format=raw,if=none,readonly=on"]
+    assert "virtio-blk-device,drive=disk0,serial=se,,r" in values(argv, "-device")
+    assert values(argv, "-qmp") == [f"unix:{s}/qmp.sock,server=on,wait=off"]
+    assert f"file,id=console,path={s}/console.log" in values(argv, "-chardev")
+    assert f"socket,id=agent,path={s}/agent.sock,server=on,wait=off" in values(argv, "-chardev")
+
+
+def test_virtio_serial_agent_port(tmp_path: Path) -> None:
+    argv = build_argv(QEMU, config(tmp_path))
+    assert PORT_NAME == "org.vmpod.agent"
+    dev = values(argv, "-device")
+    assert "virtio-serial-device" in dev
+    assert f"virtserialport,chardev=agent,name={PORT_NAME}" in dev
+    assert f"socket,id=agent,path={tmp_path}/agent.sock,server=on,wait=off" \
+        in values(argv, "-chardev")
+    assert dev.index("virtio-serial-device") < dev.index(
+        f"virtserialport,chardev=agent,name={PORT_NAME}")
+    assert not any("vsock" in d for d in dev)
+
+
+def test_vsock_agent_channel(tmp_path: Path) -> None:
+    argv = build_argv(QEMU, config(tmp_path, agent_channel="vsock", vsock_cid=42))
+    dev = values(argv, "-device")
+    assert "vhost-vsock-device,guest-cid=42" in dev
+    assert not any(d.startswith(("virtio-serial", "virtserialport")) for d in dev)
+    assert not any("id=agent" in c for c in values(argv, "-chardev"))
+
+
+def test_qmp_socket_and_console_log(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    argv = build_argv(QEMU, cfg)
+    assert values(argv, "-qmp") == [f"unix:{tmp_path}/qmp.sock,server=on,wait=off"]
+    assert cfg.qmp_socket == tmp_path / "qmp.sock"
+    assert f"file,id=console,path={cfg.console_log}" in values(argv, "-chardev")
+    assert values(argv, "-serial") == ["chardev:console"]
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("plain", "plain"), ("a,b", "a,,b"), (",,", ",,,,"), (Path("/x,y"), "/x,,y"), (3, "3"),
+])
+def test_q_escapes_commas(value: object, expected: str) -> None:
+    assert q(value) == expected
+
+
+def test_find_qemu_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty, bindir = tmp_path / "empty", tmp_path / "bin"
+    empty.mkdir()
+    bindir.mkdir()
+    monkeypatch.setenv("PATH", f"{empty}{os.pathsep}{bindir}")
+    assert devices.find_qemu() is None
+    exe = bindir / "qemu-system-x86_64"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o644)
+    assert devices.find_qemu() is None       # not executable
+    exe.chmod(0o755)
+    assert devices.find_qemu() == str(exe)
