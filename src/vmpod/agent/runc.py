@@ -83,6 +83,7 @@ def find_disk(serial: str) -> str:
 def prepare_bundle(cid: str, spec: dict[str, object], serial: str, fstype: str,
                    user: str) -> str:
     """Mount the disk read-only under a tmpfs-backed overlay, write config.json."""
+    check_id(cid)
     if fstype not in ("erofs", "ext4"):
         raise AgentFailure(f"unsupported rootfs filesystem {fstype!r}", "invalid")
     device = find_disk(serial)
