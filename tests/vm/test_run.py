@@ -1,13 +1,16 @@
 """`vmpod run` end to end: real VMs, real runc in the guest, the real CLI."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import pty
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -59,10 +62,19 @@ def test_large_binary_output_is_exact(vmpod: VmpodRunner, busybox: Path) -> None
     assert hashlib.sha256(r.stdout).hexdigest() in r.err
 
 
-def test_missing_command_exits_127(vmpod: VmpodRunner, busybox: Path) -> None:
-    r = vmpod("run", "--rootfs", str(busybox), "--", "no-such-command")
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_missing_command_exits_127(vmpod: VmpodRunner, busybox: Path, runtime: str) -> None:
+    r = vmpod("run", "--guest-runtime", runtime, "--rootfs", str(busybox), "--",
+              "no-such-command")
     assert r.returncode == 127
     assert "no-such-command" in r.err
+
+
+def test_crun_runs_the_same_container(vmpod: VmpodRunner, busybox: Path) -> None:
+    r = vmpod("run", "--guest-runtime", "crun", "--rootfs", str(busybox), "-u", "alice",
+              "-w", "/tmp", "--", "sh", "-c", "id -u; pwd; exit 6")
+    assert r.returncode == 6, r.err
+    assert r.out.splitlines() == ["1000", "/tmp"]
 
 
 def test_read_only_root(vmpod: VmpodRunner, busybox: Path) -> None:
@@ -95,6 +107,8 @@ def test_docker_archive_image(vmpod: VmpodRunner, busybox: Path, tmp_path: Path)
 def test_interactive_tty(vmpod: VmpodRunner, busybox: Path) -> None:
     pid, fd = pty.fork()
     if pid == 0:
+        # A known window size: vmpod must pass it on to the container's terminal.
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
         os.execve(sys.executable, [sys.executable, "-m", "vmpod.cli", "run", "-it",
                                    "--rootfs", str(busybox), "--", "sh"], vmpod.env)
     out = b""
@@ -117,6 +131,7 @@ def test_interactive_tty(vmpod: VmpodRunner, busybox: Path) -> None:
     text = out.decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 5, text
     assert "/dev/pts/" in text and "42" in text
+    assert "33 101" in text, text
 
 
 @pytest.mark.parametrize("sig, expected", [(signal.SIGTERM, 42)])

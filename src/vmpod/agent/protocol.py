@@ -237,6 +237,7 @@ class CreateContainer(Message):
     rootfs_serial: str             # virtio-blk serial of the disk holding the image
     rootfs_fstype: str = "erofs"
     user: str = ""                 # "name", "uid" or "uid:gid", resolved in the rootfs
+    runtime: str = "runc"          # OCI runtime in the guest: "runc" or "crun"
 
 
 class StartContainer(Message):

@@ -9,6 +9,9 @@ import os
 
 BUSYBOX = "/bin/busybox"
 RUNC = "/usr/bin/runc"
+# OCI runtimes in the guest image; both take runc's command line. crun (C)
+# starts ~0.5 s faster than runc (Go) under TCG.
+RUNTIMES = {"runc": RUNC, "crun": "/usr/bin/crun"}
 RUNC_ROOT = "/run/runc"
 BUNDLES = "/run/vmpod/containers"
 _ID_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -158,18 +161,22 @@ def _table(rootfs: str, rel: str) -> list[list[str]]:
             if line and not line.startswith("#")]
 
 
-def runc_run_argv(cid: str, pid_file: str, log: str) -> list[str]:
-    return [RUNC, "--root", RUNC_ROOT, "--log", log, "--log-format", "json",
+def runtime_binary(name: str) -> str:
+    if name not in RUNTIMES:
+        raise AgentFailure(f"unknown OCI runtime {name!r} (have {', '.join(RUNTIMES)})",
+                           "invalid")
+    return RUNTIMES[name]
+
+
+def run_argv(runtime: str, cid: str, pid_file: str, log: str) -> list[str]:
+    return [runtime_binary(runtime), "--root", RUNC_ROOT, "--log", log, "--log-format", "json",
             "run", "--bundle", bundle_dir(cid), "--pid-file", pid_file, "--no-new-keyring", cid]
 
 
-def runc_exec_argv(cid: str, process_file: str, pid_file: str, log: str) -> list[str]:
-    return [RUNC, "--root", RUNC_ROOT, "--log", log, "--log-format", "json",
+def exec_argv(runtime: str, cid: str, process_file: str, pid_file: str,
+              log: str) -> list[str]:
+    return [runtime_binary(runtime), "--root", RUNC_ROOT, "--log", log, "--log-format", "json",
             "exec", "--process", process_file, "--pid-file", pid_file, check_id(cid)]
-
-
-def runc_kill_argv(cid: str, sig: int) -> list[str]:
-    return [RUNC, "--root", RUNC_ROOT, "kill", check_id(cid), str(sig)]
 
 
 def start_failure(log: str) -> tuple[int, str] | None:

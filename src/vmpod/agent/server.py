@@ -122,7 +122,7 @@ class Agent:
         self.chan = Channel()
         self.procs: dict[int, Proc] = {}
         self.by_pid: dict[int, Proc] = {}
-        self.containers: set[str] = set()
+        self.containers: dict[str, str] = {}   # id -> OCI runtime name
         self.chan_paused_until = 0.0
         self.registered: dict[int, int] = {}
         self.handlers: dict[int, object] = {}   # fd -> callable(fd, mask)
@@ -316,9 +316,10 @@ class Agent:
         return {}
 
     def _op_create_container(self, rid: int, a: p.CreateContainer) -> dict[str, object]:
+        runc.runtime_binary(a.runtime)   # validate before mounting anything
         bundle = runc.prepare_bundle(a.container_id, a.spec, a.rootfs_serial,
                                      a.rootfs_fstype, a.user)
-        self.containers.add(a.container_id)
+        self.containers[a.container_id] = a.runtime
         return {"bundle": bundle}
 
     def _op_start_container(self, rid: int, a: p.StartContainer) -> dict[str, object]:
@@ -327,7 +328,7 @@ class Agent:
         with open(os.path.join(bundle, "config.json")) as fh:
             tty = bool((json.load(fh).get("process") or {}).get("terminal"))
         pid_file, log = f"{bundle}/init.pid", f"{bundle}/init.log"
-        return self._spawn(a.stream, cid, runc.runc_run_argv(cid, pid_file, log),
+        return self._spawn(a.stream, cid, runc.run_argv(self.containers[cid], cid, pid_file, log),
                            tty, a.stdin, pid_file, log)
 
     def _op_exec(self, rid: int, a: p.ExecProcess) -> dict[str, object]:
@@ -340,7 +341,8 @@ class Agent:
         with open(spec_file, "w") as fh:
             json.dump(process, fh)
         pid_file, log = f"{bundle}/exec-{a.stream}.pid", f"{bundle}/exec-{a.stream}.log"
-        return self._spawn(a.stream, cid, runc.runc_exec_argv(cid, spec_file, pid_file, log),
+        argv = runc.exec_argv(self.containers[cid], cid, spec_file, pid_file, log)
+        return self._spawn(a.stream, cid, argv,
                            bool(process.get("terminal")), a.stdin, pid_file, log)
 
     def _op_signal(self, rid: int, a: p.SignalProcess) -> dict[str, object]:

@@ -42,6 +42,7 @@ class RunOptions:
     memory_mb: int = 512
     boot_timeout: float = 60.0
     verbose_console: bool = False
+    guest_runtime: str = "runc"
 
 
 def resolve_source(opts: RunOptions) -> ImageSource:
@@ -74,7 +75,7 @@ async def run(paths: Paths, opts: RunOptions, progress: Progress) -> int:
         log.info("sandbox %s: agent ready after %.2fs", sandbox.id, time.monotonic() - t0)
         container = Container(sandbox, ContainerConfig(
             id=sandbox.id, spec=spec, rootfs_serial=ROOTFS_SERIAL,
-            user=user_of(source.config, opts.process)))
+            user=user_of(source.config, opts.process), runtime=opts.guest_runtime))
         try:
             await container.create()
             return await _attach(container, opts)

@@ -13,6 +13,7 @@ class ContainerConfig:
     spec: dict[str, object]       # OCI runtime config (see sandbox.spec)
     rootfs_serial: str            # disk carrying the image (erofs)
     user: str = ""                # resolved against the image's /etc/passwd in the guest
+    runtime: str = "runc"         # OCI runtime inside the guest: runc or crun
 
 
 class Container:
@@ -29,7 +30,8 @@ class Container:
     async def create(self) -> None:
         await self.sandbox.agent.request("create_container", {
             "container_id": self.config.id, "spec": self.config.spec,
-            "rootfs_serial": self.config.rootfs_serial, "user": self.config.user})
+            "rootfs_serial": self.config.rootfs_serial, "user": self.config.user,
+            "runtime": self.config.runtime})
 
     async def start(self, sink: ProcessSink, *, stdin: bool) -> int:
         """Run the container's process; returns the stream that carries its stdio."""
