@@ -208,7 +208,7 @@ def test_connect_timeout_without_hello(tmp_path: Path) -> None:
 
 def test_connect_timeout_when_socket_never_appears(tmp_path: Path) -> None:
     async def main() -> None:
-        with pytest.raises(AgentTimeout, match="never appeared"):
+        with pytest.raises(AgentTimeout, match="no connection to"):
             await AgentClient().connect(tmp_path / "none.sock", timeout=0.1,
                                         check_alive=lambda: None)
 
@@ -501,3 +501,12 @@ def test_stdin_writer_released_when_process_exits(tmp_path: Path) -> None:
 
     run(guest, body, tmp_path)
     assert received == [p.STDIN_WINDOW]
+
+
+def test_vsock_connect_is_attempted_and_times_out() -> None:
+    # CID 3 with nothing listening: refused (or unsupported) until the deadline.
+    async def main() -> None:
+        with pytest.raises((AgentTimeout, OSError)):
+            await AgentClient().connect((3, 1024), timeout=0.1, check_alive=lambda: None)
+
+    asyncio.run(main())

@@ -8,7 +8,6 @@ import random
 import shutil
 import struct
 import subprocess
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 

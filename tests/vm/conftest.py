@@ -98,7 +98,7 @@ class Result:
 
 
 @pytest.fixture
-def vmpod(paths: Paths, assets: GuestAssets) -> Iterator["VmpodRunner"]:
+def vmpod(paths: Paths, assets: GuestAssets) -> Iterator[VmpodRunner]:
     runner = VmpodRunner(paths)
     yield runner
     assert_nothing_left(paths)

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.vm.conftest import VmpodRunner, qemu_pids, assert_nothing_left
+from tests.vm.conftest import VmpodRunner, qemu_pids
 
 
 def _one_error_line(err: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -39,6 +40,20 @@ class AgentRequestError(AgentError):
         self.kind = kind
 
 
+async def _open(channel: Path | tuple[int, int]) -> tuple[asyncio.StreamReader,
+                                                          asyncio.StreamWriter]:
+    if isinstance(channel, Path):
+        return await asyncio.open_unix_connection(str(channel), limit=p.MAX_DATA * 2)
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, channel)
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock, limit=p.MAX_DATA * 2)
+
+
 class AgentClient:
     def __init__(self) -> None:
         self._reader: asyncio.StreamReader | None = None
@@ -51,21 +66,24 @@ class AgentClient:
         self._closed: BaseException | None = None
         self.hello: p.Hello | None = None
 
-    async def connect(self, socket: Path, timeout: float,
+    async def connect(self, channel: Path | tuple[int, int], timeout: float,
                       check_alive: Callable[[], None]) -> p.Hello:
-        """Connect and wait for the agent's hello. ``check_alive`` raises when the VM
-        died, so a crashed boot fails at once instead of at the timeout."""
+        """Connect and wait for the agent's hello. ``channel`` is the unix socket of a
+        virtio-serial port, or ``(cid, port)`` for vsock. ``check_alive`` raises when
+        the VM died, so a crashed boot fails at once instead of at the timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             check_alive()
             try:
-                self._reader, self._writer = await asyncio.open_unix_connection(
-                    str(socket), limit=p.MAX_DATA * 2)
+                self._reader, self._writer = await _open(channel)
                 break
-            except (FileNotFoundError, ConnectionRefusedError):
+            except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError,
+                    TimeoutError):
+                # vsock refuses until the agent listens; the unix socket appears with QEMU
                 if loop.time() > deadline:
-                    raise AgentTimeout(f"agent socket {socket} never appeared") from None
+                    raise AgentTimeout(f"guest agent did not answer within {timeout:g}s "
+                                       f"(no connection to {channel})") from None
                 await asyncio.sleep(0.005)
         self._hello = loop.create_future()
         self._task = asyncio.create_task(self._read_loop())
@@ -95,7 +113,7 @@ class AgentClient:
         try:
             self._send(p.encode_json(p.REQUEST, rid, {"id": rid, "op": op, "args": args or {}}))
             resp = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AgentTimeout(f"guest agent did not answer '{op}' within {timeout:g}s",
                                op=op) from None
         finally:

@@ -110,7 +110,8 @@ def parse_json(payload: bytes) -> dict[str, object]:
 
 # -- typed messages ----------------------------------------------------------
 
-_SCALARS = {"str": str, "int": int, "bool": bool, "float": (int, float)}
+_SCALARS: dict[str, type | tuple[type, ...]] = {
+    "str": str, "int": int, "bool": bool, "float": (int, float)}
 
 
 def _check(value: object, typ: str, where: str) -> object:

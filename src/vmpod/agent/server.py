@@ -21,6 +21,10 @@ from vmpod.agent.runc import AgentFailure
 
 # Imports are kept to what the hot path needs (no subprocess, selectors, typing,
 # socket): each module costs tens of ms to import under TCG.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+
 EVENT_READ, EVENT_WRITE = select.EPOLLIN, select.EPOLLOUT
 _HANGUP = select.EPOLLHUP | select.EPOLLERR
 
@@ -68,8 +72,9 @@ class Channel:
 
     def __init__(self) -> None:
         self.fd = -1
-        self.listener = None   # socket.socket, imported only for vsock
-        self.conn = None
+        # socket is imported only for vsock (it costs start-up time under TCG)
+        self.listener: socket.socket | None = None
+        self.conn: socket.socket | None = None
         self.out = bytearray()
         self.reader = p.FrameReader()
 

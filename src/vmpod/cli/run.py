@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from vmpod.agent.client import ProcessSink
@@ -112,7 +113,7 @@ async def _attach(container: Container, opts: RunOptions) -> int:
         state["stream"] = await container.start(sink, stdin=opts.interactive)
         stream = state["stream"]
         for sig in signals:
-            loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(forward(s)))
+            loop.add_signal_handler(sig, _spawn_forward, forward, sig)
         if tty:
             size = stdio.window_size(1) or stdio.window_size(0)
             if size:
@@ -135,6 +136,10 @@ async def _attach(container: Container, opts: RunOptions) -> int:
     if event.message:
         print(f"vmpod: {event.message}", file=sys.stderr)
     return event.status
+
+
+def _spawn_forward(forward: Callable[[int], Awaitable[None]], sig: int) -> None:
+    asyncio.ensure_future(forward(sig))
 
 
 async def _pump_stdin(container: Container, stream: int, sink: ProcessSink) -> None:

@@ -9,7 +9,11 @@ B=/bin/busybox
 fail() { echo "vmpod-init: $*"; $B sync; $B poweroff -f; }
 $B mount -t proc proc /proc
 $B mount -t sysfs sysfs /sys
-for m in $($B cat /etc/modules.load); do
+mods=$($B cat /etc/modules.load)
+case " $($B cat /proc/cmdline) " in
+    *" vmpod.channel=vsock "*) mods="$mods $($B cat /etc/modules.vsock)" ;;
+esac
+for m in $mods; do
     $B insmod "/lib/modules/$m.ko" || fail "insmod $m failed"
 done
 # Find the guest root by its virtio serial: virtio-mmio probe order is not stable.

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from vmpod.errors import AssetError
 from vmpod.guest.kernel import Kernel
-from vmpod.guest.modules import BOOT_MODULES, load_order, read_module, module_name
+from vmpod.guest.modules import BOOT_MODULES, VSOCK_MODULES, load_order, module_name, read_module
 from vmpod.paths import Paths
 from vmpod.proc import run
 
-FORMAT = "1"  # bump when the layout below changes
+FORMAT = "2"  # bump when the layout below changes
 
 
 def init_script() -> bytes:
@@ -28,7 +28,7 @@ def init_script() -> bytes:
 def initramfs_key(kernel: Kernel, busybox: Path) -> str:
     """Inputs that decide the initramfs content."""
     h = hashlib.sha256()
-    for part in (FORMAT, kernel.release, kernel.version, ",".join(BOOT_MODULES)):
+    for part in (FORMAT, kernel.release, kernel.version, ",".join(BOOT_MODULES + VSOCK_MODULES)):
         h.update(part.encode() + b"\0")
     h.update(init_script())
     h.update(hashlib.sha256(busybox.read_bytes()).digest())
@@ -73,9 +73,17 @@ def _stage(stage: Path, kernel: Kernel, busybox: Path) -> None:
     except PermissionError as err:
         raise AssetError("building the initramfs needs root (mknod /dev/console)",
                          hint="run as root") from err
-    order = []
-    for path in load_order(kernel.modules_dir):
+    boot = _install(stage, load_order(kernel.modules_dir, BOOT_MODULES))
+    vsock = [m for m in _install(stage, load_order(kernel.modules_dir, VSOCK_MODULES))
+             if m not in boot]
+    (stage / "etc/modules.load").write_text("\n".join(boot) + "\n")
+    (stage / "etc/modules.vsock").write_text("\n".join(vsock) + "\n")
+
+
+def _install(stage: Path, paths: list[Path]) -> list[str]:
+    names = []
+    for path in paths:
         name = module_name(path.name)
         (stage / "lib/modules" / f"{name}.ko").write_bytes(read_module(path))
-        order.append(name)
-    (stage / "etc/modules.load").write_text("\n".join(order) + "\n")
+        names.append(name)
+    return names

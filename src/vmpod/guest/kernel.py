@@ -8,12 +8,12 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
-import zlib
 import re
 import shutil
 import struct
 import subprocess
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -12,6 +12,8 @@ from vmpod.errors import AssetError
 
 # virtio transport and devices, the guest root and container root filesystems.
 BOOT_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "erofs", "overlay")
+# loaded by /init only with vmpod.channel=vsock (hosts with vhost-vsock)
+VSOCK_MODULES = ("vmw_vsock_virtio_transport",)
 
 
 def module_name(relpath: str) -> str:

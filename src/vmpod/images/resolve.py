@@ -293,7 +293,7 @@ def _from_docker(ref: str, store: BlobStore, tag: str) -> ImageSource:
         raise ImageError(f"image config in {where} has no rootfs.diff_ids to verify layers",
                          hint="re-export the image with 'docker save'")
     blobs = []
-    for loc, diff_id in zip(layer_locs, diff_ids):
+    for loc, diff_id in zip(layer_locs, diff_ids, strict=True):
         parts = PurePosixPath(loc).parts
         named = len(parts) == 3 and parts[:2] == ("blobs", "sha256") and _HEX64.fullmatch(parts[2])
         blobs.append(LayerBlob(location=loc, digest=f"sha256:{parts[2]}" if named else "",

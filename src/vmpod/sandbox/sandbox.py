@@ -14,10 +14,10 @@ import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO
 
 from vmpod.agent.client import AgentClient
+from vmpod.agent.protocol import VSOCK_PORT
 from vmpod.errors import AgentError, AgentTimeout, HypervisorError, SandboxError
 from vmpod.guest.assets import GuestAssets
 from vmpod.hypervisor.accel import AccelChoice
@@ -39,6 +39,15 @@ class SandboxConfig:
     disks: tuple[Disk, ...] = ()
     kernel_args: tuple[str, ...] = field(default_factory=tuple)
     verbose_console: bool = False
+    agent_channel: str = "auto"    # auto | serial | vsock
+
+
+def choose_channel(requested: str = "auto") -> str:
+    """vsock where the host has a usable vhost-vsock, virtio-serial otherwise."""
+    if requested != "auto":
+        return requested
+    dev = "/dev/vhost-vsock"
+    return "vsock" if os.path.exists(dev) and os.access(dev, os.R_OK | os.W_OK) else "serial"
 
 
 def host_tsc_khz() -> int | None:
@@ -53,8 +62,8 @@ def host_tsc_khz() -> int | None:
     return None
 
 
-def kernel_cmdline(cfg: SandboxConfig) -> str:
-    args = ["console=ttyS0", "panic=-1", "reboot=t", "8250.nr_uarts=1",
+def kernel_cmdline(cfg: SandboxConfig, channel: str = "serial") -> str:
+    args = [f"vmpod.channel={channel}", "console=ttyS0", "panic=-1", "reboot=t", "8250.nr_uarts=1",
             "cryptomgr.notests", "no_timer_check", "random.trust_cpu=on"]
     if not cfg.verbose_console:
         args.append("quiet")
@@ -69,7 +78,7 @@ def collect_stale(paths: Paths) -> list[str]:
 
     A live owner holds the flock on ``lock``; its QEMU died with it (PDEATHSIG).
     """
-    removed = []
+    removed: list[str] = []
     if not paths.sandboxes.is_dir():
         return removed
     for d in paths.sandboxes.iterdir():
@@ -111,18 +120,20 @@ class Sandbox:
         t0 = time.monotonic()
         self._make_state_dir()
         a = self.config.assets
+        channel = choose_channel(self.config.agent_channel)
+        cid = secrets.randbelow(2**31) + 3 if channel == "vsock" else 0
         vm_config = VmConfig(
             kernel=a.kernel.boot_image, initramfs=a.initramfs,
-            cmdline=kernel_cmdline(self.config), cpus=self.config.cpus,
+            cmdline=kernel_cmdline(self.config, channel), cpus=self.config.cpus,
             memory_mb=self.config.memory_mb, accel=self.config.accel,
             disks=(Disk(a.rootfs, ROOT_SERIAL), *self.config.disks),
-            state_dir=self.state_dir)
+            state_dir=self.state_dir, agent_channel=channel, vsock_cid=cid)
         self.vm = QemuVm(vm_config)
         await self.vm.launch()
         self.timings["launch"] = time.monotonic() - t0
         try:
-            await self.agent.connect(vm_config.agent_socket, self.config.boot_timeout,
-                                     self._check_alive)
+            target = vm_config.agent_socket if channel == "serial" else (cid, VSOCK_PORT)
+            await self.agent.connect(target, self.config.boot_timeout, self._check_alive)
         except AgentTimeout as err:
             raise AgentTimeout(
                 f"guest agent did not answer within {self.config.boot_timeout:g}s "

@@ -84,7 +84,7 @@ class QemuVm:
         qmp = QMPClient("vmpod")
         try:
             await asyncio.wait_for(qmp.connect(str(sock)), timeout)
-        except (QMPError, OSError, asyncio.TimeoutError) as err:
+        except (TimeoutError, QMPError, OSError) as err:
             self._raise_if_dead("QEMU exited during start-up")
             raise HypervisorError(f"cannot talk QMP to QEMU: {err}", argv=self.argv) from err
         self._qmp = qmp
@@ -111,7 +111,7 @@ class QemuVm:
             if self._qmp is not None and self.exit_status() is None:
                 await asyncio.wait_for(self._qmp.execute("quit"), timeout)
             await self._wait_exit(timeout)
-        except (QMPError, OSError, asyncio.TimeoutError, EOFError) as err:
+        except (TimeoutError, QMPError, OSError, EOFError) as err:
             log.debug("graceful QEMU shutdown failed: %s", err)
         finally:
             await self._close_qmp()
@@ -126,7 +126,7 @@ class QemuVm:
         if self._qmp is not None:
             try:
                 await asyncio.wait_for(self._qmp.disconnect(), 2)
-            except (QMPError, OSError, asyncio.TimeoutError, EOFError):
+            except (TimeoutError, QMPError, OSError, EOFError):
                 pass
             self._qmp = None
 
