@@ -17,14 +17,11 @@ import time
 
 from vmpod.agent import protocol as p
 from vmpod.agent import runc
+from vmpod.agent.channel import Channel
 from vmpod.agent.runc import AgentFailure
 
 # Imports are kept to what the hot path needs (no subprocess, selectors, typing,
 # socket): each module costs tens of ms to import under TCG.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    import socket
-
 EVENT_READ, EVENT_WRITE = select.EPOLLIN, select.EPOLLOUT
 _HANGUP = select.EPOLLHUP | select.EPOLLERR
 
@@ -65,60 +62,6 @@ class Proc:
                 return int(fh.read(32).strip())
         except (OSError, ValueError):
             return self.pid
-
-
-class Channel:
-    """The host link: a virtio-serial port here, a vsock connection where available."""
-
-    def __init__(self) -> None:
-        self.fd = -1
-        # socket is imported only for vsock (it costs start-up time under TCG)
-        self.listener: socket.socket | None = None
-        self.conn: socket.socket | None = None
-        self.out = bytearray()
-        self.reader = p.FrameReader()
-
-    def open(self) -> None:
-        if "vmpod.channel=vsock" in _cmdline():
-            import socket
-            self.listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-            self.listener.bind((socket.VMADDR_CID_ANY, p.VSOCK_PORT))
-            self.listener.listen(1)
-            return
-        for _ in range(100):
-            dev = _find_port(p.PORT_NAME)
-            if dev:
-                self.fd = os.open(dev, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"virtio port {p.PORT_NAME} not found")
-
-    def send(self, frame: bytes) -> None:
-        self.out += frame
-
-
-def _find_port(name: str) -> str | None:
-    base = "/sys/class/virtio-ports"
-    try:
-        entries = os.listdir(base)
-    except OSError:
-        return None
-    for port in entries:
-        try:
-            with open(f"{base}/{port}/name") as fh:
-                if fh.read().strip() == name:
-                    return f"/dev/{port}"
-        except OSError:
-            continue
-    return None
-
-
-def _cmdline() -> str:
-    try:
-        with open("/proc/cmdline") as fh:
-            return fh.read()
-    except OSError:
-        return ""
 
 
 class Agent:
