@@ -14,11 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from vmpod.agent import protocol as p
 from vmpod.errors import AgentError, AgentTimeout, ProtocolError
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=p.Message)
 
 
 @dataclass
@@ -122,6 +124,15 @@ class AgentClient:
         if not resp.ok:
             raise AgentRequestError(op, resp.error, resp.error_kind)
         return resp.result
+
+    async def call(self, cls: type[M], op: str, args: dict[str, object] | None = None,
+                   timeout: float = 30.0) -> M:
+        """``request`` whose result is decoded as message ``cls`` (schema-checked)."""
+        result = await self.request(op, args, timeout)
+        try:
+            return p.decode(cls, result)
+        except p.ProtocolViolation as err:
+            raise ProtocolError(f"guest sent a malformed '{op}' result: {err}") from None
 
     def attach(self, stream: int, sink: ProcessSink) -> None:
         self._sinks[stream] = sink

@@ -286,9 +286,54 @@ class GuestInfo(Message):
     runc: str
 
 
+class RuntimeCommand(Message):
+    """Run the guest OCI runtime on a container: ``<runtime> COMMAND ARGS... ID``."""
+    container_id: str
+    command: str                   # one of RUNTIME_COMMANDS
+    args: tuple[str, ...] = ()
+    resources: dict[str, object] = {}   # for "update": written to a file, --resources FILE
+
+
+RUNTIME_COMMANDS = ("ps", "pause", "resume", "kill", "events", "update", "state")
+
+
+class CommandResult(Message):
+    """Outcome of a short helper command in the guest (output size-limited)."""
+    status: int
+    stdout: str
+    stderr: str = ""
+
+
+class LoadModule(Message):
+    """insmod a module the host shipped in the initramfs (under MODULES_DIR)."""
+    path: str
+    params: tuple[str, ...] = ()
+
+
+class UnloadModule(Message):
+    name: str
+
+
+class KernelLog(Message):
+    """Kernel log records after sequence number ``since``."""
+    since: int = -1
+
+
+class KernelLogResult(Message):
+    text: str            # "[seconds] message" lines, at most MAX_LOG bytes (the newest)
+    last_seq: int
+    tainted: int         # /proc/sys/kernel/tainted
+    truncated: bool = False
+
+
+MODULES_DIR = "/run/vmpod/modules"   # where /init leaves host-provided modules
+MAX_OUTPUT = 32 * 1024
+MAX_LOG = 48 * 1024
+
 OPS: dict[str, type] = {
     "ping": type(None), "guest_info": type(None), "shutdown": type(None),
     "create_container": CreateContainer, "start_container": StartContainer,
     "exec": ExecProcess, "signal": SignalProcess, "resize": ResizeTty,
-    "wait": WaitProcess, "set_clock": SetClock,
+    "wait": WaitProcess, "set_clock": SetClock, "runtime": RuntimeCommand,
+    "load_module": LoadModule, "unload_module": UnloadModule, "kernel_log": KernelLog,
 }

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 
+from vmpod.agent.gproc import run_wait
+from vmpod.agent.protocol import RUNTIME_COMMANDS
+
 BUSYBOX = "/bin/busybox"
 RUNC = "/usr/bin/runc"
 # OCI runtimes in the guest image; both take runc's command line. crun (C)
@@ -33,36 +36,6 @@ def check_id(cid: str) -> str:
 
 def bundle_dir(cid: str) -> str:
     return os.path.join(BUNDLES, check_id(cid))
-
-
-def spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
-    """Start ``argv`` in a new session with the given stdio; returns its pid.
-
-    posix_spawn rather than subprocess: importing subprocess costs ~0.1 s under TCG.
-    Every other fd the agent holds is close-on-exec (Python's default).
-    """
-    actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
-               (os.POSIX_SPAWN_DUP2, stderr, 2)]
-    return os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsid=True)
-
-
-def run_wait(argv: list[str], limit: int = 1 << 16) -> tuple[int, bytes]:
-    """Run a short helper to completion: (exit status, first ``limit`` bytes of output)."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        pid = spawn(argv, null, w, w)
-    finally:
-        os.close(w)
-        os.close(null)
-    chunks, size = [], 0
-    with os.fdopen(r, "rb") as fh:
-        while chunk := fh.read(4096):
-            if size < limit:
-                chunks.append(chunk)
-            size += len(chunk)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), b"".join(chunks)[:limit]
 
 
 def _mount(argv: list[str], what: str) -> None:
@@ -204,6 +177,19 @@ def start_failure(log: str) -> tuple[int, str] | None:
             return 126, msg
         return 125, msg
     return None
+
+
+_ARG_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_=.,:+-/")
+
+
+def runtime_argv(runtime: str, command: str, args: list[str], cid: str) -> list[str]:
+    """``<runtime> --root R COMMAND ARGS... ID`` for the few commands the host may ask."""
+    if command not in RUNTIME_COMMANDS:
+        raise AgentFailure(f"runtime command {command!r} is not allowed", "invalid")
+    for arg in args:
+        if not arg or not set(arg) <= _ARG_OK or arg.startswith(("--root", "--log", "--criu")):
+            raise AgentFailure(f"runtime argument {arg!r} is not allowed", "invalid")
+    return [runtime_binary(runtime), "--root", RUNC_ROOT, command, *args, check_id(cid)]
 
 
 def teardown(cid: str) -> None:

@@ -15,9 +15,10 @@ import struct
 import sys
 import time
 
+from vmpod.agent import gkernel, runc
 from vmpod.agent import protocol as p
-from vmpod.agent import runc
 from vmpod.agent.channel import Channel
+from vmpod.agent.gproc import run_capture, run_wait, spawn
 from vmpod.agent.runc import AgentFailure
 
 # Imports are kept to what the hot path needs (no subprocess, selectors, typing,
@@ -252,7 +253,7 @@ class Agent:
 
     def _op_guest_info(self, rid: int, _a: None) -> dict[str, object]:
         mem = _meminfo()
-        _, ver = runc.run_wait([runc.RUNC, "--version"])
+        _, ver = run_wait([runc.RUNC, "--version"])
         info = p.GuestInfo(kernel=os.uname().release, uptime=_uptime(),
                            mem_total_kb=mem.get("MemTotal", 0), mem_free_kb=mem.get("MemAvailable", 0),
                            cpus=os.cpu_count() or 1, python=sys.version.split()[0],
@@ -330,6 +331,37 @@ class Agent:
         os.sync()
         return {}
 
+    def _op_runtime(self, rid: int, a: p.RuntimeCommand) -> dict[str, object]:
+        cid = self._known(a.container_id)
+        extra: list[str] = []
+        if a.command == "update":
+            path = f"{runc.bundle_dir(cid)}/update.json"
+            with open(path, "w") as fh:
+                json.dump(a.resources, fh)
+            extra = ["--resources", path]
+        argv = runc.runtime_argv(self.containers[cid], a.command, list(a.args) + extra, cid)
+        code, out, err = run_capture(argv, p.MAX_OUTPUT)
+        return p.encode(p.CommandResult(status=code, stdout=out, stderr=err))
+
+    def _op_load_module(self, rid: int, a: p.LoadModule) -> dict[str, object]:
+        path = os.path.normpath(a.path)
+        if not path.startswith(p.MODULES_DIR + "/") or not path.endswith(".ko"):
+            raise AgentFailure(f"module path {a.path!r} is not under {p.MODULES_DIR}", "invalid")
+        for param in a.params:
+            if not param or "=" not in param or param.startswith("-"):
+                raise AgentFailure(f"invalid module parameter {param!r}", "invalid")
+        code, out, err = run_capture([runc.BUSYBOX, "insmod", path, *a.params], p.MAX_OUTPUT)
+        return p.encode(p.CommandResult(status=code, stdout=out, stderr=err))
+
+    def _op_unload_module(self, rid: int, a: p.UnloadModule) -> dict[str, object]:
+        if not a.name or not set(a.name) <= gkernel.MODULE_NAME_OK:
+            raise AgentFailure(f"invalid module name {a.name!r}", "invalid")
+        code, out, err = run_capture([runc.BUSYBOX, "rmmod", a.name], p.MAX_OUTPUT)
+        return p.encode(p.CommandResult(status=code, stdout=out, stderr=err))
+
+    def _op_kernel_log(self, rid: int, a: p.KernelLog) -> dict[str, object]:
+        return p.encode(gkernel.kernel_log(a.since, p.MAX_LOG))
+
     def _known(self, cid: str) -> str:
         if cid not in self.containers:
             raise AgentFailure(f"container {cid!r} does not exist", "not_found")
@@ -359,7 +391,7 @@ class Agent:
             outs, stdin_fd, tty_fd = {out_r: p.STDOUT, err_r: p.STDERR}, (in_w if stdin else None), None
             mine = [out_r, err_r] + ([in_w] if stdin else [])
         try:
-            pid = runc.spawn(argv, *child)
+            pid = spawn(argv, *child)
         finally:
             for fd in set(child):
                 os.close(fd)

@@ -80,10 +80,15 @@ def cli(verbose: int) -> None:
 @click.option("--console", is_flag=True, help="Keep kernel messages on the console log.")
 @click.option("--guest-runtime", type=click.Choice(["runc", "crun"]), default="runc",
               show_default=True, help="OCI runtime inside the VM (crun starts faster).")
+@click.option("--kernel-module", "kernel_modules", multiple=True, metavar="NAME[=PARAMS]",
+              help="Load a module of the guest kernel before the container starts.")
+@click.option("--load-module", "load_modules", multiple=True, metavar="FILE.ko[=PARAMS]",
+              help="Load a module built for the guest kernel before the container starts.")
 def run(image: str, command: tuple[str, ...], rootfs: str, env: tuple[str, ...],
         workdir: str, user: str, interactive: bool, tty: bool, hostname: str,
         read_only: bool, kernel: str, accel: str, cpus: int, memory: int,
-        boot_timeout: float, console: bool, guest_runtime: str) -> None:
+        boot_timeout: float, console: bool, guest_runtime: str,
+        kernel_modules: tuple[str, ...], load_modules: tuple[str, ...]) -> None:
     """Run COMMAND in a container from IMAGE (or --rootfs DIR) inside a new VM.
 
     IMAGE is an OCI image layout directory (DIR[:TAG]) or an OCI / docker-save
@@ -100,6 +105,7 @@ def run(image: str, command: tuple[str, ...], rootfs: str, env: tuple[str, ...],
     opts = RunOptions(image=image, rootfs=rootfs, interactive=interactive, kernel=kernel,
                       accel=accel, cpus=cpus, memory_mb=memory, boot_timeout=boot_timeout,
                       verbose_console=console, guest_runtime=guest_runtime,
+                      kernel_modules=kernel_modules, load_modules=load_modules,
                       process=ProcessOptions(args=command, env=env, workdir=workdir, user=user,
                                              tty=tty, hostname=hostname, read_only=read_only))
     status = _guard(lambda: asyncio.run(run_container(default_paths(), opts, _progress)))

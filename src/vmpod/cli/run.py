@@ -16,6 +16,7 @@ from vmpod.cli import stdio
 from vmpod.errors import AgentError, ConfigError, VmpodError
 from vmpod.guest.assets import ensure_assets
 from vmpod.guest.kernel import DEFAULT_KERNEL
+from vmpod.guest.modules import plan_modules
 from vmpod.guest.progress import Progress
 from vmpod.hypervisor.accel import choose_accel
 from vmpod.hypervisor.base import Disk
@@ -44,6 +45,8 @@ class RunOptions:
     boot_timeout: float = 60.0
     verbose_console: bool = False
     guest_runtime: str = "runc"
+    kernel_modules: tuple[str, ...] = ()   # NAME[=params] from the kernel's own tree
+    load_modules: tuple[str, ...] = ()     # FILE.ko[=params] built elsewhere
 
 
 def resolve_source(opts: RunOptions) -> ImageSource:
@@ -68,12 +71,15 @@ async def run(paths: Paths, opts: RunOptions, progress: Progress) -> int:
     spec = build_spec(source.config, opts.process)   # validates before anything boots
     assets = ensure_assets(paths, opts.kernel, progress)
     disk = rootfs_disk(paths, source, progress)
-    config = SandboxConfig(assets=assets, accel=accel, cpus=opts.cpus,
+    modules = plan_modules(assets.kernel.modules_dir, assets.kernel.release,
+                           opts.kernel_modules, opts.load_modules)
+    config = SandboxConfig(assets=assets, accel=accel, cpus=opts.cpus, modules=tuple(modules),
                            memory_mb=opts.memory_mb, boot_timeout=opts.boot_timeout,
                            disks=(Disk(disk, ROOTFS_SERIAL),),
                            verbose_console=opts.verbose_console)
     async with Sandbox(paths, config) as sandbox:
         log.info("sandbox %s: agent ready after %.2fs", sandbox.id, time.monotonic() - t0)
+        await sandbox.load_modules()
         container = Container(sandbox, ContainerConfig(
             id=sandbox.id, spec=spec, rootfs_serial=ROOTFS_SERIAL,
             user=user_of(source.config, opts.process), runtime=opts.guest_runtime))

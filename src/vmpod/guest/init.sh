@@ -35,5 +35,10 @@ $B mount --move /dev /sysroot/dev
 $B mkdir -p /sysroot/dev/pts /sysroot/dev/shm
 $B mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /sysroot/dev/pts
 $B mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /sysroot/dev/shm
+# Modules the host appended in an extra cpio (vmpod run --load-module, matrix).
+if [ -d /vmpod-modules ]; then
+    $B mkdir -p /sysroot/run/vmpod/modules
+    $B cp /vmpod-modules/* /sysroot/run/vmpod/modules/
+fi
 echo "vmpod-init: starting agent at $($B cut -d" " -f1 /sysroot/proc/uptime)"
 exec $B switch_root /sysroot /usr/bin/python3 -I -S /opt/vmpod/agent.py

@@ -58,6 +58,31 @@ def ensure_initramfs(paths: Paths, kernel: Kernel, busybox: Path) -> Path:
     return final
 
 
+EXTRA_MODULES_DIR = "vmpod-modules"   # in the initramfs; /init copies it to the agent
+
+
+def with_modules(base: Path, modules: dict[str, bytes], dest: Path) -> Path:
+    """``base`` plus an appended cpio holding ``modules`` (name -> .ko bytes).
+
+    The kernel unpacks concatenated archives; each must start on a 4-byte
+    boundary or it is silently ignored (field notes).
+    """
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix="extra-") as tmp:
+        stage = Path(tmp)
+        (stage / EXTRA_MODULES_DIR).mkdir()
+        names = [EXTRA_MODULES_DIR]
+        for name, data in modules.items():
+            if "/" in name or not name.endswith(".ko"):
+                raise AssetError(f"invalid module file name {name!r}")
+            (stage / EXTRA_MODULES_DIR / name).write_bytes(data)
+            names.append(f"{EXTRA_MODULES_DIR}/{name}")
+        extra = run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"], what="pack modules",
+                    cwd=stage, input=("\n".join(names) + "\n").encode()).stdout
+    data = base.read_bytes()
+    dest.write_bytes(data + b"\0" * (-len(data) % 4) + extra)
+    return dest
+
+
 def _stage(stage: Path, kernel: Kernel, busybox: Path) -> None:
     for d in ("bin", "dev", "proc", "sys", "sysroot", "etc", "lib/modules"):
         (stage / d).mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,11 @@ order is computed on the host from the kernel's modules.dep.
 from __future__ import annotations
 
 import lzma
+from dataclasses import dataclass
 from pathlib import Path
 
-from vmpod.errors import AssetError
+from vmpod.errors import AssetError, ConfigError
+from vmpod.proc import run
 
 # virtio transport and devices, the guest root and container root filesystems.
 BOOT_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "erofs", "overlay")
@@ -50,6 +52,60 @@ def load_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES) -> lis
     for name in wanted:
         visit(name.replace("-", "_"))
     return order
+
+
+@dataclass(frozen=True)
+class ModuleLoad:
+    """One module to insmod in the guest, in order, with its parameters."""
+    name: str
+    file: Path
+    params: tuple[str, ...] = ()
+
+
+def parse_module_arg(arg: str) -> tuple[str, tuple[str, ...]]:
+    """``NAME[=p1=v1 p2=v2]`` -> (NAME, ("p1=v1", "p2=v2"))."""
+    name, _, params = arg.partition("=")
+    if not name:
+        raise ConfigError(f"invalid module argument '{arg}'", hint="use NAME[=param=value ...]")
+    return name, tuple(params.split())
+
+
+def modinfo(path: Path, field: str) -> str:
+    return run(["modinfo", "-F", field, path], what=f"read {path.name}").stdout.decode().strip()
+
+
+def plan_modules(modules_dir: Path, release: str, names: tuple[str, ...] = (),
+                 files: tuple[str, ...] = ()) -> list[ModuleLoad]:
+    """Load plan for kernel modules by name (from the kernel's tree) and .ko files
+    built elsewhere, dependencies first, skipping what the guest loads at boot."""
+    booted = {module_name(p.name) for p in load_order(modules_dir)}
+    plan: list[ModuleLoad] = []
+    seen = set(booted)
+
+    def add_tree(name: str, params: tuple[str, ...]) -> None:
+        for path in load_order(modules_dir, (name,)):
+            mod = module_name(path.name)
+            if mod not in seen:
+                seen.add(mod)
+                plan.append(ModuleLoad(mod, path, params if mod == module_name(name) else ()))
+
+    for arg in names:
+        add_tree(*parse_module_arg(arg))
+    for arg in files:
+        file, params = parse_module_arg(arg)
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"module file '{file}' not found")
+        vermagic = modinfo(path, "vermagic").split(" ")[0]
+        if vermagic != release:
+            raise ConfigError(f"{path.name} was built for kernel {vermagic or '?'}, "
+                              f"the guest runs {release}", hint="rebuild it against that kernel")
+        for dep in filter(None, modinfo(path, "depends").split(",")):
+            add_tree(dep, ())
+        mod = module_name(path.name)
+        seen.add(mod)
+        plan.append(ModuleLoad(mod, path, params))
+    return plan
 
 
 def read_module(path: Path) -> bytes:

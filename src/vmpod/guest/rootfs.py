@@ -20,7 +20,8 @@ SUITE = "bookworm"
 # python3-minimal lacks json & co.; libpython3.11-stdlib brings them.
 PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "runc", "crun", "busybox-static")
 TREE_FORMAT = "1"
-AGENT_FILES = ("__init__.py", "protocol.py", "channel.py", "server.py", "runc.py")
+AGENT_FILES = ("__init__.py", "protocol.py", "channel.py", "server.py", "runc.py",
+               "gproc.py", "gkernel.py")
 _ENTRY = b"import sys\nsys.path.insert(0, '/opt/vmpod')\n" \
          b"from vmpod.agent.server import main\nmain()\n"
 MOUNT_POINTS = ("proc", "sys", "dev", "run", "tmp", "opt/vmpod/vmpod/agent")

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from vmpod.agent.client import AgentClient
-from vmpod.agent.protocol import VSOCK_PORT
+from vmpod.agent.protocol import MODULES_DIR, VSOCK_PORT, CommandResult, KernelLogResult
 from vmpod.errors import AgentError, AgentTimeout, HypervisorError, SandboxError
 from vmpod.guest.assets import GuestAssets
+from vmpod.guest.initramfs import with_modules
+from vmpod.guest.modules import ModuleLoad, read_module
 from vmpod.hypervisor.accel import AccelChoice
 from vmpod.hypervisor.base import Disk, VmConfig
 from vmpod.hypervisor.qemu.driver import QemuVm, describe_exit
@@ -40,6 +42,7 @@ class SandboxConfig:
     kernel_args: tuple[str, ...] = field(default_factory=tuple)
     verbose_console: bool = False
     agent_channel: str = "auto"    # auto | serial | vsock
+    modules: tuple[ModuleLoad, ...] = ()   # shipped in an extra initramfs, loaded on request
 
 
 def choose_channel(requested: str = "auto") -> str:
@@ -120,10 +123,15 @@ class Sandbox:
         t0 = time.monotonic()
         self._make_state_dir()
         a = self.config.assets
+        initramfs = a.initramfs
+        if self.config.modules:
+            initramfs = with_modules(a.initramfs, {
+                f"{m.name}.ko": read_module(m.file) for m in self.config.modules},
+                self.state_dir / "initramfs.cpio")
         channel = choose_channel(self.config.agent_channel)
         cid = secrets.randbelow(2**31) + 3 if channel == "vsock" else 0
         vm_config = VmConfig(
-            kernel=a.kernel.boot_image, initramfs=a.initramfs,
+            kernel=a.kernel.boot_image, initramfs=initramfs,
             cmdline=kernel_cmdline(self.config, channel), cpus=self.config.cpus,
             memory_mb=self.config.memory_mb, accel=self.config.accel,
             disks=(Disk(a.rootfs, ROOT_SERIAL), *self.config.disks),
@@ -143,6 +151,25 @@ class Sandbox:
         self.timings["agent_ready"] = time.monotonic() - t0
         await self.agent.request("set_clock", {"epoch_ns": time.time_ns()})
         log.info("guest uptime at hello: %.2fs", self.agent.hello.uptime if self.agent.hello else -1)
+
+    async def load_modules(self) -> None:
+        """insmod the configured modules in order; a failure names the module."""
+        for m in self.config.modules:
+            res = await self.load_module(m)
+            if res.status != 0:
+                raise SandboxError(f"loading kernel module {m.name} failed: "
+                                   f"{(res.stderr or res.stdout).strip() or f'status {res.status}'}",
+                                   hint="see the kernel log (dmesg) of the guest")
+
+    async def load_module(self, m: ModuleLoad) -> CommandResult:
+        return await self.agent.call(CommandResult, "load_module", {
+            "path": f"{MODULES_DIR}/{m.name}.ko", "params": list(m.params)}, timeout=60)
+
+    async def unload_module(self, name: str) -> CommandResult:
+        return await self.agent.call(CommandResult, "unload_module", {"name": name}, timeout=60)
+
+    async def kernel_log(self, since: int = -1) -> KernelLogResult:
+        return await self.agent.call(KernelLogResult, "kernel_log", {"since": since})
 
     def _make_state_dir(self) -> None:
         collect_stale(self.paths)
