@@ -18,6 +18,11 @@ APT_PACKAGES=(
     kmod cpio            # depmod for kernel modules, the initramfs archive
     lz4 xz-utils zstd    # kernel and layer decompressors
     python3-venv
+    # tests and integrations
+    docker-registry skopeo              # a real OCI registry on loopback, pushes
+    podman containerd                   # real clients of vmpod-runtime
+    golang-go golang-github-opencontainers-runtime-tools-dev   # OCI conformance suite
+    gcc make libc6-dev dwarves          # out-of-tree kernel module builds (pahole: 6.12)
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()

@@ -28,7 +28,8 @@ def init_script() -> bytes:
 def initramfs_key(kernel: Kernel, busybox: Path) -> str:
     """Inputs that decide the initramfs content."""
     h = hashlib.sha256()
-    for part in (FORMAT, kernel.release, kernel.version, ",".join(BOOT_MODULES + VSOCK_MODULES)):
+    modules = [p.name for p in load_order(kernel.modules_dir, BOOT_MODULES + VSOCK_MODULES)]
+    for part in (FORMAT, kernel.release, kernel.version, ",".join(modules)):
         h.update(part.encode() + b"\0")
     h.update(init_script())
     h.update(hashlib.sha256(busybox.read_bytes()).digest())

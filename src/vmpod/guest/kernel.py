@@ -22,16 +22,15 @@ from vmpod.paths import Paths
 from vmpod.proc import run
 
 DEFAULT_KERNEL = "6.1"
-# Short names users type; values are Debian package-name patterns (newest wins).
-_ALIASES = {
-    "6.1": "linux-image-cloud-amd64",
-    "6.1-cloud": "linux-image-cloud-amd64",
-    "6.1-generic": "linux-image-amd64",
-    "6.12": r"linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64-unsigned",
-    "6.12-cloud": r"linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64-unsigned",
-    "6.12-generic": r"linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned",
-}
+# Names users type: a series with an optional flavour ("6.1", "6.12-generic",
+# "debian:6.12-amd64", "6.1-rt"; the newest package of it wins) or an exact
+# release ("debian:6.1.0-47-cloud-amd64"). No flavour means cloud: it boots fastest.
+_SERIES_RE = re.compile(
+    r"^(?P<series>[0-9]+\.[0-9]+)(?:-(?P<flavour>cloud|rt|generic|amd64|cloud-amd64|rt-amd64))?$")
+_FLAVOURS = {None: "cloud-", "cloud": "cloud-", "cloud-amd64": "cloud-", "rt": "rt-",
+             "rt-amd64": "rt-", "generic": "", "amd64": ""}
 _RELEASE_RE = re.compile(r"^[0-9]+\.[0-9]+[0-9A-Za-z.+_-]*$")
+_EXACT_RE = re.compile(r"^[0-9]+\.[0-9]+(\.[0-9]+)?(-[0-9]+|\+deb[0-9]+)-(cloud-|rt-)?amd64$")
 
 
 @dataclass(frozen=True)
@@ -90,6 +89,69 @@ def ensure_kernel(paths: Paths, name: str = DEFAULT_KERNEL) -> Kernel:
     return kernel
 
 
+def add_local(paths: Paths, vmlinuz: Path, modules: Path, headers: Path | None = None,
+              name: str = "") -> Kernel:
+    """Catalog a kernel built elsewhere: a bzImage (or ELF vmlinux), its modules
+    directory (lib/modules/<release>, whose name is the release) and optionally a
+    kbuild directory for module builds. Boots as given; modules are re-indexed."""
+    if not vmlinuz.is_file():
+        raise ConfigError(f"kernel image '{vmlinuz}' not found")
+    if not modules.is_dir():
+        raise ConfigError(f"modules directory '{modules}' not found",
+                          hint="pass the lib/modules/<release> directory of that kernel")
+    release = modules.name
+    if not _RELEASE_RE.match(release):
+        raise ConfigError(f"'{modules}' is not named after a kernel release",
+                          hint="pass the lib/modules/<release> directory itself")
+    if headers is not None and not (headers / "Makefile").is_file():
+        raise ConfigError(f"'{headers}' is not a kernel build directory (no Makefile)")
+    paths.tmp.mkdir(parents=True, exist_ok=True)
+    paths.kernels.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="kernel-") as tmp:
+        out = Path(tmp) / "out"
+        (out / "lib/modules").mkdir(parents=True)
+        shutil.copytree(modules, out / "lib/modules" / release, symlinks=True,
+                        ignore=shutil.ignore_patterns("build", "source"))
+        run(["depmod", "-b", out, release], what=f"index modules of {release}")
+        data = vmlinuz.read_bytes()
+        is_elf = data[:4] == b"\x7fELF"
+        (out / ("vmlinux" if is_elf else "vmlinuz")).write_bytes(data)
+        config = modules / "build" / ".config"
+        (out / "config").write_text(config.read_text() if config.is_file() else "")
+        if headers is not None:
+            (out / "headers.path").write_text(str(headers.resolve()))
+        _write_json(out / "kernel.json", {"release": release, "package": "local",
+                                          "version": "local", "pvh": is_elf})
+        final = paths.kernels / release
+        if final.exists():
+            shutil.rmtree(final)
+        out.rename(final)
+    index = _alias_index(paths)
+    if name:
+        index[name] = release
+    _write_json(paths.kernels / "aliases.json", index)
+    kernel = load_cached(paths, release)
+    assert kernel is not None
+    return kernel
+
+
+def remove(paths: Paths, name: str) -> str:
+    """Delete a cached kernel and the names that point at it; returns its release."""
+    kernel = load_cached(paths, name)
+    if kernel is None:
+        raise ConfigError(f"kernel '{name}' is not in the catalog", hint="see 'vmpod kernel list'")
+    shutil.rmtree(kernel.root)
+    index = {k: v for k, v in _alias_index(paths).items() if v != kernel.release}
+    _write_json(paths.kernels / "aliases.json", index)
+    for initrd in paths.guest.glob(f"initramfs-{kernel.release}-*.cpio"):
+        initrd.unlink()
+    return kernel.release
+
+
+def aliases_of(paths: Paths, release: str) -> list[str]:
+    return sorted(k for k, v in _alias_index(paths).items() if v == release and k != release)
+
+
 def cached_kernels(paths: Paths) -> list[Kernel]:
     """Every complete kernel in the cache."""
     found = []
@@ -102,17 +164,21 @@ def cached_kernels(paths: Paths) -> list[Kernel]:
 
 def resolve_package(name: str) -> str:
     """Debian package name for a kernel name, asking apt (newest version wins)."""
-    if name in _ALIASES:
-        pattern = _ALIASES[name]
+    bare = _strip(name)
+    series = _SERIES_RE.match(bare)
+    if series:
+        flavour = _FLAVOURS[series.group("flavour")]
+        pattern = (rf"linux-image-{re.escape(series.group('series'))}"
+                   rf"(\.0-[0-9]+|\.[0-9]+\+deb[0-9]+)-{flavour}amd64(-unsigned)?")
+    elif _EXACT_RE.match(bare):
+        pattern = rf"linux-image-{re.escape(bare)}(-unsigned)?"
     elif name.startswith("debian:") or _RELEASE_RE.match(name):
-        release = _strip(name)
-        if not _RELEASE_RE.match(release):
-            raise ConfigError(f"invalid kernel name '{name}'",
-                              hint="use e.g. 6.1, 6.12 or debian:6.1.0-47-amd64")
-        pattern = rf"linux-image-{re.escape(release)}(-unsigned)?"
+        raise ConfigError(f"invalid kernel name '{name}'",
+                          hint="use e.g. 6.1, 6.12-generic or debian:6.1.0-47-amd64")
     else:
         raise ConfigError(f"unknown kernel '{name}'",
-                          hint=f"use one of {', '.join(_ALIASES)} or debian:RELEASE")
+                          hint="use 6.1, 6.1-generic, 6.1-rt, 6.12, 6.12-generic, "
+                               "debian:RELEASE or a kernel from 'vmpod kernel list'")
     names = _apt_names(pattern)
     if not names:
         raise ConfigError(f"kernel '{name}' not found in the Debian package lists",
@@ -127,8 +193,9 @@ def _apt_names(pattern: str) -> list[str]:
               timeout=60).stdout.decode()
     rx = re.compile(pattern + "$")
     names = [n for n in out.split() if rx.match(n)]
-    return sorted(names, key=lambda n: [int(x) if x.isdigit() else 0
-                                        for x in re.findall(r"[0-9]+|[^0-9]+", n)])
+    # newest version last; at equal version prefer the signed package
+    return sorted(names, key=lambda n: ([int(x) for x in re.findall(r"[0-9]+", n)],
+                                        not n.endswith("-unsigned")))
 
 
 def _fetch(paths: Paths, package: str) -> Kernel:

@@ -34,6 +34,7 @@ def load_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES) -> lis
     builtin_file = modules_dir / "modules.builtin"
     builtin = {module_name(p) for p in builtin_file.read_text().split()} \
         if builtin_file.exists() else set()
+    softdeps = _softdeps(modules_dir, set(deps), builtin)
     order: list[Path] = []
     seen: set[str] = set()
 
@@ -44,7 +45,10 @@ def load_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES) -> lis
         if name not in deps:
             raise AssetError(f"kernel module '{name}' is missing from {modules_dir}")
         path, requires = deps[name]
-        # modules.dep lists the full closure; visiting each keeps the order valid.
+        # "softdep X pre: Y" (e.g. libcrc32c needs a crc32c provider) come first,
+        # then hard dependencies: modules.dep lists the closure, so order holds.
+        for dep in softdeps.get(name, []):
+            visit(dep)
         for dep in reversed(requires):
             visit(dep)
         order.append(modules_dir / path)
@@ -106,6 +110,45 @@ def plan_modules(modules_dir: Path, release: str, names: tuple[str, ...] = (),
         seen.add(mod)
         plan.append(ModuleLoad(mod, path, params))
     return plan
+
+
+def _softdeps(modules_dir: Path, loadable: set[str], builtin: set[str]) -> dict[str, list[str]]:
+    """``pre:`` soft dependencies, each resolved to one module through modules.alias
+    (busybox modprobe ignores softdeps, so the host resolves them)."""
+    softdep_file = modules_dir / "modules.softdep"
+    if not softdep_file.exists():
+        return {}
+    known = loadable | builtin
+    aliases: dict[str, list[str]] = {}
+    for alias_file in (modules_dir / "modules.alias", modules_dir / "modules.builtin.alias"):
+        if alias_file.exists():
+            for line in alias_file.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 3 and parts[0] == "alias":
+                    aliases.setdefault(parts[1], []).append(module_name(parts[2]))
+    modinfo = modules_dir / "modules.builtin.modinfo"   # NUL-separated "mod.alias=name"
+    if modinfo.exists():
+        for entry in modinfo.read_bytes().decode(errors="replace").split("\0"):
+            mod, _, alias = entry.partition(".alias=")
+            if alias:
+                aliases.setdefault(alias, []).append(module_name(mod))
+    out: dict[str, list[str]] = {}
+    for line in softdep_file.read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 3 or parts[0] != "softdep":
+            continue
+        pre = parts[parts.index("pre:") + 1:] if "pre:" in parts else []
+        pre = pre[:pre.index("post:")] if "post:" in pre else pre
+        resolved = []
+        for name in pre:
+            name = module_name(name)
+            # a built-in provider needs nothing; else prefer the generic one:
+            # CPU-specific implementations may not load under TCG
+            candidates = [name] if name in known else sorted(
+                aliases.get(name, []), key=lambda m: (m not in builtin, not m.endswith("_generic")))
+            resolved += [c for c in candidates if c in known][:1]
+        out[module_name(parts[1])] = resolved
+    return out
 
 
 def read_module(path: Path) -> bytes:

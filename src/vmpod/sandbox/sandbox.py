@@ -148,6 +148,14 @@ class Sandbox:
                 f"(kernel {a.kernel.release}, {self.config.accel.accel})",
                 hint="raise --boot-timeout on slow hosts",
                 console_tail=self.console_tail()) from err
+        except AgentError as err:
+            # The channel dropped: usually the VM stopped (panic, init failure).
+            failure = await self.vm_failure()
+            if failure is None:
+                raise
+            raise HypervisorError(
+                f"the VM stopped during boot ({failure.details.get('how', '')}): "
+                f"{self._last_console_line()}", console_tail=self.console_tail()) from err
         self.timings["agent_ready"] = time.monotonic() - t0
         await self.agent.request("set_clock", {"epoch_ns": time.time_ns()})
         log.info("guest uptime at hello: %.2fs", self.agent.hello.uptime if self.agent.hello else -1)
@@ -192,8 +200,13 @@ class Sandbox:
                 console_tail=self.console_tail())
 
     def _last_console_line(self) -> str:
-        lines = [ln for ln in self.console_tail(40).splitlines() if ln.strip()]
-        return lines[-1].strip() if lines else "no console output"
+        """The most telling console line: our init's complaint, a panic, else the last."""
+        lines = [ln.strip() for ln in self.console_tail(40).splitlines() if ln.strip()]
+        for marker in ("Kernel panic", "vmpod-init:", "vmpod-agent:"):
+            found = [ln for ln in lines if marker in ln]
+            if found:
+                return found[-1]
+        return lines[-1] if lines else "no console output"
 
     async def vm_failure(self, grace: float = 2.0) -> HypervisorError | None:
         """Why the VM is gone, if it is (used when the agent channel drops).
@@ -208,7 +221,7 @@ class Sandbox:
         if code is None:
             return None
         return HypervisorError(f"the VM stopped unexpectedly (QEMU {describe_exit(code)})",
-                               console_tail=self.console_tail())
+                               console_tail=self.console_tail(), how=f"QEMU {describe_exit(code)}")
 
     def console_tail(self, lines: int = 20) -> str:
         return self.vm.console_tail(lines) if self.vm else ""

@@ -1,0 +1,2 @@
+#!/bin/sh
+test -d /sys/class/vmpod_api_break && echo PASS
