@@ -4,47 +4,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
-from typing import TypeVar
 
 import click
 
-from vmpod.errors import VmpodError
+from vmpod.cli.common import guard, progress
 from vmpod.guest.kernel import DEFAULT_KERNEL
 from vmpod.paths import default_paths
 from vmpod.sandbox.spec import ProcessOptions
-
-T = TypeVar("T")
-
-
-def _progress(msg: str) -> None:
-    click.echo(f"vmpod: {msg}…", err=True)
-
-
-def _fail(err: VmpodError) -> int:
-    click.echo(f"vmpod: error: {err}", err=True)
-    if "console_tail" not in err.details:
-        return err.exit_code
-    tail = str(err.details["console_tail"])
-    if not tail.strip():
-        click.echo("vmpod: guest console is empty (nothing printed yet; "
-                   "--console keeps all kernel messages)", err=True)
-    else:
-        click.echo("vmpod: guest console (last lines):", err=True)
-        for line in tail.splitlines():
-            click.echo(f"  | {line}", err=True)
-    return err.exit_code
-
-
-def _guard(fn: Callable[[], T]) -> T:
-    """Run a command body; VmpodError becomes one line and the error's exit code."""
-    try:
-        return fn()
-    except VmpodError as err:
-        sys.exit(_fail(err))
-    except KeyboardInterrupt:
-        click.echo("vmpod: interrupted", err=True)
-        sys.exit(130)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,7 +74,7 @@ def run(image: str, command: tuple[str, ...], rootfs: str, env: tuple[str, ...],
                       kernel_modules=kernel_modules, load_modules=load_modules,
                       process=ProcessOptions(args=command, env=env, workdir=workdir, user=user,
                                              tty=tty, hostname=hostname, read_only=read_only))
-    status = _guard(lambda: asyncio.run(run_container(default_paths(), opts, _progress)))
+    status = guard(lambda: asyncio.run(run_container(default_paths(), opts, progress)))
     sys.exit(status)
 
 
@@ -118,7 +84,7 @@ def run(image: str, command: tuple[str, ...], rootfs: str, env: tuple[str, ...],
 def doctor(kernel: str, accel: str) -> None:
     """Check what works on this host and why; non-zero when `vmpod run` cannot work."""
     from vmpod.cli.doctor import diagnose
-    ok = _guard(lambda: diagnose(default_paths(), kernel, accel))
+    ok = guard(lambda: diagnose(default_paths(), kernel, accel))
     sys.exit(0 if ok else 1)
 
 
@@ -132,11 +98,22 @@ def assets() -> None:
 def assets_build(kernel: str) -> None:
     """Build (or reuse) the guest assets for KERNEL."""
     from vmpod.guest.assets import ensure_assets
-    a = _guard(lambda: ensure_assets(default_paths(), kernel, _progress))
+    a = guard(lambda: ensure_assets(default_paths(), kernel, progress))
     click.echo(f"kernel    {a.kernel.release} ({a.kernel.package} {a.kernel.version})")
     click.echo(f"boot      {a.kernel.boot_image}")
     click.echo(f"initramfs {a.initramfs}")
     click.echo(f"rootfs    {a.rootfs}")
+
+
+from vmpod.cli import kernel_cmd, matrix_cmd  # noqa: E402  (commands in their own modules)
+
+cli.add_command(kernel_cmd.kernel)
+cli.add_command(matrix_cmd.matrix)
+
+
+from vmpod.cli import images_cmd  # noqa: E402  (commands in their own modules)
+
+images_cmd.register(cli)
 
 
 def main() -> None:

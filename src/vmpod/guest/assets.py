@@ -24,6 +24,7 @@ class GuestAssets:
     kernel: Kernel
     initramfs: Path
     rootfs: Path
+    tree: Path          # the unpacked guest root the image was made from
 
 
 @contextmanager
@@ -46,7 +47,7 @@ def ensure_assets(paths: Paths, kernel: str = DEFAULT_KERNEL,
             image = rootfs.ensure_image(paths, tree, progress)
             busybox = tree / "bin/busybox"
             initrd = initramfs.ensure_initramfs(paths, k, busybox)
-            return GuestAssets(kernel=k, initramfs=initrd, rootfs=image)
+            return GuestAssets(kernel=k, initramfs=initrd, rootfs=image, tree=tree)
     except (OSError, VmpodError) as err:
         _clean_tmp(paths)
         if is_disk_full(err):
@@ -71,7 +72,7 @@ def assets_state(paths: Paths, kernel: str = DEFAULT_KERNEL) -> dict[str, object
     initrd = None
     if k is not None and trees:
         key = initramfs.initramfs_key(k, trees[0] / "bin/busybox")
-        initrd = paths.guest / f"initramfs-{k.release}-{key}.cpio"
+        initrd = paths.guest / f"initramfs-{k.id}-{key}.cpio"
     return {
         "kernel": k.release if k else None,
         "guest_tree": bool(trees),

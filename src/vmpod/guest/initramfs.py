@@ -39,7 +39,7 @@ def initramfs_key(kernel: Kernel, busybox: Path) -> str:
 def ensure_initramfs(paths: Paths, kernel: Kernel, busybox: Path) -> Path:
     """Cached initramfs for ``kernel``; rebuilt when any input changes."""
     key = initramfs_key(kernel, busybox)
-    final = paths.guest / f"initramfs-{kernel.release}-{key}.cpio"
+    final = paths.guest / f"initramfs-{kernel.id}-{key}.cpio"
     if final.is_file():
         return final
     paths.tmp.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def ensure_initramfs(paths: Paths, kernel: Kernel, busybox: Path) -> Path:
                        what="pack initramfs", cwd=stage,
                        input=("\n".join([".", *names]) + "\n").encode())
             fh.write(proc.stdout)
-        for old in paths.guest.glob(f"initramfs-{kernel.release}-*.cpio"):
+        for old in paths.guest.glob(f"initramfs-{kernel.id}-*.cpio"):
             old.unlink()
         out.rename(final)
     return final

@@ -30,6 +30,7 @@ _SERIES_RE = re.compile(
 _FLAVOURS = {None: "cloud-", "cloud": "cloud-", "cloud-amd64": "cloud-", "rt": "rt-",
              "rt-amd64": "rt-", "generic": "", "amd64": ""}
 _RELEASE_RE = re.compile(r"^[0-9]+\.[0-9]+[0-9A-Za-z.+_-]*$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,127}$")   # catalog keys and names
 _EXACT_RE = re.compile(r"^[0-9]+\.[0-9]+(\.[0-9]+)?(-[0-9]+|\+deb[0-9]+)-(cloud-|rt-)?amd64$")
 
 
@@ -42,6 +43,12 @@ class Kernel:
     version: str          # Debian package version
     root: Path            # cache directory of this kernel
     pvh: bool             # vmlinux has a PVH entry point (boots without decompression)
+
+    @property
+    def id(self) -> str:
+        """Catalog key: the release for Debian kernels, ``local-NAME`` for local ones
+        (so a local build never replaces a Debian kernel of the same release)."""
+        return self.root.name
 
     @property
     def bzimage(self) -> Path:
@@ -67,9 +74,9 @@ class Kernel:
 
 def load_cached(paths: Paths, name: str) -> Kernel | None:
     """The cached kernel for ``name`` (alias, release or debian:release), if any."""
-    release = _alias_index(paths).get(name, _strip(name))
-    meta = paths.kernels / release / "kernel.json"
-    if not _RELEASE_RE.match(release) or not meta.is_file():
+    key = _alias_index(paths).get(name, _strip(name))
+    meta = paths.kernels / key / "kernel.json"
+    if not _KEY_RE.match(key) or not meta.is_file():
         return None
     data = json.loads(meta.read_text())
     return Kernel(release=data["release"], package=data["package"], version=data["version"],
@@ -84,7 +91,7 @@ def ensure_kernel(paths: Paths, name: str = DEFAULT_KERNEL) -> Kernel:
     package = resolve_package(name)
     kernel = _fetch(paths, package)
     index = _alias_index(paths)
-    index[name] = kernel.release
+    index[name] = kernel.id
     _write_json(paths.kernels / "aliases.json", index)
     return kernel
 
@@ -103,6 +110,9 @@ def add_local(paths: Paths, vmlinuz: Path, modules: Path, headers: Path | None =
     if not _RELEASE_RE.match(release):
         raise ConfigError(f"'{modules}' is not named after a kernel release",
                           hint="pass the lib/modules/<release> directory itself")
+    key = f"local-{name or release}"
+    if name and not _KEY_RE.match(name):
+        raise ConfigError(f"invalid kernel name '{name}'", hint="use letters, digits, . _ + -")
     if headers is not None and not (headers / "Makefile").is_file():
         raise ConfigError(f"'{headers}' is not a kernel build directory (no Makefile)")
     paths.tmp.mkdir(parents=True, exist_ok=True)
@@ -122,15 +132,15 @@ def add_local(paths: Paths, vmlinuz: Path, modules: Path, headers: Path | None =
             (out / "headers.path").write_text(str(headers.resolve()))
         _write_json(out / "kernel.json", {"release": release, "package": "local",
                                           "version": "local", "pvh": is_elf})
-        final = paths.kernels / release
+        final = paths.kernels / key
         if final.exists():
             shutil.rmtree(final)
         out.rename(final)
     index = _alias_index(paths)
     if name:
-        index[name] = release
+        index[name] = key
     _write_json(paths.kernels / "aliases.json", index)
-    kernel = load_cached(paths, release)
+    kernel = load_cached(paths, key)
     assert kernel is not None
     return kernel
 
@@ -141,15 +151,16 @@ def remove(paths: Paths, name: str) -> str:
     if kernel is None:
         raise ConfigError(f"kernel '{name}' is not in the catalog", hint="see 'vmpod kernel list'")
     shutil.rmtree(kernel.root)
-    index = {k: v for k, v in _alias_index(paths).items() if v != kernel.release}
+    index = {k: v for k, v in _alias_index(paths).items() if v != kernel.id}
     _write_json(paths.kernels / "aliases.json", index)
-    for initrd in paths.guest.glob(f"initramfs-{kernel.release}-*.cpio"):
+    for initrd in paths.guest.glob(f"initramfs-{kernel.id}-*.cpio"):
         initrd.unlink()
-    return kernel.release
+    return kernel.id
 
 
-def aliases_of(paths: Paths, release: str) -> list[str]:
-    return sorted(k for k, v in _alias_index(paths).items() if v == release and k != release)
+def aliases_of(paths: Paths, key: str) -> list[str]:
+    """Short names that point at the kernel with catalog key ``key``."""
+    return sorted(k for k, v in _alias_index(paths).items() if v == key and k != key)
 
 
 def cached_kernels(paths: Paths) -> list[Kernel]:

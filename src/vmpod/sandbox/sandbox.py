@@ -73,6 +73,9 @@ def kernel_cmdline(cfg: SandboxConfig, channel: str = "serial") -> str:
     khz = host_tsc_khz()
     if khz:
         args.append(f"tsc_early_khz={khz}")
+    if not cfg.assets.kernel.pvh:
+        # a bzImage's decompressor reports a corrupt image only on an early console
+        args.append("earlyprintk=serial,ttyS0,115200")
     return " ".join([*args, *cfg.kernel_args])
 
 

@@ -12,6 +12,13 @@ DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 DEFAULT_CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
                 "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
                 "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")
+ALL_CAPS = DEFAULT_CAPS + (
+    "CAP_DAC_READ_SEARCH", "CAP_LINUX_IMMUTABLE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_LEASE", "CAP_AUDIT_CONTROL", "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE")
 MASKED = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
           "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
           "/sys/firmware")
@@ -29,6 +36,9 @@ class ProcessOptions:
     hostname: str = "vmpod"
     read_only: bool = False
     nofile: int = 1024
+    # All capabilities and the guest's devices (like `docker run --privileged`):
+    # privileged inside the VM, which stays the isolation boundary.
+    privileged: bool = False
 
 
 def command(image: ImageConfig, args: tuple[str, ...]) -> tuple[str, ...]:
@@ -63,8 +73,8 @@ def build_spec(image: ImageConfig, opts: ProcessOptions) -> dict[str, object]:
     if not workdir.startswith("/"):
         raise ConfigError(f"working directory '{workdir}' is not absolute",
                           hint="use an absolute path with -w")
-    caps = list(DEFAULT_CAPS)
-    return {
+    caps = list(ALL_CAPS if opts.privileged else DEFAULT_CAPS)
+    spec: dict[str, object] = {
         "ociVersion": "1.0.2",
         "hostname": opts.hostname,
         "process": {
@@ -86,6 +96,19 @@ def build_spec(image: ImageConfig, opts: ProcessOptions) -> dict[str, object]:
             "readonlyPaths": list(READONLY),
         },
     }
+    if opts.privileged:
+        spec["mounts"] = [m for m in _mounts() if m["destination"] != "/sys"] + [
+            {"destination": "/dev", "type": "bind", "source": "/dev", "options": ["rbind"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev"]}]
+        linux = spec["linux"]
+        assert isinstance(linux, dict)
+        linux.update(maskedPaths=[], readonlyPaths=[],
+                     resources={"devices": [{"allow": True, "access": "rwm"}]})
+        process = spec["process"]
+        assert isinstance(process, dict)
+        process["noNewPrivileges"] = False
+    return spec
 
 
 def _mounts() -> list[dict[str, object]]:

@@ -1,0 +1,243 @@
+"""One matrix run: for each kernel build the module, boot a VM with it, load it,
+run the test in a container, judge the kernel log, unload; kernels in parallel."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmpod.agent.client import ProcessSink
+from vmpod.errors import VmpodError
+from vmpod.guest.assets import GuestAssets
+from vmpod.guest.modules import ModuleLoad, plan_modules
+from vmpod.hypervisor.accel import AccelChoice
+from vmpod.hypervisor.base import Disk
+from vmpod.images import ImageConfig
+from vmpod.matrix.build import build_module, first_error
+from vmpod.matrix.verdict import judge
+from vmpod.paths import Paths
+from vmpod.sandbox.container import Container, ContainerConfig
+from vmpod.sandbox.sandbox import Sandbox, SandboxConfig
+from vmpod.sandbox.spec import ProcessOptions, build_spec
+
+ROOTFS_SERIAL = "ctr-rootfs"
+MAX_SCRIPT = 48 * 1024
+STEPS = ("build", "boot", "load", "test", "unload")
+
+
+@dataclass(frozen=True)
+class KernelTarget:
+    """A kernel ready for the matrix: assets to boot it and headers to build for it."""
+    name: str
+    assets: GuestAssets
+    headers: Path
+
+
+@dataclass(frozen=True)
+class MatrixConfig:
+    module_src: Path
+    test_script: str
+    image_disk: Path
+    image_config: ImageConfig
+    logs: Path
+    accel: AccelChoice
+    jobs: int = 2
+    memory_mb: int = 512
+    boot_timeout: float = 90.0
+    test_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class KernelResult:
+    kernel: str
+    release: str
+    steps: dict[str, str] = field(default_factory=dict)   # step -> ok|fail|skip|pass
+    dmesg: str = "-"              # verdict status
+    findings: tuple[str, ...] = ()
+    detail: str = ""              # first reason of failure
+    seconds: float = 0.0
+    logs: Path = Path()
+
+    @property
+    def passed(self) -> bool:
+        return all(self.steps.get(s) in ("ok", "pass") for s in STEPS) and self.dmesg == "clean"
+
+
+Progress = Callable[[str, str, str], None]    # (kernel, step, state)
+
+
+async def run_matrix(paths: Paths, cfg: MatrixConfig, targets: list[KernelTarget],
+                     progress: Progress) -> list[KernelResult]:
+    limit = asyncio.Semaphore(max(1, cfg.jobs))
+
+    async def one(t: KernelTarget) -> KernelResult:
+        async with limit:
+            return await run_kernel(paths, cfg, t, progress)
+
+    return list(await asyncio.gather(*(one(t) for t in targets)))
+
+
+class _Run:
+    """Mutable record of one kernel's run; frozen into a KernelResult at the end."""
+
+    def __init__(self, target: KernelTarget, logs: Path, progress: Progress) -> None:
+        self.target, self.logs, self.progress = target, logs, progress
+        self.steps = {s: "skip" for s in STEPS}
+        self.detail = ""
+        self.dmesg = "-"
+        self.findings: tuple[str, ...] = ()
+        self.t0 = time.monotonic()
+
+    def step(self, name: str, state: str, detail: str = "") -> None:
+        self.steps[name] = state
+        if state == "fail" and not self.detail:
+            self.detail = detail
+        self.progress(self.target.name, name, state)
+
+    def running(self) -> str:
+        return next((s for s, v in self.steps.items() if v == "running"), "test")
+
+    def judge(self, log: str, tainted: int, console: str) -> None:
+        (self.logs / "dmesg.log").write_text(log)
+        if console or self.steps["boot"] == "fail":
+            (self.logs / "console.log").write_text(console or "(the guest printed nothing)\n")
+        if self.steps["boot"] != "ok":
+            return
+        verdict = judge(log, tainted)
+        self.dmesg, self.findings = verdict.status, verdict.findings
+        if not self.detail and verdict.findings:
+            self.detail = f"dmesg: {verdict.findings[0]}"
+
+    def result(self) -> KernelResult:
+        return KernelResult(kernel=self.target.name, release=self.target.assets.kernel.release,
+                            steps=dict(self.steps), dmesg=self.dmesg, findings=self.findings,
+                            detail=self.detail, seconds=time.monotonic() - self.t0,
+                            logs=self.logs)
+
+
+async def run_kernel(paths: Paths, cfg: MatrixConfig, t: KernelTarget,
+                     progress: Progress) -> KernelResult:
+    logs = cfg.logs / t.name.replace("/", "_").replace(":", "_")
+    logs.mkdir(parents=True, exist_ok=True)
+    run = _Run(t, logs, progress)
+    run.step("build", "running")
+    built = await build_module(cfg.module_src, t.headers, logs / "build")
+    (logs / "build.log").write_text(built.log)
+    if not built.ok:
+        run.step("build", "fail", f"build: {first_error(built.log, logs / 'build')}")
+        return run.result()
+    run.step("build", "ok")
+    try:
+        plan = plan_modules(t.assets.kernel.modules_dir, t.assets.kernel.release,
+                            files=tuple(str(k) for k in built.modules))
+    except VmpodError as err:
+        run.step("boot", "fail", f"modules: {err}")
+        return run.result()
+    await _in_vm(paths, cfg, plan, {m.name for m in plan if m.file in built.modules}, run)
+    return run.result()
+
+
+async def _in_vm(paths: Paths, cfg: MatrixConfig, plan: list[ModuleLoad], ours: set[str],
+                 run: _Run) -> None:
+    t = run.target
+    sandbox = Sandbox(paths, SandboxConfig(
+        assets=t.assets, accel=cfg.accel, memory_mb=cfg.memory_mb, modules=tuple(plan),
+        boot_timeout=cfg.boot_timeout, disks=(Disk(cfg.image_disk, ROOTFS_SERIAL),)))
+    console, log_text, tainted = "", "", 0
+    try:
+        run.step("boot", "running")
+        try:
+            await sandbox.start()
+        except VmpodError as err:
+            console = sandbox.console_tail(200)
+            last = [ln.strip() for ln in console.splitlines() if ln.strip()]
+            run.step("boot", "fail", f"boot: {err.message}" + (f"; console: {last[-1]}" if last else ""))
+            return
+        run.step("boot", "ok")
+        since = (await sandbox.kernel_log()).last_seq
+        if await _load(sandbox, plan, run):
+            await _test(sandbox, cfg, run)
+            await _unload(sandbox, [m for m in reversed(plan) if m.name in ours], run)
+        klog = await sandbox.kernel_log(since)
+        log_text, tainted = klog.text, klog.tainted
+    except VmpodError as err:
+        # The guest died under us (panic) or stopped answering: its console tells why.
+        console = sandbox.console_tail(200)
+        run.step(run.running(), "fail", f"VM failed: {err.message}")
+        log_text += "\n" + console
+    finally:
+        console = console or sandbox.console_tail(200)
+        await sandbox.stop()
+        run.judge(log_text, tainted, console)
+
+
+async def _load(sandbox: Sandbox, plan: list[ModuleLoad], run: _Run) -> bool:
+    logs, step = run.logs, run.step
+    step("load", "running")
+    lines = []
+    for m in plan:
+        r = await sandbox.load_module(m)
+        lines.append(f"insmod {m.name} {' '.join(m.params)} -> {r.status}\n{r.stdout}{r.stderr}")
+        if r.status != 0:
+            (logs / "load.log").write_text("\n".join(lines))
+            why = (r.stderr or r.stdout).strip() or (
+                f"insmod killed by signal {-r.status}" if r.status < 0 else f"status {r.status}")
+            step("load", "fail", f"load {m.name}: {why}")
+            return False
+    (logs / "load.log").write_text("\n".join(lines))
+    step("load", "ok")
+    return True
+
+
+async def _test(sandbox: Sandbox, cfg: MatrixConfig, run: _Run) -> None:
+    t, logs, step = run.target, run.logs, run.step
+    step("test", "running")
+    env = (f"VMPOD_KERNEL={t.assets.kernel.release}", f"VMPOD_KERNEL_NAME={t.name}")
+    spec = build_spec(cfg.image_config, ProcessOptions(
+        args=("/bin/sh", "-c", cfg.test_script, "vmpod-test"), env=env, privileged=True,
+        hostname="matrix"))
+    container = Container(sandbox, ContainerConfig(id="test", spec=spec,
+                                                   rootfs_serial=ROOTFS_SERIAL))
+    out = bytearray()
+    sink = ProcessSink(on_stdout=out.extend, on_stderr=out.extend)
+    await container.create()
+    stream = await container.start(sink, stdin=False)
+    try:
+        event = await asyncio.wait_for(asyncio.shield(sink.exited), cfg.test_timeout)
+    except TimeoutError:
+        await container.signal(stream, 9)
+        (logs / "test.log").write_bytes(bytes(out))
+        step("test", "fail", f"test: timed out after {cfg.test_timeout:g}s")
+        return
+    (logs / "test.log").write_bytes(bytes(out) + (f"\n{event.message}".encode()
+                                                  if event.message else b""))
+    if event.status == 0:
+        step("test", "pass")
+    else:
+        tail = bytes(out).decode(errors="replace").strip().splitlines()
+        step("test", "fail", f"test: exit {event.status}" + (f": {tail[-1][:160]}" if tail else ""))
+
+
+async def _unload(sandbox: Sandbox, mods: list[ModuleLoad], run: _Run) -> None:
+    logs, step = run.logs, run.step
+    step("unload", "running")
+    lines = []
+    for m in mods:
+        r = await sandbox.unload_module(m.name)
+        lines.append(f"rmmod {m.name} -> {r.status}\n{r.stdout}{r.stderr}")
+        if r.status != 0:
+            (logs / "unload.log").write_text("\n".join(lines))
+            step("unload", "fail", f"unload {m.name}: {(r.stderr or r.stdout).strip()}")
+            return
+    (logs / "unload.log").write_text("\n".join(lines))
+    step("unload", "ok")
+
+
+def read_script(path: Path) -> str:
+    data = path.read_bytes()
+    if len(data) > MAX_SCRIPT:
+        raise VmpodError(f"test script {path} is larger than {MAX_SCRIPT // 1024} KiB",
+                         hint="keep the test script small; put data in the image")
+    return data.decode()
