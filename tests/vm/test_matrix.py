@@ -1,0 +1,107 @@
+"""`vmpod matrix` and the kernel catalog on real kernels, real builds, real VMs."""
+from __future__ import annotations
+
+import json
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.vm.conftest import REPO, VmpodRunner
+
+MODULES = REPO / "examples" / "modules"
+THREE = "6.1-generic,6.1,6.12-generic"
+
+
+def _matrix(vmpod: VmpodRunner, tmp: Path, kernels: str, module: str, *extra: str):  # noqa: ANN202
+    r = vmpod("matrix", "--kernels", kernels, "--module-src", str(MODULES / module),
+              "--test", str(MODULES / module / "test.sh"), "--logs", str(tmp / "logs"),
+              "--json", str(tmp / "out.json"), "--junit", str(tmp / "out.xml"), *extra,
+              timeout=1200)
+    results = {x["kernel"]: x for x in json.loads((tmp / "out.json").read_text())["results"]}
+    return r, results
+
+
+def test_example_module_passes_on_three_kernels(vmpod: VmpodRunner, tmp_path: Path) -> None:
+    r, results = _matrix(vmpod, tmp_path, THREE, "vmpod_echo")
+    assert r.returncode == 0, r.err
+    assert set(results) == set(THREE.split(","))
+    for name, res in results.items():
+        assert res["passed"], (name, res)
+        assert res["dmesg"] == "clean"
+        assert "PASS" in (Path(res["logs"]) / "test.log").read_text()
+    assert results["6.12-generic"]["release"].startswith("6.12.")
+    suite = ET.parse(tmp_path / "out.xml").getroot()
+    assert suite.get("tests") == "3" and suite.get("failures") == "0"
+
+
+def test_api_change_fails_the_build_on_one_kernel_only(vmpod: VmpodRunner,
+                                                       tmp_path: Path) -> None:
+    r, results = _matrix(vmpod, tmp_path, "6.1,6.12-generic", "api_break")
+    assert r.returncode == 1
+    assert results["6.1"]["passed"], results["6.1"]
+    bad = results["6.12-generic"]
+    assert bad["steps"]["build"] == "fail" and bad["steps"]["boot"] == "skip"
+    assert "class_create" in bad["detail"]
+    assert "error:" in (Path(bad["logs"]) / "build.log").read_text()
+    suite = ET.parse(tmp_path / "out.xml").getroot()
+    assert suite.get("failures") == "1"
+
+
+def test_oops_on_load_is_detected(vmpod: VmpodRunner, tmp_path: Path) -> None:
+    r, results = _matrix(vmpod, tmp_path, "6.1", "oops_on_load")
+    assert r.returncode == 1
+    res = results["6.1"]
+    assert res["steps"]["load"] == "fail" and res["steps"]["test"] == "skip"
+    assert res["dmesg"] == "oops"
+    assert any("NULL pointer" in f or "Oops" in f for f in res["findings"])
+
+
+@pytest.fixture
+def corrupt_kernel(vmpod: VmpodRunner, tmp_path: Path) -> str:
+    info = json.loads(vmpod("kernel", "info", "6.1").out)
+    image = bytearray(Path(info["root"], "vmlinuz").read_bytes())
+    setup = image[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", image, 0x248)
+    start = (setup + 1) * 512 + offset + length // 3
+    image[start:start + 65536] = bytes((b * 7 + 13) & 0xFF for b in image[start:start + 65536])
+    bad = tmp_path / "vmlinuz-corrupt"
+    bad.write_bytes(bytes(image))
+    r = vmpod("kernel", "add", "corrupt-test", "--vmlinuz", str(bad),
+              "--modules", info["modules"], "--headers", info["headers"])
+    assert r.returncode == 0, r.err
+    yield "corrupt-test"
+    assert vmpod("kernel", "rm", "corrupt-test").returncode == 0
+
+
+def test_kernel_that_does_not_boot_is_reported(vmpod: VmpodRunner, tmp_path: Path,
+                                               corrupt_kernel: str) -> None:
+    listing = vmpod("kernel", "list").out
+    assert "local-corrupt-test" in listing and "6.1.0-" in listing
+    r, results = _matrix(vmpod, tmp_path, f"6.1,{corrupt_kernel}", "vmpod_echo",
+                         "--boot-timeout", "20")
+    assert r.returncode == 1
+    assert results["6.1"]["passed"]          # the good kernel is unaffected
+    bad = results[corrupt_kernel]
+    assert bad["steps"]["build"] == "ok" and bad["steps"]["boot"] == "fail"
+    console = (Path(bad["logs"]) / "console.log").read_text()
+    assert "halted" in console or "failed" in console, console
+
+
+def test_run_loads_a_kernel_module(vmpod: VmpodRunner, busybox: Path) -> None:
+    r = vmpod("run", "--kernel-module", "dummy=numdummies=3", "--rootfs", str(busybox),
+              "--", "ls", "/sys/class/net")
+    assert r.returncode == 0, r.err
+    assert {"dummy0", "dummy1", "dummy2"} <= set(r.out.split())
+
+
+def test_bad_module_arguments(vmpod: VmpodRunner, busybox: Path, tmp_path: Path) -> None:
+    r = vmpod("run", "--kernel-module", "no_such_module", "--rootfs", str(busybox), "--", "true")
+    assert r.returncode == 125 and "no_such_module" in r.err
+    r = vmpod("run", "--load-module", str(tmp_path / "missing.ko"), "--rootfs", str(busybox),
+              "--", "true")
+    assert r.returncode == 125 and "not found" in r.err
+    r = vmpod("matrix", "--kernels", "6.1", "--module-src", str(tmp_path), "--test",
+              str(MODULES / "vmpod_echo/test.sh"))
+    assert r.returncode == 125 and "Kbuild or Makefile" in r.err
