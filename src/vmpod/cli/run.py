@@ -49,14 +49,14 @@ class RunOptions:
     load_modules: tuple[str, ...] = ()     # FILE.ko[=params] built elsewhere
 
 
-def resolve_source(opts: RunOptions) -> ImageSource:
+def resolve_source(opts: RunOptions, progress: Progress) -> ImageSource:
     if opts.rootfs and opts.image:
         raise ConfigError("give either an IMAGE or --rootfs DIR, not both")
     if opts.rootfs:
         return resolve_rootfs(opts.rootfs)
     if not opts.image:
         raise ConfigError("no image given", hint="use vmpod run IMAGE -- CMD or --rootfs DIR")
-    return resolve_image(opts.image)
+    return resolve_image(opts.image, progress=progress)
 
 
 async def run(paths: Paths, opts: RunOptions, progress: Progress) -> int:
@@ -67,7 +67,7 @@ async def run(paths: Paths, opts: RunOptions, progress: Progress) -> int:
                           hint="raise --cpus / --memory")
     accel = choose_accel(opts.accel)
     log.info("accelerator: %s (%s)", accel.accel, accel.reason)
-    source = resolve_source(opts)
+    source = resolve_source(opts, progress)
     spec = build_spec(source.config, opts.process)   # validates before anything boots
     assets = ensure_assets(paths, opts.kernel, progress)
     disk = rootfs_disk(paths, source, progress)

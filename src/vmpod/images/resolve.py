@@ -1,4 +1,4 @@
-"""resolve_image: find a local image by reference and read its manifest and config.
+"""resolve_image: find an image by reference and read its manifest and config.
 
 References: ``DIR[:TAG]`` / ``oci:DIR[:TAG]`` (OCI image layout),
 ``FILE[:TAG]`` / ``oci-archive:FILE[:TAG]`` / ``docker-archive:FILE[:TAG]``
@@ -6,10 +6,15 @@ References: ``DIR[:TAG]`` / ``oci:DIR[:TAG]`` (OCI image layout),
 exists on disk is the path and the rest after ':' is the tag, so
 ``img.tar:busybox:latest`` selects RepoTag ``busybox:latest``. A plain
 directory that is not an OCI layout is refused: use ``resolve_rootfs``.
+
+Registry references (``docker://REF``, or ``REGISTRY/NAME:TAG``-like text
+with a '/', ':' or '@' that is no existing path) come from the local image
+store (``images/store.py``), pulled on first use like ``podman run`` does.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -18,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from vmpod.errors import ImageError
+from vmpod.guest.progress import Progress
 from vmpod.images.blobs import (
     BlobStore,
     DirStore,
@@ -28,6 +34,9 @@ from vmpod.images.blobs import (
 )
 from vmpod.images.source import ImageConfig, ImageSource
 from vmpod.images.stream import LayerBlob
+from vmpod.paths import Paths, default_paths
+
+log = logging.getLogger(__name__)
 
 PLATFORM = ("linux", "amd64")  # the guests vmpod boots
 _TRANSPORTS = {"oci": "oci-layout", "oci-archive": "oci-archive",
@@ -60,8 +69,16 @@ class _Descriptor:
     platform: tuple[str, ...]  # (os, architecture[, variant]) or ()
 
 
-def resolve_image(ref: str) -> ImageSource:
-    """Resolve a local image reference (see module docstring) without unpacking it."""
+def resolve_image(ref: str, *, paths: Paths | None = None,
+                  progress: Progress | None = None) -> ImageSource:
+    """Resolve an image reference (see module docstring) without unpacking it.
+
+    ``paths`` locates the image store (default: ``default_paths()``);
+    ``progress`` hears about on-demand pulls (default: the INFO log).
+    """
+    remote = registry_reference(ref)
+    if remote is not None:
+        return _from_registry(ref, remote, paths or default_paths(), progress or log.info)
     transport, rest = _split_transport(ref)
     path, tag = _split_tag(rest, ref)
     if path.is_dir():
@@ -85,6 +102,39 @@ def resolve_image(ref: str) -> ImageSource:
         if kind == "oci-archive":
             return _from_oci(ref, kind, store, tag)
         return _from_docker(ref, store, tag)
+
+
+def registry_reference(ref: str) -> str | None:
+    """The registry reference ``ref`` names, or None when it names a local image."""
+    if ref.startswith("docker://"):
+        return ref.removeprefix("docker://")
+    if _split_transport(ref)[0] is not None or not any(c in ref for c in "/:@"):
+        return None
+    if os.path.exists(ref) or any(c == ":" and os.path.exists(ref[:i]) for i, c in enumerate(ref)):
+        return None
+    if ref.rpartition("/")[2].partition(":")[0].endswith((".tar", ".tgz", ".tar.gz")):
+        return None   # a mistyped archive name: say "not found", do not go online
+    from vmpod.images.registry import parse_reference  # lazy: keeps urllib off local runs
+    try:
+        parse_reference(ref)
+    except ImageError:
+        return None
+    return ref
+
+
+def _from_registry(ref: str, remote: str, paths: Paths, progress: Progress) -> ImageSource:
+    from vmpod.images.registry import DEFAULT_REGISTRY, parse_reference
+    from vmpod.images.store import resolve_stored
+    try:
+        return resolve_stored(remote, paths, progress)
+    except ImageError as err:
+        if parse_reference(remote).registry != DEFAULT_REGISTRY:
+            raise
+        # A mistyped local path parses as a docker.io name too: mention both readings.
+        local = "for a local image give its path, or use --rootfs DIR for a rootfs directory"
+        raise ImageError(f"image {ref!r} not found: not a local image, and pulling it from "
+                         f"{DEFAULT_REGISTRY} failed: {err.message}",
+                         hint="; ".join(filter(None, (err.hint, local)))) from err
 
 
 def _split_transport(ref: str) -> tuple[str | None, str]:

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""`vmpod matrix` over 3 kernels vs the slowest single kernel, as a ratio.
+
+Runs the example module (examples/modules/vmpod_echo) through `vmpod matrix`
+on each kernel alone and on all three together, N times each (default 3), and
+prints the medians and  matrix(3) / slowest single  (1.0 would be perfect
+parallelism; 3.0 no parallelism at all).
+
+Usage: sudo .venv/bin/python bench/matrix_ratio.py [--runs N] [--kernels A,B,C]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE = REPO / "examples/modules/vmpod_echo"
+
+
+def matrix_seconds(kernels: str, logs: Path) -> float:
+    argv = [sys.executable, "-m", "vmpod.cli", "matrix", "--kernels", kernels,
+            "--module-src", str(MODULE), "--test", str(MODULE / "test.sh"), "--logs", str(logs)]
+    start = time.monotonic()
+    subprocess.run(argv, check=True, capture_output=True)
+    return time.monotonic() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--kernels", default="6.1-generic,6.1,6.12-generic")
+    args = ap.parse_args()
+    kernels = args.kernels.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = Path(tmp)
+        matrix_seconds(args.kernels, logs)   # warm: assets, headers, image disk
+        single: dict[str, list[float]] = {k: [] for k in kernels}
+        together: list[float] = []
+        for _ in range(args.runs):          # interleaved so drift hits all alike
+            for k in kernels:
+                single[k].append(matrix_seconds(k, logs))
+            together.append(matrix_seconds(args.kernels, logs))
+    medians = {k: statistics.median(v) for k, v in single.items()}
+    slowest = max(medians.values())
+    both = statistics.median(together)
+    print(f"{args.runs} runs each (median), example module vmpod_echo")
+    for k, s in medians.items():
+        print(f"  {k:<16} alone : {s:6.2f} s")
+    print(f"  {len(kernels)} kernels together: {both:6.2f} s")
+    print(f"ratio matrix({len(kernels)}) / slowest single: {both / slowest:.2f}")
+
+
+if __name__ == "__main__":
+    main()

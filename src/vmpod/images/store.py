@@ -1,0 +1,408 @@
+"""The local image store: pulled images kept as one OCI image layout in <home>/images.
+
+Blobs are content-addressed (``blobs/sha256/HEX``) and shared between images,
+so a base layer is downloaded and stored once. ``index.json`` is the refs
+index: one descriptor per pulled reference, named by its
+``org.opencontainers.image.ref.name`` annotation (the full reference, e.g.
+``127.0.0.1:5000/bb:v1``). Being a standard layout, the store is readable by
+the existing layout code (and by skopeo: ``oci:<home>/images:REF``).
+
+Locking: a pull holds ``.lock`` shared while it runs and garbage collection
+holds it exclusively, so GC never deletes a blob that a pull has written but
+not referenced yet. Index updates take ``.index.lock`` and replace
+``index.json`` atomically, so readers need no lock.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from vmpod.errors import ImageError
+from vmpod.guest.progress import Progress, silent
+from vmpod.images.blobs import DirStore, blob_location, parse_json
+from vmpod.images.registry import Document, Reference, RegistryClient, parse_reference
+from vmpod.images.resolve import (
+    _INDEX_TYPES,
+    _LAYER_TYPES,
+    _MANIFEST_TYPES,
+    _descriptor,
+    _descriptors,
+    _diff_ids,
+    _from_oci,
+    _pick_platform,
+    parse_config,
+)
+from vmpod.images.resolve import _Descriptor as Descriptor
+from vmpod.images.source import ImageSource
+from vmpod.paths import Paths
+
+REF_ANNOTATION = "org.opencontainers.image.ref.name"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """One reference in the store. ``size``: stored bytes (compressed layers), -1 if unknown."""
+
+    name: str
+    digest: str
+    size: int
+    created: str   # the image config's "created" timestamp, "" when absent
+
+
+@dataclass(frozen=True)
+class Removal:
+    image: StoredImage
+    blobs_removed: int
+    bytes_freed: int
+
+
+@dataclass(frozen=True)
+class PullOptions:
+    insecure: bool = False
+    creds: tuple[str, str] | None = None
+    timeout: float = 30.0
+
+
+def parse_creds(text: str) -> tuple[str, str]:
+    """``USER:PASSWORD`` → (user, password)."""
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise ImageError("credentials must look like USER:PASSWORD",
+                         hint="pass --creds USER:PASSWORD or set REGISTRY_AUTH=USER:PASSWORD")
+    return user, password
+
+
+def creds_from_env() -> tuple[str, str] | None:
+    value = os.environ.get("REGISTRY_AUTH", "")
+    return parse_creds(value) if value else None
+
+
+def disk_path(images_root: Path, digest: str) -> Path:
+    """The cached erofs disk of an image: mirrors storage/erofs.py's key (keep in sync)."""
+    key = hashlib.sha256(digest.encode()).hexdigest()[:32]
+    return images_root / "disks" / f"{key}.erofs"
+
+
+@contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as fh:   # "a": create without truncating
+        fcntl.flock(fh, mode)
+        yield
+
+
+class ImageStore:
+    """Blobs, refs index and garbage collection under one root directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def blob_path(self, digest: str) -> Path:
+        return self.root / blob_location(digest)
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    @contextmanager
+    def pulling(self) -> Iterator[None]:
+        """Held (shared) while a pull writes blobs that no ref names yet."""
+        with _flock(self.root / ".lock", fcntl.LOCK_SH):
+            yield
+
+    @contextmanager
+    def new_blob(self, digest: str) -> Iterator[IO[bytes]]:
+        """A file to write a verified blob into; it appears under its digest on success."""
+        incoming = self.root / "incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=incoming, prefix=digest.partition(":")[2][:16] + ".")
+        try:
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())   # a crash must not leave a short blob under its digest
+            final = self.blob_path(digest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)   # identical content if a concurrent pull got there first
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def put_bytes(self, digest: str, data: bytes) -> None:
+        with self.new_blob(digest) as f:
+            f.write(data)
+
+    # -- refs ------------------------------------------------------------------
+
+    def _entries(self) -> list[dict[str, Any]]:
+        try:
+            data = (self.root / "index.json").read_bytes()
+        except FileNotFoundError:
+            return []
+        doc = parse_json(data, f"image store index {self.root / 'index.json'}")
+        entries = doc.get("manifests") if isinstance(doc, dict) else None
+        if not isinstance(entries, list):
+            raise ImageError(f"image store index {self.root / 'index.json'} is malformed",
+                             hint="remove it and pull again")
+        return [e for e in entries if isinstance(e, dict)]
+
+    def _write_entries(self, entries: list[dict[str, Any]]) -> None:
+        (self.root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+        data = json.dumps({"schemaVersion": 2, "manifests": entries}, indent=1).encode()
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".index.json.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.root / "index.json")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def lookup(self, name: str) -> str | None:
+        """The manifest digest ``name`` points to, if it is in the store."""
+        for entry in self._entries():
+            if _name(entry) == name:
+                return str(entry.get("digest"))
+        return None
+
+    def tag(self, name: str, manifest: Manifest) -> str | None:
+        """Point ``name`` at ``manifest`` (already stored); returns the previous digest."""
+        with _flock(self.root / ".index.lock", fcntl.LOCK_EX):
+            entries = self._entries()
+            previous = next((str(e.get("digest")) for e in entries if _name(e) == name), None)
+            entries = [e for e in entries if _name(e) != name]
+            entries.append({"mediaType": manifest.media_type, "digest": manifest.digest,
+                            "size": len(manifest.data), "annotations": {REF_ANNOTATION: name}})
+            self._write_entries(entries)
+        return previous
+
+    def image(self, name: str) -> StoredImage:
+        for entry in self._entries():
+            if _name(entry) == name:
+                return self._describe(entry)
+        raise ImageError(f"image not known: {name}", hint="see 'vmpod images'")
+
+    def images(self) -> list[StoredImage]:
+        return sorted((self._describe(e) for e in self._entries()), key=lambda i: i.name)
+
+    def _describe(self, entry: dict[str, Any]) -> StoredImage:
+        name, digest = _name(entry), str(entry.get("digest"))
+        try:
+            manifest = self._read_json(digest)
+            config = manifest["config"]["digest"]
+            size = int(entry["size"]) + sum(int(d["size"]) for d in
+                                            [manifest["config"], *manifest["layers"]])
+            created = self._read_json(config).get("created") or ""
+        except (ImageError, OSError, KeyError, TypeError, ValueError, AttributeError):
+            return StoredImage(name, digest, -1, "")   # listing must not fail on one bad image
+        return StoredImage(name, digest, size, str(created))
+
+    def _read_json(self, digest: str) -> Any:
+        return parse_json(self.blob_path(digest).read_bytes(), f"blob {digest} in {self.root}")
+
+    def source(self, name: str, label: str) -> ImageSource:
+        """The stored image ``name`` as an ImageSource (unpacked by the layout code)."""
+        with DirStore(self.root) as store:
+            return _from_oci(label, "oci-layout", store, name)
+
+    # -- removal and garbage collection ---------------------------------------
+
+    def remove(self, name: str) -> Removal:
+        """Untag ``name``, drop its erofs disk if no ref shares it, then collect garbage."""
+        with _flock(self.root / ".lock", fcntl.LOCK_EX):
+            image = self.image(name)
+            with _flock(self.root / ".index.lock", fcntl.LOCK_EX):
+                entries = [e for e in self._entries() if _name(e) != name]
+                self._write_entries(entries)
+            if all(str(e.get("digest")) != image.digest for e in entries):
+                disk_path(self.root, image.digest).unlink(missing_ok=True)
+            removed, freed = self._collect()
+        return Removal(image, removed, freed)
+
+    def collect_unused(self, digest: str) -> None:
+        """After a tag moved away from ``digest``: collect it unless a pull is running."""
+        with self.root.joinpath(".lock").open("a+b") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return   # another pull runs; the next rmi collects instead
+            try:
+                if any(str(e.get("digest")) == digest for e in self._entries()):
+                    return
+                disk_path(self.root, digest).unlink(missing_ok=True)
+                self._collect()
+            except ImageError as err:   # the pull itself succeeded; rmi will report this
+                log.warning("%s", err)
+
+    def _collect(self) -> tuple[int, int]:
+        """Delete every blob no ref reaches; the caller holds .lock exclusively."""
+        keep: set[str] = set()
+        for entry in self._entries():
+            digest = str(entry.get("digest"))
+            try:
+                manifest = self._read_json(digest)
+                keep |= {digest, manifest["config"]["digest"],
+                         *(layer["digest"] for layer in manifest["layers"])}
+            except (ImageError, OSError, KeyError, TypeError) as err:
+                # Deleting blobs based on a partial picture could break other images.
+                raise ImageError(f"image store: cannot read manifest {digest} of "
+                                 f"{_name(entry)!r}: {err}; not collecting garbage",
+                                 hint=f"remove it with 'vmpod rmi {_name(entry)}'") from err
+        removed = freed = 0
+        for algorithm in _subdirs(self.root / "blobs"):
+            for blob in _subdirs(algorithm, files=True):
+                if f"{algorithm.name}:{blob.name}" not in keep:
+                    freed += blob.stat().st_size
+                    blob.unlink()
+                    removed += 1
+        # No pull runs now, so whatever a killed one left behind is stale.
+        shutil.rmtree(self.root / "incoming", ignore_errors=True)
+        for tmp in self.root.glob(".index.json.*"):
+            tmp.unlink(missing_ok=True)
+        return removed, freed
+
+
+def human_size(size: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units, like podman)."""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def _name(entry: dict[str, Any]) -> str:
+    annotations = entry.get("annotations")
+    return str(annotations.get(REF_ANNOTATION, "")) if isinstance(annotations, dict) else ""
+
+
+def _subdirs(path: Path, *, files: bool = False) -> list[Path]:
+    try:
+        return [p for p in path.iterdir() if (p.is_file() if files else p.is_dir())]
+    except FileNotFoundError:
+        return []
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A fetched, verified image manifest or index and its media type."""
+
+    digest: str
+    media_type: str
+    data: bytes
+    doc: dict[str, Any]
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in _INDEX_TYPES
+
+
+def parse_manifest(fetched: Document, where: str) -> Manifest:
+    """Classify a fetched manifest body; refuses what vmpod cannot pull."""
+    doc = parse_json(fetched.data, where)
+    if not isinstance(doc, dict):
+        raise ImageError(f"{where} is not a JSON object")
+    if doc.get("schemaVersion") == 1:
+        raise ImageError(f"{where} is a docker schema 1 manifest, which is not supported",
+                         hint="push the image again with a current client")
+    # OCI makes mediaType optional in the body; then the header or the shape says.
+    media = str(doc.get("mediaType") or "")
+    if not media and fetched.content_type in _INDEX_TYPES | _MANIFEST_TYPES:
+        media = fetched.content_type
+    elif not media:
+        media = OCI_INDEX if "manifests" in doc else OCI_MANIFEST
+    if media not in _INDEX_TYPES | _MANIFEST_TYPES:
+        raise ImageError(f"{where} has unsupported media type {media!r}",
+                         hint="expected an OCI or docker v2 image manifest or index")
+    return Manifest(fetched.digest, media, fetched.data, doc)
+
+
+def manifest_blobs(manifest: Manifest, where: str) -> tuple[Descriptor, list[Descriptor]]:
+    """(config, layers) of an image manifest; layer media types are checked before download."""
+    config = _descriptor(manifest.doc.get("config"), f"config descriptor in {where}")
+    raw_layers = manifest.doc.get("layers")
+    if not isinstance(raw_layers, list):
+        raise ImageError(f"{where} has no layers list")
+    layers = [_descriptor(d, f"layer descriptor in {where}") for d in raw_layers]
+    for layer in layers:
+        if layer.media_type and layer.media_type not in _LAYER_TYPES:
+            raise ImageError(f"layer {layer.digest} in {where} has unsupported media type "
+                             f"{layer.media_type!r}", hint="only plain, gzip and zstd tar "
+                             "layers can be unpacked (not encrypted ones)")
+    return config, layers
+
+
+# -- pull --------------------------------------------------------------------
+
+def pull(paths: Paths, text: str, options: PullOptions = PullOptions(),
+         progress: Progress = silent) -> StoredImage:
+    """Pull REGISTRY/NAME:TAG or @DIGEST into the store, skipping layers it already has."""
+    store = ImageStore(paths.images)
+    try:
+        return _pull(store, parse_reference(text), options, progress)
+    except OSError as err:   # network errors became ImageErrors in the client: this is local
+        raise ImageError(f"image store {store.root}: {err.strerror or err}",
+                         hint="check free space and permissions") from err
+
+
+def _pull(store: ImageStore, ref: Reference, options: PullOptions,
+          progress: Progress) -> StoredImage:
+    name = str(ref)
+    client = RegistryClient(ref, insecure=options.insecure, creds=options.creds,
+                            timeout=options.timeout)
+    progress(f"pulling {name}")
+    with store.pulling():
+        manifest = parse_manifest(client.manifest(ref.digest or ref.tag, digest=ref.digest),
+                                  f"manifest of {name}")
+        if manifest.is_index:
+            where = f"image index of {name}"
+            chosen = _pick_platform(_descriptors(manifest.doc, where), where)
+            manifest = parse_manifest(client.manifest(chosen.digest, digest=chosen.digest,
+                                                      size=chosen.size),
+                                      f"manifest {chosen.digest} of {name}")
+            if manifest.is_index:
+                raise ImageError(f"{name}: the linux/amd64 entry is itself an index",
+                                 hint="nested image indexes are not supported")
+        where = f"manifest {manifest.digest} of {name}"
+        config, layers = manifest_blobs(manifest, where)
+        config_data = client.blob_bytes(config)
+        config_doc = parse_json(config_data, f"image config of {name}")
+        parse_config(config_doc, f"image config of {name}")   # refuse bad images before tagging
+        _diff_ids(config_doc, len(layers), f"image config of {name}")
+        for index, layer in enumerate(layers, 1):
+            short = layer.digest.partition(":")[2][:12]
+            if store.has_blob(layer.digest):
+                progress(f"layer {index}/{len(layers)} {short} already present")
+                continue
+            progress(f"copying layer {index}/{len(layers)} {short} ({human_size(layer.size)})")
+            with store.new_blob(layer.digest) as out:
+                client.download(layer, out)
+        store.put_bytes(config.digest, config_data)
+        store.put_bytes(manifest.digest, manifest.data)
+        previous = store.tag(name, manifest)
+    if previous not in (None, manifest.digest):
+        store.collect_unused(str(previous))
+    return store.image(name)
+
+
+def resolve_stored(text: str, paths: Paths, progress: Progress = silent) -> ImageSource:
+    """A registry reference as an ImageSource from the store, pulled first if missing."""
+    name = str(parse_reference(text))
+    store = ImageStore(paths.images)
+    if store.lookup(name) is None:
+        pull(paths, text, PullOptions(creds=creds_from_env()), progress)
+    return store.source(name, text)
