@@ -26,7 +26,9 @@ def matrix_seconds(kernels: str, logs: Path) -> float:
     argv = [sys.executable, "-m", "vmpod.cli", "matrix", "--kernels", kernels,
             "--module-src", str(MODULE), "--test", str(MODULE / "test.sh"), "--logs", str(logs)]
     start = time.monotonic()
-    subprocess.run(argv, check=True, capture_output=True)
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"matrix on {kernels} failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
     return time.monotonic() - start
 
 
