@@ -37,7 +37,7 @@ def test_argv_starts_with_binary_and_is_all_strings(tmp_path: Path) -> None:
 def test_tcg_machine(tmp_path: Path) -> None:
     argv = build_argv(QEMU, config(tmp_path))
     assert values(argv, "-M") == ["microvm,x-option-roms=off,isa-serial=on,rtc=on"]
-    assert values(argv, "-accel") == ["tcg,thread=multi"]
+    assert values(argv, "-accel") == ["tcg,thread=multi,tb-size=128"]
     assert values(argv, "-cpu") == ["max"]
     assert values(argv, "-smp") == ["2"]
     assert values(argv, "-m") == ["512M"]

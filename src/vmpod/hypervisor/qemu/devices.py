@@ -22,7 +22,9 @@ class Machine:
 
     def args(self) -> list[str]:
         # microvm: virtio-mmio only, no PCI, no firmware option ROMs: fastest boot.
-        accel = "tcg,thread=multi" if self.accel == "tcg" else "kvm"
+        # tb-size: the translation cache's default is 1 GiB; 128 MiB is ample for a
+        # container and cut an idle sandbox's PSS by ~35 MiB.
+        accel = "tcg,thread=multi,tb-size=128" if self.accel == "tcg" else "kvm"
         cpu = "max" if self.accel == "tcg" else "host"
         return ["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
                 "-accel", accel, "-cpu", cpu, "-smp", str(self.cpus),
