@@ -20,8 +20,7 @@ APT_PACKAGES=(
     python3-venv
     # tests and integrations
     docker-registry skopeo              # a real OCI registry on loopback, pushes
-    podman containerd                   # real clients of vmpod-runtime
-    golang-go golang-github-opencontainers-runtime-tools-dev   # OCI conformance suite
+    podman containerd runc              # real clients of vmpod-runtime; runc to compare
     gcc make libc6-dev dwarves          # out-of-tree kernel module builds (pahole: 6.12)
 )
 export DEBIAN_FRONTEND=noninteractive
