@@ -239,6 +239,10 @@ class CreateContainer(Message):
     rootfs_fstype: str = "erofs"
     user: str = ""                 # "name", "uid" or "uid:gid", resolved in the rootfs
     runtime: str = "runc"          # OCI runtime in the guest: "runc" or "crun"
+    # Small host files bind-mounted into the container (podman's /etc/hosts, secrets):
+    # NAME -> base64 content, written to <bundle>/files/NAME (at most MAX_FILES bytes
+    # decoded); mounts whose source is "files/NAME" are pointed at the written copy.
+    files: dict[str, str] = {}
 
 
 class StartContainer(Message):
@@ -246,6 +250,9 @@ class StartContainer(Message):
     container_id: str
     stream: int
     stdin: bool = False
+    # Answer only once the guest runtime has started the process (its pid file exists)
+    # or gave up, so that exec/ps/kill right after start find the container.
+    wait_started: bool = False
 
 
 class ExecProcess(Message):
@@ -328,6 +335,7 @@ class KernelLogResult(Message):
 
 MODULES_DIR = "/run/vmpod/modules"   # where /init leaves host-provided modules
 MAX_OUTPUT = 32 * 1024
+MAX_FILES = 256 * 1024               # CreateContainer.files, decoded total
 MAX_LOG = 48 * 1024
 
 OPS: dict[str, type] = {

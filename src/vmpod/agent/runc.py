@@ -8,7 +8,7 @@ import json
 import os
 
 from vmpod.agent.gproc import run_wait
-from vmpod.agent.protocol import RUNTIME_COMMANDS
+from vmpod.agent.protocol import MAX_FILES, RUNTIME_COMMANDS
 
 BUSYBOX = "/bin/busybox"
 RUNC = "/usr/bin/runc"
@@ -56,12 +56,59 @@ def find_disk(serial: str) -> str:
     raise AgentFailure(f"no disk with serial {serial!r}", "not_found")
 
 
+def decode_files(files: dict[str, str]) -> dict[str, bytes]:
+    """Validate CreateContainer.files (names, base64, total size) before anything is mounted."""
+    if not files:
+        return {}
+    import binascii
+    if len(files) > 64:
+        raise AgentFailure(f"too many files ({len(files)} > 64)", "invalid")
+    out: dict[str, bytes] = {}
+    total = 0
+    for name, b64 in files.items():
+        if not name or len(name) > 64 or not set(name) <= _ID_OK or name[0] in ".-":
+            raise AgentFailure(f"invalid file name {name!r}", "invalid")
+        try:
+            data = binascii.a2b_base64(b64, strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise AgentFailure(f"file {name!r} is not valid base64", "invalid") from None
+        total += len(data)
+        if total > MAX_FILES:
+            raise AgentFailure(f"files exceed {MAX_FILES} bytes", "invalid")
+        out[name] = data
+    return out
+
+
+def _write_files(bundle: str, files: dict[str, bytes], config: dict[str, object]) -> None:
+    """Write the files into <bundle>/files and point mounts of "files/NAME" at them."""
+    if not files:
+        return
+    base = os.path.join(bundle, "files")
+    os.makedirs(base)
+    for name, data in files.items():
+        fd = os.open(os.path.join(base, name),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    mounts = config.get("mounts")
+    if isinstance(mounts, list):
+        fixed = []
+        for m in mounts:
+            src = m.get("source") if isinstance(m, dict) else None
+            if isinstance(src, str) and src.startswith("files/") and src[6:] in files:
+                m = dict(m)
+                m["source"] = os.path.join(base, src[6:])
+            fixed.append(m)
+        config["mounts"] = fixed
+
+
 def prepare_bundle(cid: str, spec: dict[str, object], serial: str, fstype: str,
-                   user: str) -> str:
+                   user: str, files: dict[str, str] | None = None) -> str:
     """Mount the disk read-only under a tmpfs-backed overlay, write config.json."""
     check_id(cid)
     if fstype not in ("erofs", "ext4"):
         raise AgentFailure(f"unsupported rootfs filesystem {fstype!r}", "invalid")
+    contents = decode_files(files or {})
     device = find_disk(serial)
     bundle = bundle_dir(cid)
     if os.path.exists(bundle):
@@ -86,6 +133,7 @@ def prepare_bundle(cid: str, spec: dict[str, object], serial: str, fstype: str,
         process = dict(process)
         process["user"] = resolve_user(rootfs, user)
         config["process"] = process
+    _write_files(bundle, contents, config)
     with open(os.path.join(bundle, "config.json"), "w") as fh:
         json.dump(config, fh)
     return bundle
@@ -189,6 +237,10 @@ def runtime_argv(runtime: str, command: str, args: list[str], cid: str) -> list[
     for arg in args:
         if not arg or not set(arg) <= _ARG_OK or arg.startswith(("--root", "--log", "--criu")):
             raise AgentFailure(f"runtime argument {arg!r} is not allowed", "invalid")
+    if command == "kill":   # runc kill [--all] ID SIGNAL: the signal follows the id
+        flags = [a for a in args if a.startswith("-")]
+        rest = [a for a in args if not a.startswith("-")]
+        return [runtime_binary(runtime), "--root", RUNC_ROOT, command, *flags, check_id(cid), *rest]
     return [runtime_binary(runtime), "--root", RUNC_ROOT, command, *args, check_id(cid)]
 
 

@@ -54,6 +54,7 @@ class Proc:
         self.status: int | None = None
         self.exited_at = 0.0
         self.waiters: list[int] = []
+        self.start_waiters: list[int] = []   # start requests answered once it runs
         self.done = False
 
     def target_pid(self) -> int:
@@ -117,6 +118,7 @@ class Agent:
                 if handler is not None and fd in self.registered:
                     handler(fd, mask & self.registered[fd])  # type: ignore[operator]
             self._reap()
+            self._answer_started()
             self._finish_exited()
 
     def _timeout(self) -> float | None:
@@ -124,6 +126,8 @@ class Agent:
         deadlines = [self.chan_paused_until] if self.chan_paused_until else []
         deadlines += [pr.exited_at + _DRAIN_GRACE for pr in self.procs.values()
                       if pr.status is not None and not pr.done]
+        if any(pr.start_waiters for pr in self.procs.values()):
+            deadlines.append(now + 0.01)   # poll for the pid file
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _drain_wakeup(self, fd: int) -> None:
@@ -267,18 +271,29 @@ class Agent:
     def _op_create_container(self, rid: int, a: p.CreateContainer) -> dict[str, object]:
         runc.runtime_binary(a.runtime)   # validate before mounting anything
         bundle = runc.prepare_bundle(a.container_id, a.spec, a.rootfs_serial,
-                                     a.rootfs_fstype, a.user)
+                                     a.rootfs_fstype, a.user, a.files)
         self.containers[a.container_id] = a.runtime
         return {"bundle": bundle}
 
-    def _op_start_container(self, rid: int, a: p.StartContainer) -> dict[str, object]:
+    def _op_start_container(self, rid: int, a: p.StartContainer) -> dict[str, object] | None:
         cid = self._known(a.container_id)
         bundle = runc.bundle_dir(cid)
         with open(os.path.join(bundle, "config.json")) as fh:
             tty = bool((json.load(fh).get("process") or {}).get("terminal"))
         pid_file, log = f"{bundle}/init.pid", f"{bundle}/init.log"
-        return self._spawn(a.stream, cid, runc.run_argv(self.containers[cid], cid, pid_file, log),
-                           tty, a.stdin, pid_file, log)
+        result = self._spawn(a.stream, cid, runc.run_argv(self.containers[cid], cid, pid_file, log),
+                             tty, a.stdin, pid_file, log)
+        if not a.wait_started:
+            return result
+        self.procs[a.stream].start_waiters.append(rid)
+        return None   # answered by _answer_started
+
+    def _answer_started(self) -> None:
+        for pr in self.procs.values():
+            if pr.start_waiters and (pr.status is not None or os.path.exists(pr.pid_file)):
+                for rid in pr.start_waiters:
+                    self._respond(rid, True, {"pid": pr.pid, "started": pr.status is None})
+                pr.start_waiters = []
 
     def _op_exec(self, rid: int, a: p.ExecProcess) -> dict[str, object]:
         cid = self._known(a.container_id)

@@ -1,7 +1,7 @@
 """A container inside a sandbox: create (bundle in the guest), start, exec, signal."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vmpod.agent.client import ProcessSink
 from vmpod.sandbox.sandbox import Sandbox
@@ -14,6 +14,8 @@ class ContainerConfig:
     rootfs_serial: str            # disk carrying the image (erofs)
     user: str = ""                # resolved against the image's /etc/passwd in the guest
     runtime: str = "runc"         # OCI runtime inside the guest: runc or crun
+    # small host files for bind mounts: NAME -> base64 (see protocol.CreateContainer)
+    files: dict[str, str] = field(default_factory=dict)
 
 
 class Container:
@@ -28,17 +30,28 @@ class Container:
         return s
 
     async def create(self) -> None:
-        await self.sandbox.agent.request("create_container", {
+        args: dict[str, object] = {
             "container_id": self.config.id, "spec": self.config.spec,
             "rootfs_serial": self.config.rootfs_serial, "user": self.config.user,
-            "runtime": self.config.runtime})
+            "runtime": self.config.runtime}
+        if self.config.files:
+            args["files"] = self.config.files
+        await self.sandbox.agent.request("create_container", args)
 
-    async def start(self, sink: ProcessSink, *, stdin: bool) -> int:
-        """Run the container's process; returns the stream that carries its stdio."""
+    async def start(self, sink: ProcessSink, *, stdin: bool, wait_started: bool = False) -> int:
+        """Run the container's process; returns the stream that carries its stdio.
+
+        ``wait_started``: return only once the process runs (or failed to), as
+        ``runc start`` does, instead of as soon as the guest runtime was spawned.
+        """
         stream = self._stream()
         self.sandbox.agent.attach(stream, sink)
-        await self.sandbox.agent.request("start_container", {
-            "container_id": self.config.id, "stream": stream, "stdin": stdin})
+        args: dict[str, object] = {"container_id": self.config.id, "stream": stream,
+                                   "stdin": stdin}
+        if wait_started:
+            args["wait_started"] = True
+        await self.sandbox.agent.request("start_container", args,
+                                         timeout=120 if wait_started else 30)
         return stream
 
     async def exec(self, process: dict[str, object], sink: ProcessSink, *, stdin: bool,

@@ -81,12 +81,18 @@ class QemuVm:
                 raise HypervisorError("QEMU did not open its QMP socket", argv=self.argv,
                                       console_tail=self.console_tail())
             await asyncio.sleep(0.005)
-        qmp = QMPClient("vmpod")
-        try:
-            await asyncio.wait_for(qmp.connect(str(sock)), timeout)
-        except (TimeoutError, QMPError, OSError) as err:
-            self._raise_if_dead("QEMU exited during start-up")
-            raise HypervisorError(f"cannot talk QMP to QEMU: {err}", argv=self.argv) from err
+        # The socket file appears at bind(), a moment before QEMU listens on it:
+        # a refused connection right then is a retry, not an error.
+        while True:
+            qmp = QMPClient("vmpod")
+            try:
+                await asyncio.wait_for(qmp.connect(str(sock)), max(0.1, deadline - time.monotonic()))
+                break
+            except (TimeoutError, QMPError, OSError) as err:
+                self._raise_if_dead("QEMU exited during start-up")
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"cannot talk QMP to QEMU: {err}", argv=self.argv) from err
+                await asyncio.sleep(0.01)
         self._qmp = qmp
 
     def _raise_if_dead(self, what: str) -> None:

@@ -1,0 +1,389 @@
+"""An OCI bundle's config.json -> what the guest runs, and how big the VM is.
+
+What changes on the way into the VM (the Kata model):
+
+- ``root.path`` (a host directory) becomes a read-only erofs disk; the guest
+  puts a tmpfs-backed overlay on it, so the container's writes live in guest
+  RAM and die with the VM (they do not reach the host directory).
+- The ``network`` namespace and every namespace ``path`` are dropped: the
+  container shares the VM's network, and host namespaces mean nothing inside.
+  ``net.*`` sysctls, which need a private network namespace, are dropped too.
+- Bind mounts of small regular host files (podman's /etc/hosts, resolv.conf,
+  hostname, /run/.containerenv, secrets) are copied into the guest bundle
+  (``CreateContainer.files``); a bind-mounted /dev/shm becomes a guest tmpfs.
+  Directory bind mounts (volumes) and device bind mounts are NOT supported yet:
+  they are dropped with a warning in --log.
+- ``linux.resources`` sizes the VM (vCPUs from the CPU quota, cpuset or shares;
+  memory = limit + MEMORY_OVERHEAD_MB, at least MIN_MEMORY_MB) and is passed to
+  the guest runtime too, minus host-specific parts (cpuset numbers, blkio,
+  hugetlb, network, rdma). ``cgroupsPath`` becomes /vmpod/<id> in the guest.
+- Hooks run on the host (see ``hooks``); AppArmor/SELinux labels are dropped
+  (the guest has neither).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmpod.agent.protocol import MAX_FILES, MAX_JSON
+from vmpod.runtime.config import ANNOTATION_KERNEL, KNOWN_ANNOTATIONS, RuntimeConfig
+from vmpod.runtime.errors import RuntimeCliError
+from vmpod.runtime.hooks import HOOK_KINDS, validate_hooks
+
+MEMORY_OVERHEAD_MB = 256     # guest kernel, agent and page cache on top of the limit
+MIN_MEMORY_MB = 512
+MIB = 1024 * 1024
+KEPT_MOUNT_TYPES = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2")
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything `create` needs to boot the VM and prepare the container."""
+    spec: dict[str, object]                 # the guest's config.json (root.path set by the agent)
+    rootfs: Path                            # host root filesystem directory
+    files: dict[str, str]                   # NAME -> base64 content (CreateContainer.files)
+    cpus: int
+    memory_mb: int
+    kernel: str
+    terminal: bool
+    hooks: dict[str, list[dict[str, object]]]
+    annotations: dict[str, str]
+    warnings: tuple[str, ...] = field(default=())
+
+
+def load_spec(bundle: Path) -> dict[str, object]:
+    if not bundle.is_dir():
+        raise RuntimeCliError(f"bundle {bundle}: no such directory")
+    path = bundle / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RuntimeCliError(f"open {path}: no such file or directory") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RuntimeCliError(f"cannot read {path}: {err}") from err
+    except ValueError as err:
+        raise RuntimeCliError(f"invalid JSON in {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise RuntimeCliError(f"{path}: the configuration is not a JSON object")
+    if not isinstance(data.get("ociVersion"), str):
+        raise RuntimeCliError(f"{path}: ociVersion must be a string")
+    return data
+
+
+def _obj(value: object, what: str) -> dict[str, object]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RuntimeCliError(f"config.json: {what} must be an object")
+    return value
+
+
+def _list(value: object, what: str) -> list[object]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RuntimeCliError(f"config.json: {what} must be a list")
+    return value
+
+
+def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfig) -> Plan:
+    warnings: list[str] = []
+    root = _obj(spec.get("root"), "root")
+    root_path = root.get("path")
+    if not isinstance(root_path, str) or not root_path:
+        raise RuntimeCliError("config.json: root.path must be specified")
+    rootfs = (bundle / root_path).resolve()
+    if not rootfs.is_dir():
+        raise RuntimeCliError(f"rootfs ({rootfs}) does not exist")
+    process = _obj(spec.get("process"), "process")
+    if not process:
+        raise RuntimeCliError("config.json: process must be specified for create")
+    args = _list(process.get("args"), "process.args")
+    if not args or not all(isinstance(a, str) for a in args):
+        raise RuntimeCliError("config.json: process.args must be a non-empty list of strings")
+    cwd = process.get("cwd")
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
+        raise RuntimeCliError("config.json: process.cwd must be an absolute path")
+    terminal = process.get("terminal", False)
+    if not isinstance(terminal, bool):
+        raise RuntimeCliError("config.json: process.terminal must be a boolean")
+    hooks = validate_hooks(spec.get("hooks"))
+    annotations = _annotations(spec.get("annotations"))
+    kernel = _kernel(annotations, cfg)
+
+    guest = {k: v for k, v in spec.items() if k not in ("hooks", "annotations")}
+    guest_process = {k: v for k, v in process.items()
+                     if k not in ("apparmorProfile", "selinuxLabel")}
+    guest["process"] = guest_process
+    guest["root"] = {k: v for k, v in root.items() if k != "path"}
+    mounts, files, dir_dests = _mounts(spec.get("mounts"), bundle, warnings)
+    guest["mounts"] = mounts
+    linux = _obj(spec.get("linux"), "linux")
+    resources = _obj(linux.get("resources"), "linux.resources")
+    if linux:
+        guest["linux"] = _linux(linux, cid, warnings)
+    check_executable(rootfs, process, dir_dests)
+    cpus, memory_mb = vm_size(resources, warnings)
+    files_b64 = {name: base64.b64encode(data).decode() for name, data in files.items()}
+    size = len(json.dumps({"spec": guest, "files": files_b64}, separators=(",", ":")))
+    if size > MAX_JSON - 2048:
+        raise RuntimeCliError(f"config.json plus bind-mounted files take {size} bytes: too "
+                              f"large for the agent channel (limit {MAX_JSON - 2048})")
+    return Plan(spec=guest, rootfs=rootfs, files=files_b64, cpus=cpus, memory_mb=memory_mb,
+                kernel=kernel, terminal=terminal, hooks=hooks, annotations=annotations,
+                warnings=tuple(warnings))
+
+
+def _annotations(value: object) -> dict[str, str]:
+    ann = _obj(value, "annotations")
+    if not all(isinstance(v, str) for v in ann.values()):
+        raise RuntimeCliError("config.json: annotations must map strings to strings")
+    return {k: str(v) for k, v in ann.items()}
+
+
+def _kernel(annotations: dict[str, str], cfg: RuntimeConfig) -> str:
+    for name in annotations:
+        if name.startswith("org.vmpod.") and name not in cfg.enable_annotations:
+            where = cfg.source or "/etc/vmpod/runtime.json"
+            if name in KNOWN_ANNOTATIONS:
+                raise RuntimeCliError(f"annotation {name} is not enabled "
+                                      f"(add it to enable_annotations in {where})")
+            raise RuntimeCliError(f"unknown annotation {name} (known: {', '.join(KNOWN_ANNOTATIONS)})")
+    kernel = annotations.get(ANNOTATION_KERNEL, cfg.kernel)
+    if kernel != cfg.kernel and kernel not in cfg.kernels:
+        raise RuntimeCliError(f"kernel {kernel!r} from annotation {ANNOTATION_KERNEL} is not "
+                              f"allowed (allowed: {', '.join(cfg.kernels) or 'none'})")
+    return kernel
+
+
+def _file_name(index: int, source: Path) -> str:
+    base = "".join(c if c in _NAME_OK else "_" for c in source.name).lstrip(".-") or "file"
+    return f"m{index}-{base}"[:64]
+
+
+def _mounts(value: object, bundle: Path, warnings: list[str]
+            ) -> tuple[list[dict[str, object]], dict[str, bytes], list[str]]:
+    """(guest mounts, files to copy, destinations whose content the host cannot see)."""
+    out: list[dict[str, object]] = []
+    files: dict[str, bytes] = {}
+    total = 0
+    dir_dests: list[str] = []
+    for index, raw in enumerate(_list(value, "mounts")):
+        m = dict(_obj(raw, "mounts[]"))
+        dest, typ = m.get("destination"), m.get("type") or ""
+        options = [o for o in _list(m.get("options"), "mount options") if isinstance(o, str)]
+        if not isinstance(dest, str) or not dest.startswith("/") or not isinstance(typ, str):
+            raise RuntimeCliError(f"config.json: mount {index} needs an absolute destination")
+        bind = typ == "bind" or "bind" in options or "rbind" in options
+        if not bind:
+            if typ in KEPT_MOUNT_TYPES:
+                out.append(m)
+                if typ == "tmpfs":
+                    dir_dests.append(dest)
+            else:
+                warnings.append(f"mount of type {typ!r} on {dest} dropped: not supported in the VM")
+                dir_dests.append(dest)
+            continue
+        if dest == "/dev/shm":
+            keep = [o for o in options if o not in ("bind", "rbind", "rprivate", "private")]
+            out.append({"destination": dest, "type": "tmpfs", "source": "shm",
+                        "options": keep + ["mode=1777", "size=65536k"]})
+            continue
+        source = m.get("source")
+        if not isinstance(source, str) or not source:
+            raise RuntimeCliError(f"config.json: bind mount on {dest} has no source")
+        src = Path(source) if source.startswith("/") else bundle / source
+        try:
+            st = os.stat(src)
+        except OSError as err:
+            raise RuntimeCliError(f"mount source {source} for {dest}: {err.strerror}") from err
+        if stat.S_ISREG(st.st_mode):
+            total += st.st_size
+            if total > MAX_FILES:
+                raise RuntimeCliError(f"bind-mounted files exceed {MAX_FILES // 1024} KiB "
+                                      f"(at {source} -> {dest}): too large to copy into the VM")
+            name = _file_name(index, src)
+            try:
+                files[name] = src.read_bytes()
+            except OSError as err:
+                raise RuntimeCliError(f"cannot read mount source {source}: {err.strerror}") from err
+            m["type"] = "bind"
+            m["source"] = f"files/{name}"
+            out.append(m)
+        elif stat.S_ISDIR(st.st_mode):
+            warnings.append(f"volume {source} -> {dest} dropped: directory bind mounts are not "
+                            "supported by vmpod-runtime yet")
+            dir_dests.append(dest)
+        else:
+            warnings.append(f"bind mount {source} -> {dest} dropped: only regular files reach the VM")
+            dir_dests.append(dest)
+    return out, files, dir_dests
+
+
+def _linux(linux: dict[str, object], cid: str, warnings: list[str]) -> dict[str, object]:
+    """linux, with host namespaces, host cgroup paths and host-only settings removed."""
+    out = {k: v for k, v in linux.items() if k not in ("mountLabel", "intelRdt")}
+    namespaces = []
+    for ns in _list(linux.get("namespaces"), "linux.namespaces"):
+        ns = _obj(ns, "linux.namespaces[]")
+        if ns.get("type") == "network":
+            continue   # the container shares the VM's network (Kata model)
+        namespaces.append({"type": ns.get("type")})   # host namespace paths mean nothing here
+    out["namespaces"] = namespaces
+    sysctl = _obj(linux.get("sysctl"), "linux.sysctl")
+    if sysctl:   # net.* sysctls need a private network namespace (podman sets one by default)
+        out["sysctl"] = {k: v for k, v in sysctl.items() if not k.startswith("net.")}
+    out["cgroupsPath"] = f"/vmpod/{cid}"
+    resources = _obj(linux.get("resources"), "linux.resources")
+    if resources:
+        out["resources"] = guest_resources(resources, warnings)
+    return out
+
+
+def guest_resources(resources: dict[str, object], warnings: list[str]) -> dict[str, object]:
+    """The part of linux.resources that means the same inside the VM."""
+    out: dict[str, object] = {}
+    for key, value in resources.items():
+        if key in ("devices", "pids", "unified"):
+            out[key] = value
+        elif key == "memory":
+            mem = _obj(value, "linux.resources.memory")
+            out[key] = {k: v for k, v in mem.items() if k in ("limit", "reservation", "swap")}
+        elif key == "cpu":
+            cpu = _obj(value, "linux.resources.cpu")
+            out[key] = {k: v for k, v in cpu.items() if k in ("shares", "quota", "period", "idle")}
+        else:
+            warnings.append(f"linux.resources.{key} ignored in the VM")
+    return out
+
+
+def _count_cpus(cpuset: str) -> int:
+    n = 0
+    for part in cpuset.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if lo.isdigit():
+            n += (int(hi) - int(lo) + 1) if hi.isdigit() else 1
+    return n
+
+
+def host_memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 20
+
+
+def vm_size(resources: dict[str, object], warnings: list[str] | None = None,
+            host_cpus: int | None = None, host_mb: int | None = None) -> tuple[int, int]:
+    """(vCPUs, MiB) for a container's linux.resources."""
+    host_cpus = host_cpus or os.cpu_count() or 1
+    cpu = resources.get("cpu") if isinstance(resources.get("cpu"), dict) else {}
+    assert isinstance(cpu, dict)
+    quota, period = cpu.get("quota"), cpu.get("period") or 100000
+    shares, cpuset = cpu.get("shares"), cpu.get("cpus")
+    cpus = 1
+    if isinstance(quota, int) and quota > 0 and isinstance(period, int) and period > 0:
+        cpus = math.ceil(quota / period)
+    elif isinstance(cpuset, str) and _count_cpus(cpuset) > 0:
+        cpus = _count_cpus(cpuset)
+    elif isinstance(shares, int) and shares > 0:
+        cpus = math.ceil(shares / 1024)
+    cpus = max(1, min(cpus, host_cpus))
+    mem = resources.get("memory") if isinstance(resources.get("memory"), dict) else {}
+    assert isinstance(mem, dict)
+    limit = mem.get("limit")
+    memory_mb = MIN_MEMORY_MB
+    if isinstance(limit, int) and limit > 0:
+        memory_mb = max(MIN_MEMORY_MB, math.ceil(limit / MIB) + MEMORY_OVERHEAD_MB)
+        host_mb = host_mb or host_memory_mb()
+        if memory_mb > host_mb:
+            if warnings is not None:
+                warnings.append(f"memory limit {limit} exceeds the host's memory: VM capped "
+                                f"at {host_mb} MiB")
+            memory_mb = host_mb
+    return cpus, memory_mb
+
+
+def resolve_in_root(root: Path, path: str) -> Path | None:
+    """``path`` inside ``root`` with symlinks followed as the container would (absolute
+    targets and ``..`` stay inside ``root``); None when a component is missing."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    rel: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            rel = rel[:-1]
+            continue
+        candidate = os.path.join(root, *rel, part)
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                rel = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+        else:
+            rel.append(part)
+    return Path(root, *rel)
+
+
+def _under(path: str, dests: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dests)
+
+
+def check_executable(rootfs: Path, process: dict[str, object], unknown: list[str]) -> None:
+    """Fail like runc's create when the command is missing from the image (podman and
+    docker turn these messages into exit status 127 / 126)."""
+    args = process.get("args")
+    assert isinstance(args, list)
+    cmd, cwd = str(args[0]), str(process.get("cwd") or "/")
+    env = [e for e in _list(process.get("env"), "process.env") if isinstance(e, str)]
+    if "/" in cmd:
+        full = cmd if cmd.startswith("/") else os.path.join(cwd, cmd)
+        candidates, search = [os.path.normpath(full)], False
+    else:
+        path_var = next((e[5:] for e in reversed(env) if e.startswith("PATH=")), None)
+        if path_var is None:
+            return   # runc would search an empty PATH; leave the verdict to the guest
+        candidates = [os.path.join(d or ".", cmd) for d in path_var.split(":")]
+        candidates = [c if c.startswith("/") else os.path.join(cwd, c) for c in candidates]
+        search = True
+    denied = False
+    for cand in candidates:
+        if _under(cand, unknown):
+            return   # provided by a mount the host cannot look into
+        real = resolve_in_root(rootfs, cand)
+        if real is None:
+            continue
+        try:
+            st = os.stat(real)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+            return
+        denied = True
+    prefix = "unable to start container process: exec:"
+    if search and not denied:
+        raise RuntimeCliError(f'{prefix} "{cmd}": executable file not found in $PATH')
+    if denied:
+        raise RuntimeCliError(f'{prefix} "{cmd}": permission denied')
+    raise RuntimeCliError(f'{prefix} "{cmd}": stat {cmd}: no such file or directory')
+
+
+__all__ = ["HOOK_KINDS", "Plan", "load_spec", "translate", "vm_size"]
