@@ -395,14 +395,12 @@ def test_resources_size_the_vm(rt: Runtime, busybox: Path, work: Path, clean: No
 
 def test_kernel_annotation_needs_the_allow_list(rt: Runtime, busybox: Path, work: Path,
                                                 paths: Paths, clean: None) -> None:
-    from vmpod.guest.kernel import load_cached
+    from vmpod.guest.kernel import ensure_kernel
     bundle = make_bundle(work / "kernel", busybox, ["uname", "-r"],
                          annotations={"org.vmpod.kernel": "6.12"})
     res = rt("create", "--bundle", str(bundle), "k")
     assert res.returncode == 1 and b"org.vmpod.kernel is not enabled" in res.stderr
-    kernel = load_cached(paths, "6.12")
-    if kernel is None:
-        pytest.skip("kernel 6.12 is not cached (would need a download)")
+    kernel = ensure_kernel(paths, "6.12")   # from the cache, or Debian's archive
     config = Path(rt.env["VMPOD_RUNTIME_CONFIG"])
     config.write_text(json.dumps({"enable_annotations": ["org.vmpod.kernel"],
                                   "kernels": ["6.12"]}))
@@ -417,6 +415,32 @@ def test_kernel_annotation_needs_the_allow_list(rt: Runtime, busybox: Path, work
                           annotations={"org.vmpod.kernel": "6.1-rt"})
         res = rt("create", "--bundle", str(bad), "k2")
         assert res.returncode == 1 and b"'6.1-rt'" in res.stderr and b"not allowed" in res.stderr
+    finally:
+        config.unlink()
+
+
+def test_kernel_modules_annotation(rt: Runtime, busybox: Path, work: Path,
+                                   clean: None) -> None:
+    annotations = {"org.vmpod.kernel_modules": "dummy=numdummies=2; loop"}
+    bundle = make_bundle(work / "mods", busybox, ["sh", "-c", "ls /sys/class/net; cat /proc/modules"],
+                         annotations=annotations)
+    res = rt("create", "--bundle", str(bundle), "mods")
+    assert res.returncode == 1 and b"org.vmpod.kernel_modules is not enabled" in res.stderr
+    config = Path(rt.env["VMPOD_RUNTIME_CONFIG"])
+    config.write_text(json.dumps({"enable_annotations": ["org.vmpod.kernel_modules"]}))
+    try:
+        ctr = rt.create("mods", bundle, work)
+        ctr.wait_created()
+        rt("start", "mods", check=True)
+        assert ctr.result()["status"] == 0
+        out = ctr.output()[0]
+        assert "dummy1" in out and "loop " in out, out
+        rt("delete", "mods", check=True)
+        bad = make_bundle(work / "mods-bad", busybox, ["true"],
+                          annotations={"org.vmpod.kernel_modules": "no_such_mod"})
+        res = rt("create", "--bundle", str(bad), "mods2")
+        assert res.returncode == 1 and b"no_such_mod" in res.stderr
+        assert not (rt.root / "mods2").exists()
     finally:
         config.unlink()
 

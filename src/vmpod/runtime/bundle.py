@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmpod.agent.protocol import MAX_FILES, MAX_JSON
-from vmpod.runtime.config import ANNOTATION_KERNEL, KNOWN_ANNOTATIONS, RuntimeConfig
+from vmpod.runtime.config import ANNOTATION_KERNEL, ANNOTATION_MODULES, KNOWN_ANNOTATIONS, RuntimeConfig
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS, validate_hooks
 
@@ -55,6 +55,7 @@ class Plan:
     hooks: dict[str, list[dict[str, object]]]
     annotations: dict[str, str]
     warnings: tuple[str, ...] = field(default=())
+    kernel_modules: tuple[str, ...] = ()     # NAME[=params], from org.vmpod.kernel_modules
 
 
 def load_spec(bundle: Path) -> dict[str, object]:
@@ -137,7 +138,9 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
                               f"large for the agent channel (limit {MAX_JSON - 2048})")
     return Plan(spec=guest, rootfs=rootfs, files=files_b64, cpus=cpus, memory_mb=memory_mb,
                 kernel=kernel, terminal=terminal, hooks=hooks, annotations=annotations,
-                warnings=tuple(warnings))
+                warnings=tuple(warnings), kernel_modules=tuple(
+                    m.strip() for m in annotations.get(ANNOTATION_MODULES, "").split(";")
+                    if m.strip()))
 
 
 def _annotations(value: object) -> dict[str, str]:

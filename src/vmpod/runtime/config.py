@@ -5,7 +5,8 @@ Every key is optional::
     {
       "kernel": "6.1",                         # guest kernel of every VM
       "kernels": ["6.1", "6.12"],              # what org.vmpod.kernel may ask for
-      "enable_annotations": ["org.vmpod.kernel"],   # annotations containers may use
+      "enable_annotations": ["org.vmpod.kernel",    # annotations containers may use
+                             "org.vmpod.kernel_modules"],
       "accel": "auto",                          # auto | kvm | tcg
       "guest_runtime": "runc",                  # runc | crun inside the VM
       "boot_timeout": 60
@@ -27,7 +28,10 @@ from vmpod.runtime.errors import RuntimeCliError
 
 CONFIG_PATH = "/etc/vmpod/runtime.json"
 ANNOTATION_KERNEL = "org.vmpod.kernel"
-KNOWN_ANNOTATIONS = (ANNOTATION_KERNEL,)
+# "NAME[=p1=v1 p2=v2];NAME2": modules of the guest kernel loaded before the
+# container starts (like `vmpod run --kernel-module`)
+ANNOTATION_MODULES = "org.vmpod.kernel_modules"
+KNOWN_ANNOTATIONS = (ANNOTATION_KERNEL, ANNOTATION_MODULES)
 
 
 @dataclass(frozen=True)

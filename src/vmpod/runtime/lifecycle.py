@@ -47,6 +47,7 @@ def create(store: Store, cid: str, bundle: str, pid_file: str, console_socket: s
            log_opts: tuple[str, str, bool] = ("", "text", False)) -> None:
     # Heavy imports only here: state/kill/delete stay quick to start.
     from vmpod.guest.assets import ensure_assets
+    from vmpod.guest.modules import plan_modules
     from vmpod.hypervisor.accel import choose_accel
     from vmpod.images import resolve_rootfs
     from vmpod.paths import default_paths
@@ -71,6 +72,9 @@ def create(store: Store, cid: str, bundle: str, pid_file: str, console_socket: s
     accel = choose_accel(cfg.accel)
     log.debug("accelerator: %s (%s)", accel.accel, accel.reason)
     assets = ensure_assets(paths, plan.kernel)
+    # resolved now so that an unknown module fails `create`, not the monitor
+    modules = tuple(plan_modules(assets.kernel.modules_dir, assets.kernel.release,
+                                 plan.kernel_modules))
     source = resolve_rootfs(plan.rootfs)
     disks = paths.images / "disks"
     with store.disks_lock():   # a delete must not remove the disk before our state names it
@@ -92,6 +96,7 @@ def create(store: Store, cid: str, bundle: str, pid_file: str, console_socket: s
         r, w = os.pipe2(os.O_CLOEXEC)
         args = MonitorArgs(store_root=str(store.root), cid=cid, plan=plan, assets=assets,
                            disk=disk, accel=accel, guest_runtime=cfg.guest_runtime,
+                           modules=modules,
                            boot_timeout=cfg.boot_timeout, console_socket=console_socket,
                            paths=paths, ready_fd=w, log_path=log_opts[0],
                            log_format=log_opts[1], debug=log_opts[2])

@@ -29,6 +29,7 @@ from vmpod.agent.client import ProcessSink
 from vmpod.agent.protocol import CommandResult, ExitEvent
 from vmpod.errors import AgentTimeout, VmpodError
 from vmpod.guest.assets import GuestAssets
+from vmpod.guest.modules import ModuleLoad
 from vmpod.hypervisor.accel import AccelChoice
 from vmpod.hypervisor.base import Disk
 from vmpod.paths import Paths
@@ -61,6 +62,7 @@ class MonitorArgs:
     console_socket: str
     paths: Paths
     ready_fd: int
+    modules: tuple[ModuleLoad, ...] = ()   # kernel modules loaded before the container
     log_path: str = ""       # --log: the monitor logs there, never to the container's stderr
     log_format: str = "text"
     debug: bool = False
@@ -176,7 +178,8 @@ class Monitor:
         a, plan = self.a, self.a.plan
         sandbox = Sandbox(a.paths, SandboxConfig(
             assets=a.assets, accel=a.accel, cpus=plan.cpus, memory_mb=plan.memory_mb,
-            boot_timeout=a.boot_timeout, disks=(Disk(a.disk, ROOTFS_SERIAL),)))
+            boot_timeout=a.boot_timeout, disks=(Disk(a.disk, ROOTFS_SERIAL),),
+            modules=a.modules))
         self.store.update(a.cid, pid=os.getpid(), monitor_start=proc_start_time(os.getpid()),
                           sandbox_dir=str(sandbox.state_dir))
         self.sandbox = sandbox
@@ -189,6 +192,7 @@ class Monitor:
                                   console_tail=err.details.get("console_tail", "")) from err
         log.debug("VM of %s ready after %.2fs (%d vCPU, %d MiB)", a.cid,
                   time.monotonic() - t0, plan.cpus, plan.memory_mb)
+        await sandbox.load_modules()
         self.container = Container(sandbox, ContainerConfig(
             id=a.cid, spec=plan.spec, rootfs_serial=ROOTFS_SERIAL, runtime=a.guest_runtime,
             files=plan.files))
