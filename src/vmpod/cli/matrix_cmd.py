@@ -7,19 +7,9 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from vmpod.cli.common import guarded, progress
 from vmpod.errors import ConfigError
-from vmpod.guest.assets import ensure_assets
-from vmpod.guest.headers import ensure_headers
-from vmpod.hypervisor.accel import choose_accel
-from vmpod.images import resolve_image, resolve_rootfs
-from vmpod.matrix.image import busybox_rootfs
-from vmpod.matrix.report import ProgressView, results_table, write_json, write_junit
-from vmpod.matrix.run import KernelTarget, MatrixConfig, read_script, run_matrix
-from vmpod.paths import default_paths
-from vmpod.storage.erofs import rootfs_disk
 
 _VM_MEMORY_MB = 512
 
@@ -59,6 +49,19 @@ def matrix(kernels: str, module_src: Path, test_script: Path, image: str, jobs: 
     Exits non-zero when any kernel fails (build, boot, load, test, unload, or a
     kernel log with an oops, BUG, WARN, lockup or panic).
     """
+    # imported here: rich and the matrix machinery would slow every `vmpod run`
+    from rich.console import Console
+
+    from vmpod.guest.assets import ensure_assets
+    from vmpod.guest.headers import ensure_headers
+    from vmpod.hypervisor.accel import choose_accel
+    from vmpod.images import resolve_image, resolve_rootfs
+    from vmpod.matrix.image import busybox_rootfs
+    from vmpod.matrix.report import ProgressView, results_table, write_json, write_junit
+    from vmpod.matrix.run import KernelTarget, MatrixConfig, read_script, run_matrix
+    from vmpod.paths import default_paths
+    from vmpod.storage.erofs import rootfs_disk
+
     names = [k.strip() for k in kernels.split(",") if k.strip()]
     if not names or len(set(names)) != len(names):
         raise ConfigError("--kernels needs distinct kernel names, e.g. 6.1,6.12-generic")
