@@ -35,10 +35,10 @@ def list_() -> None:
     if not rows:
         click.echo("no kernels yet: `vmpod kernel add 6.1` or the first `vmpod run` adds one")
         return
-    click.echo(f"{'ID':<32} {'RELEASE':<28} {'SOURCE':<34} {'PVH':<4} {'HEADERS':<8} NAMES")
+    click.echo(f"{'ID':<32} {'RELEASE':<28} {'SOURCE':<48} {'PVH':<4} {'HEADERS':<8} NAMES")
     for k in rows:
         source = "local" if k.package == "local" else f"{k.package}"
-        click.echo(f"{k.id:<32} {k.release:<28} {source:<34} {'yes' if k.pvh else 'no':<4} "
+        click.echo(f"{k.id:<32} {k.release:<28} {source:<48} {'yes' if k.pvh else 'no':<4} "
                    f"{'yes' if headers_dir(k) else 'no':<8} {','.join(aliases_of(paths, k.id))}")
 
 
