@@ -184,6 +184,24 @@ def test_killed_monitor_reads_stopped_and_delete_cleans_up(rt: Runtime, busybox:
     assert not sandbox_dir.exists()
 
 
+def test_qemu_killed_reads_stopped_and_delete_cleans_up(rt: Runtime, busybox: Path,
+                                                        work: Path, clean: None) -> None:
+    bundle = make_bundle(work / "vmdead", busybox, LOOP)
+    ctr = rt.create("vmdead", bundle, work)
+    monitor = ctr.wait_created()
+    rt("start", "vmdead", check=True)
+    _wait_for(ctr.out, "up\n")
+    qemu = [int(p) for p in subprocess.run(["pgrep", "-P", str(monitor), "qemu-system"],
+                                            capture_output=True, text=True).stdout.split()]
+    assert len(qemu) == 1
+    os.kill(qemu[0], signal.SIGKILL)
+    result = ctr.result()          # the monitor notices, records a failure and exits
+    assert result.get("status", 0) != 0 or "signal" in result
+    assert rt.state("vmdead")["status"] == "stopped"
+    rt("delete", "vmdead", check=True)
+    assert not (rt.root / "vmdead").exists()
+
+
 # -- on the shared running container ----------------------------------------------
 
 def test_state_of_a_running_container(rt: Runtime, shared: Reaped) -> None:
