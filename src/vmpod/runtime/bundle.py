@@ -128,7 +128,14 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
     linux = _obj(spec.get("linux"), "linux")
     resources = _obj(linux.get("resources"), "linux.resources")
     if linux:
-        guest["linux"] = _linux(linux, cid, warnings)
+        guest_linux = _linux(linux, cid, warnings)
+        guest["linux"] = guest_linux
+        namespaces = guest_linux.get("namespaces")
+        if isinstance(namespaces, list) and {"type": "user"} in namespaces:
+            # sysfs can only be mounted by the owner of the network namespace, and the
+            # container shares the VM's: bind the guest's /sys instead (as rootless runc does)
+            guest["mounts"] = [_SYSFS_BIND | {"destination": m["destination"]}
+                               if m.get("type") == "sysfs" else m for m in mounts]
     check_executable(rootfs, process, dir_dests)
     cpus, memory_mb = vm_size(resources, warnings)
     files_b64 = {name: base64.b64encode(data).decode() for name, data in files.items()}
@@ -227,6 +234,10 @@ def _mounts(value: object, bundle: Path, warnings: list[str]
             warnings.append(f"bind mount {source} -> {dest} dropped: only regular files reach the VM")
             dir_dests.append(dest)
     return out, files, dir_dests
+
+
+_SYSFS_BIND: dict[str, object] = {"type": "none", "source": "/sys",
+                                  "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
 
 
 def _linux(linux: dict[str, object], cid: str, warnings: list[str]) -> dict[str, object]:
