@@ -70,13 +70,17 @@ Progress = Callable[[str, str, str], None]    # (kernel, step, state)
 
 async def run_matrix(paths: Paths, cfg: MatrixConfig, targets: list[KernelTarget],
                      progress: Progress) -> list[KernelResult]:
-    limit = asyncio.Semaphore(max(1, cfg.jobs))
+    # Separate slots for builds and VMs: a kernel's build overlaps the VMs of
+    # others instead of holding a VM slot while the compiler runs.
+    slots = _Slots(asyncio.Semaphore(max(1, cfg.jobs)), asyncio.Semaphore(max(1, cfg.jobs)))
+    return list(await asyncio.gather(*(run_kernel(paths, cfg, t, progress, slots)
+                                       for t in targets)))
 
-    async def one(t: KernelTarget) -> KernelResult:
-        async with limit:
-            return await run_kernel(paths, cfg, t, progress)
 
-    return list(await asyncio.gather(*(one(t) for t in targets)))
+@dataclass(frozen=True)
+class _Slots:
+    builds: asyncio.Semaphore
+    vms: asyncio.Semaphore
 
 
 class _Run:
@@ -118,12 +122,14 @@ class _Run:
 
 
 async def run_kernel(paths: Paths, cfg: MatrixConfig, t: KernelTarget,
-                     progress: Progress) -> KernelResult:
+                     progress: Progress, slots: _Slots | None = None) -> KernelResult:
+    slots = slots or _Slots(asyncio.Semaphore(1), asyncio.Semaphore(1))
     logs = cfg.logs / t.name.replace("/", "_").replace(":", "_")
     logs.mkdir(parents=True, exist_ok=True)
     run = _Run(t, logs, progress)
-    run.step("build", "running")
-    built = await build_module(cfg.module_src, t.headers, logs / "build")
+    async with slots.builds:
+        run.step("build", "running")
+        built = await build_module(cfg.module_src, t.headers, logs / "build")
     (logs / "build.log").write_text(built.log)
     if not built.ok:
         run.step("build", "fail", f"build: {first_error(built.log, logs / 'build')}")
@@ -135,7 +141,8 @@ async def run_kernel(paths: Paths, cfg: MatrixConfig, t: KernelTarget,
     except VmpodError as err:
         run.step("boot", "fail", f"modules: {err}")
         return run.result()
-    await _in_vm(paths, cfg, plan, {m.name for m in plan if m.file in built.modules}, run)
+    async with slots.vms:
+        await _in_vm(paths, cfg, plan, {m.name for m in plan if m.file in built.modules}, run)
     return run.result()
 
 
