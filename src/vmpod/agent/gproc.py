@@ -20,25 +20,6 @@ def spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
     return os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsid=True)
 
 
-def run_wait(argv: list[str], limit: int = 1 << 16) -> tuple[int, bytes]:
-    """Run a short helper to completion: (exit status, first ``limit`` bytes of output)."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        pid = spawn(argv, null, w, w)
-    finally:
-        os.close(w)
-        os.close(null)
-    chunks, size = [], 0
-    with os.fdopen(r, "rb") as fh:
-        while chunk := fh.read(4096):
-            if size < limit:
-                chunks.append(chunk)
-            size += len(chunk)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), b"".join(chunks)[:limit]
-
-
 def run_capture(argv: list[str], limit: int) -> tuple[int, str, str]:
     """Run a short command; (status, stdout, stderr), each cut to ``limit`` bytes."""
     out_r, out_w = os.pipe2(os.O_CLOEXEC)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from vmpod.agent.gproc import run_wait
+from vmpod.agent.gproc import run_capture
 from vmpod.agent.protocol import MAX_FILES, RUNTIME_COMMANDS
 
 BUSYBOX = "/bin/busybox"
@@ -39,9 +39,9 @@ def bundle_dir(cid: str) -> str:
 
 
 def _mount(argv: list[str], what: str) -> None:
-    code, out = run_wait([BUSYBOX, "mount", *argv])
+    code, out, err = run_capture([BUSYBOX, "mount", *argv], 4096)
     if code != 0:
-        raise AgentFailure(f"{what}: {out.decode(errors='replace').strip()}")
+        raise AgentFailure(f"{what}: {(err or out).strip()}")
 
 
 def find_disk(serial: str) -> str:
@@ -248,4 +248,4 @@ def teardown(cid: str) -> None:
     """Unmount a bundle's rootfs layers (best effort: the VM goes away anyway)."""
     bundle = bundle_dir(cid)
     for d in ("rootfs", "rw", "lower"):
-        run_wait([BUSYBOX, "umount", "-l", os.path.join(bundle, d)])
+        run_capture([BUSYBOX, "umount", "-l", os.path.join(bundle, d)], 4096)

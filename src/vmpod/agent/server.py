@@ -18,7 +18,7 @@ import time
 from vmpod.agent import gkernel, runc
 from vmpod.agent import protocol as p
 from vmpod.agent.channel import Channel
-from vmpod.agent.gproc import run_capture, run_wait, spawn
+from vmpod.agent.gproc import run_capture, spawn
 from vmpod.agent.runc import AgentFailure
 
 # Imports are kept to what the hot path needs (no subprocess, selectors, typing,
@@ -257,11 +257,11 @@ class Agent:
 
     def _op_guest_info(self, rid: int, _a: None) -> dict[str, object]:
         mem = _meminfo()
-        _, ver = run_wait([runc.RUNC, "--version"])
+        _, ver, _ = run_capture([runc.RUNC, "--version"], 4096)
         info = p.GuestInfo(kernel=os.uname().release, uptime=_uptime(),
                            mem_total_kb=mem.get("MemTotal", 0), mem_free_kb=mem.get("MemAvailable", 0),
                            cpus=os.cpu_count() or 1, python=sys.version.split()[0],
-                           runc=ver.decode(errors="replace").split("\n")[0][:200])
+                           runc=ver.split("\n")[0][:200])
         return p.encode(info)
 
     def _op_set_clock(self, rid: int, a: p.SetClock) -> dict[str, object]:

@@ -92,7 +92,7 @@ class ExecSession:
         stdin = -1 if relay.is_null(fds[0]) else fds[0]
         out = self._writer(fds[1])
         # with a tty (the caller's own terminal, no console socket) stderr joins stdout
-        err = out if tty or _same(fds[1], fds[2]) else self._writer(fds[2])
+        err = out if tty or relay.same_file(fds[1], fds[2]) else self._writer(fds[2])
         return ProcessSink(on_stdout=out.write, on_stderr=err.write), stdin
 
     def _writer(self, fd: int) -> relay.FdWriter:
@@ -134,11 +134,3 @@ class ExecSession:
         for fd in {*self.fds, *self.extra} - self.writer_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _same(a: int, b: int) -> bool:
-    try:
-        sa, sb = os.fstat(a), os.fstat(b)
-    except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

@@ -316,7 +316,7 @@ class Monitor:
             stdin_fd, stdin = self.tty_slave, True
         else:
             out = self._writer(1, owned=False)
-            err = out if _same_file(1, 2) else self._writer(2, owned=False)
+            err = out if relay.same_file(1, 2) else self._writer(2, owned=False)
             stdin_fd, stdin = 0, not relay.is_null(0)
         sink = ProcessSink(on_stdout=out.write, on_stderr=err.write)
         self.init_stream = await self.container.start(sink, stdin=stdin, wait_started=True)
@@ -407,14 +407,6 @@ class Monitor:
         from vmpod.runtime.execs import ExecSession
         session = ExecSession(self, conn, msg, fds)
         await session.run()
-
-
-def _same_file(a: int, b: int) -> bool:
-    try:
-        sa, sb = os.fstat(a), os.fstat(b)
-    except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _runc_error(text: str) -> str:

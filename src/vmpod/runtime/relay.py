@@ -153,3 +153,12 @@ async def pump_input(fd: int, agent: AgentClient, stream: int, sink: ProcessSink
             await agent.write_stdin(stream, data)
         except Exception:
             return
+
+
+def same_file(a: int, b: int) -> bool:
+    """Whether two fds are the same open file (stdout and stderr often are)."""
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
