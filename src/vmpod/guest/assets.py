@@ -5,7 +5,6 @@ Building is serialised by a lock in the cache so concurrent runs do not race.
 from __future__ import annotations
 
 import fcntl
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,19 +48,12 @@ def ensure_assets(paths: Paths, kernel: str = DEFAULT_KERNEL,
             initrd = initramfs.ensure_initramfs(paths, k, busybox)
             return GuestAssets(kernel=k, initramfs=initrd, rootfs=image, tree=tree)
     except (OSError, VmpodError) as err:
-        _clean_tmp(paths)
         if is_disk_full(err):
             raise AssetError(f"disk full while building guest assets in {paths.home}",
                              hint="free some space and retry") from err
         if isinstance(err, VmpodError):
             raise
         raise AssetError(f"cannot build guest assets: {err}") from err
-
-
-def _clean_tmp(paths: Paths) -> None:
-    """Temp dirs are removed by their own context managers; this catches leftovers
-    of a process that was killed mid-build."""
-    shutil.rmtree(paths.tmp, ignore_errors=True)
 
 
 def assets_state(paths: Paths, kernel: str = DEFAULT_KERNEL) -> dict[str, object]:

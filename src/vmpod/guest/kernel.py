@@ -215,7 +215,6 @@ def _fetch(paths: Paths, package: str) -> Kernel:
     paths.kernels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="kernel-") as tmp:
         work = Path(tmp)
-        package = _follow_meta(package, work)
         deb = _download(package, work)
         version = run(["dpkg-deb", "-f", deb, "Version"], what="read kernel package").stdout
         tree = work / "tree"
@@ -226,16 +225,6 @@ def _fetch(paths: Paths, package: str) -> Kernel:
             shutil.rmtree(final)
         (work / "out").rename(final)
         return Kernel(kernel.release, kernel.package, kernel.version, final, kernel.pvh)
-
-
-def _follow_meta(package: str, work: Path) -> str:
-    """Meta packages (linux-image-cloud-amd64) depend on the real image package."""
-    out = run(["apt-cache", "depends", package], what=f"resolve {package}").stdout.decode()
-    for line in out.splitlines():
-        dep = line.strip().removeprefix("Depends: ")
-        if dep != line.strip() and dep.startswith("linux-image-") and dep[12:13].isdigit():
-            return dep
-    return package
 
 
 def _download(package: str, work: Path) -> Path:

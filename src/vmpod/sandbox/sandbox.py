@@ -109,7 +109,6 @@ class Sandbox:
         self.agent = AgentClient()
         self.vm: QemuVm | None = None
         self._lock: IO[str] | None = None
-        self.timings: dict[str, float] = {}
 
     async def __aenter__(self) -> Sandbox:
         try:
@@ -123,7 +122,6 @@ class Sandbox:
         await self.stop()
 
     async def start(self) -> None:
-        t0 = time.monotonic()
         self._make_state_dir()
         a = self.config.assets
         initramfs = a.initramfs
@@ -141,7 +139,6 @@ class Sandbox:
             state_dir=self.state_dir, agent_channel=channel, vsock_cid=cid)
         self.vm = QemuVm(vm_config)
         await self.vm.launch()
-        self.timings["launch"] = time.monotonic() - t0
         try:
             target = vm_config.agent_socket if channel == "serial" else (cid, VSOCK_PORT)
             await self.agent.connect(target, self.config.boot_timeout, self._check_alive)
@@ -159,7 +156,6 @@ class Sandbox:
             raise HypervisorError(
                 f"the VM stopped during boot ({failure.details.get('how', '')}): "
                 f"{self._last_console_line()}", console_tail=self.console_tail()) from err
-        self.timings["agent_ready"] = time.monotonic() - t0
         await self.agent.request("set_clock", {"epoch_ns": time.time_ns()})
         log.info("guest uptime at hello: %.2fs", self.agent.hello.uptime if self.agent.hello else -1)
 
