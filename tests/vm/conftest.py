@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,19 +53,24 @@ def busybox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def qemu_pids(marker: str) -> list[int]:
-    """QEMU processes whose command line mentions ``marker`` (our run dir)."""
+def pids_where(match: Callable[[list[str]], bool]) -> list[int]:
+    """Pids of other processes whose argv satisfies ``match``."""
     pids = []
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if "qemu-system" in cmd and marker in cmd:
+        if match(argv):
             pids.append(int(d.name))
     return pids
+
+
+def qemu_pids(marker: str) -> list[int]:
+    """QEMU processes whose command line mentions ``marker`` (our run dir)."""
+    return pids_where(lambda argv: "qemu-system" in " ".join(argv) and marker in " ".join(argv))
 
 
 def mounts_under(*roots: Path) -> list[str]:

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.oci import make_docker_archive
-from tests.vm.conftest import mounts_under
+from tests.vm.conftest import mounts_under, pids_where
 from tests.vm.test_runtime_support import (
     assert_runtime_clean,
+    run_text,
     runtime_disks,
     runtime_env,
     wrapper_script,
@@ -38,22 +39,7 @@ class Ctr:
 
     def __call__(self, *args: str, input: bytes | None = None,
                  timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([*self.base, *args], input=input, capture_output=True,
-                             timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
-        return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(),
-                                           res.stderr.decode())
-
-
-def _pids_with(marker: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker.encode() in (d / "cmdline").read_bytes():
-                    out.append(int(d.name))
-            except OSError:
-                pass
-    return out
+        return run_text([*self.base, *args], input, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +80,7 @@ def ctr(paths: Paths, assets: GuestAssets, busybox: Path,
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
-        for pid in _pids_with(str(address)):   # shims of this containerd only
+        for pid in pids_where(lambda argv: str(address) in "\0".join(argv)):   # shims of this containerd only
             os.kill(pid, signal.SIGKILL)
     assert mounts_under(tmp) == []
 

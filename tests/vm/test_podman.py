@@ -24,6 +24,7 @@ import pytest
 
 from tests.vm.test_runtime_support import (
     assert_runtime_clean,
+    run_text,
     runtime_disks,
     runtime_env,
     wrapper_script,
@@ -41,10 +42,7 @@ class Podman:
 
     def __call__(self, *args: str, input: bytes | None = None,
                  timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([*self.base, *args], input=input, capture_output=True,
-                             timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
-        return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(),
-                                           res.stderr.decode())
+        return run_text([*self.base, *args], input, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.vm.conftest import assert_nothing_left
+from tests.vm.conftest import assert_nothing_left, pids_where
 from vmpod.paths import Paths
 from vmpod.runtime.specgen import default_spec
 
@@ -200,17 +200,16 @@ class ConsoleSocket:
 
 def monitor_pids(root: Path) -> list[int]:
     """Processes still running with our --root on their command line."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(root).encode() in cmd and int(d.name) != os.getpid():
-            pids.append(int(d.name))
-    return pids
+    return pids_where(lambda argv: str(root) in argv)
+
+
+def run_text(argv: list[str], input: bytes | None, timeout: float
+             ) -> subprocess.CompletedProcess[str]:
+    """Run a client CLI (podman, ctr) to completion; output decoded as text."""
+    res = subprocess.run(argv, input=input, capture_output=True, timeout=timeout,
+                         stdin=None if input is not None else subprocess.DEVNULL)
+    return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(),
+                                       res.stderr.decode())
 
 
 def runtime_disks(paths: Paths) -> set[Path]:
