@@ -28,7 +28,8 @@ from vmpod.hypervisor.accel import choose_accel
 from vmpod.hypervisor.qemu.devices import Machine, find_qemu
 from vmpod.paths import default_paths
 from vmpod.proc import run
-from vmpod.sandbox.sandbox import SandboxConfig, kernel_cmdline
+from vmpod.sandbox import SandboxConfig
+from vmpod.sandbox.boot import kernel_cmdline
 
 REPO = Path(__file__).resolve().parents[1]
 VMPOD = [sys.executable, "-m", "vmpod.cli"]

@@ -78,3 +78,7 @@ class ProtocolError(AgentError):
 
 class SandboxError(VmpodError):
     """Sandbox lifecycle failures (state, locking, teardown)."""
+
+
+class StateError(VmpodError):
+    """An operation that the object's current state does not allow (state named)."""

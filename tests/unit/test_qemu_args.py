@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vmpod.agent.protocol import PORT_NAME
 from vmpod.hypervisor.accel import AccelChoice
-from vmpod.hypervisor.base import Disk, VmConfig
+from vmpod.hypervisor.base import Disk, HostChannel, VmConfig
 from vmpod.hypervisor.qemu import devices
 from vmpod.hypervisor.qemu.devices import build_argv, q
 
@@ -90,28 +89,33 @@ def test_commas_in_paths_and_serials_are_doubled(tmp_path: Path) -> None:
     assert "virtio-blk-device,drive=disk0,serial=se,,r" in values(argv, "-device")
     assert values(argv, "-qmp") == [f"unix:{s}/qmp.sock,server=on,wait=off"]
     assert f"file,id=console,path={s}/console.log" in values(argv, "-chardev")
-    assert f"socket,id=agent,path={s}/agent.sock,server=on,wait=off" in values(argv, "-chardev")
+    assert f"socket,id=channel,path={s}/channel.sock,server=on,wait=off" in values(argv, "-chardev")
 
 
-def test_virtio_serial_agent_port(tmp_path: Path) -> None:
-    argv = build_argv(QEMU, config(tmp_path))
-    assert PORT_NAME == "org.vmpod.agent"
+def test_virtio_serial_port(tmp_path: Path) -> None:
+    argv = build_argv(QEMU, config(tmp_path, channel=HostChannel("serial", "org.example.port")))
     dev = values(argv, "-device")
     assert "virtio-serial-device" in dev
-    assert f"virtserialport,chardev=agent,name={PORT_NAME}" in dev
-    assert f"socket,id=agent,path={tmp_path}/agent.sock,server=on,wait=off" \
+    assert "virtserialport,chardev=channel,name=org.example.port" in dev
+    assert f"socket,id=channel,path={tmp_path}/channel.sock,server=on,wait=off" \
         in values(argv, "-chardev")
     assert dev.index("virtio-serial-device") < dev.index(
-        f"virtserialport,chardev=agent,name={PORT_NAME}")
+        "virtserialport,chardev=channel,name=org.example.port")
     assert not any("vsock" in d for d in dev)
 
 
-def test_vsock_agent_channel(tmp_path: Path) -> None:
-    argv = build_argv(QEMU, config(tmp_path, agent_channel="vsock", vsock_cid=42))
+def test_vsock_channel(tmp_path: Path) -> None:
+    argv = build_argv(QEMU, config(tmp_path, channel=HostChannel("vsock", vsock_cid=42)))
     dev = values(argv, "-device")
     assert "vhost-vsock-device,guest-cid=42" in dev
     assert not any(d.startswith(("virtio-serial", "virtserialport")) for d in dev)
-    assert not any("id=agent" in c for c in values(argv, "-chardev"))
+    assert not any("id=channel" in c for c in values(argv, "-chardev"))
+
+
+@pytest.mark.parametrize("kind,cid", [("tcp", 0), ("vsock", 2)])
+def test_bad_channel_refused(kind: str, cid: int) -> None:
+    with pytest.raises(ValueError):
+        HostChannel(kind, vsock_cid=cid)
 
 
 def test_qmp_socket_and_console_log(tmp_path: Path) -> None:

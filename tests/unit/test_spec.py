@@ -7,7 +7,7 @@ import pytest
 
 from vmpod.errors import ConfigError
 from vmpod.images import ImageConfig
-from vmpod.sandbox.spec import (
+from vmpod.runspec import (
     DEFAULT_CAPS,
     DEFAULT_PATH,
     MASKED,

@@ -10,7 +10,7 @@ import click
 from vmpod.cli.common import guard, progress
 from vmpod.guest.kernel import DEFAULT_KERNEL
 from vmpod.paths import default_paths
-from vmpod.sandbox.spec import ProcessOptions
+from vmpod.runspec import ProcessOptions
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,1 +1,26 @@
-"""Hypervisors: a small interface and one driver module per VMM."""
+"""Hypervisors: a small interface (``base.Hypervisor``) and one driver module per VMM,
+chosen by name from one registry."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vmpod.errors import ConfigError
+from vmpod.hypervisor.base import Hypervisor, VmConfig
+
+
+def _qemu(config: VmConfig) -> Hypervisor:
+    # Imported on use: qemu.qmp is not needed by commands that boot nothing.
+    from vmpod.hypervisor.qemu.driver import QemuVm
+    return QemuVm(config)
+
+
+HYPERVISORS: dict[str, Callable[[VmConfig], Hypervisor]] = {"qemu": _qemu}
+
+
+def create_vm(name: str, config: VmConfig) -> Hypervisor:
+    """A not yet launched VM of hypervisor ``name`` (``HYPERVISORS``)."""
+    factory = HYPERVISORS.get(name)
+    if factory is None:
+        raise ConfigError(f"unknown hypervisor {name!r}",
+                          hint=f"choose one of {', '.join(sorted(HYPERVISORS))}")
+    return factory(config)

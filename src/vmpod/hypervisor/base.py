@@ -1,11 +1,26 @@
 """The Hypervisor interface: what the sandbox needs from any VMM, nothing more."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
 from vmpod.hypervisor.accel import AccelChoice
+
+
+class VmState(Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+# new -> running (launched) -> stopped; a failed launch goes straight to stopped.
+VM_TRANSITIONS = {
+    VmState.NEW: frozenset({VmState.RUNNING, VmState.STOPPED}),
+    VmState.RUNNING: frozenset({VmState.STOPPED}),
+}
 
 
 @dataclass(frozen=True)
@@ -14,6 +29,24 @@ class Disk:
     path: Path
     serial: str
     readonly: bool = True
+
+
+@dataclass(frozen=True)
+class HostChannel:
+    """A byte stream between host and guest, for whatever the guest runs on it.
+
+    ``serial``: a virtio-serial port named ``name`` (a unix socket on the host);
+    ``vsock``: the guest listens on vsock, the host connects to ``vsock_cid``.
+    """
+    kind: str = "serial"
+    name: str = "org.vmpod.channel"
+    vsock_cid: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("serial", "vsock"):
+            raise ValueError(f"unknown host channel kind {self.kind!r}")
+        if self.kind == "vsock" and self.vsock_cid < 3:
+            raise ValueError(f"vsock guest CID must be >= 3, not {self.vsock_cid}")
 
 
 @dataclass(frozen=True)
@@ -26,12 +59,12 @@ class VmConfig:
     accel: AccelChoice
     disks: tuple[Disk, ...]
     state_dir: Path        # sockets and logs of this VM live here
-    agent_channel: str = "serial"   # "serial" (virtio-serial) | "vsock"
-    vsock_cid: int = 0
+    channel: HostChannel = field(default_factory=HostChannel)
 
     @property
-    def agent_socket(self) -> Path:
-        return self.state_dir / "agent.sock"
+    def channel_socket(self) -> Path:
+        """Host end of a ``serial`` channel."""
+        return self.state_dir / "channel.sock"
 
     @property
     def qmp_socket(self) -> Path:
@@ -43,10 +76,14 @@ class VmConfig:
 
 
 class Hypervisor(Protocol):
-    """One VM. ``launch`` starts it; ``shutdown`` is graceful-then-hard; ``kill`` is
-    idempotent and always leaves no process behind."""
+    """One VM. ``launch`` starts it (new -> running); ``shutdown`` is
+    graceful-then-hard; ``kill`` is idempotent and always leaves no process behind.
+    Drivers know nothing of containers or of what runs on the channel."""
 
     config: VmConfig
+
+    @property
+    def state(self) -> VmState: ...
 
     async def launch(self) -> None: ...
 
@@ -62,3 +99,14 @@ class Hypervisor(Protocol):
         ...
 
     def console_tail(self, lines: int = 20) -> str: ...
+
+
+def describe_exit(code: int) -> str:
+    """A VMM process exit code in words (negative: killed by that signal)."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exit status {code}"

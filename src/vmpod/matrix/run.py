@@ -8,21 +8,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmpod.agent.client import ProcessSink
 from vmpod.errors import VmpodError
 from vmpod.guest.assets import GuestAssets
-from vmpod.guest.modules import ModuleLoad, plan_modules
+from vmpod.guest.modules import ModuleLoad
 from vmpod.hypervisor.accel import AccelChoice
-from vmpod.hypervisor.base import Disk
 from vmpod.images import ImageConfig
 from vmpod.matrix.build import build_module, first_error
 from vmpod.matrix.verdict import judge
 from vmpod.paths import Paths
-from vmpod.sandbox.container import Container, ContainerConfig
-from vmpod.sandbox.sandbox import Sandbox, SandboxConfig
-from vmpod.sandbox.spec import ProcessOptions, build_spec
+from vmpod.runspec import ProcessOptions, build_spec
+from vmpod.sandbox import ContainerSpec, Output, Sandbox, SandboxConfig, SandboxSpec, prepare
 
-ROOTFS_SERIAL = "ctr-rootfs"
 MAX_SCRIPT = 48 * 1024
 STEPS = ("build", "boot", "load", "test", "unload")
 
@@ -136,22 +132,23 @@ async def run_kernel(paths: Paths, cfg: MatrixConfig, t: KernelTarget,
         return run.result()
     run.step("build", "ok")
     try:
-        plan = plan_modules(t.assets.kernel.modules_dir, t.assets.kernel.release,
-                            files=tuple(str(k) for k in built.modules))
+        config = prepare(paths, SandboxSpec(
+            kernel=t.name, accel=cfg.accel.accel, memory_mb=cfg.memory_mb,
+            boot_timeout=cfg.boot_timeout, rootfs=(cfg.image_disk,),
+            module_files=tuple(str(k) for k in built.modules)))
     except VmpodError as err:
         run.step("boot", "fail", f"modules: {err}")
         return run.result()
     async with slots.vms:
-        await _in_vm(paths, cfg, plan, {m.name for m in plan if m.file in built.modules}, run)
+        await _in_vm(paths, cfg, config, {m.name for m in config.modules
+                                          if m.file in built.modules}, run)
     return run.result()
 
 
-async def _in_vm(paths: Paths, cfg: MatrixConfig, plan: list[ModuleLoad], ours: set[str],
+async def _in_vm(paths: Paths, cfg: MatrixConfig, config: SandboxConfig, ours: set[str],
                  run: _Run) -> None:
-    t = run.target
-    sandbox = Sandbox(paths, SandboxConfig(
-        assets=t.assets, accel=cfg.accel, memory_mb=cfg.memory_mb, modules=tuple(plan),
-        boot_timeout=cfg.boot_timeout, disks=(Disk(cfg.image_disk, ROOTFS_SERIAL),)))
+    plan = list(config.modules)
+    sandbox = Sandbox(paths, config)
     console, log_text, tainted = "", "", 0
     try:
         run.step("boot", "running")
@@ -205,16 +202,14 @@ async def _test(sandbox: Sandbox, cfg: MatrixConfig, run: _Run) -> None:
     spec = build_spec(cfg.image_config, ProcessOptions(
         args=("/bin/sh", "-c", cfg.test_script, "vmpod-test"), env=env, privileged=True,
         hostname="matrix"))
-    container = Container(sandbox, ContainerConfig(id="test", spec=spec,
-                                                   rootfs_serial=ROOTFS_SERIAL))
+    container = await sandbox.create_container(ContainerSpec(id="test", oci=spec,
+                                                             rootfs=cfg.image_disk))
     out = bytearray()
-    sink = ProcessSink(on_stdout=out.extend, on_stderr=out.extend)
-    await container.create()
-    stream = await container.start(sink, stdin=False)
+    proc = await container.start(Output(out.extend, out.extend), stdin=False)
     try:
-        event = await asyncio.wait_for(asyncio.shield(sink.exited), cfg.test_timeout)
+        event = await asyncio.wait_for(proc.wait(), cfg.test_timeout)
     except TimeoutError:
-        await container.signal(stream, 9)
+        await proc.signal(9)
         (logs / "test.log").write_bytes(bytes(out))
         step("test", "fail", f"test: timed out after {cfg.test_timeout:g}s")
         return

@@ -17,38 +17,13 @@ import click
 from vmpod.errors import VmpodError
 from vmpod.runtime import ipc
 from vmpod.runtime.errors import RuntimeCliError
-from vmpod.runtime.state import DEFAULT_ROOT, PAUSED, RUNNING, STOPPED, Store
+from vmpod.runtime.logs import setup_logging
+from vmpod.runtime.rules import require
+from vmpod.runtime.state import DEFAULT_ROOT, Store
 
 log = logging.getLogger("vmpod")
 _LOG: dict[str, str] = {"path": "", "format": "text", "debug": ""}
 _CTX = {"help_option_names": ["-h", "--help"]}
-
-
-class _LogFormatter(logging.Formatter):
-    def __init__(self, fmt: str) -> None:
-        super().__init__()
-        self.fmt = fmt
-
-    def format(self, record: logging.LogRecord) -> str:
-        level = {"WARNING": "warning", "CRITICAL": "fatal"}.get(record.levelname,
-                                                                record.levelname.lower())
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
-        msg = record.getMessage()
-        if self.fmt == "json":
-            return json.dumps({"level": level, "msg": msg, "time": stamp})
-        return f'time="{stamp}" level={level} msg={json.dumps(msg)}'
-
-
-def setup_logging(path: str, fmt: str, debug: bool) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LogFormatter(fmt))
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.WARNING)
-    logging.getLogger("vmpod").setLevel(logging.DEBUG if debug else logging.INFO)
-    logging.getLogger("qemu").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
 def parse_signal(raw: str) -> int:
@@ -134,8 +109,7 @@ def kill(container_id: str, sig: str, all_: bool) -> None:
     store = _store()
     st = store.load(container_id)
     number = parse_signal(sig)
-    if store.status(st) == STOPPED or not store.monitor_alive(container_id):
-        raise RuntimeCliError("container not running")
+    require("kill", store.status(st))
     try:
         ipc.request(store.dir(container_id) / "monitor.sock",
                     {"op": "kill", "signal": number, "all": all_})
@@ -157,10 +131,7 @@ def delete(container_id: str, force: bool) -> None:
 def _runtime(container_id: str, command: str, args: list[str] | None = None,
              resources: dict[str, object] | None = None) -> str:
     store = _store()
-    st = store.load(container_id)
-    status = store.status(st)
-    if status not in (RUNNING, PAUSED):
-        raise RuntimeCliError("container not running")
+    require(command, store.status(store.load(container_id)))
     reply = ipc.request(store.dir(container_id) / "monitor.sock",
                         {"op": "runtime", "command": command, "args": args or [],
                          "resources": resources or {}}, timeout=90)

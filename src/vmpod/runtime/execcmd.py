@@ -13,8 +13,6 @@ import json
 import os
 import signal
 import sys
-import termios
-import tty
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,10 +20,11 @@ import click
 
 from vmpod.runtime import ipc
 from vmpod.runtime.errors import RuntimeCliError
-from vmpod.runtime.state import PAUSED, RUNNING, Store
-
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2)
+from vmpod.runtime.exits import exit_like
+from vmpod.runtime.rules import require
+from vmpod.runtime.state import Store
+from vmpod.sandbox.attach import raw_terminal, window_size
+from vmpod.signals import FORWARDED
 
 
 def build_process(bundle: str, args: tuple[str, ...], tty_: bool, cwd: str,
@@ -77,7 +76,6 @@ def _load_process(path: str) -> dict[str, object]:
 
 
 def exit_with(status: int) -> NoReturn:
-    from vmpod.runtime.monitor import exit_like
     sys.stdout.flush()
     sys.stderr.flush()
     exit_like(status)
@@ -90,7 +88,6 @@ def _wait(client: ipc.Client, tty_fd: int | None) -> int:
             client.send({"op": "signal", "signal": sig})
 
     def resize(_sig: int = 0, _frame: object = None) -> None:
-        from vmpod.runtime.relay import window_size
         size = window_size(tty_fd) if tty_fd is not None else None
         if size:
             with contextlib.suppress(OSError):
@@ -142,11 +139,7 @@ def exec_command(container_id: str, args: tuple[str, ...], process_file: str, tt
     """Run a new process in a running container."""
     store = Store(click.get_current_context().find_root().obj["root"])
     st = store.load(container_id)
-    status = store.status(st)
-    if status == PAUSED:
-        raise RuntimeCliError("cannot exec in a paused container")
-    if status != RUNNING:
-        raise RuntimeCliError("cannot exec in a stopped container")
+    require("exec", store.status(st))
     if process_file:
         process = _load_process(process_file)
         tty_ = bool(process.get("terminal"))
@@ -174,12 +167,6 @@ def exec_command(container_id: str, args: tuple[str, ...], process_file: str, tt
             write_pid_file(pid_file, pid)
         return
     own_tty = tty_ and not console_socket and os.isatty(0)
-    saved = termios.tcgetattr(0) if own_tty else None
-    try:
-        if own_tty:
-            tty.setraw(0)
+    with raw_terminal(0) if own_tty else contextlib.nullcontext():
         code = _wait(client, 0 if own_tty else None)
-    finally:
-        if saved is not None:
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
     sys.exit(code)   # like runc exec: 128+N for a signal, no re-raise

@@ -14,10 +14,10 @@ from pathlib import Path
 from vmpod.runtime import ipc
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HookError, run_hooks, run_hooks_warn
+from vmpod.runtime.rules import require
 from vmpod.runtime.state import (
     CREATED,
     CREATING,
-    PAUSED,
     RUNNING,
     STOPPED,
     ContainerState,
@@ -45,15 +45,15 @@ def write_pid_file(path: str, pid: int) -> None:
 
 def create(store: Store, cid: str, bundle: str, pid_file: str, console_socket: str,
            log_opts: tuple[str, str, bool] = ("", "text", False)) -> None:
-    # Heavy imports only here: state/kill/delete stay quick to start.
-    from vmpod.guest.assets import ensure_assets
-    from vmpod.guest.modules import plan_modules
-    from vmpod.hypervisor.accel import choose_accel
+    # Heavy imports only here, for start-up time: start/delete (this module) stay quick.
     from vmpod.images import resolve_rootfs
     from vmpod.paths import default_paths
     from vmpod.runtime.bundle import load_spec, translate
     from vmpod.runtime.config import load_config
-    from vmpod.runtime.monitor import MonitorArgs, monitor_main
+    from vmpod.runtime.monitor import monitor_main
+    from vmpod.runtime.session import MonitorArgs
+    from vmpod.sandbox import SandboxSpec, prepare
+    from vmpod.sandbox.build import with_rootfs
     from vmpod.storage.erofs import rootfs_disk
 
     check_id(cid)
@@ -69,12 +69,10 @@ def create(store: Store, cid: str, bundle: str, pid_file: str, console_socket: s
     for warning in plan.warnings:
         log.warning("%s", warning)
     paths = default_paths()
-    accel = choose_accel(cfg.accel)
-    log.debug("accelerator: %s (%s)", accel.accel, accel.reason)
-    assets = ensure_assets(paths, plan.kernel)
-    # resolved now so that an unknown module fails `create`, not the monitor
-    modules = tuple(plan_modules(assets.kernel.modules_dir, assets.kernel.release,
-                                 plan.kernel_modules))
+    # resolved before anything is made: an unknown kernel or module fails `create` itself
+    sandbox = prepare(paths, SandboxSpec(
+        kernel=plan.kernel, accel=cfg.accel, cpus=plan.cpus, memory_mb=plan.memory_mb,
+        boot_timeout=cfg.boot_timeout, kernel_modules=plan.kernel_modules))
     source = resolve_rootfs(plan.rootfs)
     disks = paths.images / "disks"
     with store.disks_lock():   # a delete must not remove the disk before our state names it
@@ -94,10 +92,9 @@ def create(store: Store, cid: str, bundle: str, pid_file: str, console_socket: s
             raise
     try:
         r, w = os.pipe2(os.O_CLOEXEC)
-        args = MonitorArgs(store_root=str(store.root), cid=cid, plan=plan, assets=assets,
-                           disk=disk, accel=accel, guest_runtime=cfg.guest_runtime,
-                           modules=modules,
-                           boot_timeout=cfg.boot_timeout, console_socket=console_socket,
+        args = MonitorArgs(store_root=str(store.root), cid=cid, plan=plan,
+                           sandbox=with_rootfs(sandbox, disk),
+                           guest_runtime=cfg.guest_runtime, console_socket=console_socket,
                            paths=paths, ready_fd=w, log_path=log_opts[0],
                            log_format=log_opts[1], debug=log_opts[2])
         pid = os.fork()
@@ -145,13 +142,7 @@ def _read_ready(fd: int) -> dict[str, object]:
 def start(store: Store, cid: str) -> None:
     with store.lock(cid):
         st = store.load(cid)
-        status = store.status(st)
-        if status in (RUNNING, PAUSED):
-            raise RuntimeCliError("cannot start an already running container")
-        if status == STOPPED:
-            raise RuntimeCliError("cannot start a container that has stopped")
-        if status != CREATED:
-            raise RuntimeCliError(f"cannot start a container in the {status} state")
+        require("start", store.status(st))
         try:
             run_hooks(st.hooks, "startContainer", st.oci(CREATED))
         except HookError:
@@ -172,9 +163,8 @@ def delete(store: Store, cid: str, force: bool) -> None:
         raise
     with store.lock(cid):
         st = store.load(cid)
-        status = store.status(st)
-        if status in (RUNNING, PAUSED) and not force:
-            raise RuntimeCliError(f"cannot delete container {cid} that is not stopped: {status}")
+        if not force:
+            require("delete", store.status(st), cid)
         destroy(store, st)
         cleanup(store, st)
     run_hooks_warn(st.hooks, "poststop", st.oci(STOPPED))

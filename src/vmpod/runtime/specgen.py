@@ -8,7 +8,7 @@ from pathlib import Path
 from vmpod.runtime.config import KNOWN_ANNOTATIONS, load_config
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS
-from vmpod.sandbox.spec import MASKED, READONLY
+from vmpod.runspec import MASKED, READONLY
 
 MOUNT_OPTIONS = sorted({
     "async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec", "lazytime",

@@ -1,1 +1,18 @@
-"""Sandbox (one VM per pod) and container lifecycle."""
+"""The sandbox core: one VM per sandbox (a pod), N containers in it. The one API
+every front end (cli, runtime, matrix; later shim, pods, forensics) goes through.
+
+    spec = SandboxSpec(kernel=..., rootfs=(disk,))        # what you want
+    config = prepare(paths, spec)                         # resolved before boot
+    async with Sandbox(paths, config) as sandbox:         # VM up, agent connected
+        c = await sandbox.create_container(ContainerSpec(id, oci, rootfs=disk))
+        proc = await c.start(Output(out, err), stdin=False)
+        status = (await proc.wait()).status
+"""
+from vmpod.sandbox.build import SandboxSpec, prepare
+from vmpod.sandbox.config import ContainerSpec, ContainerState, SandboxConfig, SandboxState
+from vmpod.sandbox.container import Container
+from vmpod.sandbox.process import Exit, Output, Process
+from vmpod.sandbox.sandbox import Sandbox
+
+__all__ = ["Container", "ContainerSpec", "ContainerState", "Exit", "Output", "Process",
+           "Sandbox", "SandboxConfig", "SandboxSpec", "SandboxState", "prepare"]

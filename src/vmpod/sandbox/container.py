@@ -1,70 +1,186 @@
-"""A container inside a sandbox: create (bundle in the guest), start, exec, signal."""
+"""A container inside a sandbox: prepared in the guest, started, exec'd into,
+signalled, paused, measured. Its state is an explicit machine (``ContainerState``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from vmpod.agent.client import ProcessSink
-from vmpod.sandbox.sandbox import Sandbox
+from vmpod.agent import protocol as p
+from vmpod.agent.client import AgentClient, ProcessSink
+from vmpod.errors import SandboxError, VmpodError
+from vmpod.sandbox.config import CONTAINER_TRANSITIONS, ContainerSpec, ContainerState
+from vmpod.sandbox.process import Exit, Output, Process
+from vmpod.signals import FATAL
+from vmpod.states import StateMachine
 
+if TYPE_CHECKING:
+    from vmpod.sandbox.sandbox import Sandbox
 
-@dataclass(frozen=True)
-class ContainerConfig:
-    id: str
-    spec: dict[str, object]       # OCI runtime config (see sandbox.spec)
-    rootfs_serial: str            # disk carrying the image (erofs)
-    user: str = ""                # resolved against the image's /etc/passwd in the guest
-    runtime: str = "runc"         # OCI runtime inside the guest: runc or crun
-    # small host files for bind mounts: NAME -> base64 (see protocol.CreateContainer)
-    files: dict[str, str] = field(default_factory=dict)
+RUNTIME_QUERIES = ("ps", "events", "update")
 
 
 class Container:
-    def __init__(self, sandbox: Sandbox, config: ContainerConfig) -> None:
+    def __init__(self, sandbox: Sandbox, agent: AgentClient, spec: ContainerSpec,
+                 serial: str, explain: Callable[[], Awaitable[VmpodError | None]]) -> None:
         self.sandbox = sandbox
-        self.config = config
-        self._next_stream = 1
+        self.spec = spec
+        self.id = spec.id
+        self._agent = agent
+        self._serial = serial
+        self._explain = explain
+        self._sm = StateMachine(f"container {spec.id}", ContainerState.NEW, CONTAINER_TRANSITIONS)
+        self.init: Process | None = None
+        self._exit: Exit | None = None
+        self._execs: dict[int, Process] = {}
 
-    def _stream(self) -> int:
-        s = self._next_stream
-        self._next_stream += 1
-        return s
+    @property
+    def state(self) -> ContainerState:
+        return self._sm.state
+
+    @property
+    def exit(self) -> Exit | None:
+        """How the container ended, once it has."""
+        return self._exit
 
     async def create(self) -> None:
+        """Prepare the bundle in the guest (rootfs mounted, config written)."""
+        self._sm.require("create the container", ContainerState.NEW)
+        s = self.spec
+        fstype = self.sandbox.config.rootfs_fstype
         args: dict[str, object] = {
-            "container_id": self.config.id, "spec": self.config.spec,
-            "rootfs_serial": self.config.rootfs_serial, "user": self.config.user,
-            "runtime": self.config.runtime}
-        if self.config.files:
-            args["files"] = self.config.files
-        await self.sandbox.agent.request("create_container", args)
+            "container_id": s.id, "spec": s.oci, "user": s.user, "runtime": s.runtime,
+            "rootfs_serial": str(s.rootfs) if fstype == "dir" else self._serial,
+            "rootfs_fstype": fstype}
+        if s.files:
+            args["files"] = s.files
+        await self._agent.request("create_container", args)
+        self._sm.to(ContainerState.CREATED)
 
-    async def start(self, sink: ProcessSink, *, stdin: bool, wait_started: bool = False) -> int:
-        """Run the container's process; returns the stream that carries its stdio.
+    def _process(self, output: Output) -> tuple[int, ProcessSink]:
+        sink = ProcessSink(on_stdout=output.stdout, on_stderr=output.stderr)
+        stream = self.sandbox.next_stream()
+        self._agent.attach(stream, sink)
+        return stream, sink
+
+    async def start(self, output: Output, *, stdin: bool, wait_started: bool = False) -> Process:
+        """Run the container's process; its output goes to ``output``.
 
         ``wait_started``: return only once the process runs (or failed to), as
         ``runc start`` does, instead of as soon as the guest runtime was spawned.
         """
-        stream = self._stream()
-        self.sandbox.agent.attach(stream, sink)
-        args: dict[str, object] = {"container_id": self.config.id, "stream": stream,
-                                   "stdin": stdin}
+        self._sm.require("start the container", ContainerState.CREATED)
+        stream, sink = self._process(output)
+        args: dict[str, object] = {"container_id": self.id, "stream": stream, "stdin": stdin}
         if wait_started:
             args["wait_started"] = True
-        await self.sandbox.agent.request("start_container", args,
-                                         timeout=120 if wait_started else 30)
-        return stream
+        await self._agent.request("start_container", args, timeout=120 if wait_started else 30)
+        self.init = Process(self._agent, stream, sink, self._explain)
+        self._sm.to(ContainerState.RUNNING)
+        self.init.add_done_callback(self._init_ended)
+        return self.init
 
-    async def exec(self, process: dict[str, object], sink: ProcessSink, *, stdin: bool,
-                   user: str = "") -> int:
-        stream = self._stream()
-        self.sandbox.agent.attach(stream, sink)
-        await self.sandbox.agent.request("exec", {
-            "container_id": self.config.id, "stream": stream, "process": process,
-            "stdin": stdin, "user": user})
-        return stream
+    def _init_ended(self) -> None:
+        if self.init is not None:
+            self._exit = self._exit or self.init.result()
+        self._sm.to(ContainerState.STOPPED)
 
-    async def signal(self, stream: int, sig: int) -> None:
-        await self.sandbox.agent.request("signal", {"stream": stream, "signal": int(sig)})
+    async def exec(self, process: dict[str, object], output: Output, *, stdin: bool,
+                   user: str = "") -> Process:
+        """Run another process (an OCI process object) in the running container."""
+        self._sm.require("exec in the container", ContainerState.RUNNING)
+        stream, sink = self._process(output)
+        await self._agent.request("exec", {"container_id": self.id, "stream": stream,
+                                           "process": process, "stdin": stdin, "user": user})
+        proc = Process(self._agent, stream, sink, self._explain)
+        self._execs[stream] = proc
+        proc.add_done_callback(lambda: self._forget_exec(stream))
+        return proc
 
-    async def resize(self, stream: int, rows: int, cols: int) -> None:
-        await self.sandbox.agent.request("resize", {"stream": stream, "rows": rows, "cols": cols})
+    def _forget_exec(self, stream: int) -> None:
+        self._execs.pop(stream, None)
+
+    @property
+    def execs(self) -> tuple[Process, ...]:
+        """Exec'd processes still running."""
+        return tuple(self._execs.values())
+
+    async def kill(self, sig: int, *, all_processes: bool = False) -> None:
+        """Signal the container's init (or, with ``all_processes``, every process).
+
+        Before ``start`` nothing runs in the guest: a fatal signal just ends the
+        container (status 128+N), like runc's kill of a created container."""
+        if self.state is ContainerState.CREATED:
+            if sig in FATAL:
+                self._exit = Exit(128 + sig)
+                self._sm.to(ContainerState.STOPPED)
+            return
+        self._sm.require("signal the container", ContainerState.RUNNING, ContainerState.PAUSED)
+        if all_processes:
+            await self._runtime("kill", ["--all", str(sig)])
+        else:
+            assert self.init is not None
+            await self.init.signal(sig)
+
+    async def wait(self) -> Exit:
+        """The container's exit status, once its init has ended."""
+        if self.init is None:
+            self._sm.require("wait for the container", ContainerState.STOPPED)
+            assert self._exit is not None
+            return self._exit
+        return await self.init.wait()
+
+    async def resize(self, rows: int, cols: int) -> None:
+        self._sm.require("resize the terminal", ContainerState.RUNNING, ContainerState.PAUSED)
+        assert self.init is not None
+        await self.init.resize(rows, cols)
+
+    async def pause(self) -> None:
+        self._sm.require("pause the container", ContainerState.RUNNING)
+        await self._runtime("pause", [])
+        self._sm.to(ContainerState.PAUSED)
+
+    async def resume(self) -> None:
+        self._sm.require("resume the container", ContainerState.PAUSED)
+        await self._runtime("resume", [])
+        self._sm.to(ContainerState.RUNNING)
+
+    async def query(self, command: str, args: list[str],
+                    resources: dict[str, object] | None = None) -> str:
+        """``ps``, ``events`` or ``update`` by the guest runtime; returns its stdout."""
+        if command not in RUNTIME_QUERIES:
+            raise SandboxError(f"unsupported runtime query {command!r}")
+        self._sm.require(f"run {command}", ContainerState.RUNNING, ContainerState.PAUSED)
+        return (await self._runtime(command, args, resources)).stdout
+
+    async def _runtime(self, command: str, args: list[str],
+                       resources: dict[str, object] | None = None) -> p.CommandResult:
+        res = await self._agent.call(p.CommandResult, "runtime", {
+            "container_id": self.id, "command": command, "args": args,
+            "resources": resources or {}}, timeout=60)
+        if res.status != 0:
+            why = runtime_error(res.stderr or res.stdout)
+            raise SandboxError(why or f"{command} failed in the VM (status {res.status})")
+        return res
+
+    def stopped(self, status: int) -> None:
+        """Record an end decided on the host (the VM is going away)."""
+        if self.state is not ContainerState.STOPPED:
+            self._exit = self._exit or Exit(status)
+            self._sm.to(ContainerState.STOPPED)
+
+
+def runtime_error(text: str) -> str:
+    """The message of runc's last error line (JSON or logrus text), else the last line."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and "msg" in obj:
+            return str(obj["msg"])
+        if 'msg="' in line:
+            return line.split('msg="', 1)[1].rstrip('"')
+    return lines[-1] if lines else ""
+

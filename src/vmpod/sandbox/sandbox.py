@@ -1,103 +1,40 @@
-"""A Sandbox is one VM (one pod): hypervisor + agent connection + state directory.
+"""A Sandbox is one VM (one pod): hypervisor + agent connection + state directory,
+and the containers that run in it. The only way front ends reach a VM.
 
-Lifecycle: ``start`` (launch VM, wait for the agent's hello) -> use ``agent`` ->
-``stop`` (agent shutdown, QEMU quit, hard kill, state dir removed). ``stop`` is
-idempotent and runs in ``finally`` paths, so nothing is left behind.
+Lifecycle (``SandboxState``): ``start`` (launch the VM, wait for the agent's
+hello) -> ``create_container`` / container handles -> ``stop`` (agent shutdown,
+hypervisor quit, hard kill, state dir removed) or ``kill`` (hard at once). Both
+are idempotent and run in ``finally`` paths, so nothing is left behind.
 """
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
-import os
 import secrets
-import shutil
 import time
-from dataclasses import dataclass, field
-from typing import IO
 
+from vmpod.agent import protocol as p
 from vmpod.agent.client import AgentClient
-from vmpod.agent.protocol import MODULES_DIR, VSOCK_PORT, CommandResult, KernelLogResult
-from vmpod.errors import AgentError, AgentTimeout, HypervisorError, SandboxError
-from vmpod.guest.assets import GuestAssets
+from vmpod.errors import AgentError, AgentTimeout, HypervisorError, SandboxError, VmpodError
 from vmpod.guest.initramfs import with_modules
 from vmpod.guest.modules import ModuleLoad, read_module
-from vmpod.hypervisor.accel import AccelChoice
-from vmpod.hypervisor.base import Disk, VmConfig
-from vmpod.hypervisor.qemu.driver import QemuVm, describe_exit
+from vmpod.hypervisor import create_vm
+from vmpod.hypervisor.base import Disk, Hypervisor, VmConfig, describe_exit
 from vmpod.paths import Paths
+from vmpod.sandbox.boot import StateDir, agent_channel, console_line, kernel_cmdline
+from vmpod.sandbox.config import (
+    SANDBOX_TRANSITIONS,
+    ContainerSpec,
+    ContainerState,
+    SandboxConfig,
+    SandboxState,
+)
+from vmpod.sandbox.container import Container
+from vmpod.states import StateMachine
 
 log = logging.getLogger(__name__)
 ROOT_SERIAL = "vmpod-root"
-
-
-@dataclass(frozen=True)
-class SandboxConfig:
-    assets: GuestAssets
-    accel: AccelChoice
-    cpus: int = 1
-    memory_mb: int = 512
-    boot_timeout: float = 60.0
-    disks: tuple[Disk, ...] = ()
-    kernel_args: tuple[str, ...] = field(default_factory=tuple)
-    verbose_console: bool = False
-    agent_channel: str = "auto"    # auto | serial | vsock
-    modules: tuple[ModuleLoad, ...] = ()   # shipped in an extra initramfs, loaded on request
-
-
-def choose_channel(requested: str = "auto") -> str:
-    """vsock where the host has a usable vhost-vsock, virtio-serial otherwise."""
-    if requested != "auto":
-        return requested
-    dev = "/dev/vhost-vsock"
-    return "vsock" if os.path.exists(dev) and os.access(dev, os.R_OK | os.W_OK) else "serial"
-
-
-def host_tsc_khz() -> int | None:
-    """Host TSC rate: passing it avoids a random early-boot hang (field notes)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("cpu MHz"):
-                    return int(float(line.split(":")[1]) * 1000)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def kernel_cmdline(cfg: SandboxConfig, channel: str = "serial") -> str:
-    args = [f"vmpod.channel={channel}", "console=ttyS0", "panic=-1", "reboot=t", "8250.nr_uarts=1",
-            "cryptomgr.notests", "no_timer_check", "random.trust_cpu=on"]
-    if not cfg.verbose_console:
-        args.append("quiet")
-    khz = host_tsc_khz()
-    if khz:
-        args.append(f"tsc_early_khz={khz}")
-    if not cfg.assets.kernel.pvh:
-        # a bzImage's decompressor reports a corrupt image only on an early console
-        args.append("earlyprintk=serial,ttyS0,115200")
-    return " ".join([*args, *cfg.kernel_args])
-
-
-def collect_stale(paths: Paths) -> list[str]:
-    """Remove state dirs of sandboxes whose owner died (e.g. vmpod killed with -9).
-
-    A live owner holds the flock on ``lock``; its QEMU died with it (PDEATHSIG).
-    """
-    removed: list[str] = []
-    if not paths.sandboxes.is_dir():
-        return removed
-    for d in paths.sandboxes.iterdir():
-        try:
-            with (d / "lock").open("a") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue    # alive
-        except OSError:
-            pass        # no lock file: half-created, the owner is gone too
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d.name)
-    return removed
+_S = SandboxState
 
 
 class Sandbox:
@@ -105,10 +42,19 @@ class Sandbox:
         self.paths = paths
         self.config = config
         self.id = sandbox_id or secrets.token_hex(6)
-        self.state_dir = paths.sandboxes / self.id
-        self.agent = AgentClient()
-        self.vm: QemuVm | None = None
-        self._lock: IO[str] | None = None
+        self._dir = StateDir(paths, self.id)
+        self.state_dir = self._dir.path
+        self._agent = AgentClient()
+        self._vm: Hypervisor | None = None
+        self._sm = StateMachine(f"sandbox {self.id}", _S.NEW, SANDBOX_TRANSITIONS)
+        self.containers: dict[str, Container] = {}
+        self._serials = {d.path: d.serial for d in config.disks}
+        self._next_stream = 1
+        self.guest_uptime = -1.0
+
+    @property
+    def state(self) -> SandboxState:
+        return self._sm.state
 
     async def __aenter__(self) -> Sandbox:
         try:
@@ -121,44 +67,138 @@ class Sandbox:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    # -- lifecycle --------------------------------------------------------------
     async def start(self) -> None:
-        self._make_state_dir()
+        """Boot the VM and connect to its agent; the guest clock is set on the way."""
+        self._sm.to(_S.STARTING)
+        self._dir.make()
+        vm_config = self._vm_config()
+        self._vm = create_vm(self.config.hypervisor, vm_config)
+        await self._vm.launch()
+        await self._connect(vm_config)
+        await self._agent.request("set_clock", {"epoch_ns": time.time_ns()})
+        self._sm.to(_S.RUNNING)
+
+    def _vm_config(self) -> VmConfig:
         a = self.config.assets
         initramfs = a.initramfs
         if self.config.modules:
             initramfs = with_modules(a.initramfs, {
                 f"{m.name}.ko": read_module(m.file) for m in self.config.modules},
                 self.state_dir / "initramfs.cpio")
-        channel = choose_channel(self.config.agent_channel)
-        cid = secrets.randbelow(2**31) + 3 if channel == "vsock" else 0
-        vm_config = VmConfig(
+        channel = agent_channel(self.config.agent_channel)
+        return VmConfig(
             kernel=a.kernel.boot_image, initramfs=initramfs,
-            cmdline=kernel_cmdline(self.config, channel), cpus=self.config.cpus,
+            cmdline=kernel_cmdline(self.config, channel.kind), cpus=self.config.cpus,
             memory_mb=self.config.memory_mb, accel=self.config.accel,
             disks=(Disk(a.rootfs, ROOT_SERIAL), *self.config.disks),
-            state_dir=self.state_dir, agent_channel=channel, vsock_cid=cid)
-        self.vm = QemuVm(vm_config)
-        await self.vm.launch()
+            state_dir=self.state_dir, channel=channel)
+
+    async def _connect(self, vm_config: VmConfig) -> None:
+        ch, timeout = vm_config.channel, self.config.boot_timeout
+        target = vm_config.channel_socket if ch.kind == "serial" else (ch.vsock_cid, p.VSOCK_PORT)
         try:
-            target = vm_config.agent_socket if channel == "serial" else (cid, VSOCK_PORT)
-            await self.agent.connect(target, self.config.boot_timeout, self._check_alive)
+            hello = await self._agent.connect(target, timeout, self._check_alive)
         except AgentTimeout as err:
+            a = self.config.assets
             raise AgentTimeout(
-                f"guest agent did not answer within {self.config.boot_timeout:g}s "
+                f"guest agent did not answer within {timeout:g}s "
                 f"(kernel {a.kernel.release}, {self.config.accel.accel})",
                 hint="raise --boot-timeout on slow hosts",
                 console_tail=self.console_tail()) from err
         except AgentError as err:
             # The channel dropped: usually the VM stopped (panic, init failure).
-            failure = await self.vm_failure()
+            failure = await self.failure()
             if failure is None:
                 raise
             raise HypervisorError(
                 f"the VM stopped during boot ({failure.details.get('how', '')}): "
-                f"{self._last_console_line()}", console_tail=self.console_tail()) from err
-        await self.agent.request("set_clock", {"epoch_ns": time.time_ns()})
-        log.info("guest uptime at hello: %.2fs", self.agent.hello.uptime if self.agent.hello else -1)
+                f"{console_line(self.console_tail(40))}",
+                console_tail=self.console_tail()) from err
+        self.guest_uptime = hello.uptime
+        log.info("guest uptime at hello: %.2fs", hello.uptime)
 
+    def _check_alive(self) -> None:
+        """Raise if the VM stopped (boot failure, kernel panic, QEMU killed)."""
+        code = self._vm.exit_status() if self._vm else None
+        if code is not None:
+            raise HypervisorError(
+                f"the VM stopped during boot ({describe_exit(code)}): "
+                f"{console_line(self.console_tail(40))}", console_tail=self.console_tail())
+
+    async def stop(self) -> None:
+        """Graceful (agent shutdown, VMM quit), then hard; always removes the state dir."""
+        if self.state is _S.STOPPED:
+            return
+        self._sm.to(_S.STOPPING)
+        try:
+            if self.alive:
+                try:
+                    await self._agent.request("shutdown", timeout=2.0)
+                except AgentError as err:
+                    log.debug("agent shutdown: %s", err)
+            await self._agent.close()
+            if self._vm is not None and self._vm.exit_status() is None:
+                await self._vm.shutdown(timeout=3.0)
+        finally:
+            self._finish()
+
+    async def kill(self) -> None:
+        """Hard stop at once (nothing in the guest is worth saving); idempotent."""
+        if self.state is _S.STOPPED:
+            return
+        self._sm.to(_S.STOPPING)
+        try:
+            if self._vm is not None:
+                self._vm.kill()
+            await self._agent.close()
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._vm is not None:
+            self._vm.kill()
+        for c in self.containers.values():
+            c.stopped(255)
+        self._dir.remove()
+        self._sm.to(_S.STOPPED)
+
+    @property
+    def alive(self) -> bool:
+        """The VM process still runs."""
+        return self._vm is not None and self._vm.exit_status() is None
+
+    # -- containers -------------------------------------------------------------
+    async def create_container(self, spec: ContainerSpec) -> Container:
+        """Prepare a container in the guest; several may share one sandbox (a pod)."""
+        self._sm.require("create a container", _S.RUNNING)
+        if spec.id in self.containers:
+            raise SandboxError(f"container {spec.id} already exists in sandbox {self.id}")
+        serial = self._serials.get(spec.rootfs)
+        if serial is None:
+            raise SandboxError(f"the root filesystem {spec.rootfs} was not attached to "
+                               f"sandbox {self.id} at boot",
+                               hint="list every container disk in SandboxConfig.disks")
+        container = Container(self, self._agent, spec, serial, self.failure)
+        self.containers[spec.id] = container
+        try:
+            await container.create()
+        except BaseException:
+            del self.containers[spec.id]
+            raise
+        return container
+
+    def next_stream(self) -> int:
+        """A fresh stdio stream number for a process of this sandbox."""
+        s = self._next_stream
+        self._next_stream += 1
+        return s
+
+    def running_containers(self) -> list[Container]:
+        return [c for c in self.containers.values()
+                if c.state in (ContainerState.RUNNING, ContainerState.PAUSED)]
+
+    # -- guest kernel and facts ---------------------------------------------------
     async def load_modules(self) -> None:
         """insmod the configured modules in order; a failure names the module."""
         for m in self.config.modules:
@@ -168,78 +208,39 @@ class Sandbox:
                                    f"{(res.stderr or res.stdout).strip() or f'status {res.status}'}",
                                    hint="see the kernel log (dmesg) of the guest")
 
-    async def load_module(self, m: ModuleLoad) -> CommandResult:
-        return await self.agent.call(CommandResult, "load_module", {
-            "path": f"{MODULES_DIR}/{m.name}.ko", "params": list(m.params)}, timeout=60)
+    async def load_module(self, m: ModuleLoad) -> p.CommandResult:
+        self._sm.require("load a kernel module", _S.RUNNING)
+        return await self._agent.call(p.CommandResult, "load_module", {
+            "path": f"{p.MODULES_DIR}/{m.name}.ko", "params": list(m.params)}, timeout=60)
 
-    async def unload_module(self, name: str) -> CommandResult:
-        return await self.agent.call(CommandResult, "unload_module", {"name": name}, timeout=60)
+    async def unload_module(self, name: str) -> p.CommandResult:
+        self._sm.require("unload a kernel module", _S.RUNNING)
+        return await self._agent.call(p.CommandResult, "unload_module", {"name": name}, timeout=60)
 
-    async def kernel_log(self, since: int = -1) -> KernelLogResult:
-        return await self.agent.call(KernelLogResult, "kernel_log", {"since": since})
+    async def kernel_log(self, since: int = -1) -> p.KernelLogResult:
+        self._sm.require("read the kernel log", _S.RUNNING)
+        return await self._agent.call(p.KernelLogResult, "kernel_log", {"since": since})
 
-    def _make_state_dir(self) -> None:
-        collect_stale(self.paths)
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=False)
-        except FileExistsError as err:
-            raise SandboxError(f"sandbox {self.id} already exists") from err
-        self._lock = (self.state_dir / "lock").open("w")
-        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        (self.state_dir / "pid").write_text(str(os.getpid()))
+    async def guest_info(self) -> p.GuestInfo:
+        self._sm.require("ask for guest facts", _S.RUNNING)
+        return await self._agent.call(p.GuestInfo, "guest_info")
 
-    def _check_alive(self) -> None:
-        """Raise if the VM stopped (boot failure, kernel panic, QEMU killed)."""
-        code = self.vm.exit_status() if self.vm else None
-        if code is not None:
-            assert self.vm is not None
-            raise HypervisorError(
-                f"the VM stopped during boot ({describe_exit(code)}): "
-                f"{self._last_console_line()}",
-                console_tail=self.console_tail())
-
-    def _last_console_line(self) -> str:
-        """The most telling console line: our init's complaint, a panic, else the last."""
-        lines = [ln.strip() for ln in self.console_tail(40).splitlines() if ln.strip()]
-        for marker in ("Kernel panic", "vmpod-init:", "vmpod-agent:"):
-            found = [ln for ln in lines if marker in ln]
-            if found:
-                return found[-1]
-        return lines[-1] if lines else "no console output"
-
-    async def vm_failure(self, grace: float = 2.0) -> HypervisorError | None:
+    # -- diagnosis ------------------------------------------------------------------
+    async def failure(self, grace: float = 2.0) -> VmpodError | None:
         """Why the VM is gone, if it is (used when the agent channel drops).
 
-        The channel closes while the dying QEMU is still exiting: wait a moment.
+        The channel closes while the dying VMM is still exiting: wait a moment.
         """
-        if self.vm is None:
+        if self._vm is None:
             return None
         deadline = time.monotonic() + grace
-        while (code := self.vm.exit_status()) is None and time.monotonic() < deadline:
+        while (code := self._vm.exit_status()) is None and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if code is None:
             return None
-        return HypervisorError(f"the VM stopped unexpectedly (QEMU {describe_exit(code)})",
-                               console_tail=self.console_tail(), how=f"QEMU {describe_exit(code)}")
+        how = f"QEMU {describe_exit(code)}"
+        return HypervisorError(f"the VM stopped unexpectedly ({how})",
+                               console_tail=self.console_tail(), how=how)
 
     def console_tail(self, lines: int = 20) -> str:
-        return self.vm.console_tail(lines) if self.vm else ""
-
-    async def stop(self) -> None:
-        """Graceful, then hard; always removes the state directory."""
-        try:
-            if self.vm is not None and self.vm.exit_status() is None:
-                try:
-                    await self.agent.request("shutdown", timeout=2.0)
-                except AgentError as err:
-                    log.debug("agent shutdown: %s", err)
-            await self.agent.close()
-            if self.vm is not None:
-                await self.vm.shutdown(timeout=3.0)
-        finally:
-            if self.vm is not None:
-                self.vm.kill()
-            if self._lock is not None:
-                self._lock.close()
-                self._lock = None
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        return self._vm.console_tail(lines) if self._vm else ""

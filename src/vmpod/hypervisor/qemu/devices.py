@@ -5,7 +5,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmpod.agent.protocol import PORT_NAME
 from vmpod.hypervisor.base import Disk, VmConfig
 
 
@@ -64,13 +63,15 @@ class SerialConsole:
 
 
 @dataclass(frozen=True)
-class AgentSerialPort:
+class SerialPort:
+    """A named virtio-serial port whose host end is a listening unix socket."""
     socket: Path
+    name: str
 
     def args(self) -> list[str]:
         return ["-device", "virtio-serial-device",
-                "-chardev", f"socket,id=agent,path={q(self.socket)},server=on,wait=off",
-                "-device", f"virtserialport,chardev=agent,name={PORT_NAME}"]
+                "-chardev", f"socket,id=channel,path={q(self.socket)},server=on,wait=off",
+                "-device", f"virtserialport,chardev=channel,name={q(self.name)}"]
 
 
 @dataclass(frozen=True)
@@ -90,19 +91,16 @@ class QmpSocket:
 
 
 def build_argv(binary: str, cfg: VmConfig) -> list[str]:
-    if cfg.agent_channel not in ("serial", "vsock"):
-        raise ValueError(f"unknown agent channel {cfg.agent_channel!r}")
-    if cfg.agent_channel == "vsock" and cfg.vsock_cid < 3:
-        raise ValueError(f"vsock guest CID must be >= 3, not {cfg.vsock_cid}")
-    devices: list[Machine | KernelBoot | BlockDevice | SerialConsole | AgentSerialPort
+    ch = cfg.channel
+    devices: list[Machine | KernelBoot | BlockDevice | SerialConsole | SerialPort
                   | VsockDevice | QmpSocket] = [
         Machine(cfg.accel.accel, cfg.cpus, cfg.memory_mb),
         KernelBoot(cfg.kernel, cfg.initramfs, cfg.cmdline),
         SerialConsole(cfg.console_log),
         QmpSocket(cfg.qmp_socket),
         *(BlockDevice(i, d) for i, d in enumerate(cfg.disks)),
-        AgentSerialPort(cfg.agent_socket) if cfg.agent_channel == "serial"
-        else VsockDevice(cfg.vsock_cid),
+        SerialPort(cfg.channel_socket, ch.name) if ch.kind == "serial"
+        else VsockDevice(ch.vsock_cid),
     ]
     argv = [binary]
     for dev in devices:

@@ -13,8 +13,9 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from vmpod.errors import HypervisorError
-from vmpod.hypervisor.base import VmConfig
+from vmpod.hypervisor.base import VM_TRANSITIONS, VmConfig, VmState, describe_exit
 from vmpod.hypervisor.qemu.devices import build_argv, find_qemu
+from vmpod.states import StateMachine
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -27,7 +28,7 @@ def _die_with_parent() -> None:
 
 
 class QemuVm:
-    """One QEMU process. States: new -> running -> stopped (checked in ``_expect``)."""
+    """One QEMU process. States: new -> running -> stopped (``VM_TRANSITIONS``)."""
 
     def __init__(self, config: VmConfig, binary: str | None = None) -> None:
         self.config = config
@@ -35,11 +36,11 @@ class QemuVm:
         self.argv: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QMPClient | None = None
-        self._state = "new"
+        self._sm = StateMachine("the VM", VmState.NEW, VM_TRANSITIONS)
 
-    def _expect(self, *states: str) -> None:
-        if self._state not in states:
-            raise HypervisorError(f"QEMU is {self._state}, expected {'/'.join(states)}")
+    @property
+    def state(self) -> VmState:
+        return self._sm.state
 
     @property
     def pid(self) -> int | None:
@@ -49,8 +50,9 @@ class QemuVm:
         return self._proc.poll() if self._proc else None
 
     async def launch(self) -> None:
-        self._expect("new")
+        self._sm.require("launch", VmState.NEW)
         if self.binary is None:
+            self._sm.to(VmState.STOPPED)
             raise HypervisorError("qemu-system-x86_64 not found",
                                   hint="run the README set-up command (apt-get install qemu-system-x86)")
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -62,10 +64,11 @@ class QemuVm:
                                           stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                                           close_fds=True)
         except OSError as err:
+            self._sm.to(VmState.STOPPED)
             raise HypervisorError(f"cannot start QEMU: {err}", argv=self.argv) from err
         finally:
             errlog.close()
-        self._state = "running"
+        self._sm.to(VmState.RUNNING)
         try:
             await self._connect_qmp()
         except BaseException:
@@ -104,14 +107,17 @@ class QemuVm:
 
     async def qmp(self, cmd: str, **args: object) -> object:
         """One QMP command (for snapshots, status and quit)."""
-        self._expect("running")
+        self._sm.require("send a QMP command", VmState.RUNNING)
         if self._qmp is None:
             raise HypervisorError("QMP is not connected")
         return await self._qmp.execute(cmd, args or None)
 
     async def shutdown(self, timeout: float = 5.0) -> None:
-        """Ask QEMU to quit over QMP, wait, then SIGKILL by pid; always cleans up."""
-        if self._state != "running":
+        """Ask QEMU to quit over QMP, wait, then SIGKILL by pid; always cleans up.
+
+        A VM that already stopped is left as it is (teardown paths call this)."""
+        self._sm.require("shut down", VmState.RUNNING, VmState.STOPPED)
+        if self._sm.state is VmState.STOPPED:
             return
         try:
             if self._qmp is not None and self.exit_status() is None:
@@ -144,8 +150,7 @@ class QemuVm:
             except ProcessLookupError:
                 pass
             self._proc.wait()
-        if self._state == "running":
-            self._state = "stopped"
+        self._sm.to(VmState.STOPPED)
 
     def console_tail(self, lines: int = 20) -> str:
         return _tail(self.config.console_log, lines)
@@ -164,13 +169,3 @@ def _tail(path: os.PathLike[str], lines: int) -> str:
     except OSError:
         return ""
     return "\n".join(data.replace("\r", "").splitlines()[-lines:])
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"killed by {name}"
-    return f"exit status {code}"

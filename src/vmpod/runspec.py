@@ -1,5 +1,6 @@
-"""The OCI runtime config that runc runs inside the guest, built from the image
-config and the user's options (docker's precedence rules)."""
+"""The OCI runtime config that the guest runtime runs, built from an image config
+and docker-run style options (docker's precedence rules). Used by `vmpod run` and
+the matrix; vmpod-runtime takes its config from the bundle instead."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,0 +1,274 @@
+"""One container's session in its monitor: boot the sandbox, create the container,
+start it with the stdio ``create`` was given (or a pty handed to
+--console-socket), signal and query it, and tear everything down when its
+process ends. The status it persists is the one ``rules`` checks commands against.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+
+from vmpod.errors import AgentTimeout, VmpodError
+from vmpod.paths import Paths
+from vmpod.runtime import ipc
+from vmpod.runtime.bundle import Plan
+from vmpod.runtime.config import config_path
+from vmpod.runtime.control import ControlServer, Msg
+from vmpod.runtime.errors import RuntimeCliError
+from vmpod.runtime.execs import ExecSession
+from vmpod.runtime.rules import require
+from vmpod.runtime.state import CREATING, STOPPED, Store, proc_start_time
+from vmpod.sandbox import Container, ContainerSpec, ContainerState, Output, Process, Sandbox, SandboxConfig
+from vmpod.sandbox.attach import FORWARDED, Relay, is_null, make_pty, same_file
+
+log = logging.getLogger(__name__)
+OutputFn = Callable[[bytes], None]
+EXEC_GRACE = 1.0     # seconds exec'd processes get to report after the init died
+# The monitor also passes on SIGWINCH, as runc's signal proxy does.
+MONITOR_SIGNALS = (*FORWARDED, signal.SIGWINCH)
+
+
+@dataclass(frozen=True)
+class MonitorArgs:
+    store_root: str
+    cid: str
+    plan: Plan
+    sandbox: SandboxConfig   # resolved by create: assets, accelerator, modules, the disk
+    guest_runtime: str
+    console_socket: str
+    paths: Paths
+    ready_fd: int
+    log_path: str = ""       # --log: the monitor logs there, never to the container's stderr
+    log_format: str = "text"
+    debug: bool = False
+
+
+class Session:
+    def __init__(self, args: MonitorArgs) -> None:
+        self.a = args
+        self.store = Store(args.store_root)
+        self.sandbox: Sandbox | None = None
+        self.container: Container | None = None
+        self.announced = False       # `create` finished its hooks: "created" from now on
+        self.tty_slave = -1
+        self.done: asyncio.Future[int] | None = None
+        self.relay = Relay()
+        self.tasks: set[asyncio.Task[object]] = set()
+        self.state_dir = self.store.dir(args.cid)
+        self._boot_task: asyncio.Task[None] | None = None
+
+    @property
+    def status(self) -> str:
+        """The OCI status: "creating" until create's hooks ran, then the container's."""
+        if self.done is not None and self.done.done():
+            return STOPPED
+        if self.container is None or not self.announced:
+            return CREATING
+        state = self.container.state
+        return CREATING if state is ContainerState.NEW else state.value
+
+    # -- lifecycle ------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+        for sig in MONITOR_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self._boot_task = asyncio.create_task(self._boot())
+        try:
+            await self._boot_task
+        except (Exception, asyncio.CancelledError) as err:
+            msg = "interrupted" if isinstance(err, asyncio.CancelledError) else str(err)
+            log.error("create failed: %s", msg, exc_info=not isinstance(
+                err, VmpodError | asyncio.CancelledError))
+            self._ready({"ok": False, "error": msg})
+            await self._teardown()
+            return 255
+        if not self._ready({"ok": True, "pid": os.getpid()}):
+            log.error("create went away before the container was ready: destroying it")
+            await self._teardown()
+            return 255
+        status = await self.done
+        await self._teardown()
+        return status
+
+    def _ready(self, msg: dict[str, object]) -> bool:
+        try:
+            os.write(self.a.ready_fd, json.dumps(msg).encode() + b"\n")
+            return True
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self.a.ready_fd)
+
+    async def _boot(self) -> None:
+        a, plan = self.a, self.a.plan
+        sandbox = Sandbox(a.paths, a.sandbox)
+        self.store.update(a.cid, pid=os.getpid(), monitor_start=proc_start_time(os.getpid()),
+                          sandbox_dir=str(sandbox.state_dir))
+        self.sandbox = sandbox
+        t0 = time.monotonic()
+        try:
+            await sandbox.start()
+        except AgentTimeout as err:
+            raise RuntimeCliError(f"{err.message} (raise boot_timeout in {config_path()})",
+                                  console_tail=err.details.get("console_tail", "")) from err
+        log.debug("VM of %s ready after %.2fs (%d vCPU, %d MiB)", a.cid,
+                  time.monotonic() - t0, plan.cpus, plan.memory_mb)
+        await sandbox.load_modules()
+        disk = a.sandbox.disks[0].path
+        self.container = await sandbox.create_container(ContainerSpec(
+            id=a.cid, oci=plan.spec, rootfs=disk, runtime=a.guest_runtime, files=plan.files))
+        if plan.terminal:
+            master, self.tty_slave = make_pty()
+            try:
+                ipc.send_console(a.console_socket, master)
+            finally:
+                os.close(master)
+        server = ControlServer(ipc.listen_unix(self.state_dir / "monitor.sock"), {
+            "created": self._op_created, "start": self._op_start, "kill": self._op_kill,
+            "runtime": self._op_runtime, "destroy": self._op_destroy}, self._op_exec)
+        self.spawn(server.serve())
+
+    def spawn(self, coro: Coroutine[object, object, object]) -> asyncio.Task[object]:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def persist(self, **changes: object) -> None:
+        try:
+            self.store.update(self.a.cid, status=self.status, **changes)
+        except (OSError, VmpodError) as err:
+            log.debug("state not saved: %s", err)   # delete removed the directory
+
+    def finish(self, status: int) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(status)
+            self.persist(exit_status=status)
+
+    async def _teardown(self) -> None:
+        execs = self.container.execs if self.container else ()
+        if execs:   # exec'd processes die with the init's pid namespace: let them report
+            await asyncio.wait([asyncio.ensure_future(e.wait()) for e in execs],
+                               timeout=EXEC_GRACE)
+        with contextlib.suppress(Exception):
+            if self.sandbox is not None:
+                await self.sandbox.kill()   # nothing to save: the writable layer is guest RAM
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=2)
+        await self.relay.close()
+        with contextlib.suppress(OSError):
+            (self.state_dir / "monitor.sock").unlink()
+
+    def _on_signal(self, sig: int) -> None:
+        log.debug("monitor got signal %d", sig)
+        if self.status == CREATING and self.container is None:
+            if sig != signal.SIGWINCH and self._boot_task is not None:
+                self._boot_task.cancel()
+            return
+        self.spawn(self._forward(sig))
+
+    async def _forward(self, sig: int) -> None:
+        try:
+            await self.kill(sig, False)
+        except VmpodError as err:
+            log.debug("signal %d not forwarded: %s", sig, err)
+
+    # -- operations (called by the control server) ------------------------------
+    async def _op_created(self, msg: Msg) -> Msg:
+        self.announced = True
+        self.persist()
+        return {}
+
+    async def _op_destroy(self, msg: Msg) -> Msg:
+        asyncio.get_running_loop().call_soon(self.finish, 128 + signal.SIGKILL)
+        return {}
+
+    async def _op_start(self, msg: Msg) -> Msg:
+        await self.start()
+        return {}
+
+    async def _op_kill(self, msg: Msg) -> Msg:
+        sig = msg.get("signal")
+        if not isinstance(sig, int) or not 0 < sig < 65:
+            raise RuntimeCliError(f"invalid signal {sig!r}")
+        await self.kill(sig, bool(msg.get("all")))
+        return {}
+
+    async def _op_runtime(self, msg: Msg) -> Msg:
+        command, args, resources = msg.get("command"), msg.get("args") or [], \
+            msg.get("resources") or {}
+        if command not in ("pause", "resume", "ps", "events", "update") or not isinstance(
+                args, list) or not isinstance(resources, dict):
+            raise RuntimeCliError(f"invalid runtime request {command!r}")
+        return {"stdout": await self.query(str(command), [str(a) for a in args], resources)}
+
+    async def _op_exec(self, conn: ipc.Conn, msg: Msg, fds: list[int]) -> None:
+        require("exec", self.status)
+        assert self.container is not None
+        await ExecSession(self.container, conn, msg, fds).run()
+
+    async def start(self) -> None:
+        require("start", self.status)
+        assert self.container is not None
+        if self.tty_slave >= 0:
+            out = err = self.relay.writer(os.dup(self.tty_slave), owned=True)
+            stdin_fd, stdin = self.tty_slave, True
+        else:
+            out = self.relay.writer(1, owned=False)
+            err = out if same_file(1, 2) else self.relay.writer(2, owned=False)
+            stdin_fd, stdin = 0, not is_null(0)
+        proc = await self.container.start(Output(out.write, err.write), stdin=stdin,
+                                          wait_started=True)
+        self.persist()
+        if stdin:
+            self.relay.pump(stdin_fd, proc, eof_closes=self.tty_slave < 0)
+        if self.tty_slave >= 0:
+            self.relay.watch_size(self.tty_slave, proc)
+        self.spawn(self._watch_init(proc, err.write))
+
+    async def _watch_init(self, proc: Process, err: OutputFn) -> None:
+        try:
+            ex = await proc.wait()
+            status = ex.status
+            if ex.message:
+                log.error("%s", ex.message)
+                err(f"vmpod-runtime: {ex.message}\n".encode())
+        except VmpodError as exc:
+            log.error("container %s lost: %s", self.a.cid, exc)
+            status = 255
+        self.finish(status)
+
+    async def kill(self, sig: int, all_: bool) -> None:
+        require("kill", self.status)
+        assert self.container is not None
+        await self.container.kill(sig, all_processes=all_)
+        if self.container.state is ContainerState.STOPPED and self.container.init is None:
+            ex = self.container.exit
+            self.finish(ex.status if ex else 128 + sig)
+
+    async def query(self, command: str, args: list[str],
+                    resources: dict[str, object]) -> str:
+        """pause, resume, ps, events, update; the runtime's rules decide first."""
+        require(command, self.status)
+        assert self.container is not None
+        try:
+            if command == "pause":
+                await self.container.pause()
+            elif command == "resume":
+                await self.container.resume()
+            else:
+                return await self.container.query(command, args, resources)
+        finally:
+            self.persist()
+        return ""

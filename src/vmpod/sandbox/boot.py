@@ -1,0 +1,117 @@
+"""Boot-time details of a sandbox: the kernel command line, the agent channel, and
+the per-sandbox state directory (locked while its owner lives)."""
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import IO
+
+from vmpod.agent.protocol import PORT_NAME
+from vmpod.errors import SandboxError
+from vmpod.hypervisor.base import HostChannel
+from vmpod.paths import Paths
+from vmpod.sandbox.config import SandboxConfig
+
+
+def choose_channel(requested: str = "auto") -> str:
+    """vsock where the host has a usable vhost-vsock, virtio-serial otherwise."""
+    if requested != "auto":
+        return requested
+    dev = "/dev/vhost-vsock"
+    return "vsock" if os.path.exists(dev) and os.access(dev, os.R_OK | os.W_OK) else "serial"
+
+
+def agent_channel(requested: str) -> HostChannel:
+    """The host channel the guest agent listens on (a fresh vsock CID per VM)."""
+    kind = choose_channel(requested)
+    cid = secrets.randbelow(2**31) + 3 if kind == "vsock" else 0
+    return HostChannel(kind, PORT_NAME, cid)
+
+
+def host_tsc_khz() -> int | None:
+    """Host TSC rate: passing it avoids a random early-boot hang (field notes)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def kernel_cmdline(cfg: SandboxConfig, channel: str = "serial") -> str:
+    args = [f"vmpod.channel={channel}", "console=ttyS0", "panic=-1", "reboot=t", "8250.nr_uarts=1",
+            "cryptomgr.notests", "no_timer_check", "random.trust_cpu=on"]
+    if not cfg.verbose_console:
+        args.append("quiet")
+    khz = host_tsc_khz()
+    if khz:
+        args.append(f"tsc_early_khz={khz}")
+    if not cfg.assets.kernel.pvh:
+        # a bzImage's decompressor reports a corrupt image only on an early console
+        args.append("earlyprintk=serial,ttyS0,115200")
+    return " ".join([*args, *cfg.kernel_args])
+
+
+def collect_stale(paths: Paths) -> list[str]:
+    """Remove state dirs of sandboxes whose owner died (e.g. vmpod killed with -9).
+
+    A live owner holds the flock on ``lock``; its QEMU died with it (PDEATHSIG).
+    """
+    removed: list[str] = []
+    if not paths.sandboxes.is_dir():
+        return removed
+    for d in paths.sandboxes.iterdir():
+        try:
+            with (d / "lock").open("a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue    # alive
+        except OSError:
+            pass        # no lock file: half-created, the owner is gone too
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d.name)
+    return removed
+
+
+class StateDir:
+    """``<run>/sandboxes/<id>``: sockets, logs and the owner's lock of one sandbox."""
+
+    def __init__(self, paths: Paths, sandbox_id: str) -> None:
+        self.paths = paths
+        self.path = paths.sandboxes / sandbox_id
+        self._lock: IO[str] | None = None
+
+    def make(self) -> None:
+        collect_stale(self.paths)
+        try:
+            self.path.mkdir(parents=True, exist_ok=False)
+        except FileExistsError as err:
+            raise SandboxError(f"sandbox {self.path.name} already exists") from err
+        self._lock = (self.path / "lock").open("w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (self.path / "pid").write_text(str(os.getpid()))
+
+    def remove(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def console_line(tail: str) -> str:
+    """The most telling console line: our init's complaint, a panic, else the last."""
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    for marker in ("Kernel panic", "vmpod-init:", "vmpod-agent:"):
+        found = [ln for ln in lines if marker in ln]
+        if found:
+            return found[-1]
+    return lines[-1] if lines else "no console output"
+
+
+def state_path(paths: Paths, sandbox_id: str) -> Path:
+    return paths.sandboxes / sandbox_id

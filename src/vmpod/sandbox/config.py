@@ -1,0 +1,81 @@
+"""What a sandbox and its containers are made of: typed, frozen, validated once.
+
+``SandboxConfig`` is fully resolved (assets built, accelerator chosen, modules
+planned); front ends get one from ``build.prepare`` and a ``SandboxSpec``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from vmpod.guest.assets import GuestAssets
+from vmpod.guest.modules import ModuleLoad
+from vmpod.hypervisor.accel import AccelChoice
+from vmpod.hypervisor.base import Disk
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    assets: GuestAssets
+    accel: AccelChoice
+    cpus: int = 1
+    memory_mb: int = 512
+    boot_timeout: float = 60.0
+    disks: tuple[Disk, ...] = ()          # container root filesystems (erofs), by path
+    kernel_args: tuple[str, ...] = field(default_factory=tuple)
+    verbose_console: bool = False
+    agent_channel: str = "auto"           # auto | serial | vsock
+    modules: tuple[ModuleLoad, ...] = ()  # shipped in an extra initramfs, loaded on request
+    hypervisor: str = "qemu"              # a name in hypervisor.HYPERVISORS
+    # How the guest mounts container root filesystems: "erofs" disks by serial, or
+    # "dir": the path is visible to the agent as it is (an in-process agent in tests).
+    rootfs_fstype: str = "erofs"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """One container of a sandbox.
+
+    ``rootfs`` is a disk image the sandbox was booted with (``SandboxConfig.disks``):
+    the VM has no disk hotplug, so every container's disk is known at boot.
+    """
+    id: str
+    oci: dict[str, object]        # OCI runtime config (root.path is set in the guest)
+    rootfs: Path
+    user: str = ""                # resolved against the image's /etc/passwd in the guest
+    runtime: str = "runc"         # OCI runtime inside the guest: runc or crun
+    # small host files for bind mounts: NAME -> base64 (see protocol.CreateContainer)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+class SandboxState(Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+SANDBOX_TRANSITIONS = {
+    SandboxState.NEW: frozenset({SandboxState.STARTING, SandboxState.STOPPING}),
+    SandboxState.STARTING: frozenset({SandboxState.RUNNING, SandboxState.STOPPING}),
+    SandboxState.RUNNING: frozenset({SandboxState.STOPPING}),
+    SandboxState.STOPPING: frozenset({SandboxState.STOPPED}),
+}
+
+
+class ContainerState(Enum):
+    NEW = "new"            # known to the host, not yet prepared in the guest
+    CREATED = "created"    # bundle ready in the guest, nothing runs
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+CONTAINER_TRANSITIONS = {
+    ContainerState.NEW: frozenset({ContainerState.CREATED, ContainerState.STOPPED}),
+    ContainerState.CREATED: frozenset({ContainerState.RUNNING, ContainerState.STOPPED}),
+    ContainerState.RUNNING: frozenset({ContainerState.PAUSED, ContainerState.STOPPED}),
+    ContainerState.PAUSED: frozenset({ContainerState.RUNNING, ContainerState.STOPPED}),
+}

