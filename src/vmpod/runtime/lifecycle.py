@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 
+from vmpod.fsutil import atomic_write, is_locked
 from vmpod.runtime import ipc
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HookError, run_hooks, run_hooks_warn
@@ -36,11 +35,7 @@ def sock_path(store: Store, cid: str) -> Path:
 
 
 def write_pid_file(path: str, pid: int) -> None:
-    target = Path(path).absolute()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".pid-")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(str(pid))
-    os.rename(tmp, target)
+    atomic_write(Path(path).absolute(), str(pid).encode(), mode=0o600)
 
 
 def create(store: Store, cid: str, bundle: str, pid_file: str, console_socket: str,
@@ -231,17 +226,10 @@ def _disk_of(store: Store, cid: str) -> str:
 
 
 def _remove_unlocked(d: Path) -> None:
+    """Remove a VM state dir unless its owner still holds its lock."""
     try:
-        fd = os.open(d / "lock", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        shutil.rmtree(d, ignore_errors=True)
-        return
+        if is_locked(d / "lock"):
+            return      # still in use (should not happen once the monitor is gone)
     except OSError:
         return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return      # still in use (should not happen once the monitor is gone)
-    finally:
-        os.close(fd)
     shutil.rmtree(d, ignore_errors=True)

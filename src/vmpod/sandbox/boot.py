@@ -2,15 +2,14 @@
 the per-sandbox state directory (locked while its owner lives)."""
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import IO
 
 from vmpod.agent.protocol import PORT_NAME
 from vmpod.errors import SandboxError
+from vmpod.fsutil import is_locked, lock_file
 from vmpod.hypervisor.base import HostChannel
 from vmpod.paths import Paths
 from vmpod.sandbox.config import SandboxConfig
@@ -67,15 +66,19 @@ def collect_stale(paths: Paths) -> list[str]:
         return removed
     for d in paths.sandboxes.iterdir():
         try:
-            with (d / "lock").open("a") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue    # alive
+            if is_locked(d / "lock"):
+                continue    # alive
         except OSError:
             pass        # no lock file: half-created, the owner is gone too
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d.name)
     return removed
+
+
+# Tests (and debugging) set this to a directory that receives the console and
+# hypervisor logs of every sandbox as it goes away.
+KEEP_LOGS_ENV = "VMPOD_KEEP_LOGS"
+KEPT_LOGS = ("console.log", "qemu.log")
 
 
 class StateDir:
@@ -84,7 +87,7 @@ class StateDir:
     def __init__(self, paths: Paths, sandbox_id: str) -> None:
         self.paths = paths
         self.path = paths.sandboxes / sandbox_id
-        self._lock: IO[str] | None = None
+        self._lock = -1
 
     def make(self) -> None:
         collect_stale(self.paths)
@@ -92,15 +95,26 @@ class StateDir:
             self.path.mkdir(parents=True, exist_ok=False)
         except FileExistsError as err:
             raise SandboxError(f"sandbox {self.path.name} already exists") from err
-        self._lock = (self.path / "lock").open("w")
-        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock = lock_file(self.path / "lock")
         (self.path / "pid").write_text(str(os.getpid()))
 
     def remove(self) -> None:
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        """Delete the directory; its logs are kept first where VMPOD_KEEP_LOGS says."""
+        keep = os.environ.get(KEEP_LOGS_ENV)
+        if keep:
+            self._keep_logs(Path(keep) / self.path.name)
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+    def _keep_logs(self, dest: Path) -> None:
+        for name in KEPT_LOGS:
+            src = self.path / name
+            if src.is_file():
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest / name)
 
 
 def console_line(tail: str) -> str:
