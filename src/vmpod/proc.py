@@ -19,11 +19,15 @@ def tail(text: str | bytes, limit: int = _TAIL) -> str:
 
 
 def run(argv: Sequence[str | Path], *, what: str, input: bytes | None = None,
-        cwd: Path | None = None, timeout: float | None = 600,
+        cwd: Path | None = None, timeout: float = 600, check: bool = True,
         hint: str = "") -> subprocess.CompletedProcess[bytes]:
     """Run ``argv`` to completion; raise CommandError (with output tail) on failure.
 
     ``what`` names the step for the one-line message ("download kernel package").
+    ``input`` is fed to stdin (else stdin is inherited). Every run is time-limited.
+    ``check=False`` returns whatever the exit status, for tools whose status means
+    nothing and whose output the caller validates; a missing tool or a timeout
+    still raises.
     """
     args = [str(a) for a in argv]
     try:
@@ -36,7 +40,7 @@ def run(argv: Sequence[str | Path], *, what: str, input: bytes | None = None,
     except subprocess.TimeoutExpired as err:
         raise CommandError(f"{what}: '{args[0]}' timed out after {timeout}s", argv=args,
                            returncode=None, output_tail=tail(err.stderr or b"")) from err
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         out = tail(proc.stderr or proc.stdout)
         last = out.splitlines()[-1] if out else "no output"
         raise CommandError(f"{what} failed: {last}", argv=args, returncode=proc.returncode,

@@ -100,6 +100,14 @@ def test_relative_symlink_inside_root_is_followed(dest: Path) -> None:
     assert os.readlink(dest / "bin") == "usr/bin"
 
 
+def test_symlink_chain_with_dotdot_inside_root_is_followed(dest: Path) -> None:
+    apply_layers(dest, [D("usr"), D("usr/lib"), L("lib", "usr/lib"), L("l2", "lib/../lib")],
+                 [F("l2/f", b"x"), D("l2/sub"), F("lib/sub/g", b"y")])
+    assert (dest / "usr" / "lib" / "f").read_bytes() == b"x"
+    assert (dest / "usr" / "lib" / "sub" / "g").read_bytes() == b"y"
+    assert os.readlink(dest / "l2") == "lib/../lib"
+
+
 def test_whiteouts_and_opaque_dirs_across_layers(dest: Path) -> None:
     apply_layers(
         dest,

@@ -148,6 +148,35 @@ def test_lz4_legacy_payload_via_tool() -> None:
     assert extract_vmlinux(bzimage(payload + size_trailer(elf))) == elf
 
 
+LZ4_MAGIC = b"\x02\x21\x4c\x18"
+
+
+def test_tool_payload_goes_through_stdin_whatever_the_exit_status(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tail = shutil.which("tail")
+    assert tail is not None
+    fake = tmp_path / "lz4"   # drops the magic and exits 1, as lz4 does on the size trailer
+    fake.write_text(f"#!/bin/sh\n{tail} -c +5\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    elf = fake_elf()
+    assert extract_vmlinux(bzimage(LZ4_MAGIC + elf)) == elf
+
+
+def test_missing_tool_is_an_asset_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))   # no lz4 here
+    with pytest.raises(AssetError, match="'lz4' is not installed"):
+        extract_vmlinux(bzimage(LZ4_MAGIC + b"payload"))
+
+
+def test_aliases_are_written_atomically(paths: Paths) -> None:
+    paths.kernels.mkdir(parents=True)
+    kernel._write_json(paths.kernels / "aliases.json", {"6.1": "6.1.0-47-cloud-amd64"})
+    kernel._write_json(paths.kernels / "aliases.json", {"6.12": "x"})
+    assert json.loads((paths.kernels / "aliases.json").read_text()) == {"6.12": "x"}
+    assert [p.name for p in paths.kernels.iterdir()] == ["aliases.json"]   # no temp left
+
+
 # -- resolve_package (branches that raise before apt is asked) ----------------------
 
 @pytest.fixture

@@ -21,12 +21,12 @@ import pytest
 from vmpod.cli.images_cmd import _ago
 from vmpod.errors import ImageError
 from vmpod.images import resolve_image
+from vmpod.images.reference import parse_reference
 from vmpod.images.registry import (
     Challenge,
     RegistryClient,
     copy_verified,
     parse_challenges,
-    parse_reference,
 )
 from vmpod.images.resolve import registry_reference
 from vmpod.images.store import (

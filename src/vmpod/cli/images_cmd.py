@@ -29,6 +29,7 @@ def pull(reference: str, insecure: bool, creds: str, timeout: float, quiet: bool
     REFERENCE is REGISTRY/NAME:TAG or REGISTRY/NAME@sha256:HEX. Layers already in
     the store are not downloaded again. Prints the linux/amd64 manifest digest.
     """
+    # imported here for start-up time: the store loads urllib and ssl, which other commands skip
     from vmpod.images.store import PullOptions, creds_from_env, parse_creds
     from vmpod.images.store import pull as pull_image
     options = PullOptions(insecure=insecure, timeout=timeout,
@@ -42,7 +43,8 @@ def pull(reference: str, insecure: bool, creds: str, timeout: float, quiet: bool
 @guarded
 def images(quiet: bool) -> None:
     """List the images pulled into the local image store."""
-    from vmpod.images.registry import parse_reference
+    # imported here for start-up time: the store loads urllib and ssl, which other commands skip
+    from vmpod.images.reference import parse_reference
     from vmpod.images.store import ImageStore, human_size
     with _local_errors():
         stored = ImageStore(default_paths().images).images()
@@ -66,7 +68,8 @@ def images(quiet: bool) -> None:
 @guarded
 def rmi(references: tuple[str, ...]) -> None:
     """Remove images from the local store, with the blobs no other image uses."""
-    from vmpod.images.registry import parse_reference
+    # imported here for start-up time: the store loads urllib and ssl, which other commands skip
+    from vmpod.images.reference import parse_reference
     from vmpod.images.store import ImageStore, human_size
     store = ImageStore(default_paths().images)
     for text in references:

@@ -10,17 +10,14 @@ import click
 
 from vmpod.cli.common import guarded, progress
 from vmpod.errors import ConfigError
+from vmpod.fsutil import meminfo
 
 _VM_MEMORY_MB = 512
 
 
 def default_jobs() -> int:
     """As many VMs as cores, bounded by memory (each VM + QEMU ≈ 0.75 GiB)."""
-    avail_kb = 0
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                avail_kb = int(line.split()[1])
+    avail_kb = meminfo().get("MemAvailable", 0)
     by_memory = max(1, avail_kb // ((_VM_MEMORY_MB + 256) * 1024))
     return max(1, min(os.cpu_count() or 1, by_memory))
 

@@ -11,13 +11,13 @@ import lzma
 import re
 import shutil
 import struct
-import subprocess
 import tempfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vmpod.errors import AssetError, ConfigError
+from vmpod.errors import AssetError, CommandError, ConfigError
+from vmpod.fsutil import atomic_write
 from vmpod.paths import Paths
 from vmpod.proc import run
 
@@ -301,11 +301,10 @@ def _decompress(payload: bytes) -> bytes:
         raise AssetError(f"unsupported kernel compression (magic {payload[:4].hex()})")
     # lz4 exits 1 on the size trailer the kernel appends; the ELF check validates output.
     try:
-        proc = subprocess.run(argv, input=payload, capture_output=True, check=False, timeout=120)
-    except FileNotFoundError as err:
-        raise AssetError(f"'{argv[0]}' is needed to unpack this kernel",
-                         hint="run the README set-up command") from err
-    return proc.stdout
+        return run(argv, what="unpack the kernel payload", input=payload, timeout=120,
+                   check=False).stdout
+    except CommandError as err:   # the caller falls back to the bzImage on AssetError
+        raise AssetError(err.message, hint=err.hint) from err
 
 
 def _strip(name: str) -> str:
@@ -321,9 +320,7 @@ def _alias_index(paths: Paths) -> dict[str, str]:
 
 
 def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.rename(path)
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def kernel_summary(k: Kernel) -> dict[str, object]:

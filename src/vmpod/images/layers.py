@@ -1,8 +1,9 @@
 """Apply image layer tars to a root directory without ever writing outside it.
 
-Every entry path is resolved component by component below the root: ``..``
-may not climb above it, and a symlink met on the way is followed only if its
-target is relative and stays inside (``bin -> usr/bin``). The final component
+Every entry path is resolved component by component below the root
+(``fsutil.resolve_below``): ``..`` may not climb above it, and a symlink met
+on the way is followed only if its target is relative and stays inside
+(``bin -> usr/bin``); anything else is refused. The final component
 is never followed: whatever exists there is removed first and new files are
 created with ``O_EXCL | O_NOFOLLOW``. OCI whiteouts (``.wh.NAME``,
 ``.wh..wh..opq``) are applied against lower layers.
@@ -13,6 +14,7 @@ never unpack into a tree a running guest can modify (e.g. a live 9p share).
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -27,10 +29,10 @@ from pathlib import Path
 from typing import IO
 
 from vmpod.errors import ImageError, UnsafeLayerError
+from vmpod.fsutil import Below, resolve_below
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
-_MAX_SYMLINKS = 40  # like the kernel's limit, so symlink loops end with an error
 _CHUNK = 1 << 20
 
 Opener = Callable[[], "IO[bytes] | None"]
@@ -79,52 +81,43 @@ class LayerApplier:
     def _resolve_dir(self, parts: list[str], entry: str, *, create: bool) -> list[str] | None:
         """Real (symlink-free) components of directory ``parts`` below the root.
 
-        Missing directories are created when ``create`` (tar may omit parents),
-        else None is returned.
+        Resolved by fsutil.resolve_below, which never leaves the root; a path that
+        tries to (a '..' above it, an absolute symlink) is refused, not confined,
+        as is a symlink loop. Missing directories are created when ``create`` (tar
+        may omit parents), else None is returned.
         """
-        todo = list(reversed(parts))
-        real: list[str] = []
-        links = 0
-        via = ""
-        while todo:
-            part = todo.pop()
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if not real:
-                    raise UnsafeLayerError(f"{self.label}: entry {entry!r} escapes the root "
-                                           f"filesystem{via}", hint="refusing a malicious image")
-                real.pop()
-                continue
-            path = self._path([*real, part])
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                if not create:
-                    return None
-                os.mkdir(path, 0o755)
-                real.append(part)
-                self._added.add("/".join(real))
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                links += 1
-                target = os.readlink(path)
-                rel = "/".join([*real, part])
-                if links > _MAX_SYMLINKS:
-                    raise UnsafeLayerError(f"{self.label}: entry {entry!r}: too many levels of "
-                                           "symbolic links", hint="refusing a malicious image")
-                if target.startswith("/"):
-                    raise UnsafeLayerError(f"{self.label}: entry {entry!r} goes through absolute "
-                                           f"symlink {rel!r} -> {target!r}",
-                                           hint="refusing a malicious image")
-                via = f" through symlink {rel!r} -> {target!r}"
-                todo.extend(reversed(target.split("/")))
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                raise ImageError(f"{self.label}: entry {entry!r}: {'/'.join([*real, part])!r} "
-                                 "is not a directory", hint="the image is malformed")
-            real.append(part)
-        return real
+        path = "/".join(parts)
+        while True:
+            found = self._below(path, entry)
+            if found.escape:
+                raise UnsafeLayerError(f"{self.label}: entry {entry!r} {found.escape}",
+                                       hint="refusing a malicious image")
+            if found.exists:
+                break
+            if not create:
+                return None
+            new = [*found.parts, found.missing[0]]   # one level at a time: links may follow
+            os.mkdir(self._path(new), 0o755)
+            self._added.add("/".join(new))
+            path = "/".join([*new, *found.missing[1:]])
+        if not stat.S_ISDIR(os.lstat(found.path).st_mode):
+            raise self._not_a_dir(entry, "/".join(found.parts))
+        return list(found.parts)
+
+    def _below(self, path: str, entry: str) -> Below:
+        try:
+            return resolve_below(self._root, path)
+        except NotADirectoryError as err:
+            raise self._not_a_dir(entry, os.path.relpath(err.filename, self._root)) from None
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            raise UnsafeLayerError(f"{self.label}: entry {entry!r}: too many levels of "
+                                   "symbolic links", hint="refusing a malicious image") from None
+
+    def _not_a_dir(self, entry: str, rel: str) -> ImageError:
+        return ImageError(f"{self.label}: entry {entry!r}: {rel!r} is not a directory",
+                          hint="the image is malformed")
 
     def _remove(self, parts: list[str]) -> None:
         """Remove whatever is at ``parts`` (a link itself, never its target)."""

@@ -1,4 +1,4 @@
-"""OCI distribution registry client: references, auth, manifests and verified blobs.
+"""OCI distribution registry client: auth, manifests and verified blobs.
 
 Standard library only (urllib): a pull needs a handful of GETs, and the
 distribution API's auth dance (401 → token → retry) is small enough to keep
@@ -27,79 +27,18 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from vmpod.errors import ImageError
-from vmpod.images.blobs import MAX_JSON_BYTES, check_digest_format, parse_json, verify_bytes
-from vmpod.images.resolve import _INDEX_TYPES, _MANIFEST_TYPES
-from vmpod.images.resolve import _Descriptor as Descriptor
+from vmpod.images.blobs import MAX_JSON_BYTES, parse_json, verify_bytes
+from vmpod.images.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Document
+from vmpod.images.reference import Reference
 
-DEFAULT_REGISTRY = "docker.io"
-_DOCKER_HUB_API = "registry-1.docker.io"   # docker.io's API endpoint
-ACCEPT = ", ".join(sorted(_MANIFEST_TYPES | _INDEX_TYPES))
+ACCEPT = ", ".join(sorted(MANIFEST_TYPES | INDEX_TYPES))
 _CHUNK = 1 << 20
 _ERROR_BODY_LIMIT = 64 << 10
 _DOC_DEADLINE = 60.0   # seconds for a whole manifest/config/token document
 
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_DOMAIN = (r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-           r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[0-9a-fA-F:]+\])"
-           r"(?::[0-9]+)?")
-_REPO_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_DOMAIN_RE = re.compile(_DOMAIN)
-_TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _SCHEME_RE = re.compile(rf"[\s,]*({_TOKEN})")
 _PARAM_RE = re.compile(rf'[\s,]*({_TOKEN})\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)')
-
-
-@dataclass(frozen=True)
-class Reference:
-    """``registry/repository[:tag][@digest]``, normalised like docker does."""
-
-    registry: str
-    repository: str
-    tag: str = ""
-    digest: str = ""
-
-    @property
-    def name(self) -> str:
-        return f"{self.registry}/{self.repository}"
-
-    @property
-    def host(self) -> str:
-        """Where the registry API answers (docker.io's lives elsewhere)."""
-        return _DOCKER_HUB_API if self.registry == DEFAULT_REGISTRY else self.registry
-
-    def __str__(self) -> str:
-        return self.name + (f":{self.tag}" if self.tag else "") + \
-            (f"@{self.digest}" if self.digest else "")
-
-
-def parse_reference(text: str) -> Reference:
-    """Parse ``[REGISTRY/]NAME[:TAG][@DIGEST]``; no registry means docker.io."""
-    hint = "expected REGISTRY/NAME:TAG or REGISTRY/NAME@sha256:DIGEST"
-    rest, _, digest = text.partition("@")
-    if digest:
-        check_digest_format(digest, f"image reference {text!r}")
-    name, tag = rest, ""
-    slash = rest.rfind("/")
-    if ":" in rest[slash + 1:]:
-        name, _, tag = rest.rpartition(":")
-        if not _TAG_RE.fullmatch(tag):
-            raise ImageError(f"invalid tag {tag!r} in image reference {text!r}", hint=hint)
-    first, sep, remainder = name.partition("/")
-    # docker's rule: the first component is a registry if it looks like a host.
-    if sep and (any(c in first for c in ".:") or first == "localhost" or first != first.lower()):
-        registry, repository = first, remainder
-        if not _DOMAIN_RE.fullmatch(registry):
-            raise ImageError(f"invalid registry {registry!r} in image reference {text!r}",
-                             hint=hint)
-    else:
-        registry, repository = DEFAULT_REGISTRY, name
-    if registry == DEFAULT_REGISTRY and "/" not in repository:
-        repository = f"library/{repository}"
-    if not _REPO_RE.fullmatch(repository) or len(repository) > 255:
-        raise ImageError(f"invalid repository name in image reference {text!r}",
-                         hint=hint + " (names are lower case)")
-    return Reference(registry, repository, tag if tag or digest else "latest", digest)
 
 
 def is_loopback(registry: str) -> bool:
@@ -136,15 +75,6 @@ def parse_challenges(values: list[str]) -> list[Challenge]:
                 pos = param.end()
             out.append(Challenge(scheme.group(1).lower(), params))
     return out
-
-
-@dataclass(frozen=True)
-class Document:
-    """A fetched manifest body, checked against the digest it was asked or announced by."""
-
-    digest: str
-    content_type: str
-    data: bytes
 
 
 def copy_verified(src: IO[bytes], dst: IO[bytes], digest: str, size: int, where: str) -> int:

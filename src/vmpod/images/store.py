@@ -14,41 +14,37 @@ not referenced yet. Index updates take ``.index.lock`` and replace
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from vmpod.errors import ImageError
+from vmpod.fsutil import LockTimeout, atomic_write, atomic_writer, lock_file, locked
 from vmpod.guest.progress import Progress, silent
 from vmpod.images.blobs import DirStore, blob_location, parse_json
-from vmpod.images.registry import Document, Reference, RegistryClient, parse_reference
-from vmpod.images.resolve import (
-    _INDEX_TYPES,
-    _LAYER_TYPES,
-    _MANIFEST_TYPES,
-    _descriptor,
-    _descriptors,
-    _diff_ids,
-    _from_oci,
-    _pick_platform,
+from vmpod.images.layout import read_oci
+from vmpod.images.oci import (
+    REF_NAME,
+    Manifest,
+    diff_ids,
+    index_descriptors,
+    manifest_blobs,
     parse_config,
+    parse_manifest,
+    pick_platform,
 )
-from vmpod.images.resolve import _Descriptor as Descriptor
+from vmpod.images.reference import Reference, parse_reference
+from vmpod.images.registry import RegistryClient
 from vmpod.images.source import ImageSource
 from vmpod.paths import Paths
 
-REF_ANNOTATION = "org.opencontainers.image.ref.name"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 log = logging.getLogger(__name__)
 
 
@@ -96,14 +92,6 @@ def disk_path(images_root: Path, digest: str) -> Path:
     return images_root / "disks" / f"{key}.erofs"
 
 
-@contextmanager
-def _flock(path: Path, mode: int) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+b") as fh:   # "a": create without truncating
-        fcntl.flock(fh, mode)
-        yield
-
-
 class ImageStore:
     """Blobs, refs index and garbage collection under one root directory."""
 
@@ -116,29 +104,29 @@ class ImageStore:
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
 
+    def _locked(self, name: str, *, exclusive: bool = True) -> AbstractContextManager[int]:
+        """The flock ``name`` under the root, waited for as long as it takes (a pull
+        holds ``.lock`` for its whole download)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return locked(self.root / name, exclusive=exclusive, timeout=None)
+
     @contextmanager
     def pulling(self) -> Iterator[None]:
         """Held (shared) while a pull writes blobs that no ref names yet."""
-        with _flock(self.root / ".lock", fcntl.LOCK_SH):
+        with self._locked(".lock", exclusive=False):
             yield
 
     @contextmanager
     def new_blob(self, digest: str) -> Iterator[IO[bytes]]:
         """A file to write a verified blob into; it appears under its digest on success."""
-        incoming = self.root / "incoming"
+        incoming = self.root / "incoming"   # not in blobs/: GC removes what a killed pull left
         incoming.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=incoming, prefix=digest.partition(":")[2][:16] + ".")
-        try:
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())   # a crash must not leave a short blob under its digest
-            final = self.blob_path(digest)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)   # identical content if a concurrent pull got there first
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        final = self.blob_path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # fsync: a crash must not leave a short blob under its digest. A concurrent pull
+        # of the same blob renames identical content over it.
+        with atomic_writer(final, fsync=True, tmp_dir=incoming) as f:
+            yield f
 
     def put_bytes(self, digest: str, data: bytes) -> None:
         with self.new_blob(digest) as f:
@@ -161,15 +149,7 @@ class ImageStore:
     def _write_entries(self, entries: list[dict[str, Any]]) -> None:
         (self.root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
         data = json.dumps({"schemaVersion": 2, "manifests": entries}, indent=1).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".index.json.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.root / "index.json")
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write(self.root / "index.json", data, mode=0o600, fsync=True)   # readers: no lock
 
     def lookup(self, name: str) -> str | None:
         """The manifest digest ``name`` points to, if it is in the store."""
@@ -180,12 +160,12 @@ class ImageStore:
 
     def tag(self, name: str, manifest: Manifest) -> str | None:
         """Point ``name`` at ``manifest`` (already stored); returns the previous digest."""
-        with _flock(self.root / ".index.lock", fcntl.LOCK_EX):
+        with self._locked(".index.lock"):
             entries = self._entries()
             previous = next((str(e.get("digest")) for e in entries if _name(e) == name), None)
             entries = [e for e in entries if _name(e) != name]
             entries.append({"mediaType": manifest.media_type, "digest": manifest.digest,
-                            "size": len(manifest.data), "annotations": {REF_ANNOTATION: name}})
+                            "size": len(manifest.data), "annotations": {REF_NAME: name}})
             self._write_entries(entries)
         return previous
 
@@ -216,15 +196,15 @@ class ImageStore:
     def source(self, name: str, label: str) -> ImageSource:
         """The stored image ``name`` as an ImageSource (unpacked by the layout code)."""
         with DirStore(self.root) as store:
-            return _from_oci(label, "oci-layout", store, name)
+            return read_oci(label, "oci-layout", store, name)
 
     # -- removal and garbage collection ---------------------------------------
 
     def remove(self, name: str) -> Removal:
         """Untag ``name``, drop its erofs disk if no ref shares it, then collect garbage."""
-        with _flock(self.root / ".lock", fcntl.LOCK_EX):
+        with self._locked(".lock"):
             image = self.image(name)
-            with _flock(self.root / ".index.lock", fcntl.LOCK_EX):
+            with self._locked(".index.lock"):
                 entries = [e for e in self._entries() if _name(e) != name]
                 self._write_entries(entries)
             if all(str(e.get("digest")) != image.digest for e in entries):
@@ -234,18 +214,19 @@ class ImageStore:
 
     def collect_unused(self, digest: str) -> None:
         """After a tag moved away from ``digest``: collect it unless a pull is running."""
-        with self.root.joinpath(".lock").open("a+b") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return   # another pull runs; the next rmi collects instead
-            try:
-                if any(str(e.get("digest")) == digest for e in self._entries()):
-                    return
-                disk_path(self.root, digest).unlink(missing_ok=True)
-                self._collect()
-            except ImageError as err:   # the pull itself succeeded; rmi will report this
-                log.warning("%s", err)
+        try:
+            fd = lock_file(self.root / ".lock", timeout=0)
+        except LockTimeout:
+            return   # another pull runs; the next rmi collects instead
+        try:
+            if any(str(e.get("digest")) == digest for e in self._entries()):
+                return
+            disk_path(self.root, digest).unlink(missing_ok=True)
+            self._collect()
+        except ImageError as err:   # the pull itself succeeded; rmi will report this
+            log.warning("%s", err)
+        finally:
+            os.close(fd)
 
     def _collect(self) -> tuple[int, int]:
         """Delete every blob no ref reaches; the caller holds .lock exclusively."""
@@ -287,7 +268,7 @@ def human_size(size: int) -> str:
 
 def _name(entry: dict[str, Any]) -> str:
     annotations = entry.get("annotations")
-    return str(annotations.get(REF_ANNOTATION, "")) if isinstance(annotations, dict) else ""
+    return str(annotations.get(REF_NAME, "")) if isinstance(annotations, dict) else ""
 
 
 def _subdirs(path: Path, *, files: bool = False) -> list[Path]:
@@ -295,55 +276,6 @@ def _subdirs(path: Path, *, files: bool = False) -> list[Path]:
         return [p for p in path.iterdir() if (p.is_file() if files else p.is_dir())]
     except FileNotFoundError:
         return []
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A fetched, verified image manifest or index and its media type."""
-
-    digest: str
-    media_type: str
-    data: bytes
-    doc: dict[str, Any]
-
-    @property
-    def is_index(self) -> bool:
-        return self.media_type in _INDEX_TYPES
-
-
-def parse_manifest(fetched: Document, where: str) -> Manifest:
-    """Classify a fetched manifest body; refuses what vmpod cannot pull."""
-    doc = parse_json(fetched.data, where)
-    if not isinstance(doc, dict):
-        raise ImageError(f"{where} is not a JSON object")
-    if doc.get("schemaVersion") == 1:
-        raise ImageError(f"{where} is a docker schema 1 manifest, which is not supported",
-                         hint="push the image again with a current client")
-    # OCI makes mediaType optional in the body; then the header or the shape says.
-    media = str(doc.get("mediaType") or "")
-    if not media and fetched.content_type in _INDEX_TYPES | _MANIFEST_TYPES:
-        media = fetched.content_type
-    elif not media:
-        media = OCI_INDEX if "manifests" in doc else OCI_MANIFEST
-    if media not in _INDEX_TYPES | _MANIFEST_TYPES:
-        raise ImageError(f"{where} has unsupported media type {media!r}",
-                         hint="expected an OCI or docker v2 image manifest or index")
-    return Manifest(fetched.digest, media, fetched.data, doc)
-
-
-def manifest_blobs(manifest: Manifest, where: str) -> tuple[Descriptor, list[Descriptor]]:
-    """(config, layers) of an image manifest; layer media types are checked before download."""
-    config = _descriptor(manifest.doc.get("config"), f"config descriptor in {where}")
-    raw_layers = manifest.doc.get("layers")
-    if not isinstance(raw_layers, list):
-        raise ImageError(f"{where} has no layers list")
-    layers = [_descriptor(d, f"layer descriptor in {where}") for d in raw_layers]
-    for layer in layers:
-        if layer.media_type and layer.media_type not in _LAYER_TYPES:
-            raise ImageError(f"layer {layer.digest} in {where} has unsupported media type "
-                             f"{layer.media_type!r}", hint="only plain, gzip and zstd tar "
-                             "layers can be unpacked (not encrypted ones)")
-    return config, layers
 
 
 # -- pull --------------------------------------------------------------------
@@ -370,7 +302,7 @@ def _pull(store: ImageStore, ref: Reference, options: PullOptions,
                                   f"manifest of {name}")
         if manifest.is_index:
             where = f"image index of {name}"
-            chosen = _pick_platform(_descriptors(manifest.doc, where), where)
+            chosen = pick_platform(index_descriptors(manifest.doc, where), where)
             manifest = parse_manifest(client.manifest(chosen.digest, digest=chosen.digest,
                                                       size=chosen.size),
                                       f"manifest {chosen.digest} of {name}")
@@ -378,11 +310,11 @@ def _pull(store: ImageStore, ref: Reference, options: PullOptions,
                 raise ImageError(f"{name}: the linux/amd64 entry is itself an index",
                                  hint="nested image indexes are not supported")
         where = f"manifest {manifest.digest} of {name}"
-        config, layers = manifest_blobs(manifest, where)
+        config, layers = manifest_blobs(manifest.doc, where)
         config_data = client.blob_bytes(config)
         config_doc = parse_json(config_data, f"image config of {name}")
         parse_config(config_doc, f"image config of {name}")   # refuse bad images before tagging
-        _diff_ids(config_doc, len(layers), f"image config of {name}")
+        diff_ids(config_doc, len(layers), f"image config of {name}")
         for index, layer in enumerate(layers, 1):
             short = layer.digest.partition(":")[2][:12]
             if store.has_blob(layer.digest):

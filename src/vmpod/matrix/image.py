@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 from vmpod.paths import Paths
+from vmpod.proc import run
 
 _PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 _GROUP = "root:x:0:\nnogroup:x:65534:\n"
@@ -23,8 +23,8 @@ def busybox_rootfs(paths: Paths, busybox: Path) -> Path:
         for d in ("bin", "etc", "tmp", "root", "dev", "proc", "sys"):
             (root / d).mkdir(parents=True)
         shutil.copy2(busybox, root / "bin/busybox")
-        applets = subprocess.run([str(busybox), "--list"], capture_output=True, text=True,
-                                 check=True).stdout.split()
+        applets = run([busybox, "--list"], what="list busybox applets",
+                      timeout=60).stdout.decode().split()
         for applet in applets:
             if applet != "busybox":
                 (root / "bin" / applet).symlink_to("busybox")

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmpod.agent.protocol import MAX_FILES, MAX_JSON
+from vmpod.fsutil import meminfo, resolve_below
 from vmpod.runtime.config import ANNOTATION_KERNEL, ANNOTATION_MODULES, KNOWN_ANNOTATIONS, RuntimeConfig
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS, validate_hooks
@@ -288,13 +289,9 @@ def _count_cpus(cpuset: str) -> int:
 
 def host_memory_mb() -> int:
     try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 1 << 20
+        return meminfo()["MemTotal"] // 1024
+    except (OSError, KeyError):
+        return 1 << 20   # unknown: do not cap the VM
 
 
 def vm_size(resources: dict[str, object], warnings: list[str] | None = None,
@@ -330,31 +327,13 @@ def vm_size(resources: dict[str, object], warnings: list[str] | None = None,
 
 def resolve_in_root(root: Path, path: str) -> Path | None:
     """``path`` inside ``root`` with symlinks followed as the container would (absolute
-    targets and ``..`` stay inside ``root``); None when a component is missing."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    rel: list[str] = []
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            rel = rel[:-1]
-            continue
-        candidate = os.path.join(root, *rel, part)
-        try:
-            st = os.lstat(candidate)
-        except OSError:
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            hops += 1
-            if hops > 40:
-                return None
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                rel = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-        else:
-            rel.append(part)
-    return Path(root, *rel)
+    targets and ``..`` stay inside ``root``: fsutil.resolve_below); None when a
+    component is missing or the path cannot be resolved (a symlink loop)."""
+    try:
+        found = resolve_below(root, path)
+    except OSError:
+        return None
+    return found.path if found.exists else None
 
 
 def _under(path: str, dests: list[str]) -> bool:

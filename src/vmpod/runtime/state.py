@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from vmpod.fsutil import LockTimeout, atomic_write, is_locked, lock_file
 from vmpod.runtime.errors import NotFound, RuntimeCliError
 
 DEFAULT_ROOT = "/run/vmpod-runtime"
@@ -95,29 +95,15 @@ class ContainerState:
 
 
 def _write_json_atomic(path: Path, data: dict[str, object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-")
+    atomic_write(path, json.dumps(data).encode(), mode=0o600)
+
+
+def _flock(path: Path, timeout: float) -> int:
+    """An exclusive flock on ``path`` (its fd), as a runtime error when it times out."""
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _flock(path: Path, mode: int, timeout: float) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise RuntimeCliError(f"timed out waiting for the lock {path}") from None
-            time.sleep(0.02)
+        return lock_file(path, timeout=timeout)
+    except LockTimeout:
+        raise RuntimeCliError(f"timed out waiting for the lock {path}") from None
 
 
 class Store:
@@ -136,8 +122,8 @@ class Store:
             raise RuntimeCliError("container with given ID already exists")
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".new-{st.id}-"))
         try:
-            lock = _flock(tmp / "lock", fcntl.LOCK_EX, 0)
-            mon = _flock(tmp / "monitor.lock", fcntl.LOCK_EX, 0)
+            lock = _flock(tmp / "lock", 0)
+            mon = _flock(tmp / "monitor.lock", 0)
             _write_json_atomic(tmp / "state.json", asdict(st))
             try:
                 os.rename(tmp, final)
@@ -175,7 +161,7 @@ class Store:
         d = self.dir(cid)
         if not (d / "state.json").exists():
             raise NotFound()
-        fd = _flock(d / "lock", fcntl.LOCK_EX, timeout)
+        fd = _flock(d / "lock", timeout)
         try:
             yield
         finally:
@@ -185,24 +171,14 @@ class Store:
     def disks_lock(self) -> Iterator[None]:
         """Serialises taking a rootfs disk (until the state names it) with removing one."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = _flock(self.root / ".disks.lock", fcntl.LOCK_EX, 300)
+        fd = _flock(self.root / ".disks.lock", 300)
         try:
             yield
         finally:
             os.close(fd)
 
     def monitor_alive(self, cid: str) -> bool:
-        try:
-            fd = os.open(self.dir(cid) / "monitor.lock", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
+        return is_locked(self.dir(cid) / "monitor.lock")
 
     def status(self, st: ContainerState) -> str:
         """What the container is now: a dead monitor means stopped, whatever it wrote."""
