@@ -132,6 +132,8 @@ def test_start_exec_signal_wait(booted: Booted) -> None:
         ex_proc = await c.exec(process, output, stdin=False, user="alice")
         ex = await asyncio.wait_for(ex_proc.wait(), 60)
         assert (ex.status, bytes(ex_out), bytes(ex_err)) == (4, b"in exec as 1000\n", b"e\n")
+        stats = await c.stats()
+        assert stats.pids >= 1 and stats.memory_bytes > 0 and stats.cpu_usage_usec > 0
         # wait on a finished process answers at once with the same status
         assert await booted.agent.request("wait", {"stream": ex_proc.stream}) == {"status": 4}
         # resize needs a terminal

@@ -125,14 +125,74 @@ class AgentClient:
             raise AgentRequestError(op, resp.error, resp.error_kind)
         return resp.result
 
-    async def call(self, cls: type[M], op: str, args: dict[str, object] | None = None,
-                   timeout: float = 30.0) -> M:
-        """``request`` whose result is decoded as message ``cls`` (schema-checked)."""
-        result = await self.request(op, args, timeout)
+    async def call(self, op: str, args: p.Message | None = None, timeout: float = 30.0) -> p.Message:
+        """One op of ``protocol.OPS``: ``args`` must be its argument record (None for
+        ops without arguments); the result is decoded (schema-checked) as its result
+        record. The typed methods below are what callers use."""
+        if op not in p.OPS:
+            raise AgentError(f"unknown agent operation {op!r}")
+        args_cls, result_cls = p.OPS[op]
+        if (args is None) != (args_cls is None) or (args is not None and type(args) is not args_cls):
+            raise TypeError(f"{op} takes {args_cls.__name__ if args_cls else 'no arguments'}")
+        result = await self.request(op, p.encode(args) if args is not None else None, timeout)
         try:
-            return p.decode(cls, result)
+            return p.decode(result_cls, result)
         except p.ProtocolViolation as err:
             raise ProtocolError(f"guest sent a malformed '{op}' result: {err}") from None
+
+    async def _typed(self, cls: type[M], op: str, args: p.Message | None = None,
+                     timeout: float = 30.0) -> M:
+        result = await self.call(op, args, timeout)
+        assert isinstance(result, cls)
+        return result
+
+    # -- typed operations (one per protocol.OPS entry) ---------------------------
+    async def ping(self) -> p.PingResult:
+        return await self._typed(p.PingResult, "ping")
+
+    async def guest_info(self) -> p.GuestInfo:
+        return await self._typed(p.GuestInfo, "guest_info")
+
+    async def shutdown(self, timeout: float = 2.0) -> None:
+        await self._typed(p.Empty, "shutdown", None, timeout)
+
+    async def set_clock(self, args: p.SetClock) -> None:
+        await self._typed(p.Empty, "set_clock", args)
+
+    async def create_container(self, args: p.CreateContainer) -> p.ContainerCreated:
+        return await self._typed(p.ContainerCreated, "create_container", args, timeout=60)
+
+    async def start_container(self, args: p.StartContainer) -> p.ProcessStarted:
+        # waiting for the process to run can take long on a loaded TCG host
+        timeout = 120.0 if args.wait_started else 30.0
+        return await self._typed(p.ProcessStarted, "start_container", args, timeout)
+
+    async def exec(self, args: p.ExecProcess) -> p.ProcessStarted:
+        return await self._typed(p.ProcessStarted, "exec", args)
+
+    async def signal(self, args: p.SignalProcess) -> None:
+        await self._typed(p.Empty, "signal", args)
+
+    async def resize(self, args: p.ResizeTty) -> None:
+        await self._typed(p.Empty, "resize", args)
+
+    async def wait(self, args: p.WaitProcess, timeout: float = 30.0) -> p.ExitStatus:
+        return await self._typed(p.ExitStatus, "wait", args, timeout)
+
+    async def runtime(self, args: p.RuntimeCommand) -> p.CommandResult:
+        return await self._typed(p.CommandResult, "runtime", args, timeout=60)
+
+    async def load_module(self, args: p.LoadModule) -> p.CommandResult:
+        return await self._typed(p.CommandResult, "load_module", args, timeout=60)
+
+    async def unload_module(self, args: p.UnloadModule) -> p.CommandResult:
+        return await self._typed(p.CommandResult, "unload_module", args, timeout=60)
+
+    async def kernel_log(self, args: p.KernelLog) -> p.KernelLogResult:
+        return await self._typed(p.KernelLogResult, "kernel_log", args)
+
+    async def stats(self, args: p.GetStats) -> p.ContainerStats:
+        return await self._typed(p.ContainerStats, "stats", args)
 
     def attach(self, stream: int, sink: ProcessSink) -> None:
         self._sinks[stream] = sink

@@ -2,7 +2,6 @@
 signalled, paused, measured. Its state is an explicit machine (``ContainerState``)."""
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -48,13 +47,10 @@ class Container:
         self._sm.require("create the container", ContainerState.NEW)
         s = self.spec
         fstype = self.sandbox.config.rootfs_fstype
-        args: dict[str, object] = {
-            "container_id": s.id, "spec": s.oci, "user": s.user, "runtime": s.runtime,
-            "rootfs_serial": str(s.rootfs) if fstype == "dir" else self._serial,
-            "rootfs_fstype": fstype}
-        if s.files:
-            args["files"] = s.files
-        await self._agent.request("create_container", args)
+        await self._agent.create_container(p.CreateContainer(
+            container_id=s.id, spec=s.oci, user=s.user, runtime=s.runtime, files=s.files,
+            rootfs_serial=str(s.rootfs) if fstype == "dir" else self._serial,
+            rootfs_fstype=fstype))
         self._sm.to(ContainerState.CREATED)
 
     def _process(self, output: Output) -> tuple[int, ProcessSink]:
@@ -71,10 +67,8 @@ class Container:
         """
         self._sm.require("start the container", ContainerState.CREATED)
         stream, sink = self._process(output)
-        args: dict[str, object] = {"container_id": self.id, "stream": stream, "stdin": stdin}
-        if wait_started:
-            args["wait_started"] = True
-        await self._agent.request("start_container", args, timeout=120 if wait_started else 30)
+        await self._agent.start_container(p.StartContainer(
+            container_id=self.id, stream=stream, stdin=stdin, wait_started=wait_started))
         self.init = Process(self._agent, stream, sink, self._explain)
         self._sm.to(ContainerState.RUNNING)
         self.init.add_done_callback(self._init_ended)
@@ -90,8 +84,8 @@ class Container:
         """Run another process (an OCI process object) in the running container."""
         self._sm.require("exec in the container", ContainerState.RUNNING)
         stream, sink = self._process(output)
-        await self._agent.request("exec", {"container_id": self.id, "stream": stream,
-                                           "process": process, "stdin": stdin, "user": user})
+        await self._agent.exec(p.ExecProcess(container_id=self.id, stream=stream,
+                                             process=process, stdin=stdin, user=user))
         proc = Process(self._agent, stream, sink, self._explain)
         self._execs[stream] = proc
         proc.add_done_callback(lambda: self._forget_exec(stream))
@@ -153,14 +147,17 @@ class Container:
         self._sm.require(f"run {command}", ContainerState.RUNNING, ContainerState.PAUSED)
         return (await self._runtime(command, args, resources)).stdout
 
+    async def stats(self) -> p.ContainerStats:
+        """CPU time, memory and process count of the container (its guest cgroup)."""
+        self._sm.require("measure the container", ContainerState.RUNNING, ContainerState.PAUSED)
+        return await self._agent.stats(p.GetStats(container_id=self.id))
+
     async def _runtime(self, command: str, args: list[str],
                        resources: dict[str, object] | None = None) -> p.CommandResult:
-        res = await self._agent.call(p.CommandResult, "runtime", {
-            "container_id": self.id, "command": command, "args": args,
-            "resources": resources or {}}, timeout=60)
+        res = await self._agent.runtime(p.RuntimeCommand(
+            container_id=self.id, command=command, args=tuple(args), resources=resources or {}))
         if res.status != 0:
-            why = runtime_error(res.stderr or res.stdout)
-            raise SandboxError(why or f"{command} failed in the VM (status {res.status})")
+            raise SandboxError(res.error or f"{command} failed in the VM (status {res.status})")
         return res
 
     def stopped(self, status: int) -> None:
@@ -168,19 +165,4 @@ class Container:
         if self.state is not ContainerState.STOPPED:
             self._exit = self._exit or Exit(status)
             self._sm.to(ContainerState.STOPPED)
-
-
-def runtime_error(text: str) -> str:
-    """The message of runc's last error line (JSON or logrus text), else the last line."""
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    for line in reversed(lines):
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict) and "msg" in obj:
-            return str(obj["msg"])
-        if 'msg="' in line:
-            return line.split('msg="', 1)[1].rstrip('"')
-    return lines[-1] if lines else ""
 

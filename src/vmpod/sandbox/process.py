@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from vmpod.agent import protocol as p
 from vmpod.agent.client import AgentClient, ProcessSink
 from vmpod.errors import AgentError, VmpodError
 
@@ -61,10 +62,10 @@ class Process:
         return Exit(ev.status, ev.message)
 
     async def signal(self, sig: int) -> None:
-        await self._agent.request("signal", {"stream": self.stream, "signal": int(sig)})
+        await self._agent.signal(p.SignalProcess(stream=self.stream, signal=int(sig)))
 
     async def resize(self, rows: int, cols: int) -> None:
-        await self._agent.request("resize", {"stream": self.stream, "rows": rows, "cols": cols})
+        await self._agent.resize(p.ResizeTty(stream=self.stream, rows=rows, cols=cols))
 
     async def write(self, data: bytes) -> None:
         """Feed stdin (waits for the guest's credit window)."""

@@ -76,7 +76,7 @@ class Sandbox:
         self._vm = create_vm(self.config.hypervisor, vm_config)
         await self._vm.launch()
         await self._connect(vm_config)
-        await self._agent.request("set_clock", {"epoch_ns": time.time_ns()})
+        await self._agent.set_clock(p.SetClock(epoch_ns=time.time_ns()))
         self._sm.to(_S.RUNNING)
 
     def _vm_config(self) -> VmConfig:
@@ -134,7 +134,7 @@ class Sandbox:
         try:
             if self.alive:
                 try:
-                    await self._agent.request("shutdown", timeout=2.0)
+                    await self._agent.shutdown(timeout=2.0)
                 except AgentError as err:
                     log.debug("agent shutdown: %s", err)
             await self._agent.close()
@@ -210,20 +210,20 @@ class Sandbox:
 
     async def load_module(self, m: ModuleLoad) -> p.CommandResult:
         self._sm.require("load a kernel module", _S.RUNNING)
-        return await self._agent.call(p.CommandResult, "load_module", {
-            "path": f"{p.MODULES_DIR}/{m.name}.ko", "params": list(m.params)}, timeout=60)
+        return await self._agent.load_module(p.LoadModule(
+            path=f"{p.MODULES_DIR}/{m.name}.ko", params=tuple(m.params)))
 
     async def unload_module(self, name: str) -> p.CommandResult:
         self._sm.require("unload a kernel module", _S.RUNNING)
-        return await self._agent.call(p.CommandResult, "unload_module", {"name": name}, timeout=60)
+        return await self._agent.unload_module(p.UnloadModule(name=name))
 
     async def kernel_log(self, since: int = -1) -> p.KernelLogResult:
         self._sm.require("read the kernel log", _S.RUNNING)
-        return await self._agent.call(p.KernelLogResult, "kernel_log", {"since": since})
+        return await self._agent.kernel_log(p.KernelLog(since=since))
 
     async def guest_info(self) -> p.GuestInfo:
         self._sm.require("ask for guest facts", _S.RUNNING)
-        return await self._agent.call(p.GuestInfo, "guest_info")
+        return await self._agent.guest_info()
 
     # -- diagnosis ------------------------------------------------------------------
     async def failure(self, grace: float = 2.0) -> VmpodError | None:
