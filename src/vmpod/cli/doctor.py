@@ -11,7 +11,7 @@ import click
 from vmpod.guest.assets import assets_state
 from vmpod.guest.kernel import load_cached
 from vmpod.hypervisor.accel import choose_accel
-from vmpod.hypervisor.qemu.devices import find_qemu
+from vmpod.hypervisor import vmm_binary
 from vmpod.paths import Paths
 
 _MIN_FREE = 1 << 30
@@ -37,7 +37,7 @@ class Check:
 
 def checks(paths: Paths, kernel: str, accel: str) -> list[Check]:
     out = []
-    qemu = find_qemu()
+    qemu = vmm_binary("qemu")
     out.append(Check("qemu", qemu is not None, qemu or "qemu-system-x86_64 not on PATH "
                      "(apt-get install qemu-system-x86)"))
     choice = choose_accel(accel)

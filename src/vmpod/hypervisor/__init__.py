@@ -9,12 +9,22 @@ from vmpod.hypervisor.base import Hypervisor, VmConfig
 
 
 def _qemu(config: VmConfig) -> Hypervisor:
-    # Imported on use: qemu.qmp is not needed by commands that boot nothing.
+    # Imported on use, for start-up time: qemu.qmp (asyncio machinery) is not needed
+    # by commands that boot nothing.
     from vmpod.hypervisor.qemu.driver import QemuVm
     return QemuVm(config)
 
 
 HYPERVISORS: dict[str, Callable[[VmConfig], Hypervisor]] = {"qemu": _qemu}
+
+
+def vmm_binary(name: str = "qemu") -> str | None:
+    """Where hypervisor ``name``'s program is, if it is installed (for `vmpod doctor`)."""
+    if name != "qemu":
+        raise ConfigError(f"unknown hypervisor {name!r}")
+    # Imported on use, for start-up time (as in _qemu).
+    from vmpod.hypervisor.qemu.devices import find_qemu
+    return find_qemu()
 
 
 def create_vm(name: str, config: VmConfig) -> Hypervisor:

@@ -30,7 +30,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmpod.agent.protocol import MAX_FILES, MAX_JSON
+from vmpod.sandbox.config import MAX_CONFIG_BYTES, MAX_FILES_BYTES
 from vmpod.fsutil import meminfo, resolve_below
 from vmpod.runtime.config import ANNOTATION_KERNEL, ANNOTATION_MODULES, KNOWN_ANNOTATIONS, RuntimeConfig
 from vmpod.runtime.errors import RuntimeCliError
@@ -141,9 +141,9 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
     cpus, memory_mb = vm_size(resources, warnings)
     files_b64 = {name: base64.b64encode(data).decode() for name, data in files.items()}
     size = len(json.dumps({"spec": guest, "files": files_b64}, separators=(",", ":")))
-    if size > MAX_JSON - 2048:
+    if size > MAX_CONFIG_BYTES:
         raise RuntimeCliError(f"config.json plus bind-mounted files take {size} bytes: too "
-                              f"large for the agent channel (limit {MAX_JSON - 2048})")
+                              f"large for the agent channel (limit {MAX_CONFIG_BYTES})")
     return Plan(spec=guest, rootfs=rootfs, files=files_b64, cpus=cpus, memory_mb=memory_mb,
                 kernel=kernel, terminal=terminal, hooks=hooks, annotations=annotations,
                 warnings=tuple(warnings), kernel_modules=tuple(
@@ -216,8 +216,8 @@ def _mounts(value: object, bundle: Path, warnings: list[str]
             raise RuntimeCliError(f"mount source {source} for {dest}: {err.strerror}") from err
         if stat.S_ISREG(st.st_mode):
             total += st.st_size
-            if total > MAX_FILES:
-                raise RuntimeCliError(f"bind-mounted files exceed {MAX_FILES // 1024} KiB "
+            if total > MAX_FILES_BYTES:
+                raise RuntimeCliError(f"bind-mounted files exceed {MAX_FILES_BYTES // 1024} KiB "
                                       f"(at {source} -> {dest}): too large to copy into the VM")
             name = _file_name(index, src)
             try:

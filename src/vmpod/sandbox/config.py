@@ -9,10 +9,17 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from vmpod.agent import protocol as p
 from vmpod.guest.assets import GuestAssets
 from vmpod.guest.modules import ModuleLoad
 from vmpod.hypervisor.accel import AccelChoice
 from vmpod.hypervisor.base import Disk
+
+
+# What one container's definition may weigh: its OCI config travels in one agent
+# message (with room for the request's other fields), its small files in another.
+MAX_CONFIG_BYTES = p.MAX_JSON - 2048
+MAX_FILES_BYTES = p.MAX_FILES
 
 
 @dataclass(frozen=True)
