@@ -134,9 +134,9 @@ async def watch_size(fd: int, resize: Callable[[int, int], Awaitable[None]],
     while True:
         size = window_size(fd)
         if size and size != last:
-            last = size
             with contextlib.suppress(VmpodError):
                 await resize(*size)
+                last = size      # (a refused size is tried again on the next poll)
         await asyncio.sleep(interval)
 
 
@@ -183,6 +183,8 @@ async def pump_input(fd: int, process: Process, *, eof_closes: bool = True) -> N
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
+            if not pollable:      # a non-blocking fd epoll cannot watch: do not spin
+                await asyncio.sleep(0.05)
             continue
         except OSError:
             data = b""    # EIO: a pty whose other side closed; EBADF: gone
@@ -215,8 +217,12 @@ class SignalForwarder:
 
     def __enter__(self) -> SignalForwarder:
         loop = asyncio.get_running_loop()
-        for sig in self.signals:
-            loop.add_signal_handler(sig, self._spawn, sig)
+        try:
+            for sig in self.signals:
+                loop.add_signal_handler(sig, self._spawn, sig)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
