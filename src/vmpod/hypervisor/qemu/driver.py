@@ -94,7 +94,8 @@ class QemuVm:
             except (TimeoutError, QMPError, OSError) as err:
                 self._raise_if_dead("QEMU exited during start-up")
                 if time.monotonic() > deadline:
-                    raise HypervisorError(f"cannot talk QMP to QEMU: {err}", argv=self.argv) from err
+                    raise HypervisorError(f"cannot talk QMP to QEMU: {err or 'timed out'}",
+                                          argv=self.argv, console_tail=self.console_tail()) from err
                 await asyncio.sleep(0.01)
         self._qmp = qmp
 
@@ -151,6 +152,21 @@ class QemuVm:
                 pass
             self._proc.wait()
         self._sm.to(VmState.STOPPED)
+        self._drop_qmp()
+
+    def _drop_qmp(self) -> None:
+        """Disconnect a QMP client a hard stop left behind (else qemu.qmp logs its
+        EOFError as never retrieved); in the background when a loop runs."""
+        qmp, self._qmp = self._qmp, None
+        if qmp is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(_quietly_disconnect(qmp))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
 
     def console_tail(self, lines: int = 20) -> str:
         return _tail(self.config.console_log, lines)
@@ -158,6 +174,16 @@ class QemuVm:
     def qemu_error(self) -> str:
         text = _tail(self.config.state_dir / "qemu.log", 3)
         return text.replace("\n", " ") or "no error output"
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+async def _quietly_disconnect(qmp: QMPClient) -> None:
+    try:
+        await asyncio.wait_for(qmp.disconnect(), 2)
+    except (TimeoutError, QMPError, OSError, EOFError):
+        pass
 
 
 def _tail(path: os.PathLike[str], lines: int) -> str:
