@@ -343,13 +343,43 @@ def test_encode_turns_tuples_into_lists() -> None:
 
 
 def test_ops_table() -> None:
-    assert p.OPS["create_container"] is p.CreateContainer
-    assert p.OPS["exec"] is p.ExecProcess
-    assert p.OPS["ping"] is type(None)
-    for cls in p.OPS.values():
-        if cls is not type(None):
-            with pytest.raises(ProtocolViolation):
-                p.decode(cls, {"__nope__": 1})
+    assert p.OPS["create_container"] == (p.CreateContainer, p.ContainerCreated)
+    assert p.OPS["exec"] == (p.ExecProcess, p.ProcessStarted)
+    assert p.OPS["ping"] == (None, p.PingResult)
+    assert p.OPS["stats"] == (p.GetStats, p.ContainerStats)
+    for args_cls, result_cls in p.OPS.values():
+        for cls in (args_cls, result_cls):
+            if cls is not None:
+                assert issubclass(cls, p.Message)
+                with pytest.raises(ProtocolViolation):
+                    p.decode(cls, {"__nope__": 1})
+
+
+@pytest.mark.parametrize("cls,obj", [
+    (p.PingResult, {"uptime": 1.5}),
+    (p.ContainerCreated, {"bundle": "/run/vmpod/containers/c1"}),
+    (p.ProcessStarted, {"pid": 42}),                   # what agents before "started" sent
+    (p.ProcessStarted, {"pid": 42, "started": False}),
+    (p.ExitStatus, {"status": 137}),
+    (p.Empty, {}),
+    (p.CommandResult, {"status": 0, "stdout": "x"}),
+    (p.CommandResult, {"status": 1, "stdout": "", "stderr": "e", "error": "boom"}),
+    (p.ContainerStats, {"cpu_usage_usec": 1, "memory_bytes": 2, "pids": 3}),
+])
+def test_result_classes_decode_what_the_agent_sends(cls: type[p.Message],
+                                                     obj: dict[str, object]) -> None:
+    msg = p.decode(cls, obj)
+    assert {k: v for k, v in p.encode(msg).items() if k in obj} == obj
+
+
+def test_results_are_schema_checked() -> None:
+    with pytest.raises(ProtocolViolation):
+        p.decode(p.ProcessStarted, {"pid": "42"})
+    with pytest.raises(ProtocolViolation):
+        p.decode(p.ContainerStats, {"cpu_usage_usec": 1, "memory_bytes": 2})
+    with pytest.raises(ProtocolViolation):
+        p.decode(p.Empty, {"anything": 1})
+    assert p.decode(p.CommandResult, {"status": 0, "stdout": ""}).error == ""
 
 
 def test_message_records_are_frozen_keyword_only_values() -> None:

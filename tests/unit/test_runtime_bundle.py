@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from vmpod.agent import runc as guest_runc
+from vmpod.agent.guest import bundles as guest_runc
+from vmpod.agent.guest.errors import AgentFailure
 from vmpod.agent.protocol import MAX_FILES
-from vmpod.agent.runc import AgentFailure
 from vmpod.runtime.bundle import (
     MEMORY_OVERHEAD_MB,
     MIN_MEMORY_MB,

@@ -1,1 +1,2 @@
-"""Host/guest agent: protocol (shared, stdlib only), client (host), server (guest)."""
+"""Host/guest agent: protocol (shared, stdlib only), client (host), guest/ (the agent
+in the VM, stdlib only)."""

@@ -1,4 +1,4 @@
-"""The host <-> guest agent wire protocol, shared by client (host) and server (guest).
+"""The host <-> guest agent wire protocol, shared by client (host) and agent (guest).
 
 Standard library only: the guest runs this file on its own python3.
 
@@ -229,20 +229,32 @@ class ExitEvent(Message):
     message: str = ""    # why it failed to start, when it did
 
 
-# -- operations (Request.args) ----------------------------------------------
+# -- operations: arguments (Request.args) and results (Response.result) ---------
+
+class Empty(Message):
+    """The result of an operation that answers nothing but success."""
+
+
+class PingResult(Message):
+    uptime: float
+
 
 class CreateContainer(Message):
     """Prepare a bundle: mount the rootfs device (read-only lower + tmpfs upper)."""
     container_id: str
     spec: dict[str, object]        # OCI runtime config; root.path is set by the agent
     rootfs_serial: str             # virtio-blk serial of the disk holding the image
-    rootfs_fstype: str = "erofs"
+    rootfs_fstype: str = "erofs"   # erofs or ext4 ("dir" only in in-process tests)
     user: str = ""                 # "name", "uid" or "uid:gid", resolved in the rootfs
     runtime: str = "runc"          # OCI runtime in the guest: "runc" or "crun"
     # Small host files bind-mounted into the container (podman's /etc/hosts, secrets):
     # NAME -> base64 content, written to <bundle>/files/NAME (at most MAX_FILES bytes
     # decoded); mounts whose source is "files/NAME" are pointed at the written copy.
     files: dict[str, str] = {}
+
+
+class ContainerCreated(Message):
+    bundle: str                    # the bundle directory in the guest
 
 
 class StartContainer(Message):
@@ -264,6 +276,14 @@ class ExecProcess(Message):
     user: str = ""
 
 
+class ProcessStarted(Message):
+    """Result of start_container and exec."""
+    pid: int                       # the guest OCI runtime's pid (not the container's)
+    # False only when wait_started was asked and the runtime gave up before the
+    # process ran; its ExitEvent says why.
+    started: bool = True
+
+
 class SignalProcess(Message):
     stream: int
     signal: int
@@ -277,6 +297,11 @@ class ResizeTty(Message):
 
 class WaitProcess(Message):
     stream: int
+
+
+class ExitStatus(Message):
+    """Result of wait: the process's status, as in its ExitEvent."""
+    status: int
 
 
 class SetClock(Message):
@@ -309,6 +334,9 @@ class CommandResult(Message):
     status: int
     stdout: str
     stderr: str = ""
+    # When status != 0: the message of the command's last error line (an OCI
+    # runtime's JSON "msg" or logrus msg="..."), else its last output line.
+    error: str = ""
 
 
 class LoadModule(Message):
@@ -333,15 +361,37 @@ class KernelLogResult(Message):
     truncated: bool = False
 
 
+class GetStats(Message):
+    container_id: str
+
+
+class ContainerStats(Message):
+    """Usage of the container's cgroup (v2) in the guest; a missing file reads 0."""
+    cpu_usage_usec: int
+    memory_bytes: int
+    pids: int
+
+
 MODULES_DIR = "/run/vmpod/modules"   # where /init leaves host-provided modules
 MAX_OUTPUT = 32 * 1024
 MAX_FILES = 256 * 1024               # CreateContainer.files, decoded total
 MAX_LOG = 48 * 1024
 
-OPS: dict[str, type] = {
-    "ping": type(None), "guest_info": type(None), "shutdown": type(None),
-    "create_container": CreateContainer, "start_container": StartContainer,
-    "exec": ExecProcess, "signal": SignalProcess, "resize": ResizeTty,
-    "wait": WaitProcess, "set_clock": SetClock, "runtime": RuntimeCommand,
-    "load_module": LoadModule, "unload_module": UnloadModule, "kernel_log": KernelLog,
+OPS: dict[str, tuple[type[Message] | None, type[Message]]] = {
+    # op: (Request.args class, None when the op takes no arguments; Response.result class)
+    "ping": (None, PingResult),
+    "guest_info": (None, GuestInfo),
+    "shutdown": (None, Empty),
+    "create_container": (CreateContainer, ContainerCreated),
+    "start_container": (StartContainer, ProcessStarted),
+    "exec": (ExecProcess, ProcessStarted),
+    "signal": (SignalProcess, Empty),
+    "resize": (ResizeTty, Empty),
+    "wait": (WaitProcess, ExitStatus),
+    "set_clock": (SetClock, Empty),
+    "runtime": (RuntimeCommand, CommandResult),
+    "load_module": (LoadModule, CommandResult),
+    "unload_module": (UnloadModule, CommandResult),
+    "kernel_log": (KernelLog, KernelLogResult),
+    "stats": (GetStats, ContainerStats),
 }

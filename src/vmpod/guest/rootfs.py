@@ -20,11 +20,10 @@ SUITE = "bookworm"
 # python3-minimal lacks json & co.; libpython3.11-stdlib brings them.
 PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "runc", "crun", "busybox-static")
 TREE_FORMAT = "1"
-AGENT_FILES = ("__init__.py", "protocol.py", "channel.py", "server.py", "runc.py",
-               "gproc.py", "gkernel.py")
+AGENT_ROOT = "opt/vmpod"            # on sys.path in the guest
 _ENTRY = b"import sys\nsys.path.insert(0, '/opt/vmpod')\n" \
-         b"from vmpod.agent.server import main\nmain()\n"
-MOUNT_POINTS = ("proc", "sys", "dev", "run", "tmp", "opt/vmpod/vmpod/agent")
+         b"from vmpod.agent.guest.main import main\nmain()\n"
+MOUNT_POINTS = ("proc", "sys", "dev", "run", "tmp", "opt/vmpod/vmpod/agent/guest")
 
 
 def tree_key() -> str:
@@ -32,8 +31,18 @@ def tree_key() -> str:
 
 
 def agent_sources() -> dict[str, bytes]:
-    pkg = resources.files("vmpod.agent")
-    return {name: pkg.joinpath(name).read_bytes() for name in AGENT_FILES}
+    """What the guest runs, by path under AGENT_ROOT: every module of vmpod.agent.guest,
+    the protocol it shares with the host, and the package __init__ files on the way."""
+    top = resources.files("vmpod")
+    agent = top.joinpath("agent")
+    guest = agent.joinpath("guest")
+    files = {"vmpod/__init__.py": top.joinpath("__init__.py"),
+             "vmpod/agent/__init__.py": agent.joinpath("__init__.py"),
+             "vmpod/agent/protocol.py": agent.joinpath("protocol.py")}
+    for item in guest.iterdir():
+        if item.name.endswith(".py") and item.is_file():
+            files[f"vmpod/agent/guest/{item.name}"] = item
+    return {rel: files[rel].read_bytes() for rel in sorted(files)}
 
 
 def image_key(tree: str) -> str:
@@ -77,13 +86,12 @@ def ensure_image(paths: Paths, tree: Path, progress: Progress) -> Path:
     if final.is_file():
         return final
     progress("installing the agent into the guest root image")
-    agent_dir = tree / "opt/vmpod/vmpod/agent"
-    shutil.rmtree(tree / "opt/vmpod", ignore_errors=True)
-    agent_dir.mkdir(parents=True)
-    (tree / "opt/vmpod/vmpod/__init__.py").write_bytes(b"")
-    for name, data in agent_sources().items():
-        (agent_dir / name).write_bytes(data)
-    (tree / "opt/vmpod/agent.py").write_bytes(_ENTRY)
+    root = tree / AGENT_ROOT
+    shutil.rmtree(root, ignore_errors=True)
+    for rel, data in agent_sources().items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    (root / "agent.py").write_bytes(_ENTRY)
     run(["chroot", tree, "/usr/bin/python3", "-m", "compileall", "-q",
          "--invalidation-mode", "unchecked-hash", "/opt/vmpod/vmpod"],
         what="compile agent bytecode")

@@ -1,7 +1,4 @@
-"""Guest side: kernel log and module names for the module-testing operations.
-
-Standard library only.
-"""
+"""Guest side: kernel log, module names, uptime and memory. Standard library only."""
 from __future__ import annotations
 
 import os
@@ -49,3 +46,21 @@ def kernel_log(since: int, limit: int) -> KernelLogResult:
     return KernelLogResult(text=out, last_seq=last, tainted=tainted, truncated=truncated)
 
 
+def uptime() -> float:
+    try:
+        with open("/proc/uptime") as fh:
+            return float(fh.read().split()[0])
+    except (OSError, ValueError):
+        return 0.0
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in kB, by key."""
+    out = {}
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                out[key] = int(parts[0])
+    return out

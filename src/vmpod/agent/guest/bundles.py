@@ -1,0 +1,232 @@
+"""Guest side: container bundles and the OCI runtime command lines that run them.
+
+Standard library only (runs on the guest's python3).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from vmpod.agent.guest.errors import AgentFailure
+from vmpod.agent.guest.gproc import run_capture
+from vmpod.agent.guest.users import resolve_user
+from vmpod.agent.protocol import MAX_FILES, RUNTIME_COMMANDS
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vmpod.agent.guest.config import AgentConfig
+
+RUNC_ROOT = "/run/runc"
+_ID_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_DISK_FSTYPES = ("erofs", "ext4")
+
+
+def check_id(cid: str) -> str:
+    if not cid or len(cid) > 128 or not set(cid) <= _ID_OK or cid[0] in ".-":
+        raise AgentFailure(f"invalid container id {cid!r}", "invalid")
+    return cid
+
+
+def bundle_dir(config: AgentConfig, cid: str) -> str:
+    return os.path.join(config.bundles, check_id(cid))
+
+
+def check_fstype(config: AgentConfig, fstype: str) -> None:
+    # "dir" (rootfs_serial names a directory) exists for in-process tests only:
+    # in the guest it would let the host point a container at any guest path.
+    if fstype not in _DISK_FSTYPES and not (fstype == "dir" and config.allow_dir_rootfs):
+        raise AgentFailure(f"unsupported rootfs filesystem {fstype!r}", "invalid")
+
+
+def _mount(config: AgentConfig, argv: list[str], what: str) -> None:
+    code, out, err = run_capture([config.busybox, "mount", *argv], 4096)
+    if code != 0:
+        raise AgentFailure(f"{what}: {(err or out).strip()}")
+
+
+def find_disk(serial: str) -> str:
+    """Block device whose virtio serial is ``serial`` (device order is not stable)."""
+    for name in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{name}/serial") as fh:
+                if fh.read(64).strip() == serial:
+                    return f"/dev/{name}"
+        except OSError:
+            continue
+    raise AgentFailure(f"no disk with serial {serial!r}", "not_found")
+
+
+def decode_files(files: dict[str, str]) -> dict[str, bytes]:
+    """Validate CreateContainer.files (names, base64, total size) before anything is mounted."""
+    if not files:
+        return {}
+    import binascii
+    if len(files) > 64:
+        raise AgentFailure(f"too many files ({len(files)} > 64)", "invalid")
+    out: dict[str, bytes] = {}
+    total = 0
+    for name, b64 in files.items():
+        if not name or len(name) > 64 or not set(name) <= _ID_OK or name[0] in ".-":
+            raise AgentFailure(f"invalid file name {name!r}", "invalid")
+        try:
+            data = binascii.a2b_base64(b64, strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise AgentFailure(f"file {name!r} is not valid base64", "invalid") from None
+        total += len(data)
+        if total > MAX_FILES:
+            raise AgentFailure(f"files exceed {MAX_FILES} bytes", "invalid")
+        out[name] = data
+    return out
+
+
+def _write_files(bundle: str, files: dict[str, bytes], config: dict[str, object]) -> None:
+    """Write the files into <bundle>/files and point mounts of "files/NAME" at them."""
+    if not files:
+        return
+    base = os.path.join(bundle, "files")
+    os.makedirs(base)
+    for name, data in files.items():
+        fd = os.open(os.path.join(base, name),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    mounts = config.get("mounts")
+    if isinstance(mounts, list):
+        fixed = []
+        for m in mounts:
+            src = m.get("source") if isinstance(m, dict) else None
+            if isinstance(src, str) and src.startswith("files/") and src[6:] in files:
+                m = dict(m)
+                m["source"] = os.path.join(base, src[6:])
+            fixed.append(m)
+        config["mounts"] = fixed
+
+
+def rootfs_source(fstype: str, serial: str) -> str:
+    """The device (or, for "dir", the directory) holding the container image."""
+    if fstype != "dir":
+        return find_disk(serial)
+    if not os.path.isabs(serial) or not os.path.isdir(serial):
+        raise AgentFailure(f"rootfs directory {serial!r} does not exist", "not_found")
+    return serial
+
+
+def prepare_bundle(config: AgentConfig, cid: str, spec: dict[str, object], source: str,
+                   fstype: str, user: str, files: dict[str, bytes]) -> str:
+    """Make the bundle: rootfs from ``source``, the files, config.json; returns its path."""
+    bundle = bundle_dir(config, cid)
+    if os.path.exists(bundle):
+        raise AgentFailure(f"container {cid} already exists", "exists")
+    os.makedirs(bundle)
+    rootfs = os.path.join(bundle, "rootfs")
+    if fstype == "dir":
+        os.symlink(source, rootfs)
+    else:
+        _mount_overlay(config, bundle, source, fstype)
+    spec = dict(spec)
+    root = dict(spec.get("root") or {})  # type: ignore[call-overload]
+    root["path"] = rootfs
+    spec["root"] = root
+    process = spec.get("process")
+    if isinstance(process, dict) and user:
+        process = dict(process)
+        process["user"] = resolve_user(rootfs, user)
+        spec["process"] = process
+    _write_files(bundle, files, spec)
+    with open(os.path.join(bundle, "config.json"), "w") as fh:
+        json.dump(spec, fh)
+    return bundle
+
+
+def _mount_overlay(config: AgentConfig, bundle: str, device: str, fstype: str) -> None:
+    """Mount the disk read-only under a tmpfs-backed overlay at <bundle>/rootfs."""
+    lower, rw, rootfs = (os.path.join(bundle, d) for d in ("lower", "rw", "rootfs"))
+    for d in (lower, rw, rootfs):
+        os.makedirs(d)
+    _mount(config, ["-t", fstype, "-o", "ro", device, lower], "mount container image")
+    # The writable layer lives in guest RAM: it dies with the sandbox, like Kata's.
+    _mount(config, ["-t", "tmpfs", "-o", "mode=0755", "tmpfs", rw], "mount container tmpfs")
+    os.makedirs(os.path.join(rw, "upper"))
+    os.makedirs(os.path.join(rw, "work"))
+    _mount(config, ["-t", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work", "overlay", rootfs],
+           "mount container overlay")
+
+
+def run_argv(binary: str, bundle: str, cid: str, pid_file: str, log: str,
+             root: str = RUNC_ROOT) -> list[str]:
+    return [binary, "--root", root, "--log", log, "--log-format", "json",
+            "run", "--bundle", bundle, "--pid-file", pid_file, "--no-new-keyring", check_id(cid)]
+
+
+def exec_argv(binary: str, cid: str, process_file: str, pid_file: str, log: str,
+              root: str = RUNC_ROOT) -> list[str]:
+    return [binary, "--root", root, "--log", log, "--log-format", "json",
+            "exec", "--process", process_file, "--pid-file", pid_file, check_id(cid)]
+
+
+_ARG_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_=.,:+-/")
+
+
+def runtime_argv(binary: str, command: str, args: list[str], cid: str,
+                 root: str = RUNC_ROOT) -> list[str]:
+    """``<runtime> --root R COMMAND ARGS... ID`` for the few commands the host may ask."""
+    if command not in RUNTIME_COMMANDS:
+        raise AgentFailure(f"runtime command {command!r} is not allowed", "invalid")
+    for arg in args:
+        if not arg or not set(arg) <= _ARG_OK or arg.startswith(("--root", "--log", "--criu")):
+            raise AgentFailure(f"runtime argument {arg!r} is not allowed", "invalid")
+    if command == "kill":   # runc kill [--all] ID SIGNAL: the signal follows the id
+        flags = [a for a in args if a.startswith("-")]
+        rest = [a for a in args if not a.startswith("-")]
+        return [binary, "--root", root, command, *flags, check_id(cid), *rest]
+    return [binary, "--root", root, command, *args, check_id(cid)]
+
+
+def start_failure(log: str) -> tuple[int, str] | None:
+    """(status, message) when the runtime failed before the process ran; None otherwise.
+
+    Like docker: 127 when the command does not exist, 126 when it cannot be run.
+    """
+    try:
+        with open(log, "rb") as fh:
+            lines = fh.read(1 << 20).decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or entry.get("level") not in ("error", "fatal"):
+            continue
+        msg = str(entry.get("msg", ""))
+        low = msg.lower()
+        if "executable file not found" in low or "no such file or directory" in low:
+            return 127, msg
+        if "permission denied" in low:
+            return 126, msg
+        return 125, msg
+    return None
+
+
+def runtime_error(text: str) -> str:
+    """The message of the runtime's last error line (JSON or logrus text), else the last line."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and "msg" in obj:
+            return str(obj["msg"])
+        if 'msg="' in line:
+            return line.split('msg="', 1)[1].rstrip('"')
+    return lines[-1] if lines else ""
+
+
+def teardown(config: AgentConfig, cid: str) -> None:
+    """Unmount a bundle's rootfs layers (best effort: the VM goes away anyway)."""
+    bundle = bundle_dir(config, cid)
+    for d in ("rootfs", "rw", "lower"):
+        run_capture([config.busybox, "umount", "-l", os.path.join(bundle, d)], 4096)

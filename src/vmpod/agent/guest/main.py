@@ -1,0 +1,38 @@
+"""The real guest's entry point: /opt/vmpod/agent.py runs ``main()`` as PID 1.
+
+Standard library only.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from vmpod.agent.guest.channel import guest_channel
+from vmpod.agent.guest.config import AgentConfig
+from vmpod.agent.guest.errors import log
+from vmpod.agent.guest.server import Agent
+
+
+def main() -> None:
+    os.umask(0o022)
+    os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+    config = AgentConfig()
+    try:
+        Agent(guest_channel(), config).serve()
+    except BaseException as err:  # PID 1 exiting panics the kernel: say why first
+        log(f"fatal: {type(err).__name__}: {err}")
+        import traceback
+        traceback.print_exc()
+        os.sync()
+        os.execv(config.busybox, [config.busybox, "poweroff", "-f"])
+    _idle()
+
+
+def _idle() -> None:
+    """After shutdown the host quits QEMU; until then PID 1 must not exit (the kernel
+    would panic), so it only reaps what is left."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            time.sleep(3600)
