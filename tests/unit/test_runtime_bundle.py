@@ -200,7 +200,11 @@ def test_missing_commands_fail_create_like_runc(bundle: Path, args: list[str], e
 def test_commands_found_or_unknowable_pass(bundle: Path, args: list[str], env: list[str]) -> None:
     spec = _config(bundle, args=args, env=env, cwd="/bin")
     spec["mounts"] = [{"destination": "/opt/tools", "type": "tmpfs", "source": "tmpfs"}]
-    translate(spec, bundle, "c", CFG)
+    plan = translate(spec, bundle, "c", CFG)
+    process = plan.spec["process"]
+    assert isinstance(process, dict)
+    assert process["args"] == args and process["env"] == env   # passed on unchanged
+    assert not any("command" in w or args[0] in w for w in plan.warnings)
 
 
 def test_resolve_in_root_never_leaves_the_root(bundle: Path) -> None:
