@@ -337,7 +337,7 @@ def test_list_features_spec(tmp_path: Path) -> None:
 
 
 def test_runtime_made_disks_go_with_their_last_user(tmp_path: Path) -> None:
-    from vmpod.runtime.lifecycle import _drop_disk, _marker
+    from vmpod.runtime.lifecycle import disk_marker, drop_disk
     store = Store(tmp_path / "root")
     disk = tmp_path / "d.erofs"
     disk.write_bytes(b"x")
@@ -345,14 +345,14 @@ def test_runtime_made_disks_go_with_their_last_user(tmp_path: Path) -> None:
         _, lock, mon = store.begin(_state(cid, disk=str(disk)))
         os.close(lock)
         os.close(mon)
-    _drop_disk(store, store.load("a"))
+    drop_disk(store, store.load("a"))
     assert disk.exists()                       # not made by the runtime: a plain cache entry
-    _marker(disk).touch()
-    _drop_disk(store, store.load("a"))
+    disk_marker(disk).touch()
+    drop_disk(store, store.load("a"))
     assert disk.exists()                       # "b" still uses it
     store.remove("a")
     with store.disks_lock():
-        _drop_disk(store, store.load("b"), mine=False)
+        drop_disk(store, store.load("b"), mine=False)
     assert disk.exists()                       # a same-id container counts as a user
-    _drop_disk(store, store.load("b"))
-    assert not disk.exists() and not _marker(disk).exists()
+    drop_disk(store, store.load("b"))
+    assert not disk.exists() and not disk_marker(disk).exists()

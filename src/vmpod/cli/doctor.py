@@ -10,8 +10,8 @@ import click
 
 from vmpod.guest.assets import assets_state
 from vmpod.guest.kernel import load_cached
-from vmpod.hypervisor.accel import choose_accel
 from vmpod.hypervisor import vmm_binary
+from vmpod.hypervisor.accel import choose_accel
 from vmpod.paths import Paths
 
 _MIN_FREE = 1 << 30

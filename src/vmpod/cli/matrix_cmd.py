@@ -5,12 +5,18 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from vmpod.cli.common import guarded, progress
 from vmpod.errors import ConfigError
 from vmpod.fsutil import meminfo
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from vmpod.matrix.run import KernelResult
 
 _VM_MEMORY_MB = 512
 
@@ -54,19 +60,12 @@ def matrix(kernels: str, module_src: Path, test_script: Path, image: str, jobs: 
     from vmpod.hypervisor.accel import choose_accel
     from vmpod.images import resolve_image, resolve_rootfs
     from vmpod.matrix.image import busybox_rootfs
-    from vmpod.matrix.report import ProgressView, results_table, write_json, write_junit
+    from vmpod.matrix.report import ProgressView
     from vmpod.matrix.run import KernelTarget, MatrixConfig, read_script, run_matrix
     from vmpod.paths import default_paths
     from vmpod.storage.erofs import rootfs_disk
 
-    names = [k.strip() for k in kernels.split(",") if k.strip()]
-    if not names or len(set(names)) != len(names):
-        raise ConfigError("--kernels needs distinct kernel names, e.g. 6.1,6.12-generic")
-    if not (module_src / "Kbuild").is_file() and not (module_src / "Makefile").is_file():
-        raise ConfigError(f"{module_src} has no Kbuild or Makefile",
-                          hint="point --module-src at the module's source directory")
-    if not test_script.is_file():
-        raise ConfigError(f"test script {test_script} not found")
+    names = _check_args(kernels, module_src, test_script)
     paths = default_paths()
     choice = choose_accel(accel)
     targets: list[KernelTarget] = []
@@ -88,15 +87,34 @@ def matrix(kernels: str, module_src: Path, test_script: Path, image: str, jobs: 
     progress(f"{len(targets)} kernels, {cfg.jobs} at a time, accel {choice.accel}")
     with ProgressView([t.name for t in targets], console) as view:
         results = asyncio.run(run_matrix(paths, cfg, targets, view.update))
-    console.print(results_table(results))
-    if junit:
-        write_junit(results, junit)
-    if json_out:
-        write_json(results, json_out)
+    _report(console, results, junit, json_out, cfg.logs)
     failed = [r.kernel for r in results if not r.passed]
-    console.print(f"logs: {cfg.logs}")
     if failed:
         click.echo(f"vmpod: {len(failed)} of {len(results)} kernels failed: {', '.join(failed)}",
                    err=True)
         sys.exit(1)
 
+
+def _check_args(kernels: str, module_src: Path, test_script: Path) -> list[str]:
+    """The kernel names, once the module source and test script are known to exist."""
+    names = [k.strip() for k in kernels.split(",") if k.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError("--kernels needs distinct kernel names, e.g. 6.1,6.12-generic")
+    if not (module_src / "Kbuild").is_file() and not (module_src / "Makefile").is_file():
+        raise ConfigError(f"{module_src} has no Kbuild or Makefile",
+                          hint="point --module-src at the module's source directory")
+    if not test_script.is_file():
+        raise ConfigError(f"test script {test_script} not found")
+    return names
+
+
+def _report(console: Console, results: list[KernelResult], junit: Path | None,
+            json_out: Path | None, logs: Path) -> None:
+    # imported here, like the rest of the matrix machinery (start-up time of `vmpod`)
+    from vmpod.matrix.report import results_table, write_json, write_junit
+    console.print(results_table(results))
+    if junit:
+        write_junit(results, junit)
+    if json_out:
+        write_json(results, json_out)
+    console.print(f"logs: {logs}")

@@ -30,11 +30,11 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmpod.sandbox.config import MAX_CONFIG_BYTES, MAX_FILES_BYTES
 from vmpod.fsutil import meminfo, resolve_below
 from vmpod.runtime.config import ANNOTATION_KERNEL, ANNOTATION_MODULES, KNOWN_ANNOTATIONS, RuntimeConfig
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS, validate_hooks
+from vmpod.sandbox.config import MAX_CONFIG_BYTES, MAX_FILES_BYTES
 
 MEMORY_OVERHEAD_MB = 256     # guest kernel, agent and page cache on top of the limit
 MIN_MEMORY_MB = 512
@@ -97,24 +97,9 @@ def _list(value: object, what: str) -> list[object]:
 def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfig) -> Plan:
     warnings: list[str] = []
     root = _obj(spec.get("root"), "root")
-    root_path = root.get("path")
-    if not isinstance(root_path, str) or not root_path:
-        raise RuntimeCliError("config.json: root.path must be specified")
-    rootfs = (bundle / root_path).resolve()
-    if not rootfs.is_dir():
-        raise RuntimeCliError(f"rootfs ({rootfs}) does not exist")
-    process = _obj(spec.get("process"), "process")
-    if not process:
-        raise RuntimeCliError("config.json: process must be specified for create")
-    args = _list(process.get("args"), "process.args")
-    if not args or not all(isinstance(a, str) for a in args):
-        raise RuntimeCliError("config.json: process.args must be a non-empty list of strings")
-    cwd = process.get("cwd")
-    if not isinstance(cwd, str) or not cwd.startswith("/"):
-        raise RuntimeCliError("config.json: process.cwd must be an absolute path")
-    terminal = process.get("terminal", False)
-    if not isinstance(terminal, bool):
-        raise RuntimeCliError("config.json: process.terminal must be a boolean")
+    rootfs = _rootfs(root, bundle)
+    process = _process(spec)
+    terminal = bool(process.get("terminal", False))
     hooks = validate_hooks(spec.get("hooks"))
     annotations = _annotations(spec.get("annotations"))
     kernel = _kernel(annotations, cfg)
@@ -178,63 +163,107 @@ def _file_name(index: int, source: Path) -> str:
     return f"m{index}-{base}"[:64]
 
 
+def _rootfs(root: dict[str, object], bundle: Path) -> Path:
+    root_path = root.get("path")
+    if not isinstance(root_path, str) or not root_path:
+        raise RuntimeCliError("config.json: root.path must be specified")
+    rootfs = (bundle / root_path).resolve()
+    if not rootfs.is_dir():
+        raise RuntimeCliError(f"rootfs ({rootfs}) does not exist")
+    return rootfs
+
+
+def _process(spec: dict[str, object]) -> dict[str, object]:
+    """The process object, checked the way runc checks it before anything starts."""
+    process = _obj(spec.get("process"), "process")
+    if not process:
+        raise RuntimeCliError("config.json: process must be specified for create")
+    args = _list(process.get("args"), "process.args")
+    if not args or not all(isinstance(a, str) for a in args):
+        raise RuntimeCliError("config.json: process.args must be a non-empty list of strings")
+    cwd = process.get("cwd")
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
+        raise RuntimeCliError("config.json: process.cwd must be an absolute path")
+    if not isinstance(process.get("terminal", False), bool):
+        raise RuntimeCliError("config.json: process.terminal must be a boolean")
+    return process
+
+
 def _mounts(value: object, bundle: Path, warnings: list[str]
             ) -> tuple[list[dict[str, object]], dict[str, bytes], list[str]]:
     """(guest mounts, files to copy, destinations whose content the host cannot see)."""
-    out: list[dict[str, object]] = []
-    files: dict[str, bytes] = {}
-    total = 0
-    dir_dests: list[str] = []
+    plan = _MountPlan(bundle, warnings)
     for index, raw in enumerate(_list(value, "mounts")):
         m = dict(_obj(raw, "mounts[]"))
         dest, typ = m.get("destination"), m.get("type") or ""
         options = [o for o in _list(m.get("options"), "mount options") if isinstance(o, str)]
         if not isinstance(dest, str) or not dest.startswith("/") or not isinstance(typ, str):
             raise RuntimeCliError(f"config.json: mount {index} needs an absolute destination")
-        bind = typ == "bind" or "bind" in options or "rbind" in options
-        if not bind:
-            if typ in KEPT_MOUNT_TYPES:
-                out.append(m)
-                if typ == "tmpfs":
-                    dir_dests.append(dest)
-            else:
-                warnings.append(f"mount of type {typ!r} on {dest} dropped: not supported in the VM")
-                dir_dests.append(dest)
-            continue
+        if typ == "bind" or "bind" in options or "rbind" in options:
+            plan.bind(index, m, dest, options)
+        else:
+            plan.plain(m, dest, typ)
+    return plan.out, plan.files, plan.dir_dests
+
+
+class _MountPlan:
+    """The guest's mounts as they are decided, one OCI mount at a time."""
+
+    def __init__(self, bundle: Path, warnings: list[str]) -> None:
+        self.bundle, self.warnings = bundle, warnings
+        self.out: list[dict[str, object]] = []
+        self.files: dict[str, bytes] = {}
+        self.dir_dests: list[str] = []
+        self.total = 0
+
+    def plain(self, m: dict[str, object], dest: str, typ: str) -> None:
+        if typ in KEPT_MOUNT_TYPES:
+            self.out.append(m)
+            if typ == "tmpfs":
+                self.dir_dests.append(dest)
+        else:
+            self.warnings.append(f"mount of type {typ!r} on {dest} dropped: not supported in the VM")
+            self.dir_dests.append(dest)
+
+    def bind(self, index: int, m: dict[str, object], dest: str, options: list[str]) -> None:
         if dest == "/dev/shm":
             keep = [o for o in options if o not in ("bind", "rbind", "rprivate", "private")]
-            out.append({"destination": dest, "type": "tmpfs", "source": "shm",
-                        "options": keep + ["mode=1777", "size=65536k"]})
-            continue
+            self.out.append({"destination": dest, "type": "tmpfs", "source": "shm",
+                             "options": keep + ["mode=1777", "size=65536k"]})
+            return
         source = m.get("source")
         if not isinstance(source, str) or not source:
             raise RuntimeCliError(f"config.json: bind mount on {dest} has no source")
-        src = Path(source) if source.startswith("/") else bundle / source
+        src = Path(source) if source.startswith("/") else self.bundle / source
         try:
             st = os.stat(src)
         except OSError as err:
             raise RuntimeCliError(f"mount source {source} for {dest}: {err.strerror}") from err
         if stat.S_ISREG(st.st_mode):
-            total += st.st_size
-            if total > MAX_FILES_BYTES:
-                raise RuntimeCliError(f"bind-mounted files exceed {MAX_FILES_BYTES // 1024} KiB "
-                                      f"(at {source} -> {dest}): too large to copy into the VM")
-            name = _file_name(index, src)
-            try:
-                files[name] = src.read_bytes()
-            except OSError as err:
-                raise RuntimeCliError(f"cannot read mount source {source}: {err.strerror}") from err
-            m["type"] = "bind"
-            m["source"] = f"files/{name}"
-            out.append(m)
+            self._copy_file(index, m, src, source, dest, st.st_size)
         elif stat.S_ISDIR(st.st_mode):
-            warnings.append(f"volume {source} -> {dest} dropped: directory bind mounts are not "
-                            "supported by vmpod-runtime yet")
-            dir_dests.append(dest)
+            self.warnings.append(f"volume {source} -> {dest} dropped: directory bind mounts are "
+                                 "not supported by vmpod-runtime yet")
+            self.dir_dests.append(dest)
         else:
-            warnings.append(f"bind mount {source} -> {dest} dropped: only regular files reach the VM")
-            dir_dests.append(dest)
-    return out, files, dir_dests
+            self.warnings.append(f"bind mount {source} -> {dest} dropped: only regular files "
+                                 "reach the VM")
+            self.dir_dests.append(dest)
+
+    def _copy_file(self, index: int, m: dict[str, object], src: Path, source: str, dest: str,
+                   size: int) -> None:
+        self.total += size
+        if self.total > MAX_FILES_BYTES:
+            raise RuntimeCliError(f"bind-mounted files exceed {MAX_FILES_BYTES // 1024} KiB "
+                                  f"(at {source} -> {dest}): too large to copy into the VM")
+        name = _file_name(index, src)
+        try:
+            self.files[name] = src.read_bytes()
+        except OSError as err:
+            raise RuntimeCliError(f"cannot read mount source {source}: {err.strerror}") from err
+        m["type"] = "bind"
+        m["source"] = f"files/{name}"
+        self.out.append(m)
 
 
 _SYSFS_BIND: dict[str, object] = {"type": "none", "source": "/sys",

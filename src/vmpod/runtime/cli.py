@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from vmpod.errors import VmpodError
-from vmpod.runtime import ipc
+from vmpod.runtime import ipc, lifecycle
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.logs import setup_logging
 from vmpod.runtime.rules import require
@@ -76,10 +76,11 @@ def cli(ctx: click.Context, root: str, log_path: str, log_format: str, debug: bo
 def create(container_id: str, bundle: str, pid_file: str, console_socket: str, no_pivot: bool,
            no_new_keyring: bool, preserve_fds: int) -> None:
     """Boot the container's VM and prepare the container (its process is not run)."""
-    from vmpod.runtime import lifecycle
+    # Imported here for start-up time: only `create` needs the sandbox stack.
+    from vmpod.runtime.create import create as create_container
     if preserve_fds:
         raise RuntimeCliError("--preserve-fds is not supported by vmpod-runtime")
-    lifecycle.create(_store(), container_id, bundle, pid_file, console_socket,
+    create_container(_store(), container_id, bundle, pid_file, console_socket,
                      (_LOG["path"], _LOG["format"], bool(_LOG["debug"])))
 
 
@@ -87,7 +88,6 @@ def create(container_id: str, bundle: str, pid_file: str, console_socket: str, n
 @click.argument("container_id")
 def start(container_id: str) -> None:
     """Run the user process of a created container."""
-    from vmpod.runtime import lifecycle
     lifecycle.start(_store(), container_id)
 
 
@@ -124,7 +124,6 @@ def kill(container_id: str, sig: str, all_: bool) -> None:
 @click.option("--force", "-f", is_flag=True, help="Kill a running container first.")
 def delete(container_id: str, force: bool) -> None:
     """Remove a container: its VM, monitor and state."""
-    from vmpod.runtime import lifecycle
     lifecycle.delete(_store(), container_id, force)
 
 
@@ -210,6 +209,7 @@ def update(container_id: str, resources_file: str, memory: str, memory_reservati
            cpu_share: int | None, cpuset_cpus: str, cpuset_mems: str, pids_limit: int | None,
            blkio_weight: int | None) -> None:
     """Change the container's resource limits (inside its VM, whose size is fixed)."""
+    # (imported on use, for start-up time: state/kill/list stay quick)
     from vmpod.runtime.bundle import guest_resources
     resources: dict[str, object] = {}
     if resources_file:
@@ -285,6 +285,7 @@ def list_(fmt: str, quiet: bool) -> None:
 @cli.command(context_settings=_CTX)
 def features() -> None:
     """What this runtime supports (runtime spec features.md)."""
+    # (imported on use, for start-up time: state/kill/list stay quick)
     from vmpod.runtime.specgen import features_doc
     click.echo(json.dumps(features_doc(), indent=2))
 
@@ -294,11 +295,13 @@ def features() -> None:
 @click.option("--rootless", is_flag=True, help="Accepted; the VM is the boundary.")
 def spec(bundle: str, rootless: bool) -> None:
     """Write a default config.json into the bundle."""
+    # (imported on use, for start-up time: state/kill/list stay quick)
     from vmpod.runtime.specgen import write_default_spec
     write_default_spec(Path(bundle))
 
 
 def _register_exec() -> None:
+    # (imported on use, for start-up time: state/kill/list stay quick)
     from vmpod.runtime.execcmd import exec_command
     cli.add_command(exec_command, "exec")
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -16,13 +15,11 @@ from vmpod.runtime.hooks import HookError, run_hooks, run_hooks_warn
 from vmpod.runtime.rules import require
 from vmpod.runtime.state import (
     CREATED,
-    CREATING,
     RUNNING,
     STOPPED,
     ContainerState,
     Store,
     check_id,
-    now_rfc3339,
     proc_start_time,
 )
 
@@ -36,102 +33,6 @@ def sock_path(store: Store, cid: str) -> Path:
 
 def write_pid_file(path: str, pid: int) -> None:
     atomic_write(Path(path).absolute(), str(pid).encode(), mode=0o600)
-
-
-def create(store: Store, cid: str, bundle: str, pid_file: str, console_socket: str,
-           log_opts: tuple[str, str, bool] = ("", "text", False)) -> None:
-    # Heavy imports only here, for start-up time: start/delete (this module) stay quick.
-    from vmpod.images import resolve_rootfs
-    from vmpod.paths import default_paths
-    from vmpod.runtime.bundle import load_spec, translate
-    from vmpod.runtime.config import load_config
-    from vmpod.runtime.monitor import monitor_main
-    from vmpod.runtime.session import MonitorArgs
-    from vmpod.sandbox import SandboxSpec, prepare
-    from vmpod.sandbox.build import with_rootfs
-    from vmpod.storage.erofs import rootfs_disk
-
-    check_id(cid)
-    if (store.dir(cid) / "state.json").exists():
-        raise RuntimeCliError("container with given ID already exists")
-    cfg = load_config()
-    bundle_dir = Path(bundle).absolute()
-    plan = translate(load_spec(bundle_dir), bundle_dir, cid, cfg)
-    if plan.terminal and not console_socket:
-        raise RuntimeCliError("cannot allocate tty if runc will detach without setting console socket")
-    if console_socket and not plan.terminal:
-        raise RuntimeCliError("cannot use console socket if runc will not detach or allocate tty")
-    for warning in plan.warnings:
-        log.warning("%s", warning)
-    paths = default_paths()
-    # resolved before anything is made: an unknown kernel or module fails `create` itself
-    sandbox = prepare(paths, SandboxSpec(
-        kernel=plan.kernel, accel=cfg.accel, cpus=plan.cpus, memory_mb=plan.memory_mb,
-        boot_timeout=cfg.boot_timeout, kernel_modules=plan.kernel_modules))
-    source = resolve_rootfs(plan.rootfs)
-    disks = paths.images / "disks"
-    with store.disks_lock():   # a delete must not remove the disk before our state names it
-        before = set(os.listdir(disks)) if disks.is_dir() else set()
-        disk = rootfs_disk(paths, source)
-        made = disk.name not in before
-        if made:
-            _marker(disk).touch()   # made by the runtime: its last user's delete removes it
-        st = ContainerState(id=cid, bundle=str(bundle_dir), rootfs=str(plan.rootfs),
-                            created=now_rfc3339(), annotations=plan.annotations,
-                            hooks=plan.hooks, disk=str(disk))
-        try:
-            _, lock, mon_lock = store.begin(st)
-        except BaseException:
-            if made:   # (a container with this id may exist and use the disk: it counts)
-                _drop_disk(store, st, mine=False)
-            raise
-    try:
-        r, w = os.pipe2(os.O_CLOEXEC)
-        args = MonitorArgs(store_root=str(store.root), cid=cid, plan=plan,
-                           sandbox=with_rootfs(sandbox, disk),
-                           guest_runtime=cfg.guest_runtime, console_socket=console_socket,
-                           paths=paths, ready_fd=w, log_path=log_opts[0],
-                           log_format=log_opts[1], debug=log_opts[2])
-        pid = os.fork()
-        if pid == 0:   # the monitor: keeps our stdio, never returns
-            os.close(r)
-            os.close(lock)
-            monitor_main(args, keep=(mon_lock,))
-        os.close(w)
-        os.close(mon_lock)
-        reply = _read_ready(r)
-        if not reply.get("ok"):
-            destroy(store, store.load(cid))
-            cleanup(store, store.load(cid))
-            raise RuntimeCliError(str(reply.get("error") or "the monitor failed"))
-        st = store.load(cid)
-        try:
-            for kind in ("prestart", "createRuntime", "createContainer"):
-                run_hooks(st.hooks, kind, st.oci(CREATING))
-            ipc.request(sock_path(store, cid), {"op": "created"})
-            if pid_file:
-                write_pid_file(pid_file, pid)
-        except BaseException:
-            # The spec's lifecycle: a failed create hook destroys the container, then
-            # the poststop hooks run. Any other failure here cleans up the same way.
-            destroy(store, st)
-            cleanup(store, st)
-            run_hooks_warn(st.hooks, "poststop", st.oci(STOPPED))
-            raise
-    finally:
-        os.close(lock)
-
-
-def _read_ready(fd: int) -> dict[str, object]:
-    data = b""
-    with os.fdopen(fd, "rb") as fh:
-        while chunk := fh.read(4096):
-            data += chunk
-    try:
-        reply = json.loads(data.decode())
-    except ValueError:
-        return {"ok": False, "error": "the container's monitor died during create"}
-    return reply if isinstance(reply, dict) else {"ok": False, "error": "bad monitor reply"}
 
 
 def start(store: Store, cid: str) -> None:
@@ -186,22 +87,22 @@ def cleanup(store: Store, st: ContainerState) -> None:
     """Remove what a dead monitor may have left: VM state dir, owned disk, state dir."""
     if st.sandbox_dir:
         _remove_unlocked(Path(st.sandbox_dir))
-    _drop_disk(store, st)
+    drop_disk(store, st)
     store.remove(st.id)
 
 
-def _marker(disk: Path) -> Path:
+def disk_marker(disk: Path) -> Path:
     return disk.with_name(disk.name + ".vmpod-runtime")
 
 
-def _drop_disk(store: Store, st: ContainerState, mine: bool = True) -> None:
+def drop_disk(store: Store, st: ContainerState, mine: bool = True) -> None:
     """Remove the rootfs disk if the runtime made it (podman and containerd give every
     container a fresh rootfs, so a new disk each time) and no other container here
     uses it. Called under ``disks_lock`` or takes it."""
     if not st.disk:
         return
     disk = Path(st.disk)
-    if not _marker(disk).exists():
+    if not disk_marker(disk).exists():
         return     # a plain cache entry (vmpod run's): not ours to remove
     if not mine:   # create's own failure path already holds the lock
         _drop_unused(store, st, disk, mine)
@@ -215,7 +116,7 @@ def _drop_unused(store: Store, st: ContainerState, disk: Path, mine: bool) -> No
     if any(_disk_of(store, o) == st.disk for o in others):
         return
     disk.unlink(missing_ok=True)
-    _marker(disk).unlink(missing_ok=True)
+    disk_marker(disk).unlink(missing_ok=True)
 
 
 def _disk_of(store: Store, cid: str) -> str:

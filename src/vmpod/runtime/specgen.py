@@ -5,10 +5,10 @@ import json
 import os
 from pathlib import Path
 
+from vmpod.runspec import MASKED, READONLY
 from vmpod.runtime.config import KNOWN_ANNOTATIONS, load_config
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS
-from vmpod.runspec import MASKED, READONLY
 
 MOUNT_OPTIONS = sorted({
     "async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec", "lazytime",

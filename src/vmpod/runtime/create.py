@@ -1,0 +1,142 @@
+"""`create`: plan the container from its bundle, take its root filesystem disk,
+fork its monitor (which boots the VM) and run the create hooks.
+
+Imported only by the `create` command: the sandbox stack it needs is heavy,
+and the other commands must start quickly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+from vmpod.images import resolve_rootfs
+from vmpod.paths import Paths, default_paths
+from vmpod.runtime import ipc
+from vmpod.runtime.bundle import Plan, load_spec, translate
+from vmpod.runtime.config import load_config
+from vmpod.runtime.errors import RuntimeCliError
+from vmpod.runtime.hooks import run_hooks, run_hooks_warn
+from vmpod.runtime.lifecycle import (
+    cleanup,
+    destroy,
+    disk_marker,
+    drop_disk,
+    sock_path,
+    write_pid_file,
+)
+from vmpod.runtime.monitor import monitor_main
+from vmpod.runtime.session import MonitorArgs
+from vmpod.runtime.state import CREATING, STOPPED, ContainerState, Store, check_id, now_rfc3339
+from vmpod.sandbox import SandboxSpec, prepare
+from vmpod.sandbox.build import with_rootfs
+from vmpod.storage.erofs import rootfs_disk
+
+log = logging.getLogger(__name__)
+LogOpts = tuple[str, str, bool]     # --log, --log-format, --debug
+
+
+def create(store: Store, cid: str, bundle: str, pid_file: str, console_socket: str,
+           log_opts: LogOpts = ("", "text", False)) -> None:
+    check_id(cid)
+    if (store.dir(cid) / "state.json").exists():
+        raise RuntimeCliError("container with given ID already exists")
+    cfg = load_config()
+    bundle_dir = Path(bundle).absolute()
+    plan = translate(load_spec(bundle_dir), bundle_dir, cid, cfg)
+    if plan.terminal and not console_socket:
+        raise RuntimeCliError("cannot allocate tty if runc will detach without setting console socket")
+    if console_socket and not plan.terminal:
+        raise RuntimeCliError("cannot use console socket if runc will not detach or allocate tty")
+    for warning in plan.warnings:
+        log.warning("%s", warning)
+    paths = default_paths()
+    # resolved before anything is made: an unknown kernel or module fails `create` itself
+    sandbox = prepare(paths, SandboxSpec(
+        kernel=plan.kernel, accel=cfg.accel, cpus=plan.cpus, memory_mb=plan.memory_mb,
+        boot_timeout=cfg.boot_timeout, kernel_modules=plan.kernel_modules))
+    st, lock, mon_lock = _take_disk(store, paths, cid, bundle_dir, plan)
+    try:
+        args = MonitorArgs(store_root=str(store.root), cid=cid, plan=plan,
+                           sandbox=with_rootfs(sandbox, Path(st.disk)),
+                           guest_runtime=cfg.guest_runtime, console_socket=console_socket,
+                           paths=paths, ready_fd=-1, log_path=log_opts[0],
+                           log_format=log_opts[1], debug=log_opts[2])
+        pid = _fork_monitor(store, args, lock, mon_lock)
+        _created(store, cid, pid, pid_file)
+    finally:
+        os.close(lock)
+
+
+def _take_disk(store: Store, paths: Paths, cid: str, bundle_dir: Path,
+               plan: Plan) -> tuple[ContainerState, int, int]:
+    """The rootfs disk, and the container's state dir naming it (both locks held)."""
+    source = resolve_rootfs(plan.rootfs)
+    disks = paths.images / "disks"
+    with store.disks_lock():   # a delete must not remove the disk before our state names it
+        before = set(os.listdir(disks)) if disks.is_dir() else set()
+        disk = rootfs_disk(paths, source)
+        made = disk.name not in before
+        if made:
+            disk_marker(disk).touch()   # made by the runtime: its last user's delete removes it
+        st = ContainerState(id=cid, bundle=str(bundle_dir), rootfs=str(plan.rootfs),
+                            created=now_rfc3339(), annotations=plan.annotations,
+                            hooks=plan.hooks, disk=str(disk))
+        try:
+            _, lock, mon_lock = store.begin(st)
+        except BaseException:
+            if made:   # (a container with this id may exist and use the disk: it counts)
+                drop_disk(store, st, mine=False)
+            raise
+    return st, lock, mon_lock
+
+
+def _fork_monitor(store: Store, args: MonitorArgs, lock: int, mon_lock: int) -> int:
+    """Fork the monitor and wait until its container is ready (or failed)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    args = dataclasses.replace(args, ready_fd=w)
+    pid = os.fork()
+    if pid == 0:   # the monitor: keeps our stdio, never returns
+        os.close(r)
+        os.close(lock)
+        monitor_main(args, keep=(mon_lock,))
+    os.close(w)
+    os.close(mon_lock)
+    reply = _read_ready(r)
+    if not reply.get("ok"):
+        destroy(store, store.load(args.cid))
+        cleanup(store, store.load(args.cid))
+        raise RuntimeCliError(str(reply.get("error") or "the monitor failed"))
+    return pid
+
+
+def _created(store: Store, cid: str, pid: int, pid_file: str) -> None:
+    """Run the create hooks, tell the monitor, write the pid file."""
+    st = store.load(cid)
+    try:
+        for kind in ("prestart", "createRuntime", "createContainer"):
+            run_hooks(st.hooks, kind, st.oci(CREATING))
+        ipc.request(sock_path(store, cid), {"op": "created"})
+        if pid_file:
+            write_pid_file(pid_file, pid)
+    except BaseException:
+        # The spec's lifecycle: a failed create hook destroys the container, then
+        # the poststop hooks run. Any other failure here cleans up the same way.
+        destroy(store, st)
+        cleanup(store, st)
+        run_hooks_warn(st.hooks, "poststop", st.oci(STOPPED))
+        raise
+
+
+def _read_ready(fd: int) -> dict[str, object]:
+    data = b""
+    with os.fdopen(fd, "rb") as fh:
+        while chunk := fh.read(4096):
+            data += chunk
+    try:
+        reply = json.loads(data.decode())
+    except ValueError:
+        return {"ok": False, "error": "the container's monitor died during create"}
+    return reply if isinstance(reply, dict) else {"ok": False, "error": "bad monitor reply"}
