@@ -37,7 +37,10 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
+# Runtime packages, then the test and lint tools (pytest plugins, ruff, mypy): both
+# hash-pinned; requirements-dev.in says how requirements-dev.lock is regenerated.
 .venv/bin/pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
+.venv/bin/pip install -q --disable-pip-version-check --require-hashes -r requirements-dev.lock
 .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 
 ./scripts/busybox-rootfs.sh examples/busybox

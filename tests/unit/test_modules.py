@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vmpod.errors import AssetError
-from vmpod.guest.modules import BOOT_MODULES, load_order, module_name, read_module
+from vmpod.guest.modules import load_order, module_name, plan_modules, read_module
 
 V = "kernel/drivers/virtio"
 DEP = f"""\
@@ -110,8 +110,33 @@ def test_wanted_names_with_dashes_normalised(tmp_path: Path) -> None:
         "virtio", "virtio_ring", "virtio_blk", "crc32c_generic"]
 
 
-def test_default_wanted_is_boot_modules() -> None:
-    assert BOOT_MODULES == ("virtio_mmio", "virtio_blk", "virtio_console", "erofs", "overlay")
+VSOCK_DEP = """\
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko.xz: kernel/net/vmw_vsock/vsock.ko.xz \
+kernel/drivers/virtio/virtio_ring.ko.xz kernel/drivers/virtio/virtio.ko.xz
+kernel/net/vmw_vsock/vsock.ko.xz:
+kernel/drivers/net/dummy.ko.xz:
+"""
+
+
+def test_default_order_is_what_the_guest_boots_with(tmp_path: Path) -> None:
+    # With no list, load_order gives what /init insmods: the virtio-mmio transport, the
+    # block and console devices, erofs (guest root) and overlay (container roots), each
+    # after what it needs; the rest of the tree (9p; vsock, which /init adds only for
+    # vmpod.channel=vsock; other drivers) stays out.
+    d = moddir(tmp_path, dep=DEP + VSOCK_DEP)
+    loaded = names(load_order(d))
+    assert {"virtio_mmio", "virtio_blk", "virtio_console", "erofs", "overlay"} <= set(loaded)
+    assert not {"9pnet", "vsock", "vmw_vsock_virtio_transport", "dummy"} & set(loaded)
+
+
+def test_modules_asked_for_skip_those_loaded_at_boot(tmp_path: Path) -> None:
+    # A module the guest loads at boot (and its dependencies) is never loaded twice.
+    d = moddir(tmp_path, dep=DEP + VSOCK_DEP)
+    plan = plan_modules(d, "6.1.0-test", names=("virtio_blk", "vmw_vsock_virtio_transport",
+                                                 "dummy=numdummies=2"))
+    assert [(m.name, m.params) for m in plan] == [
+        ("vsock", ()), ("vmw_vsock_virtio_transport", ()), ("dummy", ("numdummies=2",))]
+    assert all(m.file.is_relative_to(d) for m in plan)
 
 
 def test_dependency_cycle_terminates(tmp_path: Path) -> None:

@@ -211,3 +211,15 @@ def test_a_failed_boot_is_reported_to_create(monitor: Callable[..., Monitor]) ->
     ready = m.start()
     assert ready["ok"] is False and "stopped during boot" in str(ready["error"])
     assert m.wait() == 255
+
+
+def test_a_lost_vm_ends_the_container_as_if_killed(monitor: Callable[..., Monitor]) -> None:
+    from tests.fixtures.fakevm import FakeVm
+    m = monitor("sleep", "30", terminal=True)
+    m.start()
+    os.close(m.console_master())
+    m.request(op="created")
+    m.request(op="start")
+    FakeVm.launched[-1].crash(-9)
+    assert m.wait() == 128 + signal.SIGKILL
+    assert m.store.load("c1").exit_status == 128 + signal.SIGKILL

@@ -95,6 +95,7 @@ def ensure_image(paths: Paths, tree: Path, progress: Progress) -> Path:
     run(["chroot", tree, "/usr/bin/python3", "-m", "compileall", "-q",
          "--invalidation-mode", "unchecked-hash", "/opt/vmpod/vmpod"],
         what="compile agent bytecode")
+    paths.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="erofs-") as tmp:
         out = Path(tmp) / "rootfs.erofs"
         # Uncompressed: the image sits in the host page cache; lz4 would only add CPU.

@@ -37,6 +37,13 @@ class ControlServer:
                 task.cancel()
             self.sock.close()
 
+    async def drain(self, timeout: float) -> None:
+        """Let requests under way finish (their replies must not be lost when the
+        monitor ends right after acting on them, e.g. a kill that ends the container)."""
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
     async def _handle(self, conn: ipc.Conn) -> None:
         fds: list[int] = []
         try:

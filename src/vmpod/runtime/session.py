@@ -63,6 +63,7 @@ class Session:
         self.tasks: set[asyncio.Task[object]] = set()
         self.state_dir = self.store.dir(args.cid)
         self._boot_task: asyncio.Task[None] | None = None
+        self.server: ControlServer | None = None
 
     @property
     def status(self) -> str:
@@ -132,7 +133,7 @@ class Session:
                 ipc.send_console(a.console_socket, master)
             finally:
                 os.close(master)
-        server = ControlServer(ipc.listen_unix(self.state_dir / "monitor.sock"), {
+        self.server = server = ControlServer(ipc.listen_unix(self.state_dir / "monitor.sock"), {
             "created": self._op_created, "start": self._op_start, "kill": self._op_kill,
             "runtime": self._op_runtime, "destroy": self._op_destroy}, self._op_exec)
         self.spawn(server.serve())
@@ -162,6 +163,8 @@ class Session:
         with contextlib.suppress(Exception):
             if self.sandbox is not None:
                 await self.sandbox.kill()   # nothing to save: the writable layer is guest RAM
+        if self.server is not None:
+            await self.server.drain(timeout=2)
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
@@ -245,8 +248,10 @@ class Session:
                 log.error("%s", ex.message)
                 err(f"vmpod-runtime: {ex.message}\n".encode())
         except VmpodError as exc:
+            # The VM died under the container: every process in it is gone as if
+            # SIGKILLed, which is what runc (and the shims above it) report then.
             log.error("container %s lost: %s", self.a.cid, exc)
-            status = 255
+            status = 128 + signal.SIGKILL
         self.finish(status)
 
     async def kill(self, sig: int, all_: bool) -> None:

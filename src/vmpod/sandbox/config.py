@@ -15,7 +15,6 @@ from vmpod.guest.modules import ModuleLoad
 from vmpod.hypervisor.accel import AccelChoice
 from vmpod.hypervisor.base import Disk
 
-
 # What one container's definition may weigh: its OCI config travels in one agent
 # message (with room for the request's other fields), its small files in another.
 MAX_CONFIG_BYTES = p.MAX_JSON - 2048
