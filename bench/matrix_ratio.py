@@ -8,6 +8,7 @@ parallelism; 3.0 no parallelism at all).
 
 Usage: sudo .venv/bin/python bench/matrix_ratio.py [--runs N] [--kernels A,B,C]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,20 @@ MODULE = REPO / "examples/modules/vmpod_echo"
 
 
 def matrix_seconds(kernels: str, logs: Path) -> float:
-    argv = [sys.executable, "-m", "vmpod.cli", "matrix", "--kernels", kernels,
-            "--module-src", str(MODULE), "--test", str(MODULE / "test.sh"), "--logs", str(logs)]
+    argv = [
+        sys.executable,
+        "-m",
+        "vmpod.cli",
+        "matrix",
+        "--kernels",
+        kernels,
+        "--module-src",
+        str(MODULE),
+        "--test",
+        str(MODULE / "test.sh"),
+        "--logs",
+        str(logs),
+    ]
     start = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -40,10 +53,10 @@ def main() -> None:
     kernels = args.kernels.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         logs = Path(tmp)
-        matrix_seconds(args.kernels, logs)   # warm: assets, headers, image disk
+        matrix_seconds(args.kernels, logs)  # warm: assets, headers, image disk
         single: dict[str, list[float]] = {k: [] for k in kernels}
         together: list[float] = []
-        for _ in range(args.runs):          # interleaved so drift hits all alike
+        for _ in range(args.runs):  # interleaved so drift hits all alike
             for k in kernels:
                 single[k].append(matrix_seconds(k, logs))
             together.append(matrix_seconds(args.kernels, logs))

@@ -12,6 +12,7 @@ A private podman store in a temporary directory; the image is `podman import`
 of a busybox root filesystem. Usage:
   sudo .venv/bin/python bench/podman_ratio.py [--runs N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def wrapper(work: Path, guest_runtime: str) -> Path:
     config.write_text(json.dumps({"guest_runtime": guest_runtime}))
     binary = Path(sys.executable).parent / "vmpod-runtime"
     script = work / f"vmpod-runtime-{guest_runtime}"
-    script.write_text(f"#!/bin/sh\nexport VMPOD_RUNTIME_CONFIG='{config}'\n"
-                      f"exec '{binary}' --root '{work}/rtroot' \"$@\"\n")
+    script.write_text(
+        f"#!/bin/sh\nexport VMPOD_RUNTIME_CONFIG='{config}'\nexec '{binary}' --root '{work}/rtroot' \"$@\"\n"
+    )
     script.chmod(0o755)
     return script
 
@@ -60,24 +62,37 @@ def main() -> None:
         if not rootfs.is_dir():
             rootfs = work / "busybox"
             subprocess.run([str(REPO / "scripts/busybox-rootfs.sh"), str(rootfs)], check=True)
-        base = ["podman", "--root", str(work / "root"), "--runroot", str(work / "runroot"),
-                "--events-backend", "file", "--cgroup-manager", "cgroupfs"]
+        base = [
+            "podman",
+            "--root",
+            str(work / "root"),
+            "--runroot",
+            str(work / "runroot"),
+            "--events-backend",
+            "file",
+            "--cgroup-manager",
+            "cgroupfs",
+        ]
         with tarfile.open(work / "rootfs.tar", "w") as tar:
             tar.add(rootfs, arcname=".")
-        subprocess.run([*base, "import", str(work / "rootfs.tar"), IMAGE], check=True,
-                       capture_output=True)
+        subprocess.run([*base, "import", str(work / "rootfs.tar"), IMAGE], check=True, capture_output=True)
         runc = shutil.which("runc") or "runc"
-        runtimes = {"runc": runc, "vmpod-runtime/runc": str(wrapper(work, "runc")),
-                    "vmpod-runtime/crun": str(wrapper(work, "crun"))}
+        runtimes = {
+            "runc": runc,
+            "vmpod-runtime/runc": str(wrapper(work, "runc")),
+            "vmpod-runtime/crun": str(wrapper(work, "crun")),
+        }
         medians: dict[str, float] = {}
         try:
             for name, runtime in runtimes.items():
                 argv = [*base, "--runtime", runtime, "run", "--rm", *ULIMITS, IMAGE, "true"]
-                timed(argv)   # warm-up: caches, the rootfs disk of a fresh layer
+                timed(argv)  # warm-up: caches, the rootfs disk of a fresh layer
                 samples = [timed(argv) for _ in range(args.runs)]
                 medians[name] = statistics.median(samples)
-                print(f"{name:<20} median {medians[name]:6.3f} s   "
-                      f"({', '.join(f'{s:.2f}' for s in samples)})", flush=True)
+                print(
+                    f"{name:<20} median {medians[name]:6.3f} s   ({', '.join(f'{s:.2f}' for s in samples)})",
+                    flush=True,
+                )
         finally:
             subprocess.run([*base, "rm", "--all", "--force"], capture_output=True)
             subprocess.run([*base, "rmi", "--all", "--force"], capture_output=True)

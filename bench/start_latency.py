@@ -11,6 +11,7 @@ and the host memory (PSS) of one idle sandbox (QEMU + the vmpod process).
 
 Usage: sudo .venv/bin/python bench/start_latency.py [--runs N] [--kernel K]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,21 +42,30 @@ def minimal_initramfs(work: Path) -> Path:
     (stage / "dev").mkdir()
     shutil.copy("/bin/busybox", stage / "bin/busybox")
     init = stage / "init"
-    init.write_text("#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs d /dev\n"
-                    "echo ready > /dev/ttyS0\n/bin/busybox poweroff -f\n")
+    init.write_text(
+        "#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs d /dev\n"
+        "echo ready > /dev/ttyS0\n/bin/busybox poweroff -f\n"
+    )
     init.chmod(0o755)
     names = "\n".join([".", "bin", "bin/busybox", "dev", "init"]) + "\n"
     out = work / "min.cpio"
-    out.write_bytes(run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"], cwd=stage,
-                        what="pack minimal initramfs", input=names.encode()).stdout)
+    out.write_bytes(
+        run(
+            ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
+            cwd=stage,
+            what="pack minimal initramfs",
+            input=names.encode(),
+        ).stdout
+    )
     return out
 
 
 def time_to_line(argv: list[str], needle: bytes, env: dict[str, str] | None = None) -> float:
     """Seconds from spawning argv until a stdout line containing needle."""
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env
+    )
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
@@ -75,15 +85,22 @@ def pss_kb(pid: int) -> int:
 
 
 def idle_sandbox_pss(rootfs: Path, env: dict[str, str]) -> tuple[int, int]:
-    proc = subprocess.Popen([*VMPOD, "run", "--rootfs", str(rootfs), "--", "sh", "-c",
-                             "echo ready; exec sleep 600"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [*VMPOD, "run", "--rootfs", str(rootfs), "--", "sh", "-c", "echo ready; exec sleep 600"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     assert proc.stdout is not None
     try:
         proc.stdout.readline()
-        time.sleep(1.0)   # let the guest settle into idle
-        qemu = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid), "qemu-system"],
-                                                capture_output=True, text=True).stdout.split()]
+        time.sleep(1.0)  # let the guest settle into idle
+        qemu = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-P", str(proc.pid), "qemu-system"], capture_output=True, text=True
+            ).stdout.split()
+        ]
         return sum(pss_kb(p) for p in qemu), pss_kb(proc.pid)
     finally:
         proc.terminate()
@@ -107,18 +124,29 @@ def main() -> None:
         subprocess.run([str(REPO / "scripts/busybox-rootfs.sh"), str(rootfs)], check=True)
         initrd = minimal_initramfs(work)
         cmdline = kernel_cmdline(SandboxConfig(assets=assets, accel=accel))
-        raw_argv = [qemu, *Machine(accel.accel, 1, 512).args(), "-kernel",
-                    str(assets.kernel.boot_image), "-initrd", str(initrd), "-append", cmdline,
-                    "-serial", "stdio"]
+        raw_argv = [
+            qemu,
+            *Machine(accel.accel, 1, 512).args(),
+            "-kernel",
+            str(assets.kernel.boot_image),
+            "-initrd",
+            str(initrd),
+            "-append",
+            cmdline,
+            "-serial",
+            "stdio",
+        ]
         runs: dict[str, list[list[str]]] = {
             "runc": [[*VMPOD, "run", "--rootfs", str(rootfs), "--", "echo", "ready"]],
-            "crun": [[*VMPOD, "run", "--guest-runtime", "crun", "--rootfs", str(rootfs),
-                      "--", "echo", "ready"]]}
+            "crun": [
+                [*VMPOD, "run", "--guest-runtime", "crun", "--rootfs", str(rootfs), "--", "echo", "ready"]
+            ],
+        }
         for (argv,) in runs.values():
             subprocess.run(argv, env=env, capture_output=True, check=True)  # warm caches
         raw: list[float] = []
         ours: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.runs):   # interleaved so drift hits all alike
+        for _ in range(args.runs):  # interleaved so drift hits all alike
             raw.append(time_to_line(raw_argv, b"ready"))
             for name, (argv,) in runs.items():
                 ours[name].append(time_to_line(argv, b"ready", env))
@@ -129,8 +157,10 @@ def main() -> None:
     for name, times in ours.items():
         o = statistics.median(times)
         print(f"vmpod run ({name}) to first output        : {o:6.2f} s   ratio {o / r:5.2f}")
-    print(f"idle sandbox PSS: QEMU {qemu_pss / 1024:.0f} MiB + vmpod {host_pss / 1024:.0f} MiB"
-          f" = {(qemu_pss + host_pss) / 1024:.0f} MiB")
+    print(
+        f"idle sandbox PSS: QEMU {qemu_pss / 1024:.0f} MiB + vmpod {host_pss / 1024:.0f} MiB"
+        f" = {(qemu_pss + host_pss) / 1024:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ internals (anything but ``agent.protocol`` records it gets through the sandbox
 API is still flagged: front ends use ``vmpod.sandbox``) or ``hypervisor.qemu``.
 Imports under ``if TYPE_CHECKING:`` are ignored; function-level imports count.
 """
+
 from __future__ import annotations
 
 import ast
@@ -59,11 +60,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         stack.append(n)
         for m in sorted(graph.get(n, ())):
             if state.get(m) == 1:
-                found.append(stack[stack.index(m):] + [m])
+                found.append(stack[stack.index(m) :] + [m])
             elif m not in state:
                 visit(m)
         stack.pop()
         state[n] = 2
+
     for n in sorted(graph):
         if n not in state:
             visit(n)
@@ -72,8 +74,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def package(mod: str) -> str:
     parts = mod.split(".")
-    return ".".join(parts[:3]) if len(parts) > 2 and parts[1] in ("agent", "hypervisor") \
-        else ".".join(parts[:2])
+    return (
+        ".".join(parts[:3]) if len(parts) > 2 and parts[1] in ("agent", "hypervisor") else ".".join(parts[:2])
+    )
 
 
 def main() -> int:
@@ -90,8 +93,13 @@ def main() -> int:
     if "--modules" in sys.argv:
         for m in sorted(graph):
             print(f"  {m} -> {', '.join(sorted(graph[m]))}")
-    bad = [f"{m} imports {d}" for m, deps in graph.items() if m.startswith(FRONT_ENDS)
-           for d in deps if d.startswith(FORBIDDEN)]
+    bad = [
+        f"{m} imports {d}"
+        for m, deps in graph.items()
+        if m.startswith(FRONT_ENDS)
+        for d in deps
+        if d.startswith(FORBIDDEN)
+    ]
     found = cycles(graph)
     for c in found:
         print("import cycle: " + " -> ".join(c))

@@ -3,6 +3,7 @@
 Each error renders as a single line (``str(err)``) that says what failed and what
 to do; ``details`` keeps machine-readable context (argv, exit code, log tail).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -46,10 +47,10 @@ class AssetError(VmpodError):
 class CommandError(VmpodError):
     """An external tool failed; carries argv, exit code and output tail."""
 
-    def __init__(self, message: str, *, argv: list[str], returncode: int | None,
-                 output_tail: str = "", hint: str = "") -> None:
-        super().__init__(message, hint=hint, argv=argv, returncode=returncode,
-                         output_tail=output_tail)
+    def __init__(
+        self, message: str, *, argv: list[str], returncode: int | None, output_tail: str = "", hint: str = ""
+    ) -> None:
+        super().__init__(message, hint=hint, argv=argv, returncode=returncode, output_tail=output_tail)
         self.argv = argv
         self.returncode = returncode
         self.output_tail = output_tail
@@ -58,8 +59,7 @@ class CommandError(VmpodError):
 class HypervisorError(VmpodError):
     """The VMM failed to start, died, or refused a request."""
 
-    def __init__(self, message: str, *, console_tail: str = "", hint: str = "",
-                 **details: Any) -> None:
+    def __init__(self, message: str, *, console_tail: str = "", hint: str = "", **details: Any) -> None:
         super().__init__(message, hint=hint, console_tail=console_tail, **details)
         self.console_tail = console_tail
 

@@ -3,6 +3,7 @@
 Standard library only, so any layer (runtime, images, guest assets, sandbox) can
 use them without pulling in the rest of vmpod.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,15 +19,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 StrPath = str | os.PathLike[str]
-MAX_SYMLINKS = 40      # the kernel's limit: a symlink loop ends with ELOOP, not a hang
-_LOCK_POLL = 0.02      # seconds between tries while a lock is held elsewhere
+MAX_SYMLINKS = 40  # the kernel's limit: a symlink loop ends with ELOOP, not a hang
+_LOCK_POLL = 0.02  # seconds between tries while a lock is held elsewhere
 
 
 # -- atomic writes ---------------------------------------------------------------
 
+
 @contextlib.contextmanager
-def atomic_writer(path: StrPath, *, mode: int = 0o644, fsync: bool = False,
-                  tmp_dir: StrPath | None = None) -> Iterator[BinaryIO]:
+def atomic_writer(
+    path: StrPath, *, mode: int = 0o644, fsync: bool = False, tmp_dir: StrPath | None = None
+) -> Iterator[BinaryIO]:
     """A file to write the new content of ``path`` into, renamed over ``path`` when the
     block ends normally and removed when it raises.
 
@@ -38,8 +41,9 @@ def atomic_writer(path: StrPath, *, mode: int = 0o644, fsync: bool = False,
     leave a short file under the final name.
     """
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir if tmp_dir is not None else target.parent,
-                               prefix=f".{target.name}.")
+    fd, tmp = tempfile.mkstemp(
+        dir=tmp_dir if tmp_dir is not None else target.parent, prefix=f".{target.name}."
+    )
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), mode)
@@ -61,6 +65,7 @@ def atomic_write(path: StrPath, data: bytes, *, mode: int = 0o644, fsync: bool =
 
 
 # -- flocks ----------------------------------------------------------------------
+
 
 class LockTimeout(TimeoutError):
     """Another open file held a conflicting flock for the whole timeout."""
@@ -89,8 +94,7 @@ def lock_file(path: StrPath, *, exclusive: bool = True, timeout: float | None = 
 
 
 @contextlib.contextmanager
-def locked(path: StrPath, *, exclusive: bool = True,
-           timeout: float | None = 0) -> Iterator[int]:
+def locked(path: StrPath, *, exclusive: bool = True, timeout: float | None = 0) -> Iterator[int]:
     """:func:`lock_file` for the length of a ``with`` block."""
     fd = lock_file(path, exclusive=exclusive, timeout=timeout)
     try:
@@ -136,6 +140,7 @@ def is_locked(path: StrPath) -> bool:
 
 # -- paths below a root ----------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Below:
     """Where :func:`resolve_below` landed: always inside ``root``.
@@ -147,9 +152,9 @@ class Below:
     """
 
     root: Path
-    parts: tuple[str, ...]     # real components under root: no symlinks, no '..'
-    missing: tuple[str, ...]   # the unwalked rest, from the first component that is absent
-    escape: str                # the first attempt to leave root (confined), "" if none
+    parts: tuple[str, ...]  # real components under root: no symlinks, no '..'
+    missing: tuple[str, ...]  # the unwalked rest, from the first component that is absent
+    escape: str  # the first attempt to leave root (confined), "" if none
 
     @property
     def path(self) -> Path:
@@ -176,7 +181,7 @@ def resolve_below(root: StrPath, path: str) -> Below:
     tree nobody changes meanwhile (not a directory a guest writes to).
     """
     base = os.fspath(root)
-    todo = _components(path)[::-1]   # a stack: next component last
+    todo = _components(path)[::-1]  # a stack: next component last
     real: list[str] = []
     escape = via = ""
     links = 0
@@ -216,6 +221,7 @@ def _components(path: str) -> list[str]:
 
 
 # -- host information ------------------------------------------------------------
+
 
 def meminfo(path: StrPath = "/proc/meminfo") -> dict[str, int]:
     """``/proc/meminfo`` as numbers: ``{"MemTotal": kB, "MemAvailable": kB, ...}``.

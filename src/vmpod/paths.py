@@ -1,4 +1,5 @@
 """Where vmpod keeps things: one place so tests and CLIs agree."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,8 @@ from pathlib import Path
 class Paths:
     """Cache (assets, images) and runtime (per-sandbox sockets, logs) roots."""
 
-    home: Path       # persistent cache: kernels, guest images, container images
-    run: Path        # volatile state: one directory per sandbox
+    home: Path  # persistent cache: kernels, guest images, container images
+    run: Path  # volatile state: one directory per sandbox
 
     @property
     def kernels(self) -> Path:
@@ -43,5 +44,4 @@ def default_paths() -> Paths:
         xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         rt = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vmpod-{os.getuid()}"
         home, run = Path(xdg) / "vmpod", Path(rt) / "vmpod"
-    return Paths(home=Path(os.environ.get("VMPOD_HOME", home)),
-                 run=Path(os.environ.get("VMPOD_RUN", run)))
+    return Paths(home=Path(os.environ.get("VMPOD_HOME", home)), run=Path(os.environ.get("VMPOD_RUN", run)))

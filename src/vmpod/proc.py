@@ -1,4 +1,5 @@
 """Running external tools: argv lists only, errors that carry argv, status and output."""
+
 from __future__ import annotations
 
 import errno
@@ -18,9 +19,16 @@ def tail(text: str | bytes, limit: int = _TAIL) -> str:
     return text[-limit:].strip()
 
 
-def run(argv: Sequence[str | Path], *, what: str, input: bytes | None = None,
-        cwd: Path | None = None, timeout: float = 600, check: bool = True,
-        hint: str = "") -> subprocess.CompletedProcess[bytes]:
+def run(
+    argv: Sequence[str | Path],
+    *,
+    what: str,
+    input: bytes | None = None,
+    cwd: Path | None = None,
+    timeout: float = 600,
+    check: bool = True,
+    hint: str = "",
+) -> subprocess.CompletedProcess[bytes]:
     """Run ``argv`` to completion; raise CommandError (with output tail) on failure.
 
     ``what`` names the step for the one-line message ("download kernel package").
@@ -31,20 +39,31 @@ def run(argv: Sequence[str | Path], *, what: str, input: bytes | None = None,
     """
     args = [str(a) for a in argv]
     try:
-        proc = subprocess.run(args, input=input, cwd=cwd, capture_output=True,
-                              timeout=timeout, check=False)
+        proc = subprocess.run(args, input=input, cwd=cwd, capture_output=True, timeout=timeout, check=False)
     except FileNotFoundError as err:
-        raise CommandError(f"{what}: '{args[0]}' is not installed", argv=args,
-                           returncode=None,
-                           hint=hint or "run the README set-up command") from err
+        raise CommandError(
+            f"{what}: '{args[0]}' is not installed",
+            argv=args,
+            returncode=None,
+            hint=hint or "run the README set-up command",
+        ) from err
     except subprocess.TimeoutExpired as err:
-        raise CommandError(f"{what}: '{args[0]}' timed out after {timeout}s", argv=args,
-                           returncode=None, output_tail=tail(err.stderr or b"")) from err
+        raise CommandError(
+            f"{what}: '{args[0]}' timed out after {timeout}s",
+            argv=args,
+            returncode=None,
+            output_tail=tail(err.stderr or b""),
+        ) from err
     if check and proc.returncode != 0:
         out = tail(proc.stderr or proc.stdout)
         last = out.splitlines()[-1] if out else "no output"
-        raise CommandError(f"{what} failed: {last}", argv=args, returncode=proc.returncode,
-                           output_tail=out, hint=_hint_for(out) or hint)
+        raise CommandError(
+            f"{what} failed: {last}",
+            argv=args,
+            returncode=proc.returncode,
+            output_tail=out,
+            hint=_hint_for(out) or hint,
+        )
     return proc
 
 

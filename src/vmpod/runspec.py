@@ -1,6 +1,7 @@
 """The OCI runtime config that the guest runtime runs, built from an image config
 and docker-run style options (docker's precedence rules). Used by `vmpod run` and
 the matrix; vmpod-runtime takes its config from the bundle instead."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,25 +11,70 @@ from vmpod.images import ImageConfig
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # docker's default capability set
-DEFAULT_CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
-                "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
-                "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")
+DEFAULT_CAPS = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+)
 ALL_CAPS = DEFAULT_CAPS + (
-    "CAP_DAC_READ_SEARCH", "CAP_LINUX_IMMUTABLE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN",
-    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_LEASE", "CAP_AUDIT_CONTROL", "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
-    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE")
-MASKED = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-          "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-          "/sys/firmware")
+    "CAP_DAC_READ_SEARCH",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_LEASE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+)
+MASKED = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+)
 READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 
 @dataclass(frozen=True)
 class ProcessOptions:
     """What the user asked for on the command line (empty = take the image's)."""
+
     args: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
     workdir: str = ""
@@ -46,17 +92,16 @@ def command(image: ImageConfig, args: tuple[str, ...]) -> tuple[str, ...]:
     """ENTRYPOINT + (CLI args or CMD), as docker does."""
     argv = image.entrypoint + (args or image.cmd)
     if not argv:
-        raise ConfigError("no command given and the image has none",
-                          hint="add one after '--', e.g. vmpod run IMAGE -- sh")
+        raise ConfigError(
+            "no command given and the image has none", hint="add one after '--', e.g. vmpod run IMAGE -- sh"
+        )
     return argv
 
 
-def merge_env(image: ImageConfig, extra: tuple[str, ...], tty: bool,
-              hostname: str) -> list[str]:
+def merge_env(image: ImageConfig, extra: tuple[str, ...], tty: bool, hostname: str) -> list[str]:
     env: dict[str, str] = {}
     # Image values override defaults (TERM included, as in docker); -e wins last.
-    for item in (DEFAULT_PATH, f"HOSTNAME={hostname}", *(("TERM=xterm",) if tty else ()),
-                 *image.env, *extra):
+    for item in (DEFAULT_PATH, f"HOSTNAME={hostname}", *(("TERM=xterm",) if tty else ()), *image.env, *extra):
         key, sep, value = item.partition("=")
         if not key or not sep:
             raise ConfigError(f"invalid environment variable '{item}'", hint="use -e NAME=VALUE")
@@ -72,8 +117,9 @@ def build_spec(image: ImageConfig, opts: ProcessOptions) -> dict[str, object]:
     """A complete OCI runtime config; the agent fills in root.path and the user ids."""
     workdir = opts.workdir or image.working_dir or "/"
     if not workdir.startswith("/"):
-        raise ConfigError(f"working directory '{workdir}' is not absolute",
-                          hint="use an absolute path with -w")
+        raise ConfigError(
+            f"working directory '{workdir}' is not absolute", hint="use an absolute path with -w"
+        )
     caps = list(ALL_CAPS if opts.privileged else DEFAULT_CAPS)
     spec: dict[str, object] = {
         "ociVersion": "1.0.2",
@@ -100,12 +146,18 @@ def build_spec(image: ImageConfig, opts: ProcessOptions) -> dict[str, object]:
     if opts.privileged:
         spec["mounts"] = [m for m in _mounts() if m["destination"] != "/sys"] + [
             {"destination": "/dev", "type": "bind", "source": "/dev", "options": ["rbind"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev"]}]
+            {
+                "destination": "/sys",
+                "type": "sysfs",
+                "source": "sysfs",
+                "options": ["nosuid", "noexec", "nodev"],
+            },
+        ]
         linux = spec["linux"]
         assert isinstance(linux, dict)
-        linux.update(maskedPaths=[], readonlyPaths=[],
-                     resources={"devices": [{"allow": True, "access": "rwm"}]})
+        linux.update(
+            maskedPaths=[], readonlyPaths=[], resources={"devices": [{"allow": True, "access": "rwm"}]}
+        )
         process = spec["process"]
         assert isinstance(process, dict)
         process["noNewPrivileges"] = False
@@ -115,11 +167,21 @@ def build_spec(image: ImageConfig, opts: ProcessOptions) -> dict[str, object]:
 def _mounts() -> list[dict[str, object]]:
     def m(dest: str, typ: str, src: str, *options: str) -> dict[str, object]:
         return {"destination": dest, "type": typ, "source": src, "options": list(options)}
+
     return [
         m("/proc", "proc", "proc"),
         m("/dev", "tmpfs", "tmpfs", "nosuid", "strictatime", "mode=755", "size=65536k"),
-        m("/dev/pts", "devpts", "devpts", "nosuid", "noexec", "newinstance", "ptmxmode=0666",
-          "mode=0620", "gid=5"),
+        m(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            "nosuid",
+            "noexec",
+            "newinstance",
+            "ptmxmode=0666",
+            "mode=0620",
+            "gid=5",
+        ),
         m("/dev/shm", "tmpfs", "shm", "nosuid", "noexec", "nodev", "mode=1777", "size=65536k"),
         m("/dev/mqueue", "mqueue", "mqueue", "nosuid", "noexec", "nodev"),
         m("/sys", "sysfs", "sysfs", "nosuid", "noexec", "nodev", "ro"),

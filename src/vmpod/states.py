@@ -4,6 +4,7 @@ VMs, sandboxes and containers each have one; an illegal transition or an
 operation in the wrong state raises ``StateError`` naming the state, so callers
 never compare state strings themselves.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -21,8 +22,13 @@ class StateMachine(Generic[S]):
     ``on_change`` (optional) is told of every transition, e.g. to persist it.
     """
 
-    def __init__(self, what: str, initial: S, table: Mapping[S, frozenset[S]],
-                 on_change: Callable[[S], None] | None = None) -> None:
+    def __init__(
+        self,
+        what: str,
+        initial: S,
+        table: Mapping[S, frozenset[S]],
+        on_change: Callable[[S], None] | None = None,
+    ) -> None:
         self.what = what
         self._state = initial
         self._table = table
@@ -40,8 +46,11 @@ class StateMachine(Generic[S]):
         if new is self._state:
             return
         if not self.can(new):
-            raise StateError(f"{self.what} is {self._state.value}: it cannot become {new.value}",
-                             state=self._state.value, target=new.value)
+            raise StateError(
+                f"{self.what} is {self._state.value}: it cannot become {new.value}",
+                state=self._state.value,
+                target=new.value,
+            )
         self._state = new
         if self._on_change is not None:
             self._on_change(new)
@@ -49,8 +58,9 @@ class StateMachine(Generic[S]):
     def require(self, action: str, *allowed: S) -> None:
         """Raise unless the current state is one of ``allowed``."""
         if self._state not in allowed:
-            raise StateError(f"cannot {action}: {self.what} is {self._state.value}",
-                             state=self._state.value, action=action)
+            raise StateError(
+                f"cannot {action}: {self.what} is {self._state.value}", state=self._state.value, action=action
+            )
 
     def __repr__(self) -> str:
         return f"StateMachine({self.what!r}, {self._state.value})"

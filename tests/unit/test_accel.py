@@ -1,4 +1,5 @@
 """Accelerator choice: KVM only where hardware KVM really works, explicit wins."""
+
 from __future__ import annotations
 
 import os
@@ -19,12 +20,12 @@ def cpuinfo(tmp_path: Path, flags: str, *, extra: str = "") -> Path:
         "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Fake CPU\n"
         f"flags\t\t: {flags}\n{extra}bugs\t\t: spectre_v1\n\n"
         "processor\t: 1\n"
-        f"flags\t\t: {flags}\n")
+        f"flags\t\t: {flags}\n"
+    )
     return f
 
 
-def setup(tmp_path: Path, flags: str, modules: tuple[str, ...] = (),
-          dev: bool = True) -> dict[str, Path]:
+def setup(tmp_path: Path, flags: str, modules: tuple[str, ...] = (), dev: bool = True) -> dict[str, Path]:
     mods = tmp_path / "module"
     mods.mkdir()
     for m in modules:
@@ -92,12 +93,11 @@ def test_vmx_without_dev_not_usable(tmp_path: Path) -> None:
     assert why == f"{paths['dev']} does not exist"
 
 
-def test_vmx_with_unwritable_dev_not_usable(tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vmx_with_unwritable_dev_not_usable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = setup(tmp_path, "vmx", ("kvm_intel",))
     asked = []
 
-    def access(path: object, mode: int) -> bool:   # root may open anything: fake it
+    def access(path: object, mode: int) -> bool:  # root may open anything: fake it
         asked.append((Path(str(path)), mode))
         return False
 

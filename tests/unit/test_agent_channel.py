@@ -1,6 +1,7 @@
 """The agent's channel kinds beyond the test socket: a virtio-serial-like fd whose
 EOF only means "host away", and a listener (vsock's way) whose connections
 replace each other."""
+
 from __future__ import annotations
 
 import os
@@ -43,13 +44,13 @@ class Served:
 
 def test_port_eof_means_host_away_not_goodbye() -> None:
     a, b = socket.socketpair()
-    chan = ch.Channel(a.detach())          # a virtio-serial port: EOF is not final
+    chan = ch.Channel(a.detach())  # a virtio-serial port: EOF is not final
     b.close()
     before = time.monotonic()
     assert chan.read_ready() == [] and not chan.closed
     assert chan.paused_until > before
-    assert not chan.mask(before) & select.EPOLLIN          # look again later...
-    assert chan.mask(chan.paused_until) & select.EPOLLIN    # ...0.1 s on
+    assert not chan.mask(before) & select.EPOLLIN  # look again later...
+    assert chan.mask(chan.paused_until) & select.EPOLLIN  # ...0.1 s on
     assert chan.paused_until == 0.0
     chan.close()
 
@@ -94,15 +95,14 @@ def test_flush_gives_up_on_a_peer_that_is_gone() -> None:
     chan = ch.socket_channel(a.detach())
     b.close()
     chan.send(b"x" * 100)
-    chan.flush(TIMEOUT)   # EPIPE: returns at once instead of waiting out the timeout
+    chan.flush(TIMEOUT)  # EPIPE: returns at once instead of waiting out the timeout
     assert chan.out
     chan.close()
     assert chan.fd == -1
-    ch.Channel().flush(TIMEOUT)   # nothing to write to: nothing to wait for
+    ch.Channel().flush(TIMEOUT)  # nothing to write to: nothing to wait for
 
 
-def test_guest_channel_opens_the_named_virtio_port(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guest_channel_opens_the_named_virtio_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     port = tmp_path / "vport0p1"
     os.mkfifo(port)
     monkeypatch.setattr(ch, "_cmdline", lambda: "console=ttyS0 quiet")
@@ -112,7 +112,6 @@ def test_guest_channel_opens_the_named_virtio_port(tmp_path: Path,
     chan.close()
 
 
-def test_find_port_reads_virtio_port_names(tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_find_port_reads_virtio_port_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert ch._find_port("org.example.none") is None or os.path.isdir("/sys/class/virtio-ports")
     assert isinstance(ch._cmdline(), str)

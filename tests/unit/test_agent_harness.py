@@ -5,6 +5,7 @@ The agent runs in a thread of the test process (``run_agent``) over a socketpair
 with tests/fixtures/fake_runc.py as its OCI runtime; the host end reads frames in
 a second thread and the tests wait on one condition variable, never on sleeps.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,15 @@ def cgroup2_root() -> str:
 
 def agent_config(tmp: Path, **over: object) -> AgentConfig:
     values: dict[str, object] = {
-        "bundles": str(tmp / "bundles"), "runtimes": {"runc": FAKE_RUNC, "crun": FAKE_RUNC},
-        "runc_root": str(tmp / "runc-root"), "busybox": "/bin/echo",
-        "modules_dir": str(tmp / "modules"), "cgroup_root": cgroup2_root(),
-        "allow_dir_rootfs": True, "set_clock": False}
+        "bundles": str(tmp / "bundles"),
+        "runtimes": {"runc": FAKE_RUNC, "crun": FAKE_RUNC},
+        "runc_root": str(tmp / "runc-root"),
+        "busybox": "/bin/echo",
+        "modules_dir": str(tmp / "modules"),
+        "cgroup_root": cgroup2_root(),
+        "allow_dir_rootfs": True,
+        "set_clock": False,
+    }
     values.update(over)
     return AgentConfig(**values)  # type: ignore[arg-type]
 
@@ -72,7 +78,7 @@ class Host:
                     with self.cond:
                         self._on_frame(kind, stream, payload)
                         self.cond.notify_all()
-        except BaseException as err:   # the agent broke the protocol: fail the test
+        except BaseException as err:  # the agent broke the protocol: fail the test
             self.reader_error = err
         finally:
             with self.cond:
@@ -113,8 +119,7 @@ class Host:
         return self._events("hello")[0]
 
     def _events(self, name: str, stream: int | None = None) -> list[dict[str, object]]:
-        return [e for e in self.events
-                if e["event"] == name and (stream is None or e["stream"] == stream)]
+        return [e for e in self.events if e["event"] == name and (stream is None or e["stream"] == stream)]
 
     def exit_event(self, stream: int, timeout: float = TIMEOUT) -> p.ExitEvent:
         self.wait_for(lambda: self._events("exit", stream), f"exit of stream {stream}", timeout)
@@ -149,15 +154,14 @@ class Host:
     def write_stdin(self, stream: int, data: bytes) -> None:
         """Send stdin within the guest's credit window, as the real client does."""
         for i in range(0, len(data), p.MAX_DATA):
-            chunk = data[i:i + p.MAX_DATA]
+            chunk = data[i : i + p.MAX_DATA]
             self._wait_for_credit(stream, len(chunk))
             self.sent[stream] = self.sent.get(stream, 0) + len(chunk)
             self.send(p.encode_frame(p.STDIN, stream, chunk))
 
     def _wait_for_credit(self, stream: int, size: int) -> None:
         room = p.STDIN_WINDOW - size
-        self.wait_for(lambda: self.sent.get(stream, 0) - self.credits.get(stream, 0) <= room,
-                      "stdin credit")
+        self.wait_for(lambda: self.sent.get(stream, 0) - self.credits.get(stream, 0) <= room, "stdin credit")
 
     def close_stdin(self, stream: int) -> None:
         self.send(p.encode_frame(p.STDIN, stream, b""))
@@ -218,41 +222,55 @@ def agent(tmp_path: Path) -> Iterator[InProcessAgent]:
 def make_rootfs(tmp: Path, name: str = "rootfs") -> Path:
     root = tmp / name
     (root / "etc").mkdir(parents=True, exist_ok=True)
-    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
-                                     "alice:x:1000:1001::/home/alice:/bin/sh\nshort:x\n")
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1001::/home/alice:/bin/sh\nshort:x\n"
+    )
     (root / "etc/group").write_text("root:x:0:\nstaff:x:50:alice\n")
     (root / "tmp").mkdir(exist_ok=True)
     return root
 
 
-def create(host: Host, tmp: Path, cid: str, args: list[str], *, tty: bool = False,
-           **extra: object) -> p.ContainerCreated:
+def create(
+    host: Host, tmp: Path, cid: str, args: list[str], *, tty: bool = False, **extra: object
+) -> p.ContainerCreated:
     """create_container with a plain-directory rootfs; the process runs ``args``."""
-    spec = {"ociVersion": "1.0.2", "root": {"path": "rootfs"},
-            "process": {"args": args, "env": ["PATH=/usr/bin:/bin"], "cwd": "/tmp",
-                        "terminal": tty}}
-    result = host.call("create_container", {
-        "container_id": cid, "spec": spec, "rootfs_serial": str(make_rootfs(tmp)),
-        "rootfs_fstype": "dir", **extra})
+    spec = {
+        "ociVersion": "1.0.2",
+        "root": {"path": "rootfs"},
+        "process": {"args": args, "env": ["PATH=/usr/bin:/bin"], "cwd": "/tmp", "terminal": tty},
+    }
+    result = host.call(
+        "create_container",
+        {
+            "container_id": cid,
+            "spec": spec,
+            "rootfs_serial": str(make_rootfs(tmp)),
+            "rootfs_fstype": "dir",
+            **extra,
+        },
+    )
     assert isinstance(result, p.ContainerCreated)
     return result
 
 
 def start(host: Host, cid: str, stream: int, *, stdin: bool = False) -> p.ProcessStarted:
     """start_container, answered once the process runs."""
-    result = host.call("start_container", {"container_id": cid, "stream": stream,
-                                           "stdin": stdin, "wait_started": True})
+    result = host.call(
+        "start_container", {"container_id": cid, "stream": stream, "stdin": stdin, "wait_started": True}
+    )
     assert isinstance(result, p.ProcessStarted) and result.started
     return result
 
 
 # -- the harness and the fake runtime themselves ------------------------------
 
+
 def test_fake_runc_version_and_unknown_container(tmp_path: Path) -> None:
     out = subprocess.run([FAKE_RUNC, "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("runc version")
-    res = subprocess.run([FAKE_RUNC, "--root", str(tmp_path), "state", "nope"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [FAKE_RUNC, "--root", str(tmp_path), "state", "nope"], capture_output=True, text=True
+    )
     assert res.returncode == 1
     assert res.stderr.strip().endswith('level=error msg="container does not exist"')
     res = subprocess.run([FAKE_RUNC, "--root", str(tmp_path)], capture_output=True, text=True)
@@ -262,16 +280,34 @@ def test_fake_runc_version_and_unknown_container(tmp_path: Path) -> None:
 def test_fake_runc_runs_a_bundle_and_logs_json_errors(tmp_path: Path) -> None:
     bundle = tmp_path / "b"
     bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({
-        "root": {"path": str(make_rootfs(tmp_path))},
-        "process": {"args": ["sh", "-c", "pwd; exit 5"], "env": ["PATH=/bin"], "cwd": "/tmp"}}))
-    argv = [FAKE_RUNC, "--root", str(tmp_path / "r"), "--log", str(tmp_path / "log"),
-            "--log-format", "json", "run", "--bundle", str(bundle), "--pid-file",
-            str(tmp_path / "pid"), "--no-new-keyring", "c1"]
+    (bundle / "config.json").write_text(
+        json.dumps(
+            {
+                "root": {"path": str(make_rootfs(tmp_path))},
+                "process": {"args": ["sh", "-c", "pwd; exit 5"], "env": ["PATH=/bin"], "cwd": "/tmp"},
+            }
+        )
+    )
+    argv = [
+        FAKE_RUNC,
+        "--root",
+        str(tmp_path / "r"),
+        "--log",
+        str(tmp_path / "log"),
+        "--log-format",
+        "json",
+        "run",
+        "--bundle",
+        str(bundle),
+        "--pid-file",
+        str(tmp_path / "pid"),
+        "--no-new-keyring",
+        "c1",
+    ]
     res = subprocess.run(argv, capture_output=True, text=True)
     assert (res.returncode, res.stdout) == (5, f"{tmp_path}/rootfs/tmp\n")
     assert int((tmp_path / "pid").read_text()) > 0
-    assert not (tmp_path / "r/c1").exists()   # gone with its process, like runc run
+    assert not (tmp_path / "r/c1").exists()  # gone with its process, like runc run
     (bundle / "config.json").write_text(json.dumps({"process": {"args": ["no-such-cmd-x"]}}))
     assert subprocess.run(argv, capture_output=True).returncode == 1
     entry = json.loads((tmp_path / "log").read_text().splitlines()[-1])

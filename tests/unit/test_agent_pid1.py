@@ -1,5 +1,6 @@
 """The agent as PID 1 (of a new PID namespace, as in the guest): without any SIGCHLD
 handler it still reaps the orphans that the kernel re-parents to it."""
+
 from __future__ import annotations
 
 import itertools
@@ -30,8 +31,12 @@ run_agent(int(sys.argv[2]), AgentConfig(**json.loads(sys.argv[3])))
 
 def _pid_namespaces() -> bool:
     try:
-        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
-                              capture_output=True, timeout=TIMEOUT).returncode == 0
+        return (
+            subprocess.run(
+                ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, timeout=TIMEOUT
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -41,12 +46,29 @@ def pid1(tmp_path: Path) -> Iterator[Host]:
     if not _pid_namespaces():
         pytest.skip("needs unshare --pid (root)")
     host_sock, guest_sock = socket.socketpair()
-    config = {"bundles": str(tmp_path / "bundles"), "runc_root": str(tmp_path / "runc"),
-              "runtimes": {"runc": FAKE_RUNC}, "allow_dir_rootfs": True, "set_clock": False}
+    config = {
+        "bundles": str(tmp_path / "bundles"),
+        "runc_root": str(tmp_path / "runc"),
+        "runtimes": {"runc": FAKE_RUNC},
+        "allow_dir_rootfs": True,
+        "set_clock": False,
+    }
     proc = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-c",
-         AS_PID1, SRC, str(guest_sock.fileno()), json.dumps(config)],
-        pass_fds=[guest_sock.fileno()])
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+            sys.executable,
+            "-c",
+            AS_PID1,
+            SRC,
+            str(guest_sock.fileno()),
+            json.dumps(config),
+        ],
+        pass_fds=[guest_sock.fileno()],
+    )
     guest_sock.close()
     host = Host(host_sock)
     try:
@@ -65,8 +87,14 @@ def test_pid1_agent_reaps_orphans(pid1: Host, tmp_path: Path) -> None:
     create(pid1, tmp_path, "c1", ["cat"])
     start(pid1, "c1", 1, stdin=True)
     # sh leaves a background child behind: once sh exits it is PID 1's to reap
-    pid1.call("exec", {"container_id": "c1", "stream": 2, "process": {
-        "args": ["sh", "-c", "sleep 0.1 > /dev/null 2>&1 & echo $!"], "env": ["PATH=/bin"]}})
+    pid1.call(
+        "exec",
+        {
+            "container_id": "c1",
+            "stream": 2,
+            "process": {"args": ["sh", "-c", "sleep 0.1 > /dev/null 2>&1 & echo $!"], "env": ["PATH=/bin"]},
+        },
+    )
     assert pid1.exit_event(2).status == 0
     orphan = int(pid1.out(2))
     # every exec wakes the agent's loop, which reaps after each round; a zombie
@@ -75,9 +103,17 @@ def test_pid1_agent_reaps_orphans(pid1: Host, tmp_path: Path) -> None:
     for stream in itertools.count(3):
         if time.monotonic() > deadline:
             raise AssertionError(f"orphan {orphan} never reaped: {pid1.out(stream - 1)!r}")
-        pid1.call("exec", {"container_id": "c1", "stream": stream, "process": {
-            "args": ["sh", "-c", f"cat /proc/{orphan}/stat 2>/dev/null || echo gone"],
-            "env": ["PATH=/bin"]}})
+        pid1.call(
+            "exec",
+            {
+                "container_id": "c1",
+                "stream": stream,
+                "process": {
+                    "args": ["sh", "-c", f"cat /proc/{orphan}/stat 2>/dev/null || echo gone"],
+                    "env": ["PATH=/bin"],
+                },
+            },
+        )
         pid1.exit_event(stream)
         if pid1.out(stream) == b"gone\n":
             break

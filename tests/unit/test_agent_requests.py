@@ -1,5 +1,6 @@
 """The in-process guest agent refuses what it must, with the right error kind, and
 outlives anything the host sends: bad requests, bad arguments, broken frames."""
+
 from __future__ import annotations
 
 import struct
@@ -28,44 +29,69 @@ def _spec() -> dict[str, object]:
     return {"process": {"args": ["true"]}}
 
 
-@pytest.mark.parametrize("op,args,kind", [
-    ("format_disk", {}, "unsupported"),
-    ("signal", {"stream": "1", "signal": 9}, "invalid"),
-    ("signal", {"stream": 1}, "invalid"),
-    ("wait", {"stream": 1, "extra": True}, "invalid"),
-    ("wait", {"stream": 1}, "not_found"),
-    ("signal", {"stream": 5, "signal": 9}, "not_found"),
-    ("resize", {"stream": 5, "rows": 1, "cols": 1}, "not_found"),
-    ("start_container", {"container_id": "ghost", "stream": 1}, "not_found"),
-    ("exec", {"container_id": "ghost", "stream": 1, "process": {}}, "not_found"),
-    ("runtime", {"container_id": "ghost", "command": "ps"}, "not_found"),
-    ("stats", {"container_id": "ghost"}, "not_found"),
-    ("create_container", {"container_id": "../escape", "spec": {}, "rootfs_serial": "x",
-                          "rootfs_fstype": "dir"}, "invalid"),
-    ("create_container", {"container_id": "c", "spec": {}, "rootfs_serial": "x",
-                          "rootfs_fstype": "xfs"}, "invalid"),
-    ("create_container", {"container_id": "c", "spec": {}, "rootfs_serial": "x",
-                          "runtime": "youki"}, "invalid"),
-    ("create_container", {"container_id": "c", "spec": {}, "rootfs_serial": "x",
-                          "rootfs_fstype": "dir", "files": {"../x": "aA=="}}, "invalid"),
-    ("create_container", {"container_id": "c", "spec": {}, "rootfs_serial": "relative/dir",
-                          "rootfs_fstype": "dir"}, "not_found"),
-    ("load_module", {"path": "/etc/evil.ko"}, "invalid"),
-    ("load_module", {"path": "MODULES/../evil.ko"}, "invalid"),
-    ("load_module", {"path": "MODULES/m.txt"}, "invalid"),
-    ("load_module", {"path": "MODULES/m.ko", "params": ["-f"]}, "invalid"),
-    ("load_module", {"path": "MODULES/m.ko", "params": ["noequals"]}, "invalid"),
-    ("load_module", {"path": "MODULES/m.ko", "params": [""]}, "invalid"),
-    ("load_module", {"path": 7}, "invalid"),
-    ("unload_module", {"name": "a b"}, "invalid"),
-    ("unload_module", {"name": ""}, "invalid"),
-    ("unload_module", {"name": "../x"}, "invalid"),
-    ("set_clock", {"epoch_ns": -1}, "invalid"),
-    ("set_clock", {"epoch_ns": 1 << 64}, "invalid"),
-    ("kernel_log", {"since": "0"}, "invalid"),
-])
-def test_bad_requests_are_refused_by_kind(agent: InProcessAgent, tmp_path: Path, op: str,
-                                          args: dict[str, object], kind: str) -> None:
+@pytest.mark.parametrize(
+    "op,args,kind",
+    [
+        ("format_disk", {}, "unsupported"),
+        ("signal", {"stream": "1", "signal": 9}, "invalid"),
+        ("signal", {"stream": 1}, "invalid"),
+        ("wait", {"stream": 1, "extra": True}, "invalid"),
+        ("wait", {"stream": 1}, "not_found"),
+        ("signal", {"stream": 5, "signal": 9}, "not_found"),
+        ("resize", {"stream": 5, "rows": 1, "cols": 1}, "not_found"),
+        ("start_container", {"container_id": "ghost", "stream": 1}, "not_found"),
+        ("exec", {"container_id": "ghost", "stream": 1, "process": {}}, "not_found"),
+        ("runtime", {"container_id": "ghost", "command": "ps"}, "not_found"),
+        ("stats", {"container_id": "ghost"}, "not_found"),
+        (
+            "create_container",
+            {"container_id": "../escape", "spec": {}, "rootfs_serial": "x", "rootfs_fstype": "dir"},
+            "invalid",
+        ),
+        (
+            "create_container",
+            {"container_id": "c", "spec": {}, "rootfs_serial": "x", "rootfs_fstype": "xfs"},
+            "invalid",
+        ),
+        (
+            "create_container",
+            {"container_id": "c", "spec": {}, "rootfs_serial": "x", "runtime": "youki"},
+            "invalid",
+        ),
+        (
+            "create_container",
+            {
+                "container_id": "c",
+                "spec": {},
+                "rootfs_serial": "x",
+                "rootfs_fstype": "dir",
+                "files": {"../x": "aA=="},
+            },
+            "invalid",
+        ),
+        (
+            "create_container",
+            {"container_id": "c", "spec": {}, "rootfs_serial": "relative/dir", "rootfs_fstype": "dir"},
+            "not_found",
+        ),
+        ("load_module", {"path": "/etc/evil.ko"}, "invalid"),
+        ("load_module", {"path": "MODULES/../evil.ko"}, "invalid"),
+        ("load_module", {"path": "MODULES/m.txt"}, "invalid"),
+        ("load_module", {"path": "MODULES/m.ko", "params": ["-f"]}, "invalid"),
+        ("load_module", {"path": "MODULES/m.ko", "params": ["noequals"]}, "invalid"),
+        ("load_module", {"path": "MODULES/m.ko", "params": [""]}, "invalid"),
+        ("load_module", {"path": 7}, "invalid"),
+        ("unload_module", {"name": "a b"}, "invalid"),
+        ("unload_module", {"name": ""}, "invalid"),
+        ("unload_module", {"name": "../x"}, "invalid"),
+        ("set_clock", {"epoch_ns": -1}, "invalid"),
+        ("set_clock", {"epoch_ns": 1 << 64}, "invalid"),
+        ("kernel_log", {"since": "0"}, "invalid"),
+    ],
+)
+def test_bad_requests_are_refused_by_kind(
+    agent: InProcessAgent, tmp_path: Path, op: str, args: dict[str, object], kind: str
+) -> None:
     if isinstance(args.get("path"), str):
         args = {**args, "path": str(args["path"]).replace("MODULES", str(tmp_path / "modules"))}
     assert agent.refused(op, args)[0] == kind
@@ -78,15 +104,18 @@ def test_process_requests_are_checked(agent: InProcessAgent, tmp_path: Path) -> 
         kind, _ = agent.refused("start_container", {"container_id": "c1", "stream": stream})
         assert kind == "invalid"
     start(agent, "c1", 1, stdin=True)
-    kind, error = agent.refused("exec", {"container_id": "c1", "stream": 1,
-                                         "process": {"args": ["true"]}})
+    kind, error = agent.refused("exec", {"container_id": "c1", "stream": 1, "process": {"args": ["true"]}})
     assert (kind, error) == ("invalid", "stream 1 is invalid or in use")
     assert agent.refused("signal", {"stream": 1, "signal": 65})[0] == "invalid"
     assert agent.refused("resize", {"stream": 1, "rows": 1, "cols": 1})[0] == "invalid"  # no tty
-    for command, args in (("delete", []), ("exec", []), ("ps", ["--root=/x"]),
-                          ("ps", ["$(reboot)"]), ("ps", [""])):
-        kind, _ = agent.refused("runtime", {"container_id": "c1", "command": command,
-                                            "args": args})
+    for command, args in (
+        ("delete", []),
+        ("exec", []),
+        ("ps", ["--root=/x"]),
+        ("ps", ["$(reboot)"]),
+        ("ps", [""]),
+    ):
+        kind, _ = agent.refused("runtime", {"container_id": "c1", "command": command, "args": args})
         assert kind == "invalid"
     agent.close_stdin(1)
     assert agent.exit_event(1).status == 0
@@ -94,37 +123,58 @@ def test_process_requests_are_checked(agent: InProcessAgent, tmp_path: Path) -> 
 
 def test_create_twice_and_bad_files(agent: InProcessAgent, tmp_path: Path) -> None:
     create(agent, tmp_path, "c1", ["true"])
-    kind, _ = agent.refused("create_container", {
-        "container_id": "c1", "spec": _spec(), "rootfs_serial": str(make_rootfs(tmp_path)),
-        "rootfs_fstype": "dir"})
+    kind, _ = agent.refused(
+        "create_container",
+        {
+            "container_id": "c1",
+            "spec": _spec(),
+            "rootfs_serial": str(make_rootfs(tmp_path)),
+            "rootfs_fstype": "dir",
+        },
+    )
     assert kind == "exists"
     # (MAX_FILES is more than a MAX_JSON request can carry: bundle tests check that limit)
     for files in ({"x": "not base64!"}, {f"f{i}": "" for i in range(65)}):
-        kind, _ = agent.refused("create_container", {
-            "container_id": "c2", "spec": _spec(), "rootfs_serial": str(tmp_path),
-            "rootfs_fstype": "dir", "files": files})
+        kind, _ = agent.refused(
+            "create_container",
+            {
+                "container_id": "c2",
+                "spec": _spec(),
+                "rootfs_serial": str(tmp_path),
+                "rootfs_fstype": "dir",
+                "files": files,
+            },
+        )
         assert kind == "invalid"
 
 
 def test_directory_rootfs_only_when_the_config_allows_it(tmp_path: Path) -> None:
     host = InProcessAgent(agent_config(tmp_path, allow_dir_rootfs=False))
     try:
-        kind, error = host.refused("create_container", {
-            "container_id": "c1", "spec": _spec(), "rootfs_serial": str(tmp_path),
-            "rootfs_fstype": "dir"})
+        kind, error = host.refused(
+            "create_container",
+            {"container_id": "c1", "spec": _spec(), "rootfs_serial": str(tmp_path), "rootfs_fstype": "dir"},
+        )
         assert (kind, error) == ("invalid", "unsupported rootfs filesystem 'dir'")
         # the real path: a disk found by its virtio serial (none here)
-        kind, _ = host.refused("create_container", {
-            "container_id": "c1", "spec": _spec(), "rootfs_serial": "no-such-serial"})
+        kind, _ = host.refused(
+            "create_container", {"container_id": "c1", "spec": _spec(), "rootfs_serial": "no-such-serial"}
+        )
         assert kind == "not_found"
     finally:
         host.close()
 
 
 def test_malformed_request_payloads(agent: InProcessAgent) -> None:
-    cases = [(b"{not json", 0), (b"[1, 2]", 0), (b'{"id": 4}', 4),
-             (b'{"id": 5, "op": "ping", "args": 3}', 5), (b'{"id": 4294967296, "op": "ping"}', 0),
-             (b'{"id": true, "op": "ping"}', 0), (b"[" * 10000 + b"]" * 10000, 0)]
+    cases = [
+        (b"{not json", 0),
+        (b"[1, 2]", 0),
+        (b'{"id": 4}', 4),
+        (b'{"id": 5, "op": "ping", "args": 3}', 5),
+        (b'{"id": 4294967296, "op": "ping"}', 0),
+        (b'{"id": true, "op": "ping"}', 0),
+        (b"[" * 10000 + b"]" * 10000, 0),
+    ]
     for payload, rid in cases:
         agent.responses.pop(rid, None)
         agent.send(p.encode_frame(p.REQUEST, rid, payload))
@@ -141,14 +191,16 @@ def test_unexpected_frames_from_the_host_are_ignored(agent: InProcessAgent) -> N
     assert isinstance(agent.call("ping"), p.PingResult)
 
 
-@pytest.mark.parametrize("garbage", [
-    b"\x00garbage that is not a frame" * 10,
-    p.HEADER.pack(p.MAGIC, p.PROTOCOL_VERSION, p.REQUEST, 1, 1 << 30),
-    p.HEADER.pack(p.MAGIC, 99, p.REQUEST, 1, 2) + b"{}",
-    p.HEADER.pack(p.MAGIC, p.PROTOCOL_VERSION, 42, 1, 0),
-])
-def test_agent_resynchronises_after_broken_frames(agent: InProcessAgent,
-                                                  garbage: bytes) -> None:
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00garbage that is not a frame" * 10,
+        p.HEADER.pack(p.MAGIC, p.PROTOCOL_VERSION, p.REQUEST, 1, 1 << 30),
+        p.HEADER.pack(p.MAGIC, 99, p.REQUEST, 1, 2) + b"{}",
+        p.HEADER.pack(p.MAGIC, p.PROTOCOL_VERSION, 42, 1, 0),
+    ],
+)
+def test_agent_resynchronises_after_broken_frames(agent: InProcessAgent, garbage: bytes) -> None:
     agent.hello()
     agent.send(garbage)
     # The agent drops what it cannot parse, and with it the rest of that read: a
@@ -166,6 +218,7 @@ def test_agent_resynchronises_after_broken_frames(agent: InProcessAgent,
 
 def test_every_op_has_a_thin_validating_handler_and_a_worker() -> None:
     from vmpod.agent.guest.handlers import Handlers
+
     for op in p.OPS:
         assert callable(getattr(Handlers, f"_op_{op}")), op
         assert callable(getattr(Handlers, f"_do_{op}")), op

@@ -1,5 +1,6 @@
 """The real guest agent, in a thread of the test process, driven over the real
 protocol with the fake OCI runtime: containers, processes, stdio, exits."""
+
 from __future__ import annotations
 
 import json
@@ -36,32 +37,36 @@ def test_hello_ping_and_guest_info(agent: InProcessAgent) -> None:
     assert 0 < info.mem_free_kb <= info.mem_total_kb
 
 
-def test_start_relays_stdin_stdout_stderr_and_exit_status(agent: InProcessAgent,
-                                                           tmp_path: Path) -> None:
-    created = create(agent, tmp_path, "c1",
-                     ["sh", "-c", 'read line; echo "out:$line"; echo err >&2; exit 3'])
+def test_start_relays_stdin_stdout_stderr_and_exit_status(agent: InProcessAgent, tmp_path: Path) -> None:
+    created = create(agent, tmp_path, "c1", ["sh", "-c", 'read line; echo "out:$line"; echo err >&2; exit 3'])
     assert created.bundle == str(tmp_path / "bundles/c1")
     started = agent.call("start_container", {"container_id": "c1", "stream": 1, "stdin": True})
     assert isinstance(started, p.ProcessStarted) and started.pid > 0
-    waiting = agent.request("wait", {"stream": 1})    # answered once it exits
+    waiting = agent.request("wait", {"stream": 1})  # answered once it exits
     agent.write_stdin(1, b"hello\n")
     agent.close_stdin(1)
     ev = agent.exit_event(1)
     assert (ev.status, ev.message) == (3, "")
     assert (agent.out(1), agent.out(1, p.STDERR)) == (b"out:hello\n", b"err\n")
-    assert agent.output_at_exit[1] == (10, 4)          # all output came before the event
+    assert agent.output_at_exit[1] == (10, 4)  # all output came before the event
     assert agent.credits[1] == len(b"hello\n")
     assert p.decode(p.ExitStatus, agent.response(waiting).result).status == 3
     assert agent.call("wait", {"stream": 1}) == p.ExitStatus(status=3)
 
 
-def test_exec_stdin_larger_than_the_credit_window(agent: InProcessAgent,
-                                                  tmp_path: Path) -> None:
+def test_exec_stdin_larger_than_the_credit_window(agent: InProcessAgent, tmp_path: Path) -> None:
     create(agent, tmp_path, "c1", ["cat"])
     start(agent, "c1", 1, stdin=True)
     data = os.urandom(p.STDIN_WINDOW * 2 + 12345)
-    ex = agent.call("exec", {"container_id": "c1", "stream": 2, "stdin": True,
-                             "process": {"args": ["cat"], "env": ["PATH=/bin"]}})
+    ex = agent.call(
+        "exec",
+        {
+            "container_id": "c1",
+            "stream": 2,
+            "stdin": True,
+            "process": {"args": ["cat"], "env": ["PATH=/bin"]},
+        },
+    )
     assert isinstance(ex, p.ProcessStarted) and ex.started
     agent.write_stdin(2, data)
     agent.close_stdin(2)
@@ -72,8 +77,7 @@ def test_exec_stdin_larger_than_the_credit_window(agent: InProcessAgent,
     assert agent.exit_event(1).status == 0
 
 
-def test_output_beyond_the_high_water_mark_arrives_whole(agent: InProcessAgent,
-                                                         tmp_path: Path) -> None:
+def test_output_beyond_the_high_water_mark_arrives_whole(agent: InProcessAgent, tmp_path: Path) -> None:
     size = 6 * 1024 * 1024
     create(agent, tmp_path, "c1", ["head", "-c", str(size), "/dev/zero"])
     start(agent, "c1", 1)
@@ -95,16 +99,25 @@ def test_tty_process_and_resize(agent: InProcessAgent, tmp_path: Path) -> None:
 def test_tty_exec_without_stdin(agent: InProcessAgent, tmp_path: Path) -> None:
     create(agent, tmp_path, "c1", ["cat"])
     start(agent, "c1", 1, stdin=True)
-    agent.call("exec", {"container_id": "c1", "stream": 2, "process": {
-        "args": ["sh", "-c", "test -t 1 && echo tty"], "env": ["PATH=/bin"], "terminal": True}})
+    agent.call(
+        "exec",
+        {
+            "container_id": "c1",
+            "stream": 2,
+            "process": {
+                "args": ["sh", "-c", "test -t 1 && echo tty"],
+                "env": ["PATH=/bin"],
+                "terminal": True,
+            },
+        },
+    )
     assert agent.exit_event(2).status == 0
     assert agent.out(2).strip() == b"tty"
     agent.close_stdin(1)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_signal_ends_the_container_process(agent: InProcessAgent, tmp_path: Path,
-                                           sig: int) -> None:
+def test_signal_ends_the_container_process(agent: InProcessAgent, tmp_path: Path, sig: int) -> None:
     create(agent, tmp_path, "c1", ["cat"])
     start(agent, "c1", 1, stdin=True)
     assert agent.call("signal", {"stream": 1, "signal": sig}) == p.Empty()
@@ -113,16 +126,18 @@ def test_signal_ends_the_container_process(agent: InProcessAgent, tmp_path: Path
     assert agent.call("signal", {"stream": 1, "signal": sig}) == p.Empty()
 
 
-@pytest.mark.parametrize("args,status,message", [
-    (["no-such-command-xyz"], 127, "executable file not found"),
-    (["/etc/passwd"], 126, "permission denied"),
-])
-def test_start_failures_map_to_shell_statuses(agent: InProcessAgent, tmp_path: Path,
-                                              args: list[str], status: int,
-                                              message: str) -> None:
+@pytest.mark.parametrize(
+    "args,status,message",
+    [
+        (["no-such-command-xyz"], 127, "executable file not found"),
+        (["/etc/passwd"], 126, "permission denied"),
+    ],
+)
+def test_start_failures_map_to_shell_statuses(
+    agent: InProcessAgent, tmp_path: Path, args: list[str], status: int, message: str
+) -> None:
     create(agent, tmp_path, "c1", args)
-    started = agent.call("start_container", {"container_id": "c1", "stream": 1,
-                                             "wait_started": True})
+    started = agent.call("start_container", {"container_id": "c1", "stream": 1, "wait_started": True})
     assert started == p.ProcessStarted(pid=started.pid, started=False)  # type: ignore[attr-defined]
     ev = agent.exit_event(1)
     assert ev.status == status and message in ev.message
@@ -131,8 +146,10 @@ def test_start_failures_map_to_shell_statuses(agent: InProcessAgent, tmp_path: P
 def test_exec_of_a_missing_command_is_127(agent: InProcessAgent, tmp_path: Path) -> None:
     create(agent, tmp_path, "c1", ["cat"])
     start(agent, "c1", 1, stdin=True)
-    agent.call("exec", {"container_id": "c1", "stream": 2,
-                        "process": {"args": ["nope-not-here"], "env": ["PATH=/bin"]}})
+    agent.call(
+        "exec",
+        {"container_id": "c1", "stream": 2, "process": {"args": ["nope-not-here"], "env": ["PATH=/bin"]}},
+    )
     ev = agent.exit_event(2)
     assert ev.status == 127 and "nope-not-here" in ev.message
     agent.close_stdin(1)
@@ -153,49 +170,67 @@ def test_two_containers_at_once(agent: InProcessAgent, tmp_path: Path) -> None:
 
 
 def test_user_files_and_bundle_layout(agent: InProcessAgent, tmp_path: Path) -> None:
-    created = create(agent, tmp_path, "c1", ["cat"], user="alice",
-                     files={"hosts": "aGVsbG8K"}, runtime="crun")
+    created = create(
+        agent, tmp_path, "c1", ["cat"], user="alice", files={"hosts": "aGVsbG8K"}, runtime="crun"
+    )
     bundle = Path(created.bundle)
     config = json.loads((bundle / "config.json").read_text())
     assert config["process"]["user"] == {"uid": 1000, "gid": 1001}
     assert config["root"]["path"] == str(bundle / "rootfs")
     assert (bundle / "files/hosts").read_bytes() == b"hello\n"
     start(agent, "c1", 1, stdin=True)
-    for user, want in (("alice:staff", {"uid": 1000, "gid": 50}), ("7:8", {"uid": 7, "gid": 8}),
-                       ("1000", {"uid": 1000, "gid": 1001}), ("42", {"uid": 42, "gid": 0})):
+    for user, want in (
+        ("alice:staff", {"uid": 1000, "gid": 50}),
+        ("7:8", {"uid": 7, "gid": 8}),
+        ("1000", {"uid": 1000, "gid": 1001}),
+        ("42", {"uid": 42, "gid": 0}),
+    ):
         stream = 2 + len(list(bundle.glob("exec-*.json")))
-        agent.call("exec", {"container_id": "c1", "stream": stream, "user": user,
-                            "process": {"args": ["true"], "env": ["PATH=/bin"]}})
+        agent.call(
+            "exec",
+            {
+                "container_id": "c1",
+                "stream": stream,
+                "user": user,
+                "process": {"args": ["true"], "env": ["PATH=/bin"]},
+            },
+        )
         assert json.loads((bundle / f"exec-{stream}.json").read_text())["user"] == want
         assert agent.exit_event(stream).status == 0
     for user in ("nobody", "alice:nogroup", "short"):
-        kind, error = agent.refused("exec", {"container_id": "c1", "stream": 99, "user": user,
-                                             "process": {"args": ["true"]}})
+        kind, error = agent.refused(
+            "exec", {"container_id": "c1", "stream": 99, "user": user, "process": {"args": ["true"]}}
+        )
         assert kind == "invalid" and "unable to find" in error
     agent.close_stdin(1)
     assert agent.exit_event(1).status == 0
     # exec into a container whose process ended: the runtime's error, as status 125
     agent.call("exec", {"container_id": "c1", "stream": 9, "process": {"args": ["true"]}})
-    assert agent.exit_event(9) == p.ExitEvent(event="exit", stream=9, status=125,
-                                              message="container does not exist")
+    assert agent.exit_event(9) == p.ExitEvent(
+        event="exit", stream=9, status=125, message="container does not exist"
+    )
 
 
 def test_runtime_commands(agent: InProcessAgent, tmp_path: Path) -> None:
     create(agent, tmp_path, "c1", ["cat"])
     ps = agent.call("runtime", {"container_id": "c1", "command": "ps"})
     # not running yet: the runtime's own error message comes back parsed
-    assert ps == p.CommandResult(status=1, stdout="", stderr=ps.stderr,  # type: ignore[attr-defined]
-                                 error="container does not exist")
+    assert ps == p.CommandResult(
+        status=1,
+        stdout="",
+        stderr=ps.stderr,  # type: ignore[attr-defined]
+        error="container does not exist",
+    )
     start(agent, "c1", 1, stdin=True)
-    ps = agent.call("runtime", {"container_id": "c1", "command": "ps",
-                                "args": ["--format", "json"]})
+    ps = agent.call("runtime", {"container_id": "c1", "command": "ps", "args": ["--format", "json"]})
     assert isinstance(ps, p.CommandResult) and (ps.status, ps.error) == (0, "")
     [pid] = json.loads(ps.stdout)
     for command in ("pause", "resume", "state", "events"):
         res = agent.call("runtime", {"container_id": "c1", "command": command})
         assert isinstance(res, p.CommandResult) and res.status == 0, res
-    res = agent.call("runtime", {"container_id": "c1", "command": "update",
-                                 "resources": {"memory": {"limit": 1 << 20}}})
+    res = agent.call(
+        "runtime", {"container_id": "c1", "command": "update", "resources": {"memory": {"limit": 1 << 20}}}
+    )
     assert isinstance(res, p.CommandResult) and res.status == 0
     state = json.loads((tmp_path / "runc-root/c1/state.json").read_text())
     assert state["resources"] == {"memory": {"limit": 1 << 20}} and state["pid"] == pid
@@ -205,7 +240,7 @@ def test_runtime_commands(agent: InProcessAgent, tmp_path: Path) -> None:
 
 def test_stats_of_a_running_container(agent: InProcessAgent, tmp_path: Path) -> None:
     create(agent, tmp_path, "c1", ["cat"])
-    assert agent.refused("stats", {"container_id": "c1"})[0] == "invalid"   # not started
+    assert agent.refused("stats", {"container_id": "c1"})[0] == "invalid"  # not started
     start(agent, "c1", 1, stdin=True)
     stats = agent.call("stats", {"container_id": "c1"})
     assert isinstance(stats, p.ContainerStats)
@@ -213,7 +248,7 @@ def test_stats_of_a_running_container(agent: InProcessAgent, tmp_path: Path) -> 
     assert stats.pids >= 1 and stats.cpu_usage_usec >= 0 and stats.memory_bytes >= 0
     agent.close_stdin(1)
     agent.exit_event(1)
-    assert agent.refused("stats", {"container_id": "c1"})[0] == "invalid"   # ended
+    assert agent.refused("stats", {"container_id": "c1"})[0] == "invalid"  # ended
 
 
 def test_modules_through_busybox(agent: InProcessAgent, tmp_path: Path) -> None:
@@ -221,14 +256,14 @@ def test_modules_through_busybox(agent: InProcessAgent, tmp_path: Path) -> None:
     path = str(tmp_path / "modules/m.ko")
     res = agent.call("load_module", {"path": path, "params": ["a=1", "b=x y"]})
     assert res == p.CommandResult(status=0, stdout=f"insmod {path} a=1 b=x y\n")
-    assert agent.call("unload_module", {"name": "m_1-x"}) == p.CommandResult(
-        status=0, stdout="rmmod m_1-x\n")
+    assert agent.call("unload_module", {"name": "m_1-x"}) == p.CommandResult(status=0, stdout="rmmod m_1-x\n")
 
 
 def test_failing_helper_commands_carry_their_last_error_line(tmp_path: Path) -> None:
     busybox = tmp_path / "busybox"
-    busybox.write_text("#!/bin/sh\necho some noise >&2\n"
-                       "echo \"$1: can't insert '$2': Invalid module format\" >&2\nexit 1\n")
+    busybox.write_text(
+        "#!/bin/sh\necho some noise >&2\necho \"$1: can't insert '$2': Invalid module format\" >&2\nexit 1\n"
+    )
     busybox.chmod(0o755)
     host = InProcessAgent(agent_config(tmp_path, busybox=str(busybox)))
     try:
@@ -247,7 +282,7 @@ def test_set_clock_and_kernel_log(agent: InProcessAgent) -> None:
     if resp.ok:
         log = p.decode(p.KernelLogResult, resp.result)
         assert log.last_seq >= -1 and len(log.text.encode()) <= p.MAX_LOG
-    else:   # no /dev/kmsg for us here: still an answer, not a dead agent
+    else:  # no /dev/kmsg for us here: still an answer, not a dead agent
         assert resp.error_kind == "internal"
         assert agent.call("ping")
 
@@ -267,13 +302,12 @@ def test_shutdown_kills_processes_and_returns(agent: InProcessAgent, tmp_path: P
     child = int((tmp_path / "bundles/c1/init.pid").read_text())
     assert agent.call("shutdown") == p.Empty()
     agent.stopped()
-    with pytest.raises(ProcessLookupError):   # the agent reaped its own child
+    with pytest.raises(ProcessLookupError):  # the agent reaped its own child
         os.kill(runtime, 0)
     assert _dead(child)
 
 
-def test_channel_eof_stops_the_agent_and_its_processes(agent: InProcessAgent,
-                                                       tmp_path: Path) -> None:
+def test_channel_eof_stops_the_agent_and_its_processes(agent: InProcessAgent, tmp_path: Path) -> None:
     create(agent, tmp_path, "c1", ["cat"])
     runtime = start(agent, "c1", 1, stdin=True).pid
     agent.close()

@@ -1,5 +1,6 @@
 """Host-side stdio of a sandbox process (sandbox/attach.py) against a fake process:
 output writers, stdin pump, terminal helpers, signal forwarding, the relay."""
+
 from __future__ import annotations
 
 import asyncio
@@ -125,6 +126,7 @@ def drain(fd: int) -> Callable[[], bytes]:
         t.join(TIMEOUT)
         assert not t.is_alive(), "reader did not see EOF"
         return b"".join(chunks)
+
     return result
 
 
@@ -152,15 +154,16 @@ def wait_for_thread(pred: Callable[[], bool]) -> None:
 
 # ---------------------------------------------------------------- FdWriter
 
+
 def test_writer_keeps_order_and_flushes_on_close() -> None:
     r, w = os.pipe()
     result = drain(r)
     writer = FdWriter(w, owned=True)
     chunks = [f"{i:05d}|".encode() * (i % 7 + 1) for i in range(2000)]
-    chunks.append(b"x" * 300_000)          # larger than the pipe: several os.write calls
+    chunks.append(b"x" * 300_000)  # larger than the pipe: several os.write calls
     for c in chunks:
         writer.write(c)
-        writer.write(b"")                  # empty writes are dropped, not an end marker
+        writer.write(b"")  # empty writes are dropped, not an end marker
     writer.close()
     assert result() == b"".join(chunks)
     assert writer.broken is False
@@ -168,14 +171,14 @@ def test_writer_keeps_order_and_flushes_on_close() -> None:
 
 
 def test_writer_reader_gone_is_broken_not_fatal() -> None:
-    assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN   # Python's default
+    assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN  # Python's default
     r, w = os.pipe()
     os.close(r)
     writer = FdWriter(w, owned=True)
     writer.write(b"nobody listens")
     writer.write(b"still nobody")
     writer.close()
-    assert writer.broken is True           # EPIPE, no exception, and we are still alive
+    assert writer.broken is True  # EPIPE, no exception, and we are still alive
     assert not is_open(w)
 
 
@@ -204,17 +207,18 @@ def test_writer_full_pipe_does_not_block_the_loop() -> None:
         loop = asyncio.get_running_loop()
         r, w = os.pipe()
         writer = FdWriter(w, owned=True)
-        payload = bytes(range(256)) * 4096          # 1 MiB: 16 times the pipe
+        payload = bytes(range(256)) * 4096  # 1 MiB: 16 times the pipe
         t0 = time.monotonic()
         writer.write(payload)
         writer.write(b"end")
         ticked: asyncio.Future[None] = loop.create_future()
         loop.call_soon(ticked.set_result, None)
-        await ticked                                # the loop runs while nobody reads
+        await ticked  # the loop runs while nobody reads
         assert time.monotonic() - t0 < 0.5
         result = drain(r)
         await loop.run_in_executor(None, writer.close)
         assert result() == payload + b"end"
+
     run(body())
 
 
@@ -231,7 +235,7 @@ def test_writer_nonblocking_fd_waits_for_room() -> None:
     def queued() -> int:
         return int(struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"\0" * 4))[0])
 
-    wait_for_thread(lambda: queued() == capacity)   # full: the next write gets EAGAIN
+    wait_for_thread(lambda: queued() == capacity)  # full: the next write gets EAGAIN
     result = drain(r)
     writer.close()
     assert result() == payload
@@ -239,6 +243,7 @@ def test_writer_nonblocking_fd_waits_for_room() -> None:
 
 
 # ------------------------------------------------------- fd and tty helpers
+
 
 def test_is_null(tmp_path: Path) -> None:
     f = tmp_path / "f"
@@ -252,7 +257,7 @@ def test_is_null(tmp_path: Path) -> None:
         assert is_null(closed_fd()) is True
         assert is_null(r) is False
         assert is_null(reg) is False
-        assert is_null(zero) is False              # a character device, but not null
+        assert is_null(zero) is False  # a character device, but not null
     finally:
         for fd in (null, zero, reg, r, w):
             os.close(fd)
@@ -266,7 +271,7 @@ def test_same_file() -> None:
         assert same_file(w1, dup) is True
         assert same_file(w1, w1) is True
         assert same_file(w1, w2) is False
-        assert same_file(r1, w1) is True           # both ends: one pipe inode
+        assert same_file(r1, w1) is True  # both ends: one pipe inode
         assert same_file(w1, closed_fd()) is False
     finally:
         for fd in (r1, w1, r2, w2, dup):
@@ -281,7 +286,7 @@ def test_make_pty_is_raw_and_not_inheritable() -> None:
         assert not os.get_inheritable(slave)
         lflag = termios.tcgetattr(slave)[3]
         assert lflag & (termios.ICANON | termios.ECHO | termios.ISIG) == 0
-        os.write(slave, b"a\nb")                   # no output processing: \n stays \n
+        os.write(slave, b"a\nb")  # no output processing: \n stays \n
         assert os.read(master, 100) == b"a\nb"
     finally:
         os.close(master)
@@ -296,11 +301,11 @@ def test_window_size() -> None:
     master, slave = make_pty()
     r, w = os.pipe()
     try:
-        assert window_size(slave) is None          # a fresh pty is 0x0: unknown
+        assert window_size(slave) is None  # a fresh pty is 0x0: unknown
         set_size(slave, 40, 120)
         assert window_size(slave) == (40, 120)
         assert window_size(master) == (40, 120)
-        assert window_size(r) is None              # not a tty
+        assert window_size(r) is None  # not a tty
         assert window_size(closed_fd()) is None
     finally:
         for fd in (master, slave, r, w):
@@ -308,7 +313,7 @@ def test_window_size() -> None:
 
 
 def test_raw_terminal_restores_attributes() -> None:
-    master, slave = os.openpty()                   # a cooked terminal
+    master, slave = os.openpty()  # a cooked terminal
     try:
         saved = termios.tcgetattr(slave)
         assert saved[3] & termios.ICANON
@@ -336,23 +341,24 @@ def test_raw_terminal_on_a_pipe_is_a_no_op() -> None:
 
 # ---------------------------------------------------------------- watch_size
 
+
 def test_watch_size_forwards_each_change_once_and_survives_errors() -> None:
     async def body() -> None:
         proc = FakeProcess()
         master, slave = make_pty()
         task = asyncio.ensure_future(watch_size(slave, proc.resize, interval=0))
         try:
-            await settle(20)                       # 0x0: nothing to tell
+            await settle(20)  # 0x0: nothing to tell
             assert proc.calls.get("resize", 0) == 0
             set_size(slave, 24, 80)
             await until(proc, lambda: proc.resizes == [(24, 80)])
-            await settle(20)                       # many polls, one unchanged size
-            assert proc.resizes == [(24, 80)]      # once per change, not once per poll
+            await settle(20)  # many polls, one unchanged size
+            assert proc.resizes == [(24, 80)]  # once per change, not once per poll
             proc.failures["resize"] = 1
             set_size(master, 30, 100)
             await until(proc, lambda: proc.calls["resize"] == 2)
             await settle(20)
-            assert not task.done()                 # the agent's refusal is not fatal
+            assert not task.done()  # the agent's refusal is not fatal
             set_size(slave, 40, 120)
             await until(proc, lambda: proc.resizes[-1:] == [(40, 120)])
             assert proc.resizes.count((24, 80)) == 1
@@ -361,10 +367,12 @@ def test_watch_size_forwards_each_change_once_and_survives_errors() -> None:
             await asyncio.gather(task, return_exceptions=True)
             os.close(master)
             os.close(slave)
+
     run(body())
 
 
 # ---------------------------------------------------------------- pump_input
+
 
 def test_pump_pipe_copies_then_closes_stdin_on_eof() -> None:
     async def body() -> None:
@@ -380,14 +388,15 @@ def test_pump_pipe_copies_then_closes_stdin_on_eof() -> None:
             os.close(w)
             await asyncio.wait_for(task, TIMEOUT)
             assert proc.stdin_closed == 1
-            assert asyncio.get_running_loop().remove_reader(r) is False   # unregistered
+            assert asyncio.get_running_loop().remove_reader(r) is False  # unregistered
         finally:
             os.close(r)
+
     run(body())
 
 
 def test_pump_regular_file(tmp_path: Path) -> None:
-    data = os.urandom(200_000)                     # several reads
+    data = os.urandom(200_000)  # several reads
     (tmp_path / "in").write_bytes(data)
 
     async def body() -> None:
@@ -399,6 +408,7 @@ def test_pump_regular_file(tmp_path: Path) -> None:
             os.close(fd)
         assert bytes(proc.written) == data
         assert proc.stdin_closed == 1
+
     run(body())
 
 
@@ -414,6 +424,7 @@ def test_pump_unpollable_or_gone_fd_is_eof(path: str | None) -> None:
             if path:
                 os.close(fd)
         assert proc.written == b"" and proc.stdin_closed == 1
+
     run(body())
 
 
@@ -428,6 +439,7 @@ def test_pump_eof_without_closing_stdin() -> None:
         await asyncio.wait_for(task, TIMEOUT)
         os.close(r)
         assert proc.stdin_closed == 0
+
     run(body())
 
 
@@ -442,6 +454,7 @@ def test_pump_pty_whose_other_side_closed() -> None:
         finally:
             os.close(master)
         assert proc.written == b"" and proc.stdin_closed == 0
+
     run(body())
 
 
@@ -450,14 +463,15 @@ def test_pump_stops_when_the_process_ends_while_idle() -> None:
         proc = FakeProcess()
         r, w = os.pipe()
         task = asyncio.ensure_future(pump_input(r, proc))
-        await settle()                             # the pump now waits for input
+        await settle()  # the pump now waits for input
         assert not task.done()
         proc.finish()
         await asyncio.wait_for(task, TIMEOUT)
-        assert proc.calls == {}                    # nothing written, stdin not closed
+        assert proc.calls == {}  # nothing written, stdin not closed
         assert asyncio.get_running_loop().remove_reader(r) is False
         os.close(r)
         os.close(w)
+
     run(body())
 
 
@@ -472,6 +486,7 @@ def test_pump_does_nothing_for_an_ended_process() -> None:
         assert os.read(r, 100) == b"unread"
         os.close(r)
         os.close(w)
+
     run(body())
 
 
@@ -481,11 +496,12 @@ def test_pump_eof_after_the_process_ended_leaves_stdin_alone() -> None:
         r, w = os.pipe()
         task = asyncio.ensure_future(pump_input(r, proc))
         await settle()
-        os.close(w)                                # EOF and exit in the same iteration
+        os.close(w)  # EOF and exit in the same iteration
         proc.finish()
         await asyncio.wait_for(task, TIMEOUT)
         assert proc.stdin_closed == 0
         os.close(r)
+
     run(body())
 
 
@@ -501,6 +517,7 @@ def test_pump_stops_when_write_fails() -> None:
         assert proc.stdin_closed == 0
         os.close(r)
         os.close(w)
+
     run(body())
 
 
@@ -513,6 +530,7 @@ def test_pump_close_stdin_failure_is_ignored() -> None:
         await asyncio.wait_for(pump_input(r, proc), TIMEOUT)
         assert proc.calls == {"close_stdin": 1}
         os.close(r)
+
     run(body())
 
 
@@ -550,10 +568,12 @@ def test_pump_survives_a_wakeup_without_data() -> None:
             loop.remove_reader(thief)
             os.close(thief)
             os.close(r)
+
     run(body())
 
 
 # ------------------------------------------------------------ SignalForwarder
+
 
 def test_forwarder_without_grace_forwards_every_signal() -> None:
     sigs = (signal.SIGUSR1, signal.SIGTERM)
@@ -575,6 +595,7 @@ def test_forwarder_without_grace_forwards_every_signal() -> None:
         # handlers removed on exit: the default disposition is back
         assert all(signal.getsignal(s) == signal.SIG_DFL for s in sigs)
         assert not any(loop.remove_signal_handler(s) for s in sigs)
+
     run(body())
 
 
@@ -587,6 +608,7 @@ def test_forwarder_grace_runs_out_then_kills() -> None:
             await until(proc, lambda: proc.signals == [signal.SIGTERM, signal.SIGKILL])
         assert time.monotonic() - t0 >= 0.05
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
     run(body())
 
 
@@ -600,11 +622,12 @@ def test_forwarder_second_signal_kills_at_once() -> None:
             os.kill(os.getpid(), signal.SIGUSR2)
             await until(proc, lambda: proc.signals == [signal.SIGUSR1, signal.SIGKILL])
             pending = asyncio.all_tasks() - before
-            assert len(pending) == 1               # the first signal's grace timer
+            assert len(pending) == 1  # the first signal's grace timer
         # leaving cancels the grace timer: no second SIGKILL later
         results = await asyncio.gather(*pending, return_exceptions=True)
         assert all(isinstance(r, asyncio.CancelledError) for r in results)
         assert proc.signals == [signal.SIGUSR1, signal.SIGKILL]
+
     run(body())
 
 
@@ -615,6 +638,7 @@ def test_forwarder_no_kill_when_the_process_ends_within_grace() -> None:
         fwd = SignalForwarder(proc, (signal.SIGTERM,), grace=0.01)
         await asyncio.wait_for(fwd.forward(signal.SIGTERM), TIMEOUT)
         assert proc.signals == [signal.SIGTERM]
+
     run(body())
 
 
@@ -623,13 +647,15 @@ def test_forwarder_agent_error_is_not_raised() -> None:
         proc = FakeProcess()
         proc.failures["signal"] = 2
         fwd = SignalForwarder(proc, (signal.SIGTERM,), grace=0.01)
-        await fwd.forward(signal.SIGTERM)          # first: forwarding fails
-        await fwd.forward(signal.SIGTERM)          # second: the kill fails too
+        await fwd.forward(signal.SIGTERM)  # first: forwarding fails
+        await fwd.forward(signal.SIGTERM)  # second: the kill fails too
         assert fwd.count == 2 and proc.calls == {"signal": 2} and proc.signals == []
+
     run(body())
 
 
 # ---------------------------------------------------------------------- Relay
+
 
 def test_relay_close_cancels_tasks_then_flushes_writers() -> None:
     async def body() -> None:
@@ -651,13 +677,14 @@ def test_relay_close_cancels_tasks_then_flushes_writers() -> None:
             assert len(tasks) == 2 and not any(t.done() for t in tasks)
             await relay.close()
             assert all(t.cancelled() for t in tasks)
-            assert loop.remove_reader(in_r) is False    # the pump let go of its fd
+            assert loop.remove_reader(in_r) is False  # the pump let go of its fd
             assert relay.tasks == [] and relay.writers == []
             assert result() == b"".join(b"line %d\n" % i for i in range(100))
             assert not is_open(out_w)
-            assert proc.calls == {}                    # cancelled, not EOF: stdin left open
-            await relay.close()                        # idempotent
+            assert proc.calls == {}  # cancelled, not EOF: stdin left open
+            await relay.close()  # idempotent
         finally:
             for fd in (in_r, in_w, master, slave):
                 os.close(fd)
+
     run(body())

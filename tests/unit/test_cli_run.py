@@ -1,5 +1,6 @@
 """`vmpod run` end to end without a VM: the real pipeline (image resolution, OCI
 spec, prepare, sandbox, attach) on the fake hypervisor and the real agent."""
+
 from __future__ import annotations
 
 import asyncio
@@ -32,6 +33,7 @@ def paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Paths]:
     def prepare(*a: object, **k: object) -> object:
         cfg = real_prepare(*a, **k)  # type: ignore[arg-type]
         return dataclasses.replace(cfg, hypervisor="fake", rootfs_fstype="dir")
+
     monkeypatch.setattr(run_mod, "prepare", prepare)
     monkeypatch.setattr(run_mod, "rootfs_disk", lambda paths, source, progress: source.rootfs_dir)
     with registered():
@@ -44,8 +46,7 @@ def rootfs(tmp_path: Path) -> Path:
 
 
 def opts(rootfs: Path, *args: str, **kw: object) -> RunOptions:
-    process = ProcessOptions(args=args, env=("PATH=/usr/bin:/bin",),
-                             tty=bool(kw.pop("tty", False)))
+    process = ProcessOptions(args=args, env=("PATH=/usr/bin:/bin",), tty=bool(kw.pop("tty", False)))
     return RunOptions(image="", rootfs=str(rootfs), process=process, **kw)  # type: ignore[arg-type]
 
 
@@ -56,8 +57,9 @@ def test_output_and_status(paths: Paths, rootfs: Path, capfd: pytest.CaptureFixt
     assert list((paths.run / "sandboxes").iterdir()) == []
 
 
-def test_stdin_is_forwarded(paths: Paths, rootfs: Path, tmp_path: Path,
-                            capfd: pytest.CaptureFixture[str]) -> None:
+def test_stdin_is_forwarded(
+    paths: Paths, rootfs: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     data = tmp_path / "in.txt"
     data.write_bytes(b"line one\nline two\n")
     saved = os.dup(0)
@@ -80,8 +82,9 @@ async def _signal_when(marker: Path, sig: int, times: int = 1) -> None:
         await asyncio.sleep(0.05)
 
 
-def test_ctrl_c_reaches_the_container(paths: Paths, rootfs: Path, tmp_path: Path,
-                                      capfd: pytest.CaptureFixture[str]) -> None:
+def test_ctrl_c_reaches_the_container(
+    paths: Paths, rootfs: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     marker = tmp_path / "ready"
     script = f'trap "echo trapped; exit 7" INT; touch {marker}; while :; do sleep 0.05; done'
 
@@ -90,12 +93,14 @@ def test_ctrl_c_reaches_the_container(paths: Paths, rootfs: Path, tmp_path: Path
         status = await run(paths, opts(rootfs, "sh", "-c", script), silent)
         await poke
         return status
+
     assert asyncio.run(scenario()) == 7
     assert "trapped" in capfd.readouterr().out
 
 
 def test_a_container_that_ignores_the_signal_is_killed_after_the_grace(
-        paths: Paths, rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths: Paths, rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(run_mod, "STOP_GRACE", 0.3)
     marker = tmp_path / "ready"
     script = f'trap "" TERM; touch {marker}; while :; do sleep 0.05; done'
@@ -105,11 +110,13 @@ def test_a_container_that_ignores_the_signal_is_killed_after_the_grace(
         status = await run(paths, opts(rootfs, "sh", "-c", script), silent)
         await poke
         return status
+
     assert asyncio.run(scenario()) == 128 + signal.SIGKILL
 
 
 def test_a_missing_command_gives_127_with_a_message(
-        paths: Paths, rootfs: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    paths: Paths, rootfs: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     status = asyncio.run(run(paths, opts(rootfs, "/no/such/command"), silent))
     assert status == 127
     assert "vmpod:" in capfd.readouterr().err

@@ -1,4 +1,5 @@
 """AgentClient against a fake, sometimes hostile, guest agent on a unix socket."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,7 @@ from vmpod.agent import protocol as p
 from vmpod.agent.client import AgentClient, AgentRequestError, ProcessSink
 from vmpod.errors import AgentError, AgentTimeout, ProtocolError
 
-HELLO = {"protocol": p.PROTOCOL_VERSION, "agent_version": "0.1-test",
-         "kernel": "6.1.0-fake", "uptime": 0.5}
+HELLO = {"protocol": p.PROTOCOL_VERSION, "agent_version": "0.1-test", "kernel": "6.1.0-fake", "uptime": 0.5}
 Guest = Callable[["FakeGuest"], Awaitable[None]]
 
 
@@ -52,8 +52,9 @@ class FakeGuest:
         self.send(p.encode_json(p.RESPONSE, rid, {"id": rid, "ok": ok, **rest}))
 
 
-def run(guest: Guest, body: Callable[[AgentClient, Path], Awaitable[None]],
-        tmp_path: Path, *, hello: bool = True) -> None:
+def run(
+    guest: Guest, body: Callable[[AgentClient, Path], Awaitable[None]], tmp_path: Path, *, hello: bool = True
+) -> None:
     """Serve ``guest`` on a socket, connect a client (unless ``hello`` is False,
     then ``body`` connects itself) and run ``body``; all within 5 s."""
     sock = tmp_path / "a.sock"
@@ -88,12 +89,14 @@ def run(guest: Guest, body: Callable[[AgentClient, Path], Awaitable[None]],
 
 def sink_recorder() -> tuple[ProcessSink, list[tuple[str, bytes]]]:
     events: list[tuple[str, bytes]] = []
-    sink = ProcessSink(on_stdout=lambda b: events.append(("out", b)),
-                       on_stderr=lambda b: events.append(("err", b)))
+    sink = ProcessSink(
+        on_stdout=lambda b: events.append(("out", b)), on_stderr=lambda b: events.append(("err", b))
+    )
     return sink, events
 
 
 # -- connect -------------------------------------------------------------------
+
 
 def test_connect_returns_hello(tmp_path: Path) -> None:
     async def guest(g: FakeGuest) -> None:
@@ -209,13 +212,13 @@ def test_connect_timeout_without_hello(tmp_path: Path) -> None:
 def test_connect_timeout_when_socket_never_appears(tmp_path: Path) -> None:
     async def main() -> None:
         with pytest.raises(AgentTimeout, match="no connection to"):
-            await AgentClient().connect(tmp_path / "none.sock", timeout=0.1,
-                                        check_alive=lambda: None)
+            await AgentClient().connect(tmp_path / "none.sock", timeout=0.1, check_alive=lambda: None)
 
     asyncio.run(asyncio.wait_for(main(), 5.0))
 
 
 # -- requests ------------------------------------------------------------------
+
 
 def test_request_round_trip(tmp_path: Path) -> None:
     seen: list[dict[str, object]] = []
@@ -232,8 +235,7 @@ def test_request_round_trip(tmp_path: Path) -> None:
         assert await client.request("guest_info") == {"echo": {}, "op": "guest_info"}
 
     run(guest, body, tmp_path)
-    assert seen == [{"id": 1, "op": "ping", "args": {"x": 1}},
-                    {"id": 2, "op": "guest_info", "args": {}}]
+    assert seen == [{"id": 1, "op": "ping", "args": {"x": 1}}, {"id": 2, "op": "guest_info", "args": {}}]
 
 
 def test_concurrent_requests_answered_out_of_order(tmp_path: Path) -> None:
@@ -256,7 +258,7 @@ def test_request_timeout_and_late_response_dropped(tmp_path: Path) -> None:
         g.hello()
         first = await g.request()
         second = await g.request()
-        g.respond(int(first["id"]), result={"late": True})     # nobody waits any more
+        g.respond(int(first["id"]), result={"late": True})  # nobody waits any more
         g.respond(int(second["id"]), result={"ok": 2})
 
     async def body(client: AgentClient, sock: Path) -> None:
@@ -275,8 +277,7 @@ def test_error_response_raises_request_error(tmp_path: Path) -> None:
     async def guest(g: FakeGuest) -> None:
         g.hello()
         req = await g.request()
-        g.respond(int(req["id"]), ok=False, error="no such container c9",
-                  error_kind="NotFound")
+        g.respond(int(req["id"]), ok=False, error="no such container c9", error_kind="NotFound")
         req = await g.request()
         g.respond(int(req["id"]), result={"still": "fine"})
 
@@ -295,10 +296,12 @@ def test_error_response_raises_request_error(tmp_path: Path) -> None:
 
 # -- hostile guests --------------------------------------------------------------
 
+
 def _assert_channel_dead(client: AgentClient) -> Awaitable[None]:
     async def check() -> None:
         with pytest.raises(AgentError, match="closed"):
             await client.request("ping", timeout=1)
+
     return check()
 
 
@@ -327,10 +330,8 @@ HOSTILE: dict[str, bytes] = {
     "response unknown field": p.encode_json(p.RESPONSE, 1, {"id": 1, "ok": True, "x": 1}),
     "unknown event": p.encode_json(p.EVENT, 0, {"event": "surprise"}),
     "event without name": p.encode_json(p.EVENT, 0, {}),
-    "exit status 999": p.encode_json(p.EVENT, 5, {"event": "exit", "stream": 5,
-                                                  "status": 999}),
-    "exit status -1": p.encode_json(p.EVENT, 5, {"event": "exit", "stream": 5,
-                                                 "status": -1}),
+    "exit status 999": p.encode_json(p.EVENT, 5, {"event": "exit", "stream": 5, "status": 999}),
+    "exit status -1": p.encode_json(p.EVENT, 5, {"event": "exit", "stream": 5, "status": -1}),
     "bad magic": b"XX" + p.encode_frame(p.RESPONSE, 1, b"{}")[2:],
     "bad version": b"VP\x07" + p.encode_frame(p.RESPONSE, 1, b"{}")[3:],
     "stdin from guest": p.encode_frame(p.STDIN, 5, b"x"),
@@ -399,8 +400,9 @@ def test_guest_closing_socket_fails_pending_request(tmp_path: Path) -> None:
 
 # -- process output and stdin ------------------------------------------------------
 
+
 def test_output_reaches_sink_in_order_and_exit_resolves(tmp_path: Path) -> None:
-    big = bytes(range(256)) * 1200   # > MAX_DATA: split across frames
+    big = bytes(range(256)) * 1200  # > MAX_DATA: split across frames
 
     async def guest(g: FakeGuest) -> None:
         g.hello()
@@ -414,8 +416,7 @@ def test_output_reaches_sink_in_order_and_exit_resolves(tmp_path: Path) -> None:
         g.send(p.encode_frame(p.STDOUT, 6, b"other process\n"))
         g.send(p.encode_frame(p.STDERR, 5, b""))
         g.send(p.encode_frame(p.STDOUT, 5, b""))
-        g.send(p.encode_json(p.EVENT, 5, {"event": "exit", "stream": 5, "status": 3,
-                                          "message": ""}))
+        g.send(p.encode_json(p.EVENT, 5, {"event": "exit", "stream": 5, "status": 3, "message": ""}))
 
     async def body(client: AgentClient, sock: Path) -> None:
         sink, events = sink_recorder()

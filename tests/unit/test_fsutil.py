@@ -1,4 +1,5 @@
 """fsutil: atomic writes, flocks, paths resolved below a root, /proc/meminfo."""
+
 from __future__ import annotations
 
 import errno
@@ -33,7 +34,7 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
     assert target.read_bytes() == b"new"
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     atomic_write(target, b"newer")
-    assert stat.S_IMODE(target.stat().st_mode) == 0o644   # the default, whatever the umask
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644  # the default, whatever the umask
     assert os.listdir(tmp_path) == ["state.json"]
 
 
@@ -51,7 +52,7 @@ def test_failed_rename_removes_the_temp(tmp_path: Path) -> None:
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "child").touch()
     with pytest.raises(OSError):
-        atomic_write(tmp_path / "dir", b"x")   # cannot replace a non-empty directory
+        atomic_write(tmp_path / "dir", b"x")  # cannot replace a non-empty directory
     assert sorted(os.listdir(tmp_path)) == ["dir"]
 
 
@@ -85,7 +86,7 @@ def test_concurrent_writers_never_show_a_partial_file(tmp_path: Path) -> None:
         reads += 1
     for proc in writers:
         proc.join()
-        assert proc.exitcode == 0   # a shared fixed temp name would make one writer fail
+        assert proc.exitcode == 0  # a shared fixed temp name would make one writer fail
     assert target.read_bytes() in full
     assert os.listdir(tmp_path) == ["aliases.json"]
 
@@ -99,7 +100,7 @@ def test_exclusive_lock_times_out_while_held(tmp_path: Path) -> None:
     try:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         with pytest.raises(LockTimeout) as err:
-            lock_file(path)   # timeout 0: one try
+            lock_file(path)  # timeout 0: one try
         assert err.value.path == path
         start = time.monotonic()
         with pytest.raises(LockTimeout, match="timed out after 0.2s"):
@@ -109,13 +110,12 @@ def test_exclusive_lock_times_out_while_held(tmp_path: Path) -> None:
             lock_file(path, exclusive=False)
     finally:
         os.close(fd)
-    os.close(lock_file(path))   # released by the close
+    os.close(lock_file(path))  # released by the close
 
 
 def test_shared_locks_coexist_and_exclude_writers(tmp_path: Path) -> None:
     path = tmp_path / "lock"
-    with locked(path, exclusive=False), locked(path, exclusive=False), \
-            pytest.raises(LockTimeout):
+    with locked(path, exclusive=False), locked(path, exclusive=False), pytest.raises(LockTimeout):
         lock_file(path)
     with locked(path):
         pass
@@ -135,13 +135,13 @@ def test_no_timeout_waits_for_the_holder(tmp_path: Path) -> None:
 def test_is_locked(tmp_path: Path) -> None:
     path = tmp_path / "monitor.lock"
     assert not is_locked(path)
-    assert not path.exists()   # probing never creates the file
+    assert not path.exists()  # probing never creates the file
     with locked(path):
         assert is_locked(path)
     assert not is_locked(path)
     with locked(path, exclusive=False):
-        assert not is_locked(path)   # only an exclusive holder counts as an owner
-        with locked(path, exclusive=False):   # and a probe does not block other readers
+        assert not is_locked(path)  # only an exclusive holder counts as an owner
+        with locked(path, exclusive=False):  # and a probe does not block other readers
             pass
 
 
@@ -196,7 +196,7 @@ def test_absolute_symlink_stays_in_the_root(root: Path, tmp_path: Path) -> None:
     found = resolve_below(root, "/bin/busybox")
     assert found.path == root / "usr/bin/busybox"
     assert found.escape == "goes through absolute symlink 'bin' -> '/usr/bin'"
-    (root / "host").symlink_to(tmp_path / "outside")   # the host's file, seen from root
+    (root / "host").symlink_to(tmp_path / "outside")  # the host's file, seen from root
     found = resolve_below(root, "host")
     assert not found.exists and found.path == root
     assert found.missing == tuple(str(tmp_path / "outside").strip("/").split("/"))
@@ -210,15 +210,15 @@ def test_relative_symlink_escaping_with_dotdot_is_confined(root: Path) -> None:
 
 
 def test_symlink_chain(root: Path) -> None:
-    (root / "bin").symlink_to("usr/bin")            # relative
-    (root / "usr/bin/sh").symlink_to("busybox")     # relative, in the link's directory
+    (root / "bin").symlink_to("usr/bin")  # relative
+    (root / "usr/bin/sh").symlink_to("busybox")  # relative, in the link's directory
     (root / "a").symlink_to("b")
-    (root / "b").symlink_to("/bin/sh")              # absolute, through another link
+    (root / "b").symlink_to("/bin/sh")  # absolute, through another link
     found = resolve_below(root, "a")
     assert found.exists and found.path == root / "usr/bin/busybox"
-    (root / "c").symlink_to("usr/bin/../../etc/passwd")   # '..' after a symlinked component
+    (root / "c").symlink_to("usr/bin/../../etc/passwd")  # '..' after a symlinked component
     assert resolve_below(root, "c").path == root / "etc/passwd"
-    (root / "d").symlink_to("bin/..")               # '..' goes to the *real* parent: usr
+    (root / "d").symlink_to("bin/..")  # '..' goes to the *real* parent: usr
     assert resolve_below(root, "d").path == root / "usr"
 
 
@@ -230,7 +230,7 @@ def test_symlink_loop_ends_with_eloop(root: Path) -> None:
         with pytest.raises(OSError) as err:
             resolve_below(root, path)
         assert err.value.errno == errno.ELOOP
-    for i in range(MAX_SYMLINKS):   # a long but finite chain resolves
+    for i in range(MAX_SYMLINKS):  # a long but finite chain resolves
         (root / f"l{i}").symlink_to(f"l{i + 1}" if i + 1 < MAX_SYMLINKS else "etc")
     assert resolve_below(root, "l0/passwd").path == root / "etc/passwd"
 
@@ -259,8 +259,13 @@ Broken:          x kB
 def test_meminfo_parses_a_sample(tmp_path: Path) -> None:
     sample = tmp_path / "meminfo"
     sample.write_text(MEMINFO)
-    assert meminfo(sample) == {"MemTotal": 8029524, "MemFree": 312844, "MemAvailable": 5127936,
-                               "HugePages_Total": 0, "Hugepagesize": 2048}
+    assert meminfo(sample) == {
+        "MemTotal": 8029524,
+        "MemFree": 312844,
+        "MemAvailable": 5127936,
+        "HugePages_Total": 0,
+        "Hugepagesize": 2048,
+    }
 
 
 def test_meminfo_of_this_host() -> None:

@@ -1,6 +1,7 @@
 """The guest agent imports as it does in the guest: from the files the root image
 ships, on the system python3 with -I -S, standard library only, and without the
 modules kept off the cold-start path."""
+
 from __future__ import annotations
 
 import ast
@@ -19,7 +20,8 @@ KEPT_OFF_THE_HOT_PATH = {"subprocess", "selectors", "typing", "dataclasses", "so
 
 _REPORT = (
     "mods = {n: getattr(m, '__file__', None) for n, m in list(sys.modules.items())}; "
-    "sys.stdout.write(repr((sorted(sys.stdlib_module_names), mods)) + '\\n')")
+    "sys.stdout.write(repr((sorted(sys.stdlib_module_names), mods)) + '\\n')"
+)
 
 
 def _ship(tmp_path: Path) -> Path:
@@ -31,8 +33,14 @@ def _ship(tmp_path: Path) -> Path:
 
 def _imports(directory: Path, statement: str) -> tuple[set[str], dict[str, str | None]]:
     code = f"import sys; sys.path.insert(0, {str(directory)!r}); {statement}; {_REPORT}"
-    out = subprocess.run([PYTHON, "-I", "-S", "-c", code], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin"}, cwd=directory, timeout=60)
+    out = subprocess.run(
+        [PYTHON, "-I", "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        cwd=directory,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     stdlib, mods = ast.literal_eval(out.stdout.splitlines()[-1])
     return set(stdlib), mods
@@ -62,8 +70,7 @@ def test_guest_main_imports_with_the_shipped_files_only(tmp_path: Path) -> None:
 @pytest.mark.skipif(not os.path.exists(PYTHON), reason="needs the system python3")
 def test_every_shipped_module_is_standard_library_only(tmp_path: Path) -> None:
     shipped = _ship(tmp_path)
-    names = sorted(rel[:-3].replace("/", ".").removesuffix(".__init__")
-                   for rel in rootfs.agent_sources())
+    names = sorted(rel[:-3].replace("/", ".").removesuffix(".__init__") for rel in rootfs.agent_sources())
     stdlib, mods = _imports(shipped, "; ".join(f"import {n}" for n in names))
     assert set(names) <= set(mods)
     assert _outsiders(shipped, stdlib, mods) == []
@@ -75,6 +82,6 @@ def test_the_image_ships_the_whole_guest_package_and_keys_on_it() -> None:
     expected = {f"vmpod/agent/guest/{f.name}" for f in guest.glob("*.py")}
     expected |= {"vmpod/__init__.py", "vmpod/agent/__init__.py", "vmpod/agent/protocol.py"}
     assert set(sources) == expected
-    assert "vmpod/agent/client.py" not in sources    # host side stays on the host
+    assert "vmpod/agent/client.py" not in sources  # host side stays on the host
     assert b"from vmpod.agent.guest.main import main" in rootfs._ENTRY
     assert rootfs.image_key("tree-x") == rootfs.image_key("tree-x") != rootfs.image_key("tree-y")

@@ -1,4 +1,5 @@
 """Resolving and unpacking local images: OCI layouts, OCI/docker archives, rootfs dirs."""
+
 from __future__ import annotations
 
 import gzip
@@ -50,20 +51,26 @@ class OciLayout:
         (self.root / "blobs" / "sha256" / sha(data)).write_bytes(data)
         return {"mediaType": media_type, "digest": f"sha256:{sha(data)}", "size": len(data)}
 
-    def image(self, layers: list[bytes], *, config: dict[str, Any] | None = None,
-              compression: str = "gzip") -> dict[str, Any]:
+    def image(
+        self, layers: list[bytes], *, config: dict[str, Any] | None = None, compression: str = "gzip"
+    ) -> dict[str, Any]:
         descs = []
         for raw in layers:
             if compression == "gzip":
                 descs.append(self.blob(gzip.compress(raw, mtime=0), LAYER + "+gzip"))
             elif compression == "zstd":
-                packed = subprocess.run(["zstd", "-q", "-c"], input=raw, capture_output=True,
-                                        check=True).stdout
+                packed = subprocess.run(
+                    ["zstd", "-q", "-c"], input=raw, capture_output=True, check=True
+                ).stdout
                 descs.append(self.blob(packed, LAYER + "+zstd"))
             else:
                 descs.append(self.blob(raw, LAYER))
-        cfg = {"architecture": "amd64", "os": "linux", "config": config or {},
-               "rootfs": {"type": "layers", "diff_ids": [f"sha256:{sha(r)}" for r in layers]}}
+        cfg = {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": config or {},
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{sha(r)}" for r in layers]},
+        }
         cfg_desc = self.blob(json.dumps(cfg).encode(), "application/vnd.oci.image.config.v1+json")
         manifest = {"schemaVersion": 2, "mediaType": MANIFEST, "config": cfg_desc, "layers": descs}
         return self.blob(json.dumps(manifest).encode(), MANIFEST)
@@ -94,11 +101,17 @@ def docker_archive(path: Path, images: list[tuple[list[str], list[bytes], dict[s
     for tags, layers, config in images:
         for raw in layers:
             members[f"{sha(raw)}/layer.tar"] = raw
-        cfg = json.dumps({"config": config, "rootfs": {
-            "type": "layers", "diff_ids": [f"sha256:{sha(r)}" for r in layers]}}).encode()
+        cfg = json.dumps(
+            {"config": config, "rootfs": {"type": "layers", "diff_ids": [f"sha256:{sha(r)}" for r in layers]}}
+        ).encode()
         members[f"{sha(cfg)}.json"] = cfg
-        manifest.append({"Config": f"{sha(cfg)}.json", "RepoTags": tags,
-                         "Layers": [f"{sha(r)}/layer.tar" for r in layers]})
+        manifest.append(
+            {
+                "Config": f"{sha(cfg)}.json",
+                "RepoTags": tags,
+                "Layers": [f"{sha(r)}/layer.tar" for r in layers],
+            }
+        )
     members["manifest.json"] = json.dumps(manifest).encode()
     return write_tar(path, members)
 
@@ -116,13 +129,19 @@ def unpacked(source: Any, tmp_path: Path, name: str = "rootfs") -> Path:
 
 
 def test_oci_layout_single_image(oci: OciLayout, tmp_path: Path) -> None:
-    config = {"Env": ["PATH=/bin"], "Entrypoint": ["/bin/sh"], "Cmd": ["-c", "true"],
-              "WorkingDir": "/srv", "User": "1000:1000"}
+    config = {
+        "Env": ["PATH=/bin"],
+        "Entrypoint": ["/bin/sh"],
+        "Cmd": ["-c", "true"],
+        "WorkingDir": "/srv",
+        "User": "1000:1000",
+    }
     desc = oci.image([layer({"etc/hello": b"hi"})], config=config)
     src = resolve_image(str(oci.save(desc)))
     assert (src.kind, src.digest, src.rootfs_dir) == ("oci-layout", desc["digest"], None)
-    assert src.config == ImageConfig(env=("PATH=/bin",), entrypoint=("/bin/sh",),
-                                     cmd=("-c", "true"), working_dir="/srv", user="1000:1000")
+    assert src.config == ImageConfig(
+        env=("PATH=/bin",), entrypoint=("/bin/sh",), cmd=("-c", "true"), working_dir="/srv", user="1000:1000"
+    )
     assert (unpacked(src, tmp_path) / "etc" / "hello").read_bytes() == b"hi"
     assert resolve_image(f"oci:{oci.root}").digest == desc["digest"]
 
@@ -142,9 +161,13 @@ def test_tag_selection(oci: OciLayout, tmp_path: Path) -> None:
 def test_nested_index_picks_linux_amd64(oci: OciLayout, tmp_path: Path) -> None:
     arm = oci.image([layer({"arch": b"arm64"})])
     amd = oci.image([layer({"arch": b"amd64"})])
-    index = {"schemaVersion": 2, "manifests": [
-        {**arm, "platform": {"os": "linux", "architecture": "arm64"}},
-        {**amd, "platform": {"os": "linux", "architecture": "amd64"}}]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {**arm, "platform": {"os": "linux", "architecture": "arm64"}},
+            {**amd, "platform": {"os": "linux", "architecture": "amd64"}},
+        ],
+    }
     nested = oci.blob(json.dumps(index).encode(), INDEX)
     src = resolve_image(f"{oci.save(tagged(nested, 'multi'))}:multi")
     assert src.digest == amd["digest"]
@@ -192,11 +215,17 @@ def test_oci_archive(oci: OciLayout, tmp_path: Path) -> None:
 
 
 def test_docker_archive(tmp_path: Path) -> None:
-    archive = docker_archive(tmp_path / "saved.tar", [
-        (["busybox:latest"], [layer({"bin/busybox": b"bb", "gone": b""}),
-                              layer({}, whiteouts=(".wh.gone",))], {"Cmd": ["sh"]}),
-        (["other:1"], [layer({"other": b"o"})], {}),
-    ])
+    archive = docker_archive(
+        tmp_path / "saved.tar",
+        [
+            (
+                ["busybox:latest"],
+                [layer({"bin/busybox": b"bb", "gone": b""}), layer({}, whiteouts=(".wh.gone",))],
+                {"Cmd": ["sh"]},
+            ),
+            (["other:1"], [layer({"other": b"o"})], {}),
+        ],
+    )
     src = resolve_image(f"{archive}:busybox:latest")
     assert src.kind == "docker-archive" and src.config.cmd == ("sh",)
     with tarfile.open(archive) as tar:
@@ -237,11 +266,14 @@ def test_zstd_layer(oci: OciLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_whiteouts_across_image_layers(oci: OciLayout, tmp_path: Path) -> None:
-    desc = oci.image([layer({"a/old": b"", "a/keep": b"", "d/x": b"", "f": b""}),
-                      layer({"d/new": b""}, whiteouts=("a/.wh.old", "d/.wh..wh..opq", ".wh.f"))])
+    desc = oci.image(
+        [
+            layer({"a/old": b"", "a/keep": b"", "d/x": b"", "f": b""}),
+            layer({"d/new": b""}, whiteouts=("a/.wh.old", "d/.wh..wh..opq", ".wh.f")),
+        ]
+    )
     root = unpacked(resolve_image(str(oci.save(desc))), tmp_path)
-    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == \
-        ["a", "a/keep", "d", "d/new"]
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == ["a", "a/keep", "d", "d/new"]
 
 
 @pytest.mark.parametrize("ref", ["does-not-exist", "nothere.tar:tag", "./no/such/dir:1"])

@@ -1,4 +1,5 @@
 """Layer application: whiteouts, metadata and every path-escape attempt we refuse."""
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,15 @@ MTIME = 1_600_000_000
 Member = tuple[tarfile.TarInfo, bytes | None]
 
 
-def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", target: str = "",
-           mode: int = 0o644, uid: int = 0, gid: int = 0) -> Member:
+def member(
+    name: str,
+    kind: bytes = tarfile.REGTYPE,
+    data: bytes = b"",
+    target: str = "",
+    mode: int = 0o644,
+    uid: int = 0,
+    gid: int = 0,
+) -> Member:
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.mode, info.mtime = kind, target, mode, MTIME
     info.uid, info.gid = uid, gid
@@ -75,11 +83,17 @@ def outside(tmp_path: Path) -> Path:
 
 
 def test_files_dirs_links_and_metadata(dest: Path) -> None:
-    apply_layers(dest, [
-        D("usr", mode=0o750), F("usr/su", b"#!", mode=0o4755, uid=1234, gid=4321),
-        L("usr/link", "su"), H("usr/hard", "/usr/su"), F("implicit/parent/file", b"x"),
-        F("/abs/file", b"in-root"),
-    ])
+    apply_layers(
+        dest,
+        [
+            D("usr", mode=0o750),
+            F("usr/su", b"#!", mode=0o4755, uid=1234, gid=4321),
+            L("usr/link", "su"),
+            H("usr/hard", "/usr/su"),
+            F("implicit/parent/file", b"x"),
+            F("/abs/file", b"in-root"),
+        ],
+    )
     assert (dest / "abs" / "file").read_bytes() == b"in-root"  # leading '/' means the root
     su = dest / "usr" / "su"
     assert su.read_bytes() == b"#!"
@@ -101,8 +115,11 @@ def test_relative_symlink_inside_root_is_followed(dest: Path) -> None:
 
 
 def test_symlink_chain_with_dotdot_inside_root_is_followed(dest: Path) -> None:
-    apply_layers(dest, [D("usr"), D("usr/lib"), L("lib", "usr/lib"), L("l2", "lib/../lib")],
-                 [F("l2/f", b"x"), D("l2/sub"), F("lib/sub/g", b"y")])
+    apply_layers(
+        dest,
+        [D("usr"), D("usr/lib"), L("lib", "usr/lib"), L("l2", "lib/../lib")],
+        [F("l2/f", b"x"), D("l2/sub"), F("lib/sub/g", b"y")],
+    )
     assert (dest / "usr" / "lib" / "f").read_bytes() == b"x"
     assert (dest / "usr" / "lib" / "sub" / "g").read_bytes() == b"y"
     assert os.readlink(dest / "l2") == "lib/../lib"
@@ -113,8 +130,15 @@ def test_whiteouts_and_opaque_dirs_across_layers(dest: Path) -> None:
         dest,
         [F("a/f1", b"1"), F("a/f2", b"2"), F("b/x"), F("b/sub/old"), F("c/gone"), F("keep")],
         # The opaque marker follows b/y on purpose: entries of the same layer survive it.
-        [F("a/.wh.f1"), F("b/y", b"y"), F("b/.wh..wh..opq"), D("b/sub"), F("b/sub/new"),
-         F(".wh.c"), F("a/.wh.never-existed")],
+        [
+            F("a/.wh.f1"),
+            F("b/y", b"y"),
+            F("b/.wh..wh..opq"),
+            D("b/sub"),
+            F("b/sub/new"),
+            F(".wh.c"),
+            F("a/.wh.never-existed"),
+        ],
     )
     assert sorted(os.listdir(dest / "a")) == ["f2"]
     assert sorted(os.listdir(dest / "b")) == ["sub", "y"]
@@ -125,8 +149,9 @@ def test_whiteouts_and_opaque_dirs_across_layers(dest: Path) -> None:
 
 
 def test_opaque_dir_through_in_root_symlink(dest: Path) -> None:
-    apply_layers(dest, [D("real"), F("real/old"), L("alias", "real")],
-                 [F("alias/.wh..wh..opq"), F("alias/new")])
+    apply_layers(
+        dest, [D("real"), F("real/old"), L("alias", "real")], [F("alias/.wh..wh..opq"), F("alias/new")]
+    )
     assert os.listdir(dest / "real") == ["new"]
 
 
@@ -135,18 +160,15 @@ UNSAFE = {
     "absolute-dotdot": ([[F("/../../escape")]], "/../../escape"),
     "nested-dotdot": ([[F("a/../../escape")]], "a/../../escape"),
     "absolute-symlink-parent": ([[L("etc", "{outside}"), F("etc/evil")]], "etc/evil"),
-    "absolute-symlink-parent-lower-layer": ([[L("etc", "{outside}")], [F("etc/evil")]],
-                                            "etc/evil"),
+    "absolute-symlink-parent-lower-layer": ([[L("etc", "{outside}")], [F("etc/evil")]], "etc/evil"),
     "escaping-symlink-parent": ([[L("up", "../outside"), F("up/evil")]], "up/evil"),
-    "escaping-symlink-chain": ([[L("a", "b"), L("b", "x/../../outside"), F("a/evil")]],
-                               "a/evil"),
+    "escaping-symlink-chain": ([[L("a", "b"), L("b", "x/../../outside"), F("a/evil")]], "a/evil"),
     "escaping-symlink-dir-entry": ([[L("up", ".."), D("up/outside/newdir")]], "up/outside"),
     "escaping-hardlink": ([[H("h", "../outside/victim")]], "../outside/victim"),
     "hardlink-via-escaping-symlink": ([[L("s", "../outside"), H("h", "s/victim")]], "h"),
     "hardlink-via-absolute-symlink": ([[L("s", "{outside}"), H("h", "s/victim")]], "h"),
     "symlink-loop": ([[L("loop", "loop"), F("loop/x")]], "loop/x"),
-    "whiteout-via-escaping-symlink": ([[L("up", "../outside"), F("up/.wh.victim")]],
-                                      "up/.wh.victim"),
+    "whiteout-via-escaping-symlink": ([[L("up", "../outside"), F("up/.wh.victim")]], "up/.wh.victim"),
 }
 
 
@@ -166,8 +188,7 @@ def test_unsafe_entries_are_refused(case: str, dest: Path, outside: Path, tmp_pa
 
 
 @pytest.mark.parametrize("target", ["abs", "../outside/victim"])
-def test_file_replacing_symlink_does_not_write_through(dest: Path, outside: Path,
-                                                       target: str) -> None:
+def test_file_replacing_symlink_does_not_write_through(dest: Path, outside: Path, target: str) -> None:
     link = str(outside / "victim") if target == "abs" else target
     apply_layers(dest, [L("x", link), L("d", str(outside))], [F("x", b"new"), D("d"), F("d/f")])
     assert (outside / "victim").read_text() == "orig"
@@ -182,8 +203,7 @@ def test_absolute_symlinks_are_created_but_not_followed(dest: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", [tarfile.CHRTYPE, tarfile.FIFOTYPE])
-def test_devices_refused_when_not_root(kind: bytes, dest: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_devices_refused_when_not_root(kind: bytes, dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(UnsafeLayerError, match="dev/node"):
         apply_layers(dest, [member("dev/node", kind)])
@@ -201,8 +221,7 @@ def test_devices_created_as_root(dest: Path) -> None:
     assert stat.S_ISFIFO((dest / "run" / "fifo").lstat().st_mode)
 
 
-def test_readonly_dir_gets_its_mode_after_children(dest: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readonly_dir_gets_its_mode_after_children(dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     apply_layers(dest, [D("ro", mode=0o555), F("ro/file", b"x")], [F("ro/second")])
     assert stat.S_IMODE((dest / "ro").stat().st_mode) == 0o555

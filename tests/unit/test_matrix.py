@@ -1,4 +1,5 @@
 """Matrix logic without VMs: verdicts, build error extraction, module plans, catalog."""
+
 from __future__ import annotations
 
 import json
@@ -14,15 +15,18 @@ from vmpod.matrix.verdict import judge
 from vmpod.paths import Paths
 
 
-@pytest.mark.parametrize("line, status", [
-    ("[ 2.4] BUG: kernel NULL pointer dereference, address: 0000000000000000", "oops"),
-    ("[ 2.4] Oops: 0002 [#1] PREEMPT SMP NOPTI", "oops"),
-    ("[ 3.0] Kernel panic - not syncing: Fatal exception", "panic"),
-    ("[ 1.0] WARNING: CPU: 0 PID: 1 at mm/slub.c:42 foo+0x1/0x2", "warn"),
-    ("[ 9.0] watchdog: BUG: soft lockup - CPU#0 stuck for 22s!", "bug"),
-    ("[ 1.0] UBSAN: shift-out-of-bounds in drivers/x.c:1:2", "bug"),
-    ("[ 1.0] vmpod_echo: loaded", "clean"),
-])
+@pytest.mark.parametrize(
+    "line, status",
+    [
+        ("[ 2.4] BUG: kernel NULL pointer dereference, address: 0000000000000000", "oops"),
+        ("[ 2.4] Oops: 0002 [#1] PREEMPT SMP NOPTI", "oops"),
+        ("[ 3.0] Kernel panic - not syncing: Fatal exception", "panic"),
+        ("[ 1.0] WARNING: CPU: 0 PID: 1 at mm/slub.c:42 foo+0x1/0x2", "warn"),
+        ("[ 9.0] watchdog: BUG: soft lockup - CPU#0 stuck for 22s!", "bug"),
+        ("[ 1.0] UBSAN: shift-out-of-bounds in drivers/x.c:1:2", "bug"),
+        ("[ 1.0] vmpod_echo: loaded", "clean"),
+    ],
+)
 def test_judge_lines(line: str, status: str) -> None:
     v = judge(f"[ 0.1] boot\n{line}\n[ 5.0] done")
     assert v.status == status
@@ -43,10 +47,11 @@ def test_most_severe_wins_and_taint() -> None:
 
 def test_first_error_prefers_the_module_sources(tmp_path: Path) -> None:
     work = tmp_path / "build"
-    log = (f"/usr/src/linux/include/linux/init.h:180:22: error: passing argument 1\n"
-           f"{work}/api_break.c:13:15: error: too many arguments to function 'class_create'\n")
-    assert first_error(log, work) == "api_break.c:13:15: error: too many arguments to " \
-                                     "function 'class_create'"
+    log = (
+        f"/usr/src/linux/include/linux/init.h:180:22: error: passing argument 1\n"
+        f"{work}/api_break.c:13:15: error: too many arguments to function 'class_create'\n"
+    )
+    assert first_error(log, work) == "api_break.c:13:15: error: too many arguments to function 'class_create'"
     assert "init.h" in first_error(log)
     assert first_error("") == "build failed"
 
@@ -65,7 +70,8 @@ def _tree(root: Path) -> Path:
         "kernel/lib/libcrc32c.ko:\n"
         "kernel/fs/erofs/erofs.ko: kernel/lib/libcrc32c.ko\n"
         "kernel/crypto/crc32c_generic.ko:\n"
-        "kernel/arch/x86/crypto/crc32c-intel.ko:\n")
+        "kernel/arch/x86/crypto/crc32c-intel.ko:\n"
+    )
     (d / "modules.softdep").write_text("# soft dependencies\nsoftdep libcrc32c pre: crc32c\n")
     (d / "modules.alias").write_text("alias crc32c crc32c_intel\nalias crc32c crc32c_generic\n")
     (d / "modules.builtin").write_text("")
@@ -91,15 +97,15 @@ def test_local_kernel_never_replaces_a_debian_kernel(tmp_path: Path) -> None:
     release = "6.1.0-1-amd64"
     debian = paths.kernels / release
     debian.mkdir(parents=True)
-    (debian / "kernel.json").write_text(json.dumps(
-        {"release": release, "package": "linux-image-6.1.0-1-amd64", "version": "1",
-         "pvh": True}))
+    (debian / "kernel.json").write_text(
+        json.dumps({"release": release, "package": "linux-image-6.1.0-1-amd64", "version": "1", "pvh": True})
+    )
     image = tmp_path / "bzImage"
     image.write_bytes(b"\0" * 1024)
     mods = _tree(tmp_path / "src")
     local = kernel_mod.add_local(paths, image, mods, name="mine")
     assert local.id == "local-mine" and local.release == release
-    assert kernel_mod.load_cached(paths, release) is not None      # Debian one intact
+    assert kernel_mod.load_cached(paths, release) is not None  # Debian one intact
     assert kernel_mod.load_cached(paths, "mine") == local
     assert kernel_mod.aliases_of(paths, "local-mine") == ["mine"]
     assert kernel_mod.remove(paths, "mine") == "local-mine"

@@ -1,4 +1,5 @@
 """Boot module load order from a synthetic modules.dep / modules.builtin."""
+
 from __future__ import annotations
 
 import lzma
@@ -37,15 +38,18 @@ def names(paths: list[Path]) -> list[str]:
     return [module_name(str(p)) for p in paths]
 
 
-@pytest.mark.parametrize("path,name", [
-    ("kernel/drivers/virtio/virtio_mmio.ko.xz", "virtio_mmio"),
-    ("kernel/drivers/virtio/virtio_mmio.ko", "virtio_mmio"),
-    ("kernel/crypto/crc32c-generic.ko.zst", "crc32c_generic"),
-    ("kernel/fs/fuse/cuse.ko.gz", "cuse"),
-    ("/abs/path/snd-hda-intel.ko", "snd_hda_intel"),
-    ("virtio-blk", "virtio_blk"),
-    ("kernel/net/9p/9pnet_virtio.ko.xz", "9pnet_virtio"),
-])
+@pytest.mark.parametrize(
+    "path,name",
+    [
+        ("kernel/drivers/virtio/virtio_mmio.ko.xz", "virtio_mmio"),
+        ("kernel/drivers/virtio/virtio_mmio.ko", "virtio_mmio"),
+        ("kernel/crypto/crc32c-generic.ko.zst", "crc32c_generic"),
+        ("kernel/fs/fuse/cuse.ko.gz", "cuse"),
+        ("/abs/path/snd-hda-intel.ko", "snd_hda_intel"),
+        ("virtio-blk", "virtio_blk"),
+        ("kernel/net/9p/9pnet_virtio.ko.xz", "9pnet_virtio"),
+    ],
+)
 def test_module_name(path: str, name: str) -> None:
     assert module_name(path) == name
 
@@ -53,9 +57,17 @@ def test_module_name(path: str, name: str) -> None:
 def test_dependencies_first_each_once(tmp_path: Path) -> None:
     d = moddir(tmp_path)
     order = load_order(d)
-    assert names(order) == ["virtio", "virtio_ring", "virtio_mmio", "virtio_blk",
-                            "virtio_console", "crc32c_generic", "libcrc32c", "erofs",
-                            "overlay"]
+    assert names(order) == [
+        "virtio",
+        "virtio_ring",
+        "virtio_mmio",
+        "virtio_blk",
+        "virtio_console",
+        "crc32c_generic",
+        "libcrc32c",
+        "erofs",
+        "overlay",
+    ]
     assert order[0] == d / f"{V}/virtio.ko.xz"
     assert all(p.is_relative_to(d) for p in order)
     assert order[-1] == d / "kernel/fs/overlayfs/overlay.ko.xz"
@@ -64,9 +76,10 @@ def test_dependencies_first_each_once(tmp_path: Path) -> None:
 def test_every_dependency_precedes_its_user(tmp_path: Path) -> None:
     d = moddir(tmp_path)
     order = names(load_order(d, ("erofs", "virtio_console", "virtio_mmio")))
-    deps = {module_name(line.partition(":")[0]):
-            [module_name(x) for x in line.partition(":")[2].split()]
-            for line in DEP.splitlines()}
+    deps = {
+        module_name(line.partition(":")[0]): [module_name(x) for x in line.partition(":")[2].split()]
+        for line in DEP.splitlines()
+    }
     for i, m in enumerate(order):
         for dep in deps[m]:
             assert order.index(dep) < i, (dep, m)
@@ -74,16 +87,13 @@ def test_every_dependency_precedes_its_user(tmp_path: Path) -> None:
 
 
 def test_builtins_are_skipped(tmp_path: Path) -> None:
-    builtin = f"{V}/virtio.ko\n{V}/virtio_ring.ko\n{V}/virtio_mmio.ko\n" \
-        "kernel/fs/overlayfs/overlay.ko\n"
+    builtin = f"{V}/virtio.ko\n{V}/virtio_ring.ko\n{V}/virtio_mmio.ko\nkernel/fs/overlayfs/overlay.ko\n"
     d = moddir(tmp_path, builtin=builtin)
-    assert names(load_order(d)) == ["virtio_blk", "virtio_console", "crc32c_generic",
-                                    "libcrc32c", "erofs"]
+    assert names(load_order(d)) == ["virtio_blk", "virtio_console", "crc32c_generic", "libcrc32c", "erofs"]
 
 
 def test_builtin_module_missing_from_dep_is_fine(tmp_path: Path) -> None:
-    d = moddir(tmp_path, dep="kernel/fs/erofs/erofs.ko:\n",
-               builtin="kernel/fs/overlayfs/overlay.ko\n")
+    d = moddir(tmp_path, dep="kernel/fs/erofs/erofs.ko:\n", builtin="kernel/fs/overlayfs/overlay.ko\n")
     assert names(load_order(d, ("erofs", "overlay"))) == ["erofs"]
 
 
@@ -107,7 +117,11 @@ def test_missing_modules_dep_file(tmp_path: Path) -> None:
 def test_wanted_names_with_dashes_normalised(tmp_path: Path) -> None:
     d = moddir(tmp_path)
     assert names(load_order(d, ("virtio-blk", "crc32c-generic"))) == [
-        "virtio", "virtio_ring", "virtio_blk", "crc32c_generic"]
+        "virtio",
+        "virtio_ring",
+        "virtio_blk",
+        "crc32c_generic",
+    ]
 
 
 VSOCK_DEP = """\
@@ -132,10 +146,14 @@ def test_default_order_is_what_the_guest_boots_with(tmp_path: Path) -> None:
 def test_modules_asked_for_skip_those_loaded_at_boot(tmp_path: Path) -> None:
     # A module the guest loads at boot (and its dependencies) is never loaded twice.
     d = moddir(tmp_path, dep=DEP + VSOCK_DEP)
-    plan = plan_modules(d, "6.1.0-test", names=("virtio_blk", "vmw_vsock_virtio_transport",
-                                                 "dummy=numdummies=2"))
+    plan = plan_modules(
+        d, "6.1.0-test", names=("virtio_blk", "vmw_vsock_virtio_transport", "dummy=numdummies=2")
+    )
     assert [(m.name, m.params) for m in plan] == [
-        ("vsock", ()), ("vmw_vsock_virtio_transport", ()), ("dummy", ("numdummies=2",))]
+        ("vsock", ()),
+        ("vmw_vsock_virtio_transport", ()),
+        ("dummy", ("numdummies=2",)),
+    ]
     assert all(m.file.is_relative_to(d) for m in plan)
 
 
@@ -163,4 +181,3 @@ def test_read_module_unsupported_compression(tmp_path: Path, suffix: str) -> Non
     f.write_bytes(b"whatever")
     with pytest.raises(AssetError, match="unsupported module compression"):
         read_module(f)
-

@@ -1,4 +1,5 @@
 """The agent wire protocol: framing, size limits and schema-checked messages."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,14 @@ from vmpod.agent import protocol as p
 from vmpod.agent.protocol import FrameReader, ProtocolViolation
 
 
-def header(kind: int, stream: int, length: int, *, magic: bytes = b"VP",
-           version: int = p.PROTOCOL_VERSION) -> bytes:
+def header(
+    kind: int, stream: int, length: int, *, magic: bytes = b"VP", version: int = p.PROTOCOL_VERSION
+) -> bytes:
     return struct.pack("!2sBBII", magic, version, kind, stream, length)
 
 
 # -- framing ---------------------------------------------------------------
+
 
 def test_encode_frame_exact_bytes() -> None:
     frame = p.encode_frame(p.REQUEST, 7, b"{}")
@@ -54,7 +57,7 @@ def test_encode_data_empty_is_one_eof_frame() -> None:
 
 def test_encode_data_splits_at_max_data() -> None:
     data = bytes(range(256)) * ((2 * p.MAX_DATA + 1) // 256 + 1)
-    data = data[:2 * p.MAX_DATA + 1]
+    data = data[: 2 * p.MAX_DATA + 1]
     frames = p.encode_data(p.STDERR, 4, data)
     assert [len(f) - 12 for f in frames] == [p.MAX_DATA, p.MAX_DATA, 1]
     reader = FrameReader()
@@ -81,7 +84,7 @@ def test_frame_reader_byte_by_byte() -> None:
     reader = FrameReader()
     got = []
     for i in range(len(wire)):
-        got += reader.feed(wire[i:i + 1])
+        got += reader.feed(wire[i : i + 1])
     assert got == expected
 
 
@@ -103,7 +106,7 @@ def test_frame_reader_random_chunks(seed: int) -> None:
     i = 0
     while i < len(wire):
         n = rng.randint(0, 40)
-        got += reader.feed(wire[i:i + n])
+        got += reader.feed(wire[i : i + n])
         i += n
     assert got == expected
 
@@ -168,9 +171,11 @@ def test_random_bytes_only_raise_protocol_violation() -> None:
         style = rng.random()
         if style < 0.4:
             # plausible header, random kind / length, random tail
-            data = header(rng.choice(kinds), rng.getrandbits(32),
-                          rng.choice([0, 1, 5, 30, p.MAX_JSON + 1, p.MAX_DATA + 1,
-                                      rng.getrandbits(32)]))
+            data = header(
+                rng.choice(kinds),
+                rng.getrandbits(32),
+                rng.choice([0, 1, 5, 30, p.MAX_JSON + 1, p.MAX_DATA + 1, rng.getrandbits(32)]),
+            )
             data += rng.randbytes(rng.randint(0, 60))
         elif style < 0.6:
             data = b"VP" + bytes([rng.choice([0, 1, 1, 2])]) + rng.randbytes(rng.randint(0, 60))
@@ -180,11 +185,10 @@ def test_random_bytes_only_raise_protocol_violation() -> None:
             i = 0
             while i < len(data):
                 n = rng.randint(1, 16)
-                for kind, _stream, payload in reader.feed(data[i:i + n]):
+                for kind, _stream, payload in reader.feed(data[i : i + n]):
                     frames_seen += 1
                     assert kind in range(1, 8)
-                    limit = p.MAX_JSON if kind in (p.REQUEST, p.RESPONSE, p.EVENT) \
-                        else p.MAX_DATA
+                    limit = p.MAX_JSON if kind in (p.REQUEST, p.RESPONSE, p.EVENT) else p.MAX_DATA
                     assert len(payload) <= limit
                 i += n
         except ProtocolViolation:
@@ -196,10 +200,24 @@ def test_random_bytes_only_raise_protocol_violation() -> None:
 
 # -- JSON ------------------------------------------------------------------
 
-@pytest.mark.parametrize("payload", [
-    b"", b"{", b"}", b"\xff\xfe\x00", b"[]", b"1", b'"s"', b"null", b"true",
-    b'{"a":1} x', b"\x00" * 10, b"{'a': 1}",
-])
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"{",
+        b"}",
+        b"\xff\xfe\x00",
+        b"[]",
+        b"1",
+        b'"s"',
+        b"null",
+        b"true",
+        b'{"a":1} x',
+        b"\x00" * 10,
+        b"{'a': 1}",
+    ],
+)
 def test_parse_json_garbage(payload: bytes) -> None:
     with pytest.raises(ProtocolViolation):
         p.parse_json(payload)
@@ -218,6 +236,7 @@ def test_parse_json_deep_nesting_is_a_violation() -> None:
 
 # -- typed messages ----------------------------------------------------------
 
+
 class Sample(p.Message):
     names: tuple[str, ...]
     labels: dict[str, str]
@@ -231,8 +250,7 @@ def test_decode_request_defaults() -> None:
 
 
 def test_decode_hello() -> None:
-    hello = p.decode(p.Hello, {"protocol": 1, "agent_version": "0.1", "kernel": "6.1.0",
-                               "uptime": 0.25})
+    hello = p.decode(p.Hello, {"protocol": 1, "agent_version": "0.1", "kernel": "6.1.0", "uptime": 0.25})
     assert hello == p.Hello(protocol=1, agent_version="0.1", kernel="6.1.0", uptime=0.25)
 
 
@@ -245,21 +263,24 @@ def test_float_accepts_int_but_not_bool() -> None:
         p.decode(p.Hello, {**obj, "uptime": "3.0"})
 
 
-@pytest.mark.parametrize("cls,obj,where", [
-    (p.Request, {"id": True, "op": "ping"}, "Request.id"),
-    (p.Request, {"id": False, "op": "ping"}, "Request.id"),
-    (p.Request, {"id": "1", "op": "ping"}, "Request.id"),
-    (p.Request, {"id": 1.0, "op": "ping"}, "Request.id"),
-    (p.Request, {"id": 1, "op": 5}, "Request.op"),
-    (p.Request, {"id": 1, "op": "x", "args": []}, "Request.args"),
-    (p.Request, {"id": 1, "op": "x", "args": None}, "Request.args"),
-    (p.Response, {"id": 1, "ok": 1}, "Response.ok"),
-    (p.Response, {"id": 1, "ok": "true"}, "Response.ok"),
-    (p.Response, {"id": 1, "ok": False, "error": None}, "Response.error"),
-    (p.ExitEvent, {"event": "exit", "stream": 1, "status": True}, "ExitEvent.status"),
-    (p.SignalProcess, {"stream": 1, "signal": 9.0}, "SignalProcess.signal"),
-    (p.StartContainer, {"container_id": "c", "stream": 1, "stdin": 1}, "StartContainer.stdin"),
-])
+@pytest.mark.parametrize(
+    "cls,obj,where",
+    [
+        (p.Request, {"id": True, "op": "ping"}, "Request.id"),
+        (p.Request, {"id": False, "op": "ping"}, "Request.id"),
+        (p.Request, {"id": "1", "op": "ping"}, "Request.id"),
+        (p.Request, {"id": 1.0, "op": "ping"}, "Request.id"),
+        (p.Request, {"id": 1, "op": 5}, "Request.op"),
+        (p.Request, {"id": 1, "op": "x", "args": []}, "Request.args"),
+        (p.Request, {"id": 1, "op": "x", "args": None}, "Request.args"),
+        (p.Response, {"id": 1, "ok": 1}, "Response.ok"),
+        (p.Response, {"id": 1, "ok": "true"}, "Response.ok"),
+        (p.Response, {"id": 1, "ok": False, "error": None}, "Response.error"),
+        (p.ExitEvent, {"event": "exit", "stream": 1, "status": True}, "ExitEvent.status"),
+        (p.SignalProcess, {"stream": 1, "signal": 9.0}, "SignalProcess.signal"),
+        (p.StartContainer, {"container_id": "c", "stream": 1, "stdin": 1}, "StartContainer.stdin"),
+    ],
+)
 def test_decode_wrong_types(cls: type, obj: dict[str, object], where: str) -> None:
     with pytest.raises(ProtocolViolation, match=where.replace(".", r"\.")):
         p.decode(cls, obj)
@@ -270,38 +291,44 @@ def test_decode_unknown_field_rejected() -> None:
         p.decode(p.Request, {"id": 1, "op": "ping", "evil": 1})
 
 
-@pytest.mark.parametrize("cls,obj", [
-    (p.Request, {"op": "ping"}),
-    (p.Response, {"id": 1}),
-    (p.Hello, {"protocol": 1, "agent_version": "v", "kernel": "k"}),
-    (p.ExitEvent, {"event": "exit", "stream": 1}),
-    (p.CreateContainer, {"container_id": "c", "spec": {}}),
-])
+@pytest.mark.parametrize(
+    "cls,obj",
+    [
+        (p.Request, {"op": "ping"}),
+        (p.Response, {"id": 1}),
+        (p.Hello, {"protocol": 1, "agent_version": "v", "kernel": "k"}),
+        (p.ExitEvent, {"event": "exit", "stream": 1}),
+        (p.CreateContainer, {"container_id": "c", "spec": {}}),
+    ],
+)
 def test_decode_missing_required_field(cls: type, obj: dict[str, object]) -> None:
     with pytest.raises(ProtocolViolation, match=cls.__name__):
         p.decode(cls, obj)
 
 
 def test_decode_tuple_dict_optional_fields() -> None:
-    s = p.decode(Sample, {"names": ["a", "b"], "labels": {"k": "v"}, "limit": None,
-                          "ratio": 2, "extra": {"x": [1]}})
-    assert s == Sample(names=("a", "b"), labels={"k": "v"}, limit=None, ratio=2,
-                    extra={"x": [1]})
+    s = p.decode(
+        Sample, {"names": ["a", "b"], "labels": {"k": "v"}, "limit": None, "ratio": 2, "extra": {"x": [1]}}
+    )
+    assert s == Sample(names=("a", "b"), labels={"k": "v"}, limit=None, ratio=2, extra={"x": [1]})
     assert isinstance(s.names, tuple)
     assert p.decode(Sample, {"names": [], "labels": {}, "limit": 4}).limit == 4
 
 
-@pytest.mark.parametrize("obj", [
-    {"names": "ab", "labels": {}},                  # str is not a list
-    {"names": ("a",), "labels": {}},                # only JSON lists
-    {"names": [1], "labels": {}},
-    {"names": ["a", None], "labels": {}},
-    {"names": [], "labels": {"k": 1}},
-    {"names": [], "labels": ["k"]},
-    {"names": [], "labels": {}, "limit": True},
-    {"names": [], "labels": {}, "limit": "3"},
-    {"names": [], "labels": {}, "extra": []},
-])
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"names": "ab", "labels": {}},  # str is not a list
+        {"names": ("a",), "labels": {}},  # only JSON lists
+        {"names": [1], "labels": {}},
+        {"names": ["a", None], "labels": {}},
+        {"names": [], "labels": {"k": 1}},
+        {"names": [], "labels": ["k"]},
+        {"names": [], "labels": {}, "limit": True},
+        {"names": [], "labels": {}, "limit": "3"},
+        {"names": [], "labels": {}, "extra": []},
+    ],
+)
 def test_decode_container_type_errors(obj: dict[str, object]) -> None:
     with pytest.raises(ProtocolViolation):
         p.decode(Sample, obj)
@@ -315,31 +342,45 @@ def test_unsupported_annotation_is_a_programming_error() -> None:
         p.decode(Odd, {"x": [1]})
 
 
-@pytest.mark.parametrize("msg", [
-    p.Hello(protocol=1, agent_version="0.1", kernel="6.1.0-1-cloud-amd64", uptime=1.5),
-    p.Request(id=1, op="exec", args={"a": [1, 2]}),
-    p.Response(id=2, ok=False, result={}, error="boom", error_kind="NotFound"),
-    p.ExitEvent(event="exit", stream=3, status=137, message="killed"),
-    p.CreateContainer(container_id="c1", spec={"ociVersion": "1.0.2"}, rootfs_serial="rootfs",
-                      rootfs_fstype="ext4", user="1000:1000"),
-    p.StartContainer(container_id="c1", stream=5, stdin=True),
-    p.ExecProcess(container_id="c1", stream=6, process={"args": ["sh"]}, user="root"),
-    p.SignalProcess(stream=5, signal=15),
-    p.ResizeTty(stream=5, rows=24, cols=80),
-    p.WaitProcess(stream=5),
-    p.SetClock(epoch_ns=1_700_000_000_000_000_000),
-    p.GuestInfo(kernel="6.1", uptime=2.0, mem_total_kb=1024, mem_free_kb=512, cpus=2,
-                python="3.11", runc="1.1"),
-    Sample(names=("a", "b"), labels={"k": "v"}, limit=7),
-])
+@pytest.mark.parametrize(
+    "msg",
+    [
+        p.Hello(protocol=1, agent_version="0.1", kernel="6.1.0-1-cloud-amd64", uptime=1.5),
+        p.Request(id=1, op="exec", args={"a": [1, 2]}),
+        p.Response(id=2, ok=False, result={}, error="boom", error_kind="NotFound"),
+        p.ExitEvent(event="exit", stream=3, status=137, message="killed"),
+        p.CreateContainer(
+            container_id="c1",
+            spec={"ociVersion": "1.0.2"},
+            rootfs_serial="rootfs",
+            rootfs_fstype="ext4",
+            user="1000:1000",
+        ),
+        p.StartContainer(container_id="c1", stream=5, stdin=True),
+        p.ExecProcess(container_id="c1", stream=6, process={"args": ["sh"]}, user="root"),
+        p.SignalProcess(stream=5, signal=15),
+        p.ResizeTty(stream=5, rows=24, cols=80),
+        p.WaitProcess(stream=5),
+        p.SetClock(epoch_ns=1_700_000_000_000_000_000),
+        p.GuestInfo(
+            kernel="6.1", uptime=2.0, mem_total_kb=1024, mem_free_kb=512, cpus=2, python="3.11", runc="1.1"
+        ),
+        Sample(names=("a", "b"), labels={"k": "v"}, limit=7),
+    ],
+)
 def test_encode_decode_round_trip_through_json(msg: object) -> None:
     obj = json.loads(json.dumps(p.encode(msg)))
     assert p.decode(type(msg), obj) == msg
 
 
 def test_encode_turns_tuples_into_lists() -> None:
-    assert p.encode(Sample(names=("a",), labels={})) == {"names": ["a"], "labels": {}, "limit": None,
-                                           "ratio": 1.0, "extra": {}}
+    assert p.encode(Sample(names=("a",), labels={})) == {
+        "names": ["a"],
+        "labels": {},
+        "limit": None,
+        "ratio": 1.0,
+        "extra": {},
+    }
 
 
 def test_ops_table() -> None:
@@ -355,19 +396,21 @@ def test_ops_table() -> None:
                     p.decode(cls, {"__nope__": 1})
 
 
-@pytest.mark.parametrize("cls,obj", [
-    (p.PingResult, {"uptime": 1.5}),
-    (p.ContainerCreated, {"bundle": "/run/vmpod/containers/c1"}),
-    (p.ProcessStarted, {"pid": 42}),                   # what agents before "started" sent
-    (p.ProcessStarted, {"pid": 42, "started": False}),
-    (p.ExitStatus, {"status": 137}),
-    (p.Empty, {}),
-    (p.CommandResult, {"status": 0, "stdout": "x"}),
-    (p.CommandResult, {"status": 1, "stdout": "", "stderr": "e", "error": "boom"}),
-    (p.ContainerStats, {"cpu_usage_usec": 1, "memory_bytes": 2, "pids": 3}),
-])
-def test_result_classes_decode_what_the_agent_sends(cls: type[p.Message],
-                                                     obj: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    "cls,obj",
+    [
+        (p.PingResult, {"uptime": 1.5}),
+        (p.ContainerCreated, {"bundle": "/run/vmpod/containers/c1"}),
+        (p.ProcessStarted, {"pid": 42}),  # what agents before "started" sent
+        (p.ProcessStarted, {"pid": 42, "started": False}),
+        (p.ExitStatus, {"status": 137}),
+        (p.Empty, {}),
+        (p.CommandResult, {"status": 0, "stdout": "x"}),
+        (p.CommandResult, {"status": 1, "stdout": "", "stderr": "e", "error": "boom"}),
+        (p.ContainerStats, {"cpu_usage_usec": 1, "memory_bytes": 2, "pids": 3}),
+    ],
+)
+def test_result_classes_decode_what_the_agent_sends(cls: type[p.Message], obj: dict[str, object]) -> None:
     msg = p.decode(cls, obj)
     assert {k: v for k, v in p.encode(msg).items() if k in obj} == obj
 

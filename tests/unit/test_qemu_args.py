@@ -1,4 +1,5 @@
 """The QEMU command line built from a VmConfig (no QEMU is started)."""
+
 from __future__ import annotations
 
 import os
@@ -14,12 +15,18 @@ from vmpod.hypervisor.qemu.devices import build_argv, q
 QEMU = "/usr/bin/qemu-system-x86_64"
 
 
-def config(state: Path, *, accel: str = "tcg", disks: tuple[Disk, ...] = (),
-           **kw: object) -> VmConfig:
-    return VmConfig(kernel=Path("/k/vmlinux"), initramfs=Path("/k/initrd.img"),
-                    cmdline="console=ttyS0 quiet vmpod.agent=serial,fast",
-                    cpus=2, memory_mb=512, accel=AccelChoice(accel, "test"),
-                    disks=disks, state_dir=state, **kw)  # type: ignore[arg-type]
+def config(state: Path, *, accel: str = "tcg", disks: tuple[Disk, ...] = (), **kw: object) -> VmConfig:
+    return VmConfig(
+        kernel=Path("/k/vmlinux"),
+        initramfs=Path("/k/initrd.img"),
+        cmdline="console=ttyS0 quiet vmpod.agent=serial,fast",
+        cpus=2,
+        memory_mb=512,
+        accel=AccelChoice(accel, "test"),
+        disks=disks,
+        state_dir=state,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def values(argv: list[str], flag: str) -> list[str]:
@@ -61,16 +68,20 @@ def test_kernel_boot_cmdline_is_not_escaped(tmp_path: Path) -> None:
 
 
 def test_disks_with_serial_and_readonly(tmp_path: Path) -> None:
-    disks = (Disk(Path("/img/guest.img"), "guest"),
-             Disk(Path("/img/rootfs.erofs"), "ctr-rootfs", readonly=False))
+    disks = (
+        Disk(Path("/img/guest.img"), "guest"),
+        Disk(Path("/img/rootfs.erofs"), "ctr-rootfs", readonly=False),
+    )
     argv = build_argv(QEMU, config(tmp_path, disks=disks))
     assert values(argv, "-drive") == [
         "id=disk0,file=/img/guest.img,format=raw,if=none,readonly=on",
         "id=disk1,file=/img/rootfs.erofs,format=raw,if=none,readonly=off",
     ]
     blk = [d for d in values(argv, "-device") if d.startswith("virtio-blk-device")]
-    assert blk == ["virtio-blk-device,drive=disk0,serial=guest",
-                   "virtio-blk-device,drive=disk1,serial=ctr-rootfs"]
+    assert blk == [
+        "virtio-blk-device,drive=disk0,serial=guest",
+        "virtio-blk-device,drive=disk1,serial=ctr-rootfs",
+    ]
 
 
 def test_no_disks_no_drive(tmp_path: Path) -> None:
@@ -84,8 +95,7 @@ def test_commas_in_paths_and_serials_are_doubled(tmp_path: Path) -> None:
     disks = (Disk(Path("/img/a,b.img"), "se,r"),)
     argv = build_argv(QEMU, config(state, disks=disks))
     s = str(state).replace(",", ",,")
-    assert values(argv, "-drive") == [
-        "id=disk0,file=/img/a,,b.img,format=raw,if=none,readonly=on"]
+    assert values(argv, "-drive") == ["id=disk0,file=/img/a,,b.img,format=raw,if=none,readonly=on"]
     assert "virtio-blk-device,drive=disk0,serial=se,,r" in values(argv, "-device")
     assert values(argv, "-qmp") == [f"unix:{s}/qmp.sock,server=on,wait=off"]
     assert f"file,id=console,path={s}/console.log" in values(argv, "-chardev")
@@ -97,10 +107,10 @@ def test_virtio_serial_port(tmp_path: Path) -> None:
     dev = values(argv, "-device")
     assert "virtio-serial-device" in dev
     assert "virtserialport,chardev=channel,name=org.example.port" in dev
-    assert f"socket,id=channel,path={tmp_path}/channel.sock,server=on,wait=off" \
-        in values(argv, "-chardev")
+    assert f"socket,id=channel,path={tmp_path}/channel.sock,server=on,wait=off" in values(argv, "-chardev")
     assert dev.index("virtio-serial-device") < dev.index(
-        "virtserialport,chardev=channel,name=org.example.port")
+        "virtserialport,chardev=channel,name=org.example.port"
+    )
     assert not any("vsock" in d for d in dev)
 
 
@@ -127,9 +137,16 @@ def test_qmp_socket_and_console_log(tmp_path: Path) -> None:
     assert values(argv, "-serial") == ["chardev:console"]
 
 
-@pytest.mark.parametrize("value,expected", [
-    ("plain", "plain"), ("a,b", "a,,b"), (",,", ",,,,"), (Path("/x,y"), "/x,,y"), (3, "3"),
-])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("plain", "plain"),
+        ("a,b", "a,,b"),
+        (",,", ",,,,"),
+        (Path("/x,y"), "/x,,y"),
+        (3, "3"),
+    ],
+)
 def test_q_escapes_commas(value: object, expected: str) -> None:
     assert q(value) == expected
 
@@ -143,6 +160,6 @@ def test_find_qemu_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     exe = bindir / "qemu-system-x86_64"
     exe.write_text("#!/bin/sh\n")
     exe.chmod(0o644)
-    assert devices.find_qemu() is None       # not executable
+    assert devices.find_qemu() is None  # not executable
     exe.chmod(0o755)
     assert devices.find_qemu() == str(exe)

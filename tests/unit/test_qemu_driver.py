@@ -5,6 +5,7 @@ serves QMP on the socket, so launch, QMP, graceful-then-hard shutdown and every
 start-up failure run through the real driver and the real qemu.qmp client. Every
 test is checked afterwards for a fake QEMU left running (or unreaped) by it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -74,11 +75,17 @@ def assert_gone(vm: QemuVm) -> None:
 
 
 def config(state_dir: Path, channel: HostChannel | None = None) -> VmConfig:
-    return VmConfig(kernel=Path("/k/vmlinux"), initramfs=Path("/k/initrd.img"),
-                    cmdline="console=ttyS0", cpus=1, memory_mb=64,
-                    accel=AccelChoice("tcg", "test"),
-                    disks=(Disk(Path("/img/guest,1.img"), "guest"),),
-                    state_dir=state_dir, channel=channel or HostChannel())
+    return VmConfig(
+        kernel=Path("/k/vmlinux"),
+        initramfs=Path("/k/initrd.img"),
+        cmdline="console=ttyS0",
+        cpus=1,
+        memory_mb=64,
+        accel=AccelChoice("tcg", "test"),
+        disks=(Disk(Path("/img/guest,1.img"), "guest"),),
+        state_dir=state_dir,
+        channel=channel or HostChannel(),
+    )
 
 
 class Fleet:
@@ -93,8 +100,10 @@ class Fleet:
         exe = self.root / "bin" / mode / "qemu-system-x86_64"
         if not exe.exists():
             exe.parent.mkdir(parents=True)
-            exe.write_text(f"#!/bin/sh\nexport FAKE_QEMU_MODE={mode}\n"
-                           f'exec {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_QEMU))} "$@"\n')
+            exe.write_text(
+                f"#!/bin/sh\nexport FAKE_QEMU_MODE={mode}\n"
+                f'exec {shlex.quote(sys.executable)} {shlex.quote(str(FAKE_QEMU))} "$@"\n'
+            )
             exe.chmod(0o755)
         return str(exe)
 
@@ -127,8 +136,10 @@ def short_qmp_timeout(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
 
 # -- launch, QMP, shutdown ---------------------------------------------------------------
 
-@pytest.mark.parametrize("channel", [HostChannel(), HostChannel("vsock", vsock_cid=7)],
-                         ids=["serial", "vsock"])
+
+@pytest.mark.parametrize(
+    "channel", [HostChannel(), HostChannel("vsock", vsock_cid=7)], ids=["serial", "vsock"]
+)
 def test_launch_qmp_and_graceful_shutdown(fleet: Fleet, channel: HostChannel) -> None:
     vm = fleet.vm(channel=channel)
     assert (vm.state, vm.pid, vm.exit_status()) == (VmState.NEW, None, None)
@@ -139,12 +150,11 @@ def test_launch_qmp_and_graceful_shutdown(fleet: Fleet, channel: HostChannel) ->
         assert vm.pid is not None and is_our_child(vm.pid)
         assert vm.exit_status() is None
         assert vm.argv[0] == vm.binary
-        assert await vm.qmp("query-status") == {
-            "status": "running", "singlestep": False, "running": True}
+        assert await vm.qmp("query-status") == {"status": "running", "singlestep": False, "running": True}
         await vm.shutdown(timeout=2.0)
 
     run(main())
-    assert vm.exit_status() == 0            # quit over QMP, not SIGKILL
+    assert vm.exit_status() == 0  # quit over QMP, not SIGKILL
     assert_gone(vm)
     assert vm.console_tail() == "fake-qemu: booting (normal)"
     assert vm.qemu_error() == "no error output"
@@ -158,8 +168,11 @@ def test_unknown_qmp_command_is_a_qmp_error(fleet: Fleet) -> None:
         try:
             with pytest.raises(QMPError, match="human-monitor-command has not been found"):
                 await vm.qmp("human-monitor-command", **{"command-line": "info status"})
-            assert await vm.qmp("query-status") == {   # the session survives the error
-                "status": "running", "singlestep": False, "running": True}
+            assert await vm.qmp("query-status") == {  # the session survives the error
+                "status": "running",
+                "singlestep": False,
+                "running": True,
+            }
         finally:
             await vm.shutdown(timeout=2.0)
 
@@ -188,7 +201,7 @@ def test_shutdown_when_qemu_dies_on_quit(fleet: Fleet) -> None:
 
     async def main() -> None:
         await vm.launch()
-        await vm.shutdown(timeout=2.0)      # the interrupted quit is not an error
+        await vm.shutdown(timeout=2.0)  # the interrupted quit is not an error
 
     run(main())
     assert vm.exit_status() == 3
@@ -204,7 +217,7 @@ def test_shutdown_after_qemu_died_on_its_own(fleet: Fleet) -> None:
         os.kill(vm.pid, signal.SIGTERM)
         await wait_until(lambda: vm.exit_status() is not None)
         await vm.shutdown(timeout=2.0)
-        await vm.shutdown(timeout=2.0)      # already stopped: nothing to do
+        await vm.shutdown(timeout=2.0)  # already stopped: nothing to do
 
     run(main())
     code = vm.exit_status()
@@ -217,13 +230,12 @@ def test_stale_qmp_socket_from_a_previous_run_is_retried(fleet: Fleet) -> None:
     vm = fleet.vm()
     vm.config.state_dir.mkdir(parents=True)
     stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(vm.config.qmp_socket))   # bound, never listened on, closed: refuses
+    stale.bind(str(vm.config.qmp_socket))  # bound, never listened on, closed: refuses
     stale.close()
 
     async def main() -> None:
         await vm.launch()
-        assert await vm.qmp("query-status") == {
-            "status": "running", "singlestep": False, "running": True}
+        assert await vm.qmp("query-status") == {"status": "running", "singlestep": False, "running": True}
         await vm.shutdown(timeout=2.0)
 
     run(main())
@@ -237,13 +249,13 @@ def test_kill_is_idempotent(fleet: Fleet) -> None:
     async def main() -> None:
         before = open_sockets()
         await vm.launch()
-        assert open_sockets() == before + 1          # the QMP connection
+        assert open_sockets() == before + 1  # the QMP connection
         pid = vm.pid
         vm.kill()
         assert vm.exit_status() == -signal.SIGKILL
         vm.kill()
         assert vm.pid == pid and vm.exit_status() == -signal.SIGKILL
-        await wait_until(lambda: open_sockets() == before)   # qemu.qmp saw the hang-up
+        await wait_until(lambda: open_sockets() == before)  # qemu.qmp saw the hang-up
         # kill() leaves the QMP client undisconnected (see the xfail below); without
         # this its EOFError is logged as "never retrieved" whenever it is collected.
         await vm._close_qmp()
@@ -291,7 +303,7 @@ def test_launched_without_qmp_connection(fleet: Fleet, monkeypatch: pytest.Monke
         await vm.launch()
         with pytest.raises(HypervisorError, match="QMP is not connected"):
             await vm.qmp("query-status")
-        await vm.shutdown(timeout=0.2)     # no quit to send: waits, then SIGKILL
+        await vm.shutdown(timeout=0.2)  # no quit to send: waits, then SIGKILL
 
     run(main())
     assert vm.exit_status() == -signal.SIGKILL
@@ -299,6 +311,7 @@ def test_launched_without_qmp_connection(fleet: Fleet, monkeypatch: pytest.Monke
 
 
 # -- state errors ---------------------------------------------------------------------
+
 
 def test_operations_in_the_wrong_state(fleet: Fleet) -> None:
     vm = fleet.vm()
@@ -326,6 +339,7 @@ def test_operations_in_the_wrong_state(fleet: Fleet) -> None:
 
 # -- start-up failures -------------------------------------------------------------------
 
+
 def test_no_qemu_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     vm = QemuVm(config(tmp_path / "vm"))
@@ -347,10 +361,13 @@ def test_binary_that_cannot_run(tmp_path: Path) -> None:
     assert (vm.state, vm.pid) == (VmState.STOPPED, None)
 
 
-@pytest.mark.parametrize("mode,stderr", [
-    ("exit_early", "fake-qemu: could not load kernel '/k/vmlinux'"),
-    ("exit_bound", "fake-qemu: failed after binding the QMP socket"),
-])
+@pytest.mark.parametrize(
+    "mode,stderr",
+    [
+        ("exit_early", "fake-qemu: could not load kernel '/k/vmlinux'"),
+        ("exit_bound", "fake-qemu: failed after binding the QMP socket"),
+    ],
+)
 def test_qemu_exits_during_startup(fleet: Fleet, mode: str, stderr: str) -> None:
     vm = fleet.vm(mode)
     with pytest.raises(HypervisorError) as err:
@@ -372,7 +389,7 @@ def test_no_qmp_socket_within_timeout(fleet: Fleet, monkeypatch: pytest.MonkeyPa
         run(vm.launch())
     assert err.value.console_tail == "fake-qemu: booting (no_qmp)"
     assert err.value.details["argv"] == vm.argv
-    assert vm.exit_status() == -signal.SIGKILL     # the driver killed it
+    assert vm.exit_status() == -signal.SIGKILL  # the driver killed it
     assert_gone(vm)
 
 
@@ -390,12 +407,12 @@ def test_qmp_greeting_never_comes(fleet: Fleet, monkeypatch: pytest.MonkeyPatch)
 
 # -- logs and exit codes -------------------------------------------------------------------
 
+
 def test_console_tail_and_qemu_error(tmp_path: Path) -> None:
     vm = QemuVm(config(tmp_path), binary="/unused")
-    assert vm.console_tail() == ""                   # no log yet
+    assert vm.console_tail() == ""  # no log yet
     assert vm.qemu_error() == "no error output"
-    vm.config.console_log.write_bytes(
-        b"".join(b"line %d\r\n" % i for i in range(30)) + b"bad \xff byte\n")
+    vm.config.console_log.write_bytes(b"".join(b"line %d\r\n" % i for i in range(30)) + b"bad \xff byte\n")
     assert vm.console_tail(2) == "line 29\nbad \ufffd byte"
     assert vm.console_tail().splitlines() == [f"line {i}" for i in range(11, 30)] + ["bad \ufffd byte"]
     (tmp_path / "qemu.log").write_text("warning: x\nqemu: -kernel: cannot open\nfatal\nend\n")
@@ -409,20 +426,24 @@ def test_console_tail_reads_only_the_end_of_a_big_log(tmp_path: Path) -> None:
     assert len(vm.console_tail(5)) < 20_000
 
 
-@pytest.mark.parametrize("code,words", [
-    (-signal.SIGKILL, "killed by SIGKILL"),
-    (-signal.SIGTERM, "killed by SIGTERM"),
-    (-signal.SIGSEGV, "killed by SIGSEGV"),
-    (-99, "killed by signal 99"),
-    (0, "exit status 0"),
-    (1, "exit status 1"),
-    (137, "exit status 137"),
-])
+@pytest.mark.parametrize(
+    "code,words",
+    [
+        (-signal.SIGKILL, "killed by SIGKILL"),
+        (-signal.SIGTERM, "killed by SIGTERM"),
+        (-signal.SIGSEGV, "killed by SIGSEGV"),
+        (-99, "killed by signal 99"),
+        (0, "exit status 0"),
+        (1, "exit status 1"),
+        (137, "exit status 137"),
+    ],
+)
 def test_describe_exit(code: int, words: str) -> None:
     assert describe_exit(code) == words
 
 
 # -- registry ------------------------------------------------------------------------------
+
 
 def test_create_vm_unknown_hypervisor(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown hypervisor 'firecracker'") as err:
@@ -431,17 +452,18 @@ def test_create_vm_unknown_hypervisor(tmp_path: Path) -> None:
     assert sorted(HYPERVISORS) == ["qemu"]
 
 
-def test_create_vm_qemu_is_not_launched(fleet: Fleet, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_create_vm_qemu_is_not_launched(
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = fleet.binary("normal")
     monkeypatch.setenv("PATH", str(Path(fake).parent))
     cfg = config(tmp_path / "vm")
     vm = create_vm("qemu", cfg)
     assert isinstance(vm, QemuVm)
-    assert vm.binary == fake                         # found on PATH
+    assert vm.binary == fake  # found on PATH
     assert vm.config is cfg
     assert (vm.state, vm.pid, vm.exit_status()) == (VmState.NEW, None, None)
-    assert not cfg.state_dir.exists()                # nothing started, nothing written
+    assert not cfg.state_dir.exists()  # nothing started, nothing written
 
 
 def test_vmm_binary(fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -456,6 +478,7 @@ def test_vmm_binary(fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 # -- the state machine ---------------------------------------------------------------------
 
+
 class Door(Enum):
     OPEN = "open"
     CLOSED = "closed"
@@ -463,9 +486,11 @@ class Door(Enum):
     GONE = "gone"
 
 
-DOOR = {Door.OPEN: frozenset({Door.CLOSED}),
-        Door.CLOSED: frozenset({Door.OPEN, Door.LOCKED}),
-        Door.LOCKED: frozenset({Door.CLOSED})}
+DOOR = {
+    Door.OPEN: frozenset({Door.CLOSED}),
+    Door.CLOSED: frozenset({Door.OPEN, Door.LOCKED}),
+    Door.LOCKED: frozenset({Door.CLOSED}),
+}
 
 
 def test_state_machine_transitions_and_on_change() -> None:
@@ -475,7 +500,7 @@ def test_state_machine_transitions_and_on_change() -> None:
     assert start is Door.OPEN
     assert sm.can(Door.CLOSED) and not sm.can(Door.LOCKED)
     sm.to(Door.CLOSED)
-    sm.to(Door.CLOSED)                   # same state: no transition, nobody told
+    sm.to(Door.CLOSED)  # same state: no transition, nobody told
     sm.to(Door.LOCKED)
     assert sm.state is Door.LOCKED
     assert seen == [Door.CLOSED, Door.LOCKED]
@@ -489,7 +514,7 @@ def test_state_machine_refuses_illegal_transitions() -> None:
         sm.to(Door.OPEN)
     assert err.value.details == {"state": "locked", "target": "open"}
     assert sm.state is Door.LOCKED and seen == []
-    gone = StateMachine("the door", Door.GONE, DOOR)   # not in the table: terminal
+    gone = StateMachine("the door", Door.GONE, DOOR)  # not in the table: terminal
     assert not any(gone.can(d) for d in Door)
     with pytest.raises(StateError, match="the door is gone: it cannot become closed"):
         gone.to(Door.CLOSED)
@@ -512,7 +537,7 @@ def test_state_machine_require() -> None:
 
 def test_vm_transitions() -> None:
     sm = StateMachine("the VM", VmState.NEW, VM_TRANSITIONS)
-    assert sm.can(VmState.RUNNING) and sm.can(VmState.STOPPED)   # a failed launch
+    assert sm.can(VmState.RUNNING) and sm.can(VmState.STOPPED)  # a failed launch
     sm.to(VmState.RUNNING)
     assert not sm.can(VmState.NEW)
     sm.to(VmState.STOPPED)

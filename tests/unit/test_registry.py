@@ -1,4 +1,5 @@
 """Registry pulls and the image store against a fake registry on 127.0.0.1 (no VM)."""
+
 from __future__ import annotations
 
 import base64
@@ -66,10 +67,10 @@ class FakeRegistry:
     def __init__(self) -> None:
         self.manifests: dict[tuple[str, str], tuple[str, bytes]] = {}
         self.blobs: dict[str, bytes] = {}
-        self.auth = ""            # "", "bearer" or "basic"
+        self.auth = ""  # "", "bearer" or "basic"
         self.creds = ("alice", "s3cret")
         self.redirect_blobs = False
-        self.requests: list[tuple[str, str]] = []   # (path, Authorization header)
+        self.requests: list[tuple[str, str]] = []  # (path, Authorization header)
         registry = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -83,21 +84,39 @@ class FakeRegistry:
         self.host = f"127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
-    def image(self, repo: str, tag: str, layers: list[tuple[bytes, bytes]], *,
-              env: str = "", media: str = OCI_MANIFEST) -> str:
-        cfg = json.dumps({"architecture": "amd64", "os": "linux", "created": "2024-01-01T00:00:00Z",
-                          "config": {"Env": [env]} if env else {},
-                          "rootfs": {"type": "layers", "diff_ids": [sha(raw) for _, raw in layers]}
-                          }).encode()
+    def image(
+        self,
+        repo: str,
+        tag: str,
+        layers: list[tuple[bytes, bytes]],
+        *,
+        env: str = "",
+        media: str = OCI_MANIFEST,
+    ) -> str:
+        cfg = json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "created": "2024-01-01T00:00:00Z",
+                "config": {"Env": [env]} if env else {},
+                "rootfs": {"type": "layers", "diff_ids": [sha(raw) for _, raw in layers]},
+            }
+        ).encode()
         self.blobs[sha(cfg)] = cfg
         for blob, _ in layers:
             self.blobs[sha(blob)] = blob
-        manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": media,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": sha(cfg), "size": len(cfg)},
-            "layers": [{"mediaType": LAYER, "digest": sha(b), "size": len(b)} for b, _ in layers],
-        }).encode()
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": media,
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": sha(cfg),
+                    "size": len(cfg),
+                },
+                "layers": [{"mediaType": LAYER, "digest": sha(b), "size": len(b)} for b, _ in layers],
+            }
+        ).encode()
         self.manifests[(repo, tag)] = self.manifests[(repo, sha(manifest))] = (media, manifest)
         return sha(manifest)
 
@@ -109,21 +128,27 @@ class FakeRegistry:
         self.requests.append((req.path, auth))
         basic = "Basic " + base64.b64encode(":".join(self.creds).encode()).decode()
         if req.path.startswith("/token"):
-            return self.reply(req, 200, json.dumps({"token": "T0K"}).encode()) \
-                if auth == basic else self.reply(req, 401, b"{}")
+            return (
+                self.reply(req, 200, json.dumps({"token": "T0K"}).encode())
+                if auth == basic
+                else self.reply(req, 401, b"{}")
+            )
         if req.path.startswith("/storage/"):
             return self.reply(req, 200, self.blobs[req.path.rpartition("/")[2]])
         if self.auth == "bearer" and auth != "Bearer T0K":
             realm = f"http://{self.host}/token"
-            return self.reply(req, 401, b"{}", {"WWW-Authenticate":
-                              f'Bearer realm="{realm}",service="fake",scope="repository:x:pull"'})
+            return self.reply(
+                req,
+                401,
+                b"{}",
+                {"WWW-Authenticate": f'Bearer realm="{realm}",service="fake",scope="repository:x:pull"'},
+            )
         if self.auth == "basic" and auth != basic:
             return self.reply(req, 401, b"{}", {"WWW-Authenticate": 'Basic realm="fake"'})
         m = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", req.path)
         if m and m.group(2) == "manifests" and (m.group(1), m.group(3)) in self.manifests:
             media, body = self.manifests[(m.group(1), m.group(3))]
-            return self.reply(req, 200, body, {"Content-Type": media,
-                                               "Docker-Content-Digest": sha(body)})
+            return self.reply(req, 200, body, {"Content-Type": media, "Docker-Content-Digest": sha(body)})
         if m and m.group(2) == "blobs" and m.group(3) in self.blobs:
             if self.redirect_blobs:
                 return self.reply(req, 307, b"", {"Location": f"/storage/{m.group(3)}"})
@@ -132,8 +157,9 @@ class FakeRegistry:
         self.reply(req, 404, json.dumps({"errors": [{"code": code, "message": "unknown"}]}).encode())
 
     @staticmethod
-    def reply(req: BaseHTTPRequestHandler, status: int, body: bytes,
-              headers: dict[str, str] | None = None) -> None:
+    def reply(
+        req: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
         req.send_response(status)
         for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
             req.send_header(key, value)
@@ -161,20 +187,25 @@ def blob_files(paths: Paths) -> set[str]:
 
 # -- pure parsing ------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("busybox", "docker.io/library/busybox:latest"),
-    ("user/app:1.0", "docker.io/user/app:1.0"),
-    ("127.0.0.1:5000/bb:v1", "127.0.0.1:5000/bb:v1"),
-    ("localhost/a/b", "localhost/a/b:latest"),
-    ("quay.io/x/y@sha256:" + "a" * 64, "quay.io/x/y@sha256:" + "a" * 64),
-    ("reg.io:443/x:t@sha256:" + "b" * 64, "reg.io:443/x:t@sha256:" + "b" * 64),
-])
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("busybox", "docker.io/library/busybox:latest"),
+        ("user/app:1.0", "docker.io/user/app:1.0"),
+        ("127.0.0.1:5000/bb:v1", "127.0.0.1:5000/bb:v1"),
+        ("localhost/a/b", "localhost/a/b:latest"),
+        ("quay.io/x/y@sha256:" + "a" * 64, "quay.io/x/y@sha256:" + "a" * 64),
+        ("reg.io:443/x:t@sha256:" + "b" * 64, "reg.io:443/x:t@sha256:" + "b" * 64),
+    ],
+)
 def test_parse_reference(text: str, expected: str) -> None:
     assert str(parse_reference(text)) == expected
 
 
-@pytest.mark.parametrize("text", ["", "Busybox", "reg.io/x:bad:tag", "a//b", "x@sha256:12",
-                                  "reg.io/x:" + "t" * 129, "-x/y"])
+@pytest.mark.parametrize(
+    "text", ["", "Busybox", "reg.io/x:bad:tag", "a//b", "x@sha256:12", "reg.io/x:" + "t" * 129, "-x/y"]
+)
 def test_bad_references_are_refused(text: str) -> None:
     with pytest.raises(ImageError):
         parse_reference(text)
@@ -183,6 +214,7 @@ def test_bad_references_are_refused(text: str) -> None:
 def test_plain_http_only_for_loopback_or_insecure() -> None:
     def base(text: str, insecure: bool = False) -> str:
         return RegistryClient(parse_reference(text), insecure=insecure)._base
+
     assert base("localhost:5000/a") == "http://localhost:5000/v2/a"
     assert base("[::1]:5000/a").startswith("http://")
     assert base("reg.example/a") == "https://reg.example/v2/a"
@@ -192,21 +224,31 @@ def test_plain_http_only_for_loopback_or_insecure() -> None:
 
 def test_registry_references_versus_local_paths(tmp_path: Path) -> None:
     (tmp_path / "lay").mkdir()
-    assert registry_reference(f"{tmp_path}/lay:tag") is None          # an existing path wins
-    assert registry_reference("plain-name") is None                    # no '/', ':' or '@'
-    assert registry_reference("missing.tar:tag") is None               # an archive's name
+    assert registry_reference(f"{tmp_path}/lay:tag") is None  # an existing path wins
+    assert registry_reference("plain-name") is None  # no '/', ':' or '@'
+    assert registry_reference("missing.tar:tag") is None  # an archive's name
     assert registry_reference("./rel/dir") is None
     assert registry_reference("127.0.0.1:5000/bb:v1") == "127.0.0.1:5000/bb:v1"
     assert registry_reference("docker://busybox") == "busybox"
 
 
 def test_parse_challenges() -> None:
-    header = ('Bearer realm="https://auth.example/token",service="reg.example",'
-              'scope="repository:a/b:pull,push", Basic realm="q\\"x"')
+    header = (
+        'Bearer realm="https://auth.example/token",service="reg.example",'
+        'scope="repository:a/b:pull,push", Basic realm="q\\"x"'
+    )
     assert parse_challenges([header, "Basic"]) == [
-        Challenge("bearer", {"realm": "https://auth.example/token", "service": "reg.example",
-                             "scope": "repository:a/b:pull,push"}),
-        Challenge("basic", {"realm": 'q"x'}), Challenge("basic", {})]
+        Challenge(
+            "bearer",
+            {
+                "realm": "https://auth.example/token",
+                "service": "reg.example",
+                "scope": "repository:a/b:pull,push",
+            },
+        ),
+        Challenge("basic", {"realm": 'q"x'}),
+        Challenge("basic", {}),
+    ]
     assert parse_creds("u:p:q") == ("u", "p:q")
     with pytest.raises(ImageError, match="USER:PASSWORD"):
         parse_creds("nocolon")
@@ -235,15 +277,15 @@ def test_formatting() -> None:
 
 # -- pulls against the fake registry -------------------------------------------
 
-def test_pull_shares_layers_and_rmi_collects(reg: FakeRegistry, paths: Paths,
-                                             tmp_path: Path) -> None:
+
+def test_pull_shares_layers_and_rmi_collects(reg: FakeRegistry, paths: Paths, tmp_path: Path) -> None:
     base, top = layer({"etc/base": b"base"}), layer({"app": b"app"})
     one = reg.image("one", "v1", [base], env="N=1")
     two = reg.image("two", "v1", [base, top], env="N=2", media=DOCKER_MANIFEST)
     assert pull(paths, f"{reg.host}/one:v1").digest == one
     assert pull(paths, f"{reg.host}/two:v1").digest == two
-    assert reg.blob_gets(sha(base[0])) == 1            # the shared layer came once
-    assert len(blob_files(paths)) == 2 + 2 + 2         # 2 manifests, 2 configs, 2 layers
+    assert reg.blob_gets(sha(base[0])) == 1  # the shared layer came once
+    assert len(blob_files(paths)) == 2 + 2 + 2  # 2 manifests, 2 configs, 2 layers
     src = resolve_image(f"{reg.host}/two:v1", paths=paths)
     assert (src.digest, src.config.env) == (two, ("N=2",))
     (tmp_path / "root").mkdir()
@@ -254,7 +296,7 @@ def test_pull_shares_layers_and_rmi_collects(reg: FakeRegistry, paths: Paths,
     disk.write_bytes(b"erofs")
     store = ImageStore(paths.images)
     removal = store.remove(f"{reg.host}/two:v1")
-    assert (removal.blobs_removed, disk.exists()) == (3, False)   # manifest, config, top
+    assert (removal.blobs_removed, disk.exists()) == (3, False)  # manifest, config, top
     assert sha(base[0]) in blob_files(paths)
     store.remove(f"{reg.host}/one:v1")
     assert blob_files(paths) == set() and store.images() == []
@@ -263,22 +305,32 @@ def test_pull_shares_layers_and_rmi_collects(reg: FakeRegistry, paths: Paths,
 def test_pull_on_demand_and_index_platform(reg: FakeRegistry, paths: Paths) -> None:
     amd = reg.image("multi", "amd", [layer({"a": b"amd64"})])
     arm = reg.image("multi", "arm", [layer({"a": b"arm64"})])
-    index = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [
-        {"mediaType": OCI_MANIFEST, "digest": d, "size": len(reg.manifests[("multi", d)][1]),
-         "platform": {"os": "linux", "architecture": arch}}
-        for d, arch in ((arm, "arm64"), (amd, "amd64"))]}).encode()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": DOCKER_LIST,
+            "manifests": [
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": d,
+                    "size": len(reg.manifests[("multi", d)][1]),
+                    "platform": {"os": "linux", "architecture": arch},
+                }
+                for d, arch in ((arm, "arm64"), (amd, "amd64"))
+            ],
+        }
+    ).encode()
     reg.manifests[("multi", "latest")] = reg.manifests[("multi", sha(index))] = (DOCKER_LIST, index)
-    src = resolve_image(f"{reg.host}/multi", paths=paths)   # not in the store: pulled
+    src = resolve_image(f"{reg.host}/multi", paths=paths)  # not in the store: pulled
     assert src.digest == amd
     assert ImageStore(paths.images).images()[0].created == "2024-01-01T00:00:00Z"
     before = len(reg.requests)
     assert resolve_image(f"{reg.host}/multi:latest", paths=paths).digest == amd
-    assert len(reg.requests) == before                      # second time: from the store
+    assert len(reg.requests) == before  # second time: from the store
     assert pull(paths, f"{reg.host}/multi@{sha(index)}").digest == amd
 
 
-def test_repull_moves_the_tag_and_collects_the_old_image(reg: FakeRegistry,
-                                                         paths: Paths) -> None:
+def test_repull_moves_the_tag_and_collects_the_old_image(reg: FakeRegistry, paths: Paths) -> None:
     old = reg.image("app", "v1", [layer({"v": b"1"})])
     pull(paths, f"{reg.host}/app:v1")
     new = reg.image("app", "v1", [layer({"v": b"2"})])
@@ -286,15 +338,14 @@ def test_repull_moves_the_tag_and_collects_the_old_image(reg: FakeRegistry,
     assert old not in blob_files(paths) and len(blob_files(paths)) == 3
 
 
-def test_bearer_token_auth_and_redirects_drop_credentials(reg: FakeRegistry,
-                                                          paths: Paths) -> None:
+def test_bearer_token_auth_and_redirects_drop_credentials(reg: FakeRegistry, paths: Paths) -> None:
     reg.auth, reg.redirect_blobs = "bearer", True
     digest = reg.image("x", "v1", [layer({"f": b"1"})])
     with pytest.raises(ImageError, match="token server .* refused access"):
         pull(paths, f"{reg.host}/x:v1")
     assert pull(paths, f"{reg.host}/x:v1", PullOptions(creds=reg.creds)).digest == digest
     storage = [auth for path, auth in reg.requests if path.startswith("/storage/")]
-    assert len(storage) == 2 and storage == ["", ""]       # config + layer, no credentials
+    assert len(storage) == 2 and storage == ["", ""]  # config + layer, no credentials
     assert ("/v2/x/manifests/v1", "Bearer T0K") in reg.requests
 
 
@@ -313,7 +364,7 @@ def test_registry_errors(reg: FakeRegistry, paths: Paths) -> None:
     reg.image("x", "v1", [(good, _)])
     with pytest.raises(ImageError, match=rf"^manifest unknown: {reg.host}/x:v2 not found$"):
         pull(paths, f"{reg.host}/x:v2")
-    reg.blobs[sha(good)] = good[:-1] + bytes([good[-1] ^ 1])   # corrupt, same size
+    reg.blobs[sha(good)] = good[:-1] + bytes([good[-1] ^ 1])  # corrupt, same size
     with pytest.raises(ImageError, match="digest mismatch"):
         pull(paths, f"{reg.host}/x:v1")
     assert sha(good) not in blob_files(paths)
@@ -331,10 +382,13 @@ def test_unreachable_and_silent_registries(paths: Paths) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        with pytest.raises(ImageError, match=rf"^cannot reach registry 127.0.0.1:{port}: "
-                           r"connection refused \(is it running\?\)$"):
+        with pytest.raises(
+            ImageError,
+            match=rf"^cannot reach registry 127.0.0.1:{port}: "
+            r"connection refused \(is it running\?\)$",
+        ):
             pull(paths, f"127.0.0.1:{port}/x:v1")
-        sock.listen()   # accepts connections (kernel backlog) but never answers
+        sock.listen()  # accepts connections (kernel backlog) but never answers
         with pytest.raises(ImageError, match="did not answer within 0.5s"):
             pull(paths, f"127.0.0.1:{port}/x:v1", PullOptions(timeout=0.5))
 
@@ -351,6 +405,7 @@ def test_concurrent_pulls_keep_the_store_consistent(reg: FakeRegistry, paths: Pa
             pull(paths, f"{reg.host}/{name}:v1")
         except BaseException as err:  # noqa: BLE001 - reported by the assertion below
             errors.append(err)
+
     threads = [threading.Thread(target=work, args=(n,)) for n in names * 2]
     for t in threads:
         t.start()
@@ -367,9 +422,10 @@ def test_concurrent_pulls_keep_the_store_consistent(reg: FakeRegistry, paths: Pa
 
 def test_disk_path_matches_the_erofs_cache(paths: Paths, reg: FakeRegistry) -> None:
     from vmpod.storage.erofs import rootfs_disk
+
     reg.image("x", "v1", [layer({"f": b"1"})])
     src = resolve_image(f"{reg.host}/x:v1", paths=paths)
     disk = disk_path(paths.images, src.digest)
     disk.parent.mkdir(parents=True)
     disk.write_bytes(b"cached")
-    assert rootfs_disk(paths, src) == disk     # found in the cache, so not rebuilt
+    assert rootfs_disk(paths, src) == disk  # found in the cache, so not rebuilt

@@ -1,4 +1,5 @@
 """vmpod-runtime: config.json -> guest spec, files, VM size, annotations, command checks."""
+
 from __future__ import annotations
 
 import base64
@@ -34,7 +35,7 @@ def bundle(tmp_path: Path) -> Path:
     (root / "bin/busybox").write_bytes(b"\x7fELF")
     (root / "bin/busybox").chmod(0o755)
     (root / "bin/sh").symlink_to("busybox")
-    (root / "bin/abs").symlink_to("/bin/busybox")          # absolute: stays in the rootfs
+    (root / "bin/abs").symlink_to("/bin/busybox")  # absolute: stays in the rootfs
     (root / "bin/escape").symlink_to("../../../../usr/bin/env")
     (root / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")
     spec = default_spec()
@@ -51,32 +52,51 @@ def podman_like(bundle: Path, host: Path) -> dict[str, object]:
     """The shape podman 4.3 writes (measured on this host)."""
     spec = _spec(bundle)
     (host / "hosts").write_text("127.0.0.1 localhost\n")
-    (host / ".containerenv").write_text("engine=\"podman\"\n")
+    (host / ".containerenv").write_text('engine="podman"\n')
     (host / "shm").mkdir()
     (host / "vol").mkdir()
     spec["mounts"] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/etc/hosts", "type": "bind", "source": str(host / "hosts"),
-         "options": ["bind", "rprivate"]},
-        {"destination": "/run/.containerenv", "type": "bind",
-         "source": str(host / ".containerenv"), "options": ["bind", "rprivate"]},
-        {"destination": "/dev/shm", "type": "bind", "source": str(host / "shm"),
-         "options": ["bind", "rprivate", "nosuid", "noexec", "nodev"]},
-        {"destination": "/data", "type": "bind", "source": str(host / "vol"),
-         "options": ["rbind"]},
+        {
+            "destination": "/etc/hosts",
+            "type": "bind",
+            "source": str(host / "hosts"),
+            "options": ["bind", "rprivate"],
+        },
+        {
+            "destination": "/run/.containerenv",
+            "type": "bind",
+            "source": str(host / ".containerenv"),
+            "options": ["bind", "rprivate"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "bind",
+            "source": str(host / "shm"),
+            "options": ["bind", "rprivate", "nosuid", "noexec", "nodev"],
+        },
+        {"destination": "/data", "type": "bind", "source": str(host / "vol"), "options": ["rbind"]},
         {"destination": "/dev/null2", "type": "bind", "source": "/dev/null", "options": ["bind"]},
         {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"},
         {"destination": "/x", "type": "overlay", "source": "overlay"},
     ]
     spec["linux"] = {
-        "namespaces": [{"type": "pid"}, {"type": "network", "path": "/run/netns/x"},
-                       {"type": "ipc", "path": "/proc/1/ns/ipc"}, {"type": "mount"}],
+        "namespaces": [
+            {"type": "pid"},
+            {"type": "network", "path": "/run/netns/x"},
+            {"type": "ipc", "path": "/proc/1/ns/ipc"},
+            {"type": "mount"},
+        ],
         "sysctl": {"net.ipv4.ping_group_range": "0 0", "kernel.msgmax": "8192"},
         "cgroupsPath": "machine.slice:libpod:abc",
         "mountLabel": "system_u:object_r:container_file_t:s0",
-        "resources": {"devices": [{"allow": False, "access": "rwm"}], "pids": {"limit": 2048},
-                      "cpu": {"quota": 150000, "period": 100000, "cpus": "0-1"},
-                      "blockIO": {"weight": 10}, "hugepageLimits": []},
+        "resources": {
+            "devices": [{"allow": False, "access": "rwm"}],
+            "pids": {"limit": 2048},
+            "cpu": {"quota": 150000, "period": 100000, "cpus": "0-1"},
+            "blockIO": {"weight": 10},
+            "hugepageLimits": [],
+        },
     }
     spec["process"]["apparmorProfile"] = "containers-default"  # type: ignore[index]
     spec["hooks"] = {"poststop": [{"path": "/bin/true"}]}
@@ -97,12 +117,13 @@ def test_podman_like_config_is_translated_for_the_guest(bundle: Path, tmp_path: 
     assert linux["sysctl"] == {"kernel.msgmax": "8192"}
     assert linux["cgroupsPath"] == "/vmpod/abc"
     assert "mountLabel" not in linux
-    assert linux["resources"] == {"devices": [{"allow": False, "access": "rwm"}],
-                                  "pids": {"limit": 2048},
-                                  "cpu": {"quota": 150000, "period": 100000}}
+    assert linux["resources"] == {
+        "devices": [{"allow": False, "access": "rwm"}],
+        "pids": {"limit": 2048},
+        "cpu": {"quota": 150000, "period": 100000},
+    }
     mounts = {m["destination"]: m for m in g["mounts"]}  # type: ignore[index, union-attr]
-    assert set(mounts) == {"/proc", "/etc/hosts", "/run/.containerenv", "/dev/shm",
-                           "/sys/fs/cgroup"}
+    assert set(mounts) == {"/proc", "/etc/hosts", "/run/.containerenv", "/dev/shm", "/sys/fs/cgroup"}
     assert mounts["/dev/shm"]["type"] == "tmpfs"
     hosts = mounts["/etc/hosts"]
     name = hosts["source"].removeprefix("files/")
@@ -123,10 +144,13 @@ def test_podman_like_config_is_translated_for_the_guest(bundle: Path, tmp_path: 
 def test_files_are_decoded_and_mounts_pointed_at_them_by_the_agent(tmp_path: Path) -> None:
     files = {"m1-hosts": base64.b64encode(b"h\n").decode()}
     decoded = guest_runc.decode_files(files)
-    config: dict[str, object] = {"mounts": [
-        {"destination": "/etc/hosts", "type": "bind", "source": "files/m1-hosts"},
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/other", "type": "bind", "source": "files/unknown"}]}
+    config: dict[str, object] = {
+        "mounts": [
+            {"destination": "/etc/hosts", "type": "bind", "source": "files/m1-hosts"},
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/other", "type": "bind", "source": "files/unknown"},
+        ]
+    }
     guest_runc._write_files(str(tmp_path), decoded, config)
     assert (tmp_path / "files/m1-hosts").read_bytes() == b"h\n"
     mounts = config["mounts"]
@@ -135,11 +159,17 @@ def test_files_are_decoded_and_mounts_pointed_at_them_by_the_agent(tmp_path: Pat
     assert mounts[1]["source"] == "proc" and mounts[2]["source"] == "files/unknown"
 
 
-@pytest.mark.parametrize("files", [
-    {"../x": "aA=="}, {".hidden": "aA=="}, {"a/b": "aA=="}, {"x": "not base64!"},
-    {"big": base64.b64encode(b"x" * (MAX_FILES + 1)).decode()},
-    {f"f{i}": "" for i in range(65)},
-])
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"../x": "aA=="},
+        {".hidden": "aA=="},
+        {"a/b": "aA=="},
+        {"x": "not base64!"},
+        {"big": base64.b64encode(b"x" * (MAX_FILES + 1)).decode()},
+        {f"f{i}": "" for i in range(65)},
+    ],
+)
 def test_agent_refuses_bad_files(files: dict[str, str]) -> None:
     with pytest.raises(AgentFailure):
         guest_runc.decode_files(files)
@@ -149,23 +179,29 @@ def test_guest_runc_kill_puts_the_signal_after_the_id() -> None:
     argv = guest_runc.runtime_argv("runc", "kill", ["--all", "9"], "c1")
     assert argv[-4:] == ["kill", "--all", "c1", "9"]
     assert guest_runc.runtime_argv("runc", "ps", ["--format", "json"], "c1")[-3:] == [
-        "--format", "json", "c1"]
+        "--format",
+        "json",
+        "c1",
+    ]
 
 
-@pytest.mark.parametrize("resources,cpus,mem", [
-    ({}, 1, MIN_MEMORY_MB),
-    ({"cpu": {"quota": 250000, "period": 100000}}, 3, MIN_MEMORY_MB),   # ceil
-    ({"cpu": {"quota": 50000}}, 1, MIN_MEMORY_MB),                       # default period, min 1
-    ({"cpu": {"quota": 10 ** 9, "period": 1000}}, 4, MIN_MEMORY_MB),     # host cores cap
-    ({"cpu": {"cpus": "0,2-3"}}, 3, MIN_MEMORY_MB),
-    ({"cpu": {"shares": 2048}}, 2, MIN_MEMORY_MB),
-    ({"cpu": {"quota": -1, "shares": 1024}}, 1, MIN_MEMORY_MB),
-    ({"memory": {"limit": 128 << 20}}, 1, MIN_MEMORY_MB),                # min 512
-    ({"memory": {"limit": 1 << 30}}, 1, 1024 + MEMORY_OVERHEAD_MB),
-    ({"memory": {"limit": (1 << 30) + 1}}, 1, 1025 + MEMORY_OVERHEAD_MB),
-    ({"memory": {"limit": -1}}, 1, MIN_MEMORY_MB),
-    ({"memory": {"limit": 1 << 40}}, 1, 8192),                           # host memory cap
-])
+@pytest.mark.parametrize(
+    "resources,cpus,mem",
+    [
+        ({}, 1, MIN_MEMORY_MB),
+        ({"cpu": {"quota": 250000, "period": 100000}}, 3, MIN_MEMORY_MB),  # ceil
+        ({"cpu": {"quota": 50000}}, 1, MIN_MEMORY_MB),  # default period, min 1
+        ({"cpu": {"quota": 10**9, "period": 1000}}, 4, MIN_MEMORY_MB),  # host cores cap
+        ({"cpu": {"cpus": "0,2-3"}}, 3, MIN_MEMORY_MB),
+        ({"cpu": {"shares": 2048}}, 2, MIN_MEMORY_MB),
+        ({"cpu": {"quota": -1, "shares": 1024}}, 1, MIN_MEMORY_MB),
+        ({"memory": {"limit": 128 << 20}}, 1, MIN_MEMORY_MB),  # min 512
+        ({"memory": {"limit": 1 << 30}}, 1, 1024 + MEMORY_OVERHEAD_MB),
+        ({"memory": {"limit": (1 << 30) + 1}}, 1, 1025 + MEMORY_OVERHEAD_MB),
+        ({"memory": {"limit": -1}}, 1, MIN_MEMORY_MB),
+        ({"memory": {"limit": 1 << 40}}, 1, 8192),  # host memory cap
+    ],
+)
 def test_vm_size(resources: dict[str, object], cpus: int, mem: int) -> None:
     assert vm_size(resources, [], host_cpus=4, host_mb=8192) == (cpus, mem)
 
@@ -176,34 +212,41 @@ def _config(bundle: Path, **process: object) -> dict[str, object]:
     return spec
 
 
-@pytest.mark.parametrize("args,env,message", [
-    (["nosuch"], ["PATH=/bin"], 'exec: "nosuch": executable file not found in $PATH'),
-    (["/bin/nosuch"], ["PATH=/bin"], 'exec: "/bin/nosuch": stat /bin/nosuch: no such file'),
-    (["/etc/passwd"], ["PATH=/bin"], 'exec: "/etc/passwd": permission denied'),
-    (["env"], ["PATH=/bin"], "executable file not found"),       # host's /usr/bin/env not seen
-    (["escape"], ["PATH=/bin"], "executable file not found"),    # ../ stays inside the rootfs
-])
-def test_missing_commands_fail_create_like_runc(bundle: Path, args: list[str], env: list[str],
-                                               message: str) -> None:
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        (["nosuch"], ["PATH=/bin"], 'exec: "nosuch": executable file not found in $PATH'),
+        (["/bin/nosuch"], ["PATH=/bin"], 'exec: "/bin/nosuch": stat /bin/nosuch: no such file'),
+        (["/etc/passwd"], ["PATH=/bin"], 'exec: "/etc/passwd": permission denied'),
+        (["env"], ["PATH=/bin"], "executable file not found"),  # host's /usr/bin/env not seen
+        (["escape"], ["PATH=/bin"], "executable file not found"),  # ../ stays inside the rootfs
+    ],
+)
+def test_missing_commands_fail_create_like_runc(
+    bundle: Path, args: list[str], env: list[str], message: str
+) -> None:
     with pytest.raises(RuntimeCliError, match=message.replace("$", r"\$")):
         translate(_config(bundle, args=args, env=env), bundle, "c", CFG)
 
 
-@pytest.mark.parametrize("args,env", [
-    (["sh", "-c", "true"], ["PATH=/usr/bin:/bin"]),
-    (["abs"], ["PATH=/bin"]),                      # absolute link resolved in the rootfs
-    (["/bin/sh"], []),
-    (["./busybox"], []),
-    (["tool"], ["PATH=/opt/tools:/bin"]),          # /opt/tools comes from a mount: unknown
-    (["whatever"], []),                            # no PATH at all: the guest decides
-])
+@pytest.mark.parametrize(
+    "args,env",
+    [
+        (["sh", "-c", "true"], ["PATH=/usr/bin:/bin"]),
+        (["abs"], ["PATH=/bin"]),  # absolute link resolved in the rootfs
+        (["/bin/sh"], []),
+        (["./busybox"], []),
+        (["tool"], ["PATH=/opt/tools:/bin"]),  # /opt/tools comes from a mount: unknown
+        (["whatever"], []),  # no PATH at all: the guest decides
+    ],
+)
 def test_commands_found_or_unknowable_pass(bundle: Path, args: list[str], env: list[str]) -> None:
     spec = _config(bundle, args=args, env=env, cwd="/bin")
     spec["mounts"] = [{"destination": "/opt/tools", "type": "tmpfs", "source": "tmpfs"}]
     plan = translate(spec, bundle, "c", CFG)
     process = plan.spec["process"]
     assert isinstance(process, dict)
-    assert process["args"] == args and process["env"] == env   # passed on unchanged
+    assert process["args"] == args and process["env"] == env  # passed on unchanged
     assert not any("command" in w or args[0] in w for w in plan.warnings)
 
 
@@ -233,32 +276,42 @@ def test_annotations_need_the_allow_list(bundle: Path) -> None:
     assert translate(spec, bundle, "c", CFG).kernel == CFG.kernel
 
 
-@pytest.mark.parametrize("data,message", [
-    ([], "expected a JSON object"),
-    ({"kernal": "6.1"}, "unknown keys"),
-    ({"enable_annotations": ["org.vmpod.nope"]}, "unknown annotation"),
-    ({"kernels": "6.1"}, "list of strings"),
-    ({"accel": "xen"}, "accel"),
-    ({"guest_runtime": "youki"}, "guest_runtime"),
-    ({"boot_timeout": 0}, "positive"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ([], "expected a JSON object"),
+        ({"kernal": "6.1"}, "unknown keys"),
+        ({"enable_annotations": ["org.vmpod.nope"]}, "unknown annotation"),
+        ({"kernels": "6.1"}, "list of strings"),
+        ({"accel": "xen"}, "accel"),
+        ({"guest_runtime": "youki"}, "guest_runtime"),
+        ({"boot_timeout": 0}, "positive"),
+    ],
+)
 def test_bad_runtime_config(data: object, message: str) -> None:
     with pytest.raises(RuntimeCliError, match=message):
         parse_config(data, "/etc/vmpod/runtime.json")
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda s: s.pop("process"), "process must be specified"),
-    (lambda s: s["process"].update(args=[]), "process.args"),
-    (lambda s: s["process"].update(cwd="tmp"), "cwd must be an absolute path"),
-    (lambda s: s["root"].update(path="nope"), r"rootfs \(.*nope\) does not exist"),
-    (lambda s: s.update(hooks={"prestart": [{"path": "relative"}]}), "absolute path"),
-    (lambda s: s.update(hooks={"prestop": []}), "unknown hook kind"),
-    (lambda s: s.update(hooks={"poststop": [{"path": "/x", "timeout": 0}]}), "timeout"),
-    (lambda s: s.update(mounts=[{"destination": "/etc/x", "type": "bind",
-                                 "source": "/nonexistent/file"}]), "mount source"),
-    (lambda s: s.update(annotations={"a": 1}), "annotations"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda s: s.pop("process"), "process must be specified"),
+        (lambda s: s["process"].update(args=[]), "process.args"),
+        (lambda s: s["process"].update(cwd="tmp"), "cwd must be an absolute path"),
+        (lambda s: s["root"].update(path="nope"), r"rootfs \(.*nope\) does not exist"),
+        (lambda s: s.update(hooks={"prestart": [{"path": "relative"}]}), "absolute path"),
+        (lambda s: s.update(hooks={"prestop": []}), "unknown hook kind"),
+        (lambda s: s.update(hooks={"poststop": [{"path": "/x", "timeout": 0}]}), "timeout"),
+        (
+            lambda s: s.update(
+                mounts=[{"destination": "/etc/x", "type": "bind", "source": "/nonexistent/file"}]
+            ),
+            "mount source",
+        ),
+        (lambda s: s.update(annotations={"a": 1}), "annotations"),
+    ],
+)
 def test_invalid_configs_are_refused(bundle: Path, mutate: object, message: str) -> None:
     spec = _spec(bundle)
     mutate(spec)  # type: ignore[operator]
@@ -286,6 +339,6 @@ def test_too_many_file_bytes_are_refused(bundle: Path) -> None:
     spec["mounts"] = [{"destination": "/big", "type": "bind", "source": str(big)}]
     with pytest.raises(RuntimeCliError, match="exceed 256 KiB"):
         translate(spec, bundle, "c", CFG)
-    big.write_bytes(b"x" * (60 * 1024))     # fits the limit but not one agent frame
+    big.write_bytes(b"x" * (60 * 1024))  # fits the limit but not one agent frame
     with pytest.raises(RuntimeCliError, match="too large for the agent channel"):
         translate(spec, bundle, "c", CFG)

@@ -1,5 +1,6 @@
 """The monitor process itself (forked, as `create` does): it detaches, serves the
 session, and exits with its container's status — re-raising a fatal signal."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ from vmpod.runtime.monitor import monitor_main
 
 def fork_monitor(m: Monitor) -> int:
     pid = os.fork()
-    if pid == 0:     # the monitor never returns
+    if pid == 0:  # the monitor never returns
         monitor_main(m.args, keep=())
     os.close(m.ready_w)
     return pid
@@ -51,6 +52,7 @@ def test_a_container_killed_by_a_signal_kills_its_monitor_the_same_way(tmp_path:
 
 def test_a_monitor_that_cannot_boot_reports_and_exits_255(tmp_path: Path) -> None:
     from tests.fixtures.fakevm import FakeVm
+
     with registered():
         FakeVm.die_on_launch = 1
         m = Monitor(tmp_path, ["true"])

@@ -1,6 +1,7 @@
 """The runtime's monitor session without a VM: the control server, start, kill,
 pause/resume/ps, exec with passed fds and with a console socket, destroy — over
 the real monitor socket, with the fake hypervisor and the real agent."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,24 +35,39 @@ class Monitor:
         self.tmp = tmp
         self.store = Store(str(tmp / "state"))
         rootfs = fake_rootfs(tmp)
-        self.store.begin(ContainerState(id="c1", bundle=str(tmp), rootfs=str(rootfs),
-                                        created=now_rfc3339()))
+        self.store.begin(ContainerState(id="c1", bundle=str(tmp), rootfs=str(rootfs), created=now_rfc3339()))
         self.console = tmp / "console.sock"
         self.console_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.console_listener.bind(str(self.console))
         self.console_listener.listen(4)
-        plan = Plan(spec={"ociVersion": "1.0.2", "root": {"path": "rootfs"},
-                          "process": {"args": args, "cwd": "/", "terminal": terminal,
-                                      "env": ["PATH=/usr/bin:/bin"]}},
-                    rootfs=rootfs, files={}, cpus=1, memory_mb=512, kernel="6.1",
-                    terminal=terminal, hooks={}, annotations={})
+        plan = Plan(
+            spec={
+                "ociVersion": "1.0.2",
+                "root": {"path": "rootfs"},
+                "process": {"args": args, "cwd": "/", "terminal": terminal, "env": ["PATH=/usr/bin:/bin"]},
+            },
+            rootfs=rootfs,
+            files={},
+            cpus=1,
+            memory_mb=512,
+            kernel="6.1",
+            terminal=terminal,
+            hooks={},
+            annotations={},
+        )
         paths = Paths(home=tmp / "home", run=tmp / "run")
         r, self.ready_w = os.pipe()
         self.ready_r = os.fdopen(r, "rb")
-        self.args = MonitorArgs(store_root=str(self.store.root), cid="c1", plan=plan,
-                                sandbox=with_rootfs(fake_config(paths.home), rootfs),
-                                guest_runtime="runc", console_socket=str(self.console),
-                                paths=paths, ready_fd=self.ready_w)
+        self.args = MonitorArgs(
+            store_root=str(self.store.root),
+            cid="c1",
+            plan=plan,
+            sandbox=with_rootfs(fake_config(paths.home), rootfs),
+            guest_runtime="runc",
+            console_socket=str(self.console),
+            paths=paths,
+            ready_fd=self.ready_w,
+        )
         self.status: int | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -93,6 +109,7 @@ def monitor(tmp_path: Path) -> Iterator[Callable[..., Monitor]]:
         m = Monitor(tmp_path, list(args), terminal=terminal)
         made.append(m)
         return m
+
     with registered():
         yield make
     for m in made:
@@ -136,8 +153,9 @@ def test_lifecycle_over_the_control_socket(monitor: Callable[..., Monitor]) -> N
     m.request(op="runtime", command="resume", args=[], resources={})
     with pytest.raises(RuntimeCliError, match="invalid runtime request"):
         m.request(op="runtime", command="checkpoint", args=[], resources={})
-    assert json.loads(str(m.request(op="runtime", command="ps", args=["--format", "json"],
-                                    resources={})["stdout"]))
+    assert json.loads(
+        str(m.request(op="runtime", command="ps", args=["--format", "json"], resources={})["stdout"])
+    )
     with pytest.raises(RuntimeCliError, match="invalid signal"):
         m.request(op="kill", signal=99)
     m.request(op="kill", signal=signal.SIGTERM)
@@ -166,8 +184,7 @@ def test_exec_with_passed_fds(monitor: Callable[..., Monitor]) -> None:
     err_r, err_w = os.pipe()
     null = os.open(os.devnull, os.O_RDONLY)
     client = ipc.Client(m.store.dir("c1") / "monitor.sock", 20)
-    process = {"args": ["sh", "-c", "echo o; echo e >&2; exit 5"], "cwd": "/",
-               "env": ["PATH=/bin:/usr/bin"]}
+    process = {"args": ["sh", "-c", "echo o; echo e >&2; exit 5"], "cwd": "/", "env": ["PATH=/bin:/usr/bin"]}
     assert client.request({"op": "exec", "process": process}, [null, out_w, err_w])["ok"]
     for fd in (null, out_w, err_w):
         os.close(fd)
@@ -191,14 +208,18 @@ def test_exec_with_a_console_socket_and_a_vanishing_caller(monitor: Callable[...
     m.request(op="created")
     m.request(op="start")
     client = ipc.Client(m.store.dir("c1") / "monitor.sock", 20)
-    process = {"args": ["sh", "-c", "echo ready; exec sleep 30"], "cwd": "/", "terminal": True,
-               "env": ["PATH=/bin:/usr/bin"]}
+    process = {
+        "args": ["sh", "-c", "echo ready; exec sleep 30"],
+        "cwd": "/",
+        "terminal": True,
+        "env": ["PATH=/bin:/usr/bin"],
+    }
     client.send({"op": "exec", "process": process, "console_socket": str(m.console)})
     master = m.console_master()
     assert client.recv()["ok"]
     assert b"ready" in read_until(master, b"ready")
     client.send({"op": "resize", "rows": 30, "cols": 100})
-    client.close()            # the caller went away: its process is killed
+    client.close()  # the caller went away: its process is killed
     os.close(master)
     m.request(op="destroy")
     assert m.wait() == 128 + signal.SIGKILL
@@ -206,6 +227,7 @@ def test_exec_with_a_console_socket_and_a_vanishing_caller(monitor: Callable[...
 
 def test_a_failed_boot_is_reported_to_create(monitor: Callable[..., Monitor]) -> None:
     from tests.fixtures.fakevm import FakeVm
+
     FakeVm.die_on_launch = 3
     m = monitor("true")
     ready = m.start()
@@ -215,6 +237,7 @@ def test_a_failed_boot_is_reported_to_create(monitor: Callable[..., Monitor]) ->
 
 def test_a_lost_vm_ends_the_container_as_if_killed(monitor: Callable[..., Monitor]) -> None:
     from tests.fixtures.fakevm import FakeVm
+
     m = monitor("sleep", "30", terminal=True)
     m.start()
     os.close(m.console_master())

@@ -1,4 +1,5 @@
 """vmpod-runtime without VMs: state store, locks, hooks, monitor IPC, the CLI's errors."""
+
 from __future__ import annotations
 
 import asyncio
@@ -36,6 +37,7 @@ def _state(cid: str = "c1", **kw: object) -> ContainerState:
 
 # -- ids, signals, sizes -------------------------------------------------------
 
+
 @pytest.mark.parametrize("cid", ["c1", "a" * 128, "x_y.z-1", "0abc"])
 def test_good_ids(cid: str) -> None:
     assert check_id(cid) == cid
@@ -47,8 +49,9 @@ def test_bad_ids(cid: str) -> None:
         check_id(cid)
 
 
-@pytest.mark.parametrize("raw,num", [("KILL", 9), ("SIGKILL", 9), ("kill", 9), ("9", 9),
-                                     ("TERM", 15), ("sigusr1", 10), ("64", 64)])
+@pytest.mark.parametrize(
+    "raw,num", [("KILL", 9), ("SIGKILL", 9), ("kill", 9), ("9", 9), ("TERM", 15), ("sigusr1", 10), ("64", 64)]
+)
 def test_parse_signal(raw: str, num: int) -> None:
     assert parse_signal(raw) == num
 
@@ -59,13 +62,15 @@ def test_parse_signal_refuses(raw: str) -> None:
         parse_signal(raw)
 
 
-@pytest.mark.parametrize("raw,num", [("1024", 1024), ("512m", 512 << 20), ("1g", 1 << 30),
-                                     ("2k", 2048), ("-1", -1)])
+@pytest.mark.parametrize(
+    "raw,num", [("1024", 1024), ("512m", 512 << 20), ("1g", 1 << 30), ("2k", 2048), ("-1", -1)]
+)
 def test_parse_bytes(raw: str, num: int) -> None:
     assert parse_bytes(raw) == num
 
 
 # -- the store -----------------------------------------------------------------
+
 
 def test_begin_is_atomic_and_refuses_duplicates(tmp_path: Path) -> None:
     store = Store(tmp_path)
@@ -75,13 +80,13 @@ def test_begin_is_atomic_and_refuses_duplicates(tmp_path: Path) -> None:
         assert store.ids() == ["c1"]
         with pytest.raises(RuntimeCliError, match="already exists"):
             store.begin(_state())
-        assert [p.name for p in tmp_path.iterdir()] == ["c1"]   # no temp dir left
-        assert store.monitor_alive("c1")           # we hold monitor.lock
+        assert [p.name for p in tmp_path.iterdir()] == ["c1"]  # no temp dir left
+        assert store.monitor_alive("c1")  # we hold monitor.lock
     finally:
         os.close(lock)
         os.close(mon)
     assert not store.monitor_alive("c1")
-    assert store.status(store.load("c1")) == STOPPED   # "creating" with no monitor
+    assert store.status(store.load("c1")) == STOPPED  # "creating" with no monitor
     store.remove("c1")
     with pytest.raises(NotFound):
         store.load("c1")
@@ -106,7 +111,7 @@ def test_a_monitor_killed_with_sigkill_reads_as_stopped(tmp_path: Path) -> None:
     store = Store(tmp_path)
     _, lock, mon = store.begin(_state())
     child = os.fork()
-    if child == 0:   # keeps monitor.lock like the real monitor, then is killed
+    if child == 0:  # keeps monitor.lock like the real monitor, then is killed
         os.close(lock)
         time.sleep(60)
         os._exit(0)
@@ -136,12 +141,14 @@ def test_mutation_lock_times_out_while_held(tmp_path: Path) -> None:
 
 
 def test_from_json_ignores_unknown_fields() -> None:
-    st = ContainerState.from_json({"id": "a", "bundle": "b", "rootfs": "r", "created": "c",
-                                   "future_field": 1, "status": CREATED})
+    st = ContainerState.from_json(
+        {"id": "a", "bundle": "b", "rootfs": "r", "created": "c", "future_field": 1, "status": CREATED}
+    )
     assert st.status == CREATED
 
 
 # -- hooks ---------------------------------------------------------------------
+
 
 def _hook(tmp_path: Path, body: str, **kw: object) -> dict[str, object]:
     script = tmp_path / f"hook{len(list(tmp_path.iterdir()))}.sh"
@@ -152,15 +159,19 @@ def _hook(tmp_path: Path, body: str, **kw: object) -> dict[str, object]:
 
 def test_hooks_get_the_state_on_stdin_args_and_env(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    hook = _hook(tmp_path, f'echo "$0 $1 $FOO" >> {out}; cat >> {out}; echo >> {out}\n',
-                 args=["name0", "arg1"], env=["FOO=bar"])
+    hook = _hook(
+        tmp_path,
+        f'echo "$0 $1 $FOO" >> {out}; cat >> {out}; echo >> {out}\n',
+        args=["name0", "arg1"],
+        env=["FOO=bar"],
+    )
     state = _state().oci(CREATED)
     run_hooks({"prestart": [hook, hook]}, "prestart", state)
     lines = out.read_text().splitlines()
     # ($0 is the script: the kernel's #! handling drops args[0])
     assert lines[0].endswith(" arg1 bar") and json.loads(lines[1]) == state
     assert lines[2] == lines[0]
-    run_hooks({"prestart": [hook]}, "poststop", state)    # other kinds do not run
+    run_hooks({"prestart": [hook]}, "poststop", state)  # other kinds do not run
     assert len(out.read_text().splitlines()) == 4
 
 
@@ -177,11 +188,12 @@ def test_failing_and_slow_hooks(tmp_path: Path) -> None:
         run_hooks({"prestart": [{"path": "/nonexistent/hook"}]}, "prestart", {})
     marker = tmp_path / "ran"
     later = _hook(tmp_path, f"touch {marker}\n")
-    run_hooks_warn({"poststop": [bad, later]}, "poststop", {})   # warns, runs the rest
+    run_hooks_warn({"poststop": [bad, later]}, "poststop", {})  # warns, runs the rest
     assert marker.exists()
 
 
 # -- monitor IPC ----------------------------------------------------------------
+
 
 def test_ipc_round_trip_with_fds_over_a_long_path(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 60) / ("e" * 60)
@@ -203,7 +215,7 @@ def test_ipc_round_trip_with_fds_over_a_long_path(tmp_path: Path) -> None:
         os.write(fds[0], b"via fd")
         os.close(fds[0])
         await conn.send({"ok": True, "echo": msg["op"]})
-        assert await conn.recv() is None   # client closed
+        assert await conn.recv() is None  # client closed
         conn.close()
         return msg
 
@@ -246,18 +258,30 @@ def test_ipc_refusals_and_oversized_messages(tmp_path: Path) -> None:
 
 # -- the CLI, no VM needed -------------------------------------------------------
 
-def rt(root: Path, *args: str, log: Path | None = None, cwd: Path | None = None,
-       stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+
+def rt(
+    root: Path, *args: str, log: Path | None = None, cwd: Path | None = None, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
     glob = ["--root", str(root)] + (["--log", str(log), "--log-format", "json"] if log else [])
-    return subprocess.run([*RUNTIME, *glob, *args], capture_output=True, timeout=60, cwd=cwd,
-                          input=stdin)
+    return subprocess.run([*RUNTIME, *glob, *args], capture_output=True, timeout=60, cwd=cwd, input=stdin)
 
 
-@pytest.mark.parametrize("args", [["state", "nope"], ["start", "nope"], ["kill", "nope"],
-                                  ["kill", "nope", "KILL"], ["delete", "nope"],
-                                  ["pause", "nope"], ["resume", "nope"], ["ps", "nope"],
-                                  ["exec", "nope", "true"], ["events", "--stats", "nope"],
-                                  ["update", "--pids-limit", "10", "nope"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["state", "nope"],
+        ["start", "nope"],
+        ["kill", "nope"],
+        ["kill", "nope", "KILL"],
+        ["delete", "nope"],
+        ["pause", "nope"],
+        ["resume", "nope"],
+        ["ps", "nope"],
+        ["exec", "nope", "true"],
+        ["events", "--stats", "nope"],
+        ["update", "--pids-limit", "10", "nope"],
+    ],
+)
 def test_unknown_container(tmp_path: Path, args: list[str]) -> None:
     res = rt(tmp_path, *args)
     assert res.returncode == 1
@@ -271,7 +295,7 @@ def test_errors_are_logged_as_json_lines(tmp_path: Path) -> None:
     entry = json.loads(log.read_text().splitlines()[-1])
     assert entry["level"] == "error" and entry["msg"] == "container does not exist"
     assert entry["time"].endswith("Z")
-    res = rt(tmp_path / "root", "state", "nope")    # no --log: logrus text on stderr
+    res = rt(tmp_path / "root", "state", "nope")  # no --log: logrus text on stderr
     assert b'level=error msg="container does not exist"' in res.stderr
 
 
@@ -279,11 +303,14 @@ def test_delete_force_of_unknown_succeeds(tmp_path: Path) -> None:
     assert rt(tmp_path, "delete", "--force", "nope").returncode == 0
 
 
-@pytest.mark.parametrize("config,message", [
-    (None, b"config.json: no such file"),
-    ("{", b"invalid JSON"),
-    ('{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}', b"process must be specified"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (None, b"config.json: no such file"),
+        ("{", b"invalid JSON"),
+        ('{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}', b"process must be specified"),
+    ],
+)
 def test_create_with_a_bad_bundle(tmp_path: Path, config: str | None, message: bytes) -> None:
     bundle = tmp_path / "bundle"
     (bundle / "rootfs").mkdir(parents=True)
@@ -313,7 +340,7 @@ def test_stopped_container_refuses_start_kill_exec(tmp_path: Path) -> None:
     store = Store(tmp_path)
     _, lock, mon = store.begin(_state("dead"))
     os.close(lock)
-    os.close(mon)          # no monitor: the container reads as stopped
+    os.close(mon)  # no monitor: the container reads as stopped
     res = rt(tmp_path, "state", "dead")
     assert json.loads(res.stdout)["status"] == "stopped"
     assert b"cannot start a container that has stopped" in rt(tmp_path, "start", "dead").stderr
@@ -338,6 +365,7 @@ def test_list_features_spec(tmp_path: Path) -> None:
 
 def test_runtime_made_disks_go_with_their_last_user(tmp_path: Path) -> None:
     from vmpod.runtime.lifecycle import disk_marker, drop_disk
+
     store = Store(tmp_path / "root")
     disk = tmp_path / "d.erofs"
     disk.write_bytes(b"x")
@@ -346,13 +374,13 @@ def test_runtime_made_disks_go_with_their_last_user(tmp_path: Path) -> None:
         os.close(lock)
         os.close(mon)
     drop_disk(store, store.load("a"))
-    assert disk.exists()                       # not made by the runtime: a plain cache entry
+    assert disk.exists()  # not made by the runtime: a plain cache entry
     disk_marker(disk).touch()
     drop_disk(store, store.load("a"))
-    assert disk.exists()                       # "b" still uses it
+    assert disk.exists()  # "b" still uses it
     store.remove("a")
     with store.disks_lock():
         drop_disk(store, store.load("b"), mine=False)
-    assert disk.exists()                       # a same-id container counts as a user
+    assert disk.exists()  # a same-id container counts as a user
     drop_disk(store, store.load("b"))
     assert not disk.exists() and not disk_marker(disk).exists()

@@ -1,5 +1,6 @@
 """The sandbox core without a VM: a fake hypervisor and the real agent server
 (in a thread, over the channel socket) with a fake OCI runtime on the host."""
+
 from __future__ import annotations
 
 import asyncio
@@ -47,10 +48,21 @@ def sandbox(paths: Paths, rootfs: Path, **changes: object) -> Sandbox:
 
 
 def spec(cid: str, rootfs: Path, *args: str, tty: bool = False) -> ContainerSpec:
-    return ContainerSpec(id=cid, rootfs=rootfs, oci={
-        "ociVersion": "1.0.2", "root": {"path": "rootfs"},
-        "process": {"args": list(args), "cwd": "/", "terminal": tty,
-                    "env": ["PATH=/usr/bin:/bin"], "user": {"uid": 0, "gid": 0}}})
+    return ContainerSpec(
+        id=cid,
+        rootfs=rootfs,
+        oci={
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "process": {
+                "args": list(args),
+                "cwd": "/",
+                "terminal": tty,
+                "env": ["PATH=/usr/bin:/bin"],
+                "user": {"uid": 0, "gid": 0},
+            },
+        },
+    )
 
 
 def collect() -> tuple[Output, bytearray, bytearray]:
@@ -71,6 +83,7 @@ def test_a_container_runs_and_its_status_and_output_come_back(paths: Paths, root
             assert c.state is ContainerState.STOPPED and (await c.wait()).status == 3
             assert c.exit == ex
         assert sb.state is SandboxState.STOPPED and not sb.state_dir.exists()
+
     run(scenario())
 
 
@@ -87,6 +100,7 @@ def test_two_containers_share_one_sandbox(paths: Paths, rootfs: Path) -> None:
             await a.kill(signal.SIGTERM)
             assert (await pa.wait()).status == 128 + signal.SIGTERM
             assert set(sb.containers) == {"a", "b"}
+
     run(scenario())
 
 
@@ -97,16 +111,20 @@ def test_stdin_exec_and_queries(paths: Paths, rootfs: Path) -> None:
             output, out, _ = collect()
             proc = await c.start(output, stdin=True, wait_started=True)
             ex_out, eo, _ = collect()
-            ex = await c.exec({"args": ["sh", "-c", "echo exec $X"], "env": ["X=1", "PATH=/bin"],
-                               "cwd": "/"}, ex_out, stdin=False)
+            ex = await c.exec(
+                {"args": ["sh", "-c", "echo exec $X"], "env": ["X=1", "PATH=/bin"], "cwd": "/"},
+                ex_out,
+                stdin=False,
+            )
             assert c.execs == (ex,)
             assert (await ex.wait()).status == 0 and bytes(eo) == b"exec 1\n"
             assert c.execs == ()
             pids = json.loads(await c.query("ps", ["--format", "json"]))
             assert len(pids) == 1 and isinstance(pids[0], int)
-            stats = await c.stats()     # (real figures are checked in a VM: the host is cgroup v1+v2)
-            assert all(isinstance(v, int) and v >= 0 for v in
-                       (stats.pids, stats.memory_bytes, stats.cpu_usage_usec))
+            stats = await c.stats()  # (real figures are checked in a VM: the host is cgroup v1+v2)
+            assert all(
+                isinstance(v, int) and v >= 0 for v in (stats.pids, stats.memory_bytes, stats.cpu_usage_usec)
+            )
             await c.pause()
             assert c.state is ContainerState.PAUSED
             with pytest.raises(StateError, match="c is paused"):
@@ -117,6 +135,7 @@ def test_stdin_exec_and_queries(paths: Paths, rootfs: Path) -> None:
             assert (await proc.wait()).status == 0 and bytes(out) == b"hello\n"
             with pytest.raises(SandboxError, match="unsupported runtime query"):
                 await c.query("checkpoint", [])
+
     run(scenario())
 
 
@@ -124,13 +143,14 @@ def test_kill_before_start_ends_the_container(paths: Paths, rootfs: Path) -> Non
     async def scenario() -> None:
         async with sandbox(paths, rootfs) as sb:
             c = await sb.create_container(spec("c", rootfs, "true"))
-            await c.kill(signal.SIGWINCH)           # not fatal: nothing happens
+            await c.kill(signal.SIGWINCH)  # not fatal: nothing happens
             assert c.state is ContainerState.CREATED
             await c.kill(signal.SIGKILL)
             assert c.state is ContainerState.STOPPED
             assert (await c.wait()).status == 128 + signal.SIGKILL
             with pytest.raises(StateError, match="cannot start the container: container c is stopped"):
                 await c.start(collect()[0], stdin=False)
+
     run(scenario())
 
 
@@ -151,9 +171,10 @@ def test_illegal_states_are_refused_with_the_state_named(paths: Paths, rootfs: P
                 await c.pause()
             with pytest.raises(StateError, match="cannot wait"):
                 await c.wait()
-        await sb.stop()          # idempotent
+        await sb.stop()  # idempotent
         await sb.kill()
         assert c.state is ContainerState.STOPPED
+
     run(scenario())
 
 
@@ -166,6 +187,7 @@ def test_a_crashed_vm_is_explained_to_waiters(paths: Paths, rootfs: Path) -> Non
             with pytest.raises(HypervisorError, match="stopped unexpectedly .QEMU killed by SIGKILL"):
                 await proc.wait()
             assert not sb.alive
+
     run(scenario())
 
 
@@ -186,6 +208,7 @@ def test_boot_failures(paths: Paths, rootfs: Path) -> None:
 def test_kernel_modules_and_guest_facts(paths: Paths, rootfs: Path, tmp_path: Path) -> None:
     ko = tmp_path / "m.ko"
     ko.write_bytes(b"\0")
+
     async def scenario() -> None:
         async with sandbox(paths, rootfs, modules=(ModuleLoad("m", ko, ()),)) as sb:
             info = await sb.guest_info()
@@ -193,9 +216,10 @@ def test_kernel_modules_and_guest_facts(paths: Paths, rootfs: Path, tmp_path: Pa
             log = await sb.kernel_log()
             assert log.last_seq >= -1
             with pytest.raises(SandboxError, match="loading kernel module m failed"):
-                await sb.load_modules()      # (no insmod of a real module on the host)
+                await sb.load_modules()  # (no insmod of a real module on the host)
             res = await sb.unload_module("surely_not_loaded")
             assert res.status != 0
+
     run(scenario())
 
 
@@ -208,11 +232,14 @@ def test_kill_is_hard_and_leaves_nothing(paths: Paths, rootfs: Path) -> None:
         await sb.kill()
         assert sb.state is SandboxState.STOPPED and not sb.state_dir.exists()
         assert c.state is ContainerState.STOPPED
+
     run(scenario())
 
 
 def test_rootfs_serials() -> None:
     assert [rootfs_serial(i) for i in range(3)] == ["ctr-rootfs", "ctr-rootfs-1", "ctr-rootfs-2"]
     cfg = with_rootfs(fake_config(Path("/x")), Path("/a"), Path("/b"), Path("/a"))
-    assert [(d.path, d.serial) for d in cfg.disks] == [(Path("/a"), "ctr-rootfs"),
-                                                       (Path("/b"), "ctr-rootfs-1")]
+    assert [(d.path, d.serial) for d in cfg.disks] == [
+        (Path("/a"), "ctr-rootfs"),
+        (Path("/b"), "ctr-rootfs-1"),
+    ]

@@ -1,4 +1,5 @@
 """The OCI runtime config built from an image config and the user's options."""
+
 from __future__ import annotations
 
 import json
@@ -24,17 +25,20 @@ SH = ImageConfig(entrypoint=("/bin/sh", "-c"), cmd=("echo hi",))
 
 # -- command ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("image,args,expected", [
-    (SH, (), ("/bin/sh", "-c", "echo hi")),                     # entrypoint + cmd
-    (SH, ("ls -l",), ("/bin/sh", "-c", "ls -l")),               # args replace cmd
-    (ImageConfig(cmd=("nginx", "-g", "daemon off;")), (), ("nginx", "-g", "daemon off;")),
-    (ImageConfig(cmd=("nginx",)), ("sh", "-x"), ("sh", "-x")),
-    (ImageConfig(entrypoint=("/entry",)), (), ("/entry",)),
-    (ImageConfig(entrypoint=("/entry",)), ("a", "b"), ("/entry", "a", "b")),
-    (ImageConfig(), ("true",), ("true",)),
-])
-def test_command_precedence(image: ImageConfig, args: tuple[str, ...],
-                            expected: tuple[str, ...]) -> None:
+
+@pytest.mark.parametrize(
+    "image,args,expected",
+    [
+        (SH, (), ("/bin/sh", "-c", "echo hi")),  # entrypoint + cmd
+        (SH, ("ls -l",), ("/bin/sh", "-c", "ls -l")),  # args replace cmd
+        (ImageConfig(cmd=("nginx", "-g", "daemon off;")), (), ("nginx", "-g", "daemon off;")),
+        (ImageConfig(cmd=("nginx",)), ("sh", "-x"), ("sh", "-x")),
+        (ImageConfig(entrypoint=("/entry",)), (), ("/entry",)),
+        (ImageConfig(entrypoint=("/entry",)), ("a", "b"), ("/entry", "a", "b")),
+        (ImageConfig(), ("true",), ("true",)),
+    ],
+)
+def test_command_precedence(image: ImageConfig, args: tuple[str, ...], expected: tuple[str, ...]) -> None:
     assert command(image, args) == expected
 
 
@@ -46,9 +50,9 @@ def test_no_command_anywhere() -> None:
 
 # -- environment --------------------------------------------------------------------
 
+
 def test_env_defaults() -> None:
-    assert merge_env(ImageConfig(), (), tty=False, hostname="box") == [
-        DEFAULT_PATH, "HOSTNAME=box"]
+    assert merge_env(ImageConfig(), (), tty=False, hostname="box") == [DEFAULT_PATH, "HOSTNAME=box"]
     assert DEFAULT_PATH.startswith("PATH=/usr/local/sbin:")
 
 
@@ -56,8 +60,7 @@ def test_image_env_then_user_overrides() -> None:
     image = ImageConfig(env=("PATH=/opt/bin:/bin", "LANG=C.UTF-8", "A=image"))
     env = merge_env(image, ("A=cli", "B=x=y", "EMPTY="), tty=False, hostname="h")
     # overriding keeps the variable's first position
-    assert env == ["PATH=/opt/bin:/bin", "HOSTNAME=h", "LANG=C.UTF-8", "A=cli", "B=x=y",
-                   "EMPTY="]
+    assert env == ["PATH=/opt/bin:/bin", "HOSTNAME=h", "LANG=C.UTF-8", "A=cli", "B=x=y", "EMPTY="]
 
 
 def test_user_may_override_hostname_and_path() -> None:
@@ -67,8 +70,7 @@ def test_user_may_override_hostname_and_path() -> None:
 
 def test_tty_sets_term() -> None:
     assert "TERM=xterm" in merge_env(ImageConfig(), (), tty=True, hostname="h")
-    assert not any(e.startswith("TERM=")
-                   for e in merge_env(ImageConfig(), (), tty=False, hostname="h"))
+    assert not any(e.startswith("TERM=") for e in merge_env(ImageConfig(), (), tty=False, hostname="h"))
     env = merge_env(ImageConfig(), ("TERM=dumb",), tty=True, hostname="h")
     assert [e for e in env if e.startswith("TERM=")] == ["TERM=dumb"]
 
@@ -92,9 +94,10 @@ def test_invalid_image_env_item() -> None:
 
 # -- build_spec -----------------------------------------------------------------------
 
+
 def test_full_spec_defaults() -> None:
     spec = build_spec(SH, ProcessOptions())
-    json.dumps(spec)                               # plain JSON for the agent
+    json.dumps(spec)  # plain JSON for the agent
     assert spec["ociVersion"] == "1.0.2"
     assert spec["hostname"] == "vmpod"
     proc = spec["process"]
@@ -127,8 +130,9 @@ def test_full_spec_defaults() -> None:
 
 
 def test_options_flow_into_spec() -> None:
-    opts = ProcessOptions(args=("id",), env=("X=1",), workdir="/srv", tty=True,
-                          hostname="web1", read_only=True, nofile=65536)
+    opts = ProcessOptions(
+        args=("id",), env=("X=1",), workdir="/srv", tty=True, hostname="web1", read_only=True, nofile=65536
+    )
     spec = build_spec(ImageConfig(cmd=("sleep", "1"), working_dir="/app"), opts)
     proc = spec["process"]
     assert isinstance(proc, dict)
@@ -146,12 +150,10 @@ def test_image_workdir_used_when_no_option() -> None:
     assert spec["process"]["cwd"] == "/app"  # type: ignore[index]
 
 
-@pytest.mark.parametrize("image_wd,opt_wd", [("", "app"), ("app", ""), ("/ok", "./x"),
-                                             ("", "~/x")])
+@pytest.mark.parametrize("image_wd,opt_wd", [("", "app"), ("app", ""), ("/ok", "./x"), ("", "~/x")])
 def test_relative_workdir_is_config_error(image_wd: str, opt_wd: str) -> None:
     with pytest.raises(ConfigError, match="not absolute"):
-        build_spec(ImageConfig(cmd=("true",), working_dir=image_wd),
-                   ProcessOptions(workdir=opt_wd))
+        build_spec(ImageConfig(cmd=("true",), working_dir=image_wd), ProcessOptions(workdir=opt_wd))
 
 
 def test_spec_without_command_is_config_error() -> None:

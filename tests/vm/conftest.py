@@ -25,6 +25,7 @@ In the spirit of Firecracker's test framework:
   those of sandboxes still running) are added to its report; a passing test's
   directory is removed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,12 +52,12 @@ from vmpod.paths import Paths, default_paths
 REPO = Path(__file__).resolve().parents[2]
 VMPOD = [sys.executable, "-m", "vmpod.cli"]
 
-KEEP_LOGS = "VMPOD_KEEP_LOGS"            # env: where a stopping sandbox copies its logs
+KEEP_LOGS = "VMPOD_KEEP_LOGS"  # env: where a stopping sandbox copies its logs
 SANDBOX_LOGS = ("console.log", "qemu.log")
-SEEDED = ("kernels", "guest")            # cache dirs the test home gets from the normal one
+SEEDED = ("kernels", "guest")  # cache dirs the test home gets from the normal one
 UNSHARED_DIRS = "guest/tree-*/opt/vmpod"  # rewritten for a new guest image: copied, not linked
-KERNELS = (DEFAULT_KERNEL, "6.12")       # the guest_kernel dimension
-GUEST_RUNTIMES = ("runc", "crun")        # the guest_runtime dimension
+KERNELS = (DEFAULT_KERNEL, "6.12")  # the guest_kernel dimension
+GUEST_RUNTIMES = ("runc", "crun")  # the guest_runtime dimension
 TAIL_LINES = 40
 
 
@@ -69,11 +70,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _require_root() -> None:
     if os.geteuid() != 0:
-        pytest.fail("VM tests need root (guest asset builds use mknod/chroot); "
-                    "run ./scripts/test.sh with sudo")
+        pytest.fail(
+            "VM tests need root (guest asset builds use mknod/chroot); run ./scripts/test.sh with sudo"
+        )
 
 
 # -- the session's own cache home and run dir ---------------------------------------
+
 
 @contextlib.contextmanager
 def _cache_lock(cache: Path) -> Iterator[None]:
@@ -110,8 +113,7 @@ def seed_home(cache: Path, home: Path) -> list[str]:
     how = "--link" if cache.stat().st_dev == home.stat().st_dev else "--reflink=auto"
     with _cache_lock(cache):
         for name in names:
-            subprocess.run(["cp", "-a", how, "--", str(cache / name), str(home / name)],
-                           check=True)
+            subprocess.run(["cp", "-a", how, "--", str(cache / name), str(home / name)], check=True)
         for agent in home.glob(UNSHARED_DIRS):
             shutil.rmtree(agent)
             shutil.copytree(cache / agent.relative_to(home), agent, symlinks=True)
@@ -146,6 +148,7 @@ def busybox(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # -- dimensions ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class GuestKernel:
     """One value of the kernel dimension: the name `vmpod run --kernel` takes and the
@@ -161,8 +164,7 @@ class GuestKernel:
 
 
 @pytest.fixture(scope="session", params=KERNELS)
-def guest_kernel(request: pytest.FixtureRequest, paths: Paths,
-                 assets: GuestAssets) -> GuestKernel:
+def guest_kernel(request: pytest.FixtureRequest, paths: Paths, assets: GuestAssets) -> GuestKernel:
     name = str(request.param)
     return GuestKernel(name, assets if name == DEFAULT_KERNEL else ensure_assets(paths, name))
 
@@ -174,6 +176,7 @@ def guest_runtime(request: pytest.FixtureRequest) -> str:
 
 
 # -- processes, mounts, leftovers -----------------------------------------------------
+
 
 def pids_where(match: Callable[[list[str]], bool]) -> list[int]:
     """Pids of other processes whose argv satisfies ``match``."""
@@ -240,6 +243,7 @@ def _wait_gone(find: Callable[[], list[int]], timeout: float = 10) -> list[int]:
 
 # -- running the CLI --------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Result:
     returncode: int
@@ -262,23 +266,30 @@ class VmpodRunner:
     ``--kernel 6.12``); ``env`` is added to every call's environment.
     """
 
-    def __init__(self, paths: Paths, *, run_args: tuple[str, ...] = (),
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, paths: Paths, *, run_args: tuple[str, ...] = (), env: Mapping[str, str] | None = None
+    ) -> None:
         self.paths = paths
         self.run_args = run_args
-        self.env = {**os.environ, "VMPOD_HOME": str(paths.home), "VMPOD_RUN": str(paths.run),
-                    **(env or {})}
+        self.env = {**os.environ, "VMPOD_HOME": str(paths.home), "VMPOD_RUN": str(paths.run), **(env or {})}
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def __call__(self, *args: str, input: bytes | None = None, timeout: float = 180,
-                 env: dict[str, str] | None = None) -> Result:
-        proc = subprocess.run([*VMPOD, *args], input=input, capture_output=True,
-                              timeout=timeout, env={**self.env, **(env or {})},
-                              stdin=None if input is not None else subprocess.DEVNULL)
+    def __call__(
+        self, *args: str, input: bytes | None = None, timeout: float = 180, env: dict[str, str] | None = None
+    ) -> Result:
+        proc = subprocess.run(
+            [*VMPOD, *args],
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+            env={**self.env, **(env or {})},
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
-    def run(self, *args: str, input: bytes | None = None, timeout: float = 180,
-            env: dict[str, str] | None = None) -> Result:
+    def run(
+        self, *args: str, input: bytes | None = None, timeout: float = 180, env: dict[str, str] | None = None
+    ) -> Result:
         """``vmpod run`` with this runner's dimensions, then ``args``."""
         return self("run", *self.run_args, *args, input=input, timeout=timeout, env=env)
 
@@ -294,12 +305,12 @@ class VmpodRunner:
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 _LOGS = pytest.StashKey["SandboxLogs"]()
-_KEPT: list[tuple[str, Path]] = []       # (test, log dir) of failed tests, for the summary
+_KEPT: list[tuple[str, Path]] = []  # (test, log dir) of failed tests, for the summary
 
 
 def _tail(path: Path, lines: int = TAIL_LINES) -> str:
     try:
-        data = path.read_bytes()[-256 * 1024:]
+        data = path.read_bytes()[-256 * 1024 :]
     except OSError as err:
         return f"(unreadable: {err})"
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:]) or "(empty)"
@@ -309,23 +320,25 @@ def _sandbox_logs(sandboxes: Path) -> list[Path]:
     """console.log / qemu.log of each ``sandboxes/<id>/`` dir (kept or live)."""
     if not sandboxes.is_dir():
         return []
-    return [d / name for d in sorted(sandboxes.iterdir()) for name in SANDBOX_LOGS
-            if (d / name).is_file()]
+    return [d / name for d in sorted(sandboxes.iterdir()) for name in SANDBOX_LOGS if (d / name).is_file()]
 
 
 @dataclass
 class SandboxLogs:
     """Where one test's sandbox logs end up, and which of them its report has shown."""
 
-    keep: Path                  # this test's VMPOD_KEEP_LOGS
-    shared: Path                # VMPOD_KEEP_LOGS of module/session-scoped fixtures
+    keep: Path  # this test's VMPOD_KEEP_LOGS
+    shared: Path  # VMPOD_KEEP_LOGS of module/session-scoped fixtures
     shared_before: frozenset[str]
-    live: list[Path]            # `sandboxes` dirs whose running sandboxes count as this test's
-    shown: set[tuple[str, str]] = field(default_factory=set)   # (sandbox id, log name)
+    live: list[Path]  # `sandboxes` dirs whose running sandboxes count as this test's
+    shown: set[tuple[str, str]] = field(default_factory=set)  # (sandbox id, log name)
 
     def files(self) -> list[Path]:
-        new_shared = [d for d in sorted(self.shared.iterdir()) if d.name not in self.shared_before] \
-            if self.shared.is_dir() else []
+        new_shared = (
+            [d for d in sorted(self.shared.iterdir()) if d.name not in self.shared_before]
+            if self.shared.is_dir()
+            else []
+        )
         found = _sandbox_logs(self.keep)
         for d in new_shared:
             found += [d / n for n in SANDBOX_LOGS if (d / n).is_file()]
@@ -339,8 +352,7 @@ class SandboxLogs:
         for f in self.files():
             if (f.parent.name, f.name) not in self.shown:
                 self.shown.add((f.parent.name, f.name))
-                out.append((f"{f.name} of sandbox {f.parent.name} (last {TAIL_LINES} lines; "
-                            f"{f})", _tail(f)))
+                out.append((f"{f.name} of sandbox {f.parent.name} (last {TAIL_LINES} lines; {f})", _tail(f)))
         return out
 
 
@@ -349,8 +361,9 @@ def _failed(item: pytest.Item) -> bool:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
-                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     item.stash.setdefault(_REPORTS, {})[report.when] = report
     logs = item.stash.get(_LOGS, None)
@@ -388,18 +401,24 @@ def _shared_keep_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
 
 
 @pytest.fixture(autouse=True)
-def _test_keep_logs(request: pytest.FixtureRequest, paths: Paths, _shared_keep_logs: Path,
-                    tmp_path_factory: pytest.TempPathFactory,
-                    monkeypatch: pytest.MonkeyPatch) -> Path:
+def _test_keep_logs(
+    request: pytest.FixtureRequest,
+    paths: Paths,
+    _shared_keep_logs: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Path:
     """This test's own VMPOD_KEEP_LOGS (also in os.environ, for in-process sandboxes)."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid.removeprefix("tests/vm/"))[:150]
     keep = _log_root(tmp_path_factory) / name
     keep.mkdir(parents=True, exist_ok=True)
     monkeypatch.setenv(KEEP_LOGS, str(keep))
     request.node.stash[_LOGS] = SandboxLogs(
-        keep=keep, shared=_shared_keep_logs,
+        keep=keep,
+        shared=_shared_keep_logs,
         shared_before=frozenset(p.name for p in _shared_keep_logs.iterdir()),
-        live=[paths.sandboxes])
+        live=[paths.sandboxes],
+    )
     return keep
 
 
@@ -424,15 +443,19 @@ class VmFactory:
         self.logs = logs
         self.runners: list[VmpodRunner] = []
 
-    def __call__(self, *, kernel: str | None = None, guest_runtime: str | None = None,
-                 env: Mapping[str, str] | None = None) -> VmpodRunner:
+    def __call__(
+        self,
+        *,
+        kernel: str | None = None,
+        guest_runtime: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> VmpodRunner:
         run_args: tuple[str, ...] = ()
         if kernel is not None:
             run_args += ("--kernel", kernel)
         if guest_runtime is not None:
             run_args += ("--guest-runtime", guest_runtime)
-        runner = VmpodRunner(self.paths, run_args=run_args,
-                             env={KEEP_LOGS: str(self.logs), **(env or {})})
+        runner = VmpodRunner(self.paths, run_args=run_args, env={KEEP_LOGS: str(self.logs), **(env or {})})
         self.runners.append(runner)
         return runner
 
@@ -441,8 +464,7 @@ class VmFactory:
         any process whose argv names its run dir (QEMU, virtiofsd)."""
         own = [p.pid for r in self.runners for p in r.started if p.poll() is None]
         below = _below(str(self.paths.run))
-        return own + [pid for pid in pids_where(lambda argv: below in " ".join(argv))
-                      if pid not in own]
+        return own + [pid for pid in pids_where(lambda argv: below in " ".join(argv)) if pid not in own]
 
     def keep_live_logs(self) -> None:
         """Copy the logs of sandboxes still in the run dir to ``logs/<id>/``."""
@@ -458,7 +480,7 @@ class VmFactory:
         problems = []
         strays = self.running()
         if strays or test_failed:
-            self.keep_live_logs()      # before the kill: a live owner would remove them
+            self.keep_live_logs()  # before the kill: a live owner would remove them
         if strays:
             problems.append(f"still running at teardown, killed: {self._describe(strays)}")
             _kill(strays)
@@ -490,8 +512,9 @@ class VmFactory:
 
 
 @pytest.fixture
-def vm_factory(request: pytest.FixtureRequest, paths: Paths, assets: GuestAssets,
-               _test_keep_logs: Path) -> Iterator[VmFactory]:
+def vm_factory(
+    request: pytest.FixtureRequest, paths: Paths, assets: GuestAssets, _test_keep_logs: Path
+) -> Iterator[VmFactory]:
     """Runners for this test's VMs, with cleanup owned (see :class:`VmFactory`)."""
     run = paths.run / f"t{next(_TEST_RUNS)}"
     run.mkdir()

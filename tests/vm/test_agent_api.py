@@ -1,5 +1,6 @@
 """The sandbox API and the agent's operations on one shared booted sandbox: two
 containers in one VM (a pod), exec, signals, stats, and the agent's refusals."""
+
 from __future__ import annotations
 
 import asyncio
@@ -36,8 +37,7 @@ T = TypeVar("T")
 class Booted:
     """A sandbox with one long-running container, driven from a private loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sandbox: Sandbox, disk: Path,
-                 busybox: Path) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sandbox: Sandbox, disk: Path, busybox: Path) -> None:
         self.loop, self.sandbox, self.disk, self.busybox = loop, sandbox, disk, busybox
 
     def run(self, coro: Coroutine[object, object, T]) -> T:
@@ -90,11 +90,12 @@ def test_guest_info(booted: Booted, assets: GuestAssets) -> None:
 
 def test_two_containers_in_one_vm(booted: Booted) -> None:
     """A pod: two containers, each its own rootfs mount and process tree, one VM."""
+
     async def scenario() -> None:
         a = await booted.sandbox.create_container(
-            booted.spec("pod-a", "sh", "-c", "echo a > /tmp/mine; echo up; sleep 600; true"))
-        b = await booted.sandbox.create_container(
-            booted.spec("pod-b", "sh", "-c", "echo up; sleep 600"))
+            booted.spec("pod-a", "sh", "-c", "echo a > /tmp/mine; echo up; sleep 600; true")
+        )
+        b = await booted.sandbox.create_container(booted.spec("pod-b", "sh", "-c", "echo up; sleep 600"))
         assert {a.state, b.state} == {ContainerState.CREATED}
         pa, _ = await asyncio.wait_for(_started(a), 60)
         pb, _ = await asyncio.wait_for(_started(b), 60)
@@ -104,31 +105,37 @@ def test_two_containers_in_one_vm(booted: Booted) -> None:
 
         async def probe(c: Container) -> list[bytes]:
             output, out, _ = _collect()
-            proc = await c.exec({"args": ["sh", "-c", script], "env": ["PATH=/bin"], "cwd": "/"},
-                                output, stdin=False)
+            proc = await c.exec(
+                {"args": ["sh", "-c", script], "env": ["PATH=/bin"], "cwd": "/"}, output, stdin=False
+            )
             assert (await asyncio.wait_for(proc.wait(), 60)).status == 0
             return bytes(out).split()
-        assert await probe(a) == [b"visible", b"1"]   # its own container's file and init
+
+        assert await probe(a) == [b"visible", b"1"]  # its own container's file and init
         assert await probe(b) == [b"0"]
         await a.kill(signal.SIGKILL)
         assert (await asyncio.wait_for(pa.wait(), 60)).status == 128 + signal.SIGKILL
         assert a.state is ContainerState.STOPPED and b.state is ContainerState.RUNNING
         with pytest.raises(StateError, match="pod-a is stopped"):
             await a.exec({"args": ["true"]}, _collect()[0], stdin=False)
-        await b.kill(signal.SIGKILL)     # (PID 1 of its namespace: TERM would be ignored)
+        await b.kill(signal.SIGKILL)  # (PID 1 of its namespace: TERM would be ignored)
         assert (await asyncio.wait_for(pb.wait(), 60)).status == 128 + signal.SIGKILL
+
     booted.run(scenario())
 
 
 def test_start_exec_signal_wait(booted: Booted) -> None:
     async def scenario() -> None:
-        c = await booted.sandbox.create_container(
-            booted.spec("shared", "sh", "-c", "echo up; sleep 600"))
+        c = await booted.sandbox.create_container(booted.spec("shared", "sh", "-c", "echo up; sleep 600"))
         proc, out = await asyncio.wait_for(_started(c), 60)
         output, ex_out, ex_err = _collect()
-        process = {"args": ["sh", "-c", 'echo "in $X as $(id -u)"; echo e >&2; exit 4'],
-                   "env": ["X=exec", "PATH=/bin"], "cwd": "/tmp", "terminal": False,
-                   "user": {"uid": 0, "gid": 0}}
+        process = {
+            "args": ["sh", "-c", 'echo "in $X as $(id -u)"; echo e >&2; exit 4'],
+            "env": ["X=exec", "PATH=/bin"],
+            "cwd": "/tmp",
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+        }
         ex_proc = await c.exec(process, output, stdin=False, user="alice")
         ex = await asyncio.wait_for(ex_proc.wait(), 60)
         assert (ex.status, bytes(ex_out), bytes(ex_err)) == (4, b"in exec as 1000\n", b"e\n")
@@ -143,6 +150,7 @@ def test_start_exec_signal_wait(booted: Booted) -> None:
         await c.kill(signal.SIGKILL)
         assert (await asyncio.wait_for(c.wait(), 60)).status == 128 + signal.SIGKILL
         assert bytes(out) == b"up\n" and proc.done
+
     booted.run(scenario())
 
 
@@ -155,8 +163,9 @@ def test_unknown_operations_and_bad_arguments_are_refused(booted: Booted) -> Non
         booted.run(agent.request("signal", {"stream": "1", "signal": 9}))
     assert exc.value.kind == "invalid"
     with pytest.raises(AgentRequestError) as exc:
-        booted.run(agent.request("create_container", {
-            "container_id": "../escape", "spec": {}, "rootfs_serial": "x"}))
+        booted.run(
+            agent.request("create_container", {"container_id": "../escape", "spec": {}, "rootfs_serial": "x"})
+        )
     assert exc.value.kind == "invalid"
 
 
@@ -173,5 +182,6 @@ def test_agent_survives_garbage_from_the_host(booted: Booted) -> None:
             except Exception:
                 await asyncio.sleep(0.2)
         raise AssertionError("agent never recovered")
+
     result = booted.run(ping_until_ok())
     assert isinstance(result, dict) and "uptime" in result

@@ -4,6 +4,7 @@ vmpod-runtime: `ctr run --runc-binary vmpod-runtime`.
 A private containerd (own --root/--state/--address, CRI disabled) and an image
 imported from a docker-save archive of the busybox rootfs.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,14 +38,16 @@ class Ctr:
         self.base = ["ctr", "--address", str(address)]
         self.run_flags = ["--runc-binary", str(runtime), "--runc-root", str(rt_root)]
 
-    def __call__(self, *args: str, input: bytes | None = None,
-                 timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, input: bytes | None = None, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
         return run_text([*self.base, *args], input, timeout)
 
 
 @pytest.fixture(scope="module")
-def ctr(paths: Paths, assets: GuestAssets, busybox: Path,
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctr]:
+def ctr(
+    paths: Paths, assets: GuestAssets, busybox: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Ctr]:
     if shutil.which("containerd") is None or shutil.which("ctr") is None:
         pytest.skip("containerd not installed")
     disks_before = runtime_disks(paths)
@@ -53,10 +56,12 @@ def ctr(paths: Paths, assets: GuestAssets, busybox: Path,
     (tmp / "config.toml").write_text(
         f'version = 2\nroot = "{tmp}/root"\nstate = "{tmp}/state"\n'
         'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-        f'[grpc]\n  address = "{address}"\n[ttrpc]\n  address = "{address}.ttrpc"\n')
+        f'[grpc]\n  address = "{address}"\n[ttrpc]\n  address = "{address}.ttrpc"\n'
+    )
     with open(tmp / "containerd.log", "wb") as log:
-        daemon = subprocess.Popen(["containerd", "--config", str(tmp / "config.toml")],
-                                  stdout=log, stderr=subprocess.STDOUT)
+        daemon = subprocess.Popen(
+            ["containerd", "--config", str(tmp / "config.toml")], stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 30
         while not address.exists():
@@ -75,19 +80,27 @@ def ctr(paths: Paths, assets: GuestAssets, busybox: Path,
             time.sleep(0.5)
             c("task", "delete", name)
             c("containers", "delete", name)
-        assert_runtime_clean(paths, rt_root / "default")   # the shim adds the namespace
+        assert_runtime_clean(paths, rt_root / "default")  # the shim adds the namespace
         assert runtime_disks(paths) <= disks_before, "rootfs disks left behind"
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
-        for pid in pids_where(lambda argv: str(address) in "\0".join(argv)):   # shims of this containerd only
+        for pid in pids_where(lambda argv: str(address) in "\0".join(argv)):  # shims of this containerd only
             os.kill(pid, signal.SIGKILL)
     assert mounts_under(tmp) == []
 
 
 def test_ctr_run_output_and_exit_status(ctr: Ctr) -> None:
-    res = ctr("run", "--rm", *ctr.run_flags, IMAGE, "once",
-              "sh", "-c", "echo hi from $(uname -r); echo err >&2; exit 6")
+    res = ctr(
+        "run",
+        "--rm",
+        *ctr.run_flags,
+        IMAGE,
+        "once",
+        "sh",
+        "-c",
+        "echo hi from $(uname -r); echo err >&2; exit 6",
+    )
     assert res.returncode == 6, res.stderr
     assert res.stdout.startswith("hi from ") and os.uname().release not in res.stdout
     assert "err" in res.stderr
@@ -95,9 +108,12 @@ def test_ctr_run_output_and_exit_status(ctr: Ctr) -> None:
 
 def test_ctr_task_exec_ps_pause_kill(ctr: Ctr) -> None:
     loop = "echo up; trap 'echo bye; exit 9' TERM; while true; do sleep 0.2; done"
-    fg = subprocess.Popen([*ctr.base, "run", "--rm", *ctr.run_flags, IMAGE, "svc",
-                           "sh", "-c", loop], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
+    fg = subprocess.Popen(
+        [*ctr.base, "run", "--rm", *ctr.run_flags, IMAGE, "svc", "sh", "-c", loop],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert fg.stdout is not None
         ready, _, _ = select.select([fg.stdout], [], [], 120)
@@ -110,7 +126,7 @@ def test_ctr_task_exec_ps_pause_kill(ctr: Ctr) -> None:
         assert ctr("task", "pause", "svc").returncode == 0
         assert "PAUSED" in ctr("task", "list").stdout
         assert ctr("task", "resume", "svc").returncode == 0
-        assert ctr("task", "kill", "svc").returncode == 0      # SIGTERM: the trap runs
+        assert ctr("task", "kill", "svc").returncode == 0  # SIGTERM: the trap runs
         assert fg.wait(120) == 9
         assert fg.stdout.read() == b"bye\n"
     finally:
@@ -121,7 +137,11 @@ def test_ctr_task_exec_ps_pause_kill(ctr: Ctr) -> None:
 
 def test_ctr_tty(ctr: Ctr) -> None:
     from tests.vm.test_podman import _pty_run
-    code, out = _pty_run([*ctr.base, "run", "-t", "--rm", *ctr.run_flags, IMAGE, "tty", "sh"],
-                         b"stty size; echo $((6*7)); exit 3\r", b"42")
+
+    code, out = _pty_run(
+        [*ctr.base, "run", "-t", "--rm", *ctr.run_flags, IMAGE, "tty", "sh"],
+        b"stty size; echo $((6*7)); exit 3\r",
+        b"42",
+    )
     assert code == 3
     assert b"31 97" in out

@@ -1,5 +1,6 @@
 """Bad input and faults: one clear line, non-zero exit, nothing left behind
 (the ``vmpod`` fixture checks for stray QEMU, sandbox dirs, mounts, temp dirs)."""
+
 from __future__ import annotations
 
 import os
@@ -44,14 +45,12 @@ def test_unknown_kernel(vmpod: VmpodRunner, busybox: Path) -> None:
     r = vmpod("run", "--kernel", "linux-2.4", "--rootfs", str(busybox), "--", "true")
     assert r.returncode == 125
     assert "unknown kernel" in _one_error_line(r.err)
-    r = vmpod("run", "--kernel", "debian:9.9.9-99-cloud-amd64", "--rootfs", str(busybox),
-              "--", "true")
+    r = vmpod("run", "--kernel", "debian:9.9.9-99-cloud-amd64", "--rootfs", str(busybox), "--", "true")
     assert r.returncode == 125
     assert "not found" in _one_error_line(r.err)
 
 
-def test_agent_that_never_answers_times_out_with_console(vmpod: VmpodRunner,
-                                                          busybox: Path) -> None:
+def test_agent_that_never_answers_times_out_with_console(vmpod: VmpodRunner, busybox: Path) -> None:
     # No guest boots to its agent in 0.3 s, even with KVM: a real timeout path.
     r = vmpod("run", "--boot-timeout", "0.3", "--rootfs", str(busybox), "--", "true")
     assert r.returncode == 125
@@ -60,8 +59,17 @@ def test_agent_that_never_answers_times_out_with_console(vmpod: VmpodRunner,
 
 
 def test_qemu_killed_during_run(vmpod: VmpodRunner, busybox: Path) -> None:
-    proc = vmpod.popen("run", "--rootfs", str(busybox), "--", "sh", "-c",
-                       "echo started; sleep 600", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = vmpod.popen(
+        "run",
+        "--rootfs",
+        str(busybox),
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 600",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"started\n"
     pids = qemu_pids(str(vmpod.paths.run))
@@ -73,8 +81,17 @@ def test_qemu_killed_during_run(vmpod: VmpodRunner, busybox: Path) -> None:
 
 
 def test_vmpod_killed_leaves_no_qemu(vmpod: VmpodRunner, busybox: Path) -> None:
-    proc = vmpod.popen("run", "--rootfs", str(busybox), "--", "sh", "-c",
-                       "echo started; sleep 600", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = vmpod.popen(
+        "run",
+        "--rootfs",
+        str(busybox),
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 600",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"started\n"
     proc.kill()

@@ -1,4 +1,5 @@
 """`vmpod matrix` and the kernel catalog on real kernels, real builds, real VMs."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,23 @@ THREE = "6.1-generic,6.1,6.12-generic"
 
 
 def _matrix(vmpod: VmpodRunner, tmp: Path, kernels: str, module: str, *extra: str):  # noqa: ANN202
-    r = vmpod("matrix", "--kernels", kernels, "--module-src", str(MODULES / module),
-              "--test", str(MODULES / module / "test.sh"), "--logs", str(tmp / "logs"),
-              "--json", str(tmp / "out.json"), "--junit", str(tmp / "out.xml"), *extra,
-              timeout=1200)
+    r = vmpod(
+        "matrix",
+        "--kernels",
+        kernels,
+        "--module-src",
+        str(MODULES / module),
+        "--test",
+        str(MODULES / module / "test.sh"),
+        "--logs",
+        str(tmp / "logs"),
+        "--json",
+        str(tmp / "out.json"),
+        "--junit",
+        str(tmp / "out.xml"),
+        *extra,
+        timeout=1200,
+    )
     results = {x["kernel"]: x for x in json.loads((tmp / "out.json").read_text())["results"]}
     return r, results
 
@@ -36,8 +50,7 @@ def test_example_module_passes_on_three_kernels(vmpod: VmpodRunner, tmp_path: Pa
     assert suite.get("tests") == "3" and suite.get("failures") == "0"
 
 
-def test_api_change_fails_the_build_on_one_kernel_only(vmpod: VmpodRunner,
-                                                       tmp_path: Path) -> None:
+def test_api_change_fails_the_build_on_one_kernel_only(vmpod: VmpodRunner, tmp_path: Path) -> None:
     r, results = _matrix(vmpod, tmp_path, "6.1,6.12-generic", "api_break")
     assert r.returncode == 1
     assert results["6.1"]["passed"], results["6.1"]
@@ -65,24 +78,33 @@ def corrupt_kernel(vmpod: VmpodRunner, tmp_path: Path) -> str:
     setup = image[0x1F1] or 4
     offset, length = struct.unpack_from("<II", image, 0x248)
     start = (setup + 1) * 512 + offset + length // 3
-    image[start:start + 65536] = bytes((b * 7 + 13) & 0xFF for b in image[start:start + 65536])
+    image[start : start + 65536] = bytes((b * 7 + 13) & 0xFF for b in image[start : start + 65536])
     bad = tmp_path / "vmlinuz-corrupt"
     bad.write_bytes(bytes(image))
-    r = vmpod("kernel", "add", "corrupt-test", "--vmlinuz", str(bad),
-              "--modules", info["modules"], "--headers", info["headers"])
+    r = vmpod(
+        "kernel",
+        "add",
+        "corrupt-test",
+        "--vmlinuz",
+        str(bad),
+        "--modules",
+        info["modules"],
+        "--headers",
+        info["headers"],
+    )
     assert r.returncode == 0, r.err
     yield "corrupt-test"
     assert vmpod("kernel", "rm", "corrupt-test").returncode == 0
 
 
-def test_kernel_that_does_not_boot_is_reported(vmpod: VmpodRunner, tmp_path: Path,
-                                               corrupt_kernel: str) -> None:
+def test_kernel_that_does_not_boot_is_reported(
+    vmpod: VmpodRunner, tmp_path: Path, corrupt_kernel: str
+) -> None:
     listing = vmpod("kernel", "list").out
     assert "local-corrupt-test" in listing and "6.1.0-" in listing
-    r, results = _matrix(vmpod, tmp_path, f"6.1,{corrupt_kernel}", "vmpod_echo",
-                         "--boot-timeout", "20")
+    r, results = _matrix(vmpod, tmp_path, f"6.1,{corrupt_kernel}", "vmpod_echo", "--boot-timeout", "20")
     assert r.returncode == 1
-    assert results["6.1"]["passed"]          # the good kernel is unaffected
+    assert results["6.1"]["passed"]  # the good kernel is unaffected
     bad = results[corrupt_kernel]
     assert bad["steps"]["build"] == "ok" and bad["steps"]["boot"] == "fail"
     console = (Path(bad["logs"]) / "console.log").read_text()
@@ -90,8 +112,9 @@ def test_kernel_that_does_not_boot_is_reported(vmpod: VmpodRunner, tmp_path: Pat
 
 
 def test_run_loads_a_kernel_module(vmpod: VmpodRunner, busybox: Path) -> None:
-    r = vmpod("run", "--kernel-module", "dummy=numdummies=3", "--rootfs", str(busybox),
-              "--", "ls", "/sys/class/net")
+    r = vmpod(
+        "run", "--kernel-module", "dummy=numdummies=3", "--rootfs", str(busybox), "--", "ls", "/sys/class/net"
+    )
     assert r.returncode == 0, r.err
     assert {"dummy0", "dummy1", "dummy2"} <= set(r.out.split())
 
@@ -99,9 +122,15 @@ def test_run_loads_a_kernel_module(vmpod: VmpodRunner, busybox: Path) -> None:
 def test_bad_module_arguments(vmpod: VmpodRunner, busybox: Path, tmp_path: Path) -> None:
     r = vmpod("run", "--kernel-module", "no_such_module", "--rootfs", str(busybox), "--", "true")
     assert r.returncode == 125 and "no_such_module" in r.err
-    r = vmpod("run", "--load-module", str(tmp_path / "missing.ko"), "--rootfs", str(busybox),
-              "--", "true")
+    r = vmpod("run", "--load-module", str(tmp_path / "missing.ko"), "--rootfs", str(busybox), "--", "true")
     assert r.returncode == 125 and "not found" in r.err
-    r = vmpod("matrix", "--kernels", "6.1", "--module-src", str(tmp_path), "--test",
-              str(MODULES / "vmpod_echo/test.sh"))
+    r = vmpod(
+        "matrix",
+        "--kernels",
+        "6.1",
+        "--module-src",
+        str(tmp_path),
+        "--test",
+        str(MODULES / "vmpod_echo/test.sh"),
+    )
     assert r.returncode == 125 and "Kbuild or Makefile" in r.err

@@ -5,6 +5,7 @@ image comes from `podman import` of the busybox rootfs (no registry). The
 ulimits fit this sandboxed host (see FIELD-NOTES: podman's defaults fail here
 even with runc).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -40,14 +41,16 @@ class Podman:
     def __init__(self, base: list[str]) -> None:
         self.base = base
 
-    def __call__(self, *args: str, input: bytes | None = None,
-                 timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, input: bytes | None = None, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
         return run_text([*self.base, *args], input, timeout)
 
 
 @pytest.fixture(scope="module")
-def podman(paths: Paths, assets: GuestAssets, busybox: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+def podman(
+    paths: Paths, assets: GuestAssets, busybox: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Podman]:
     if shutil.which("podman") is None or shutil.which("conmon") is None:
         pytest.skip("podman/conmon not installed")
     tmp = tmp_path_factory.mktemp("podman")
@@ -56,9 +59,21 @@ def podman(paths: Paths, assets: GuestAssets, busybox: Path,
     # podman passes no --root to a runtime it does not know: ours keeps the test's state apart
     wrapper = wrapper_script(tmp / "vmpod-runtime", env, "--root", str(rt_root))
     disks_before = runtime_disks(paths)
-    p = Podman(["podman", "--root", str(tmp / "root"), "--runroot", str(tmp / "runroot"),
-                "--runtime", str(wrapper), "--events-backend", "file",
-                "--cgroup-manager", "cgroupfs"])
+    p = Podman(
+        [
+            "podman",
+            "--root",
+            str(tmp / "root"),
+            "--runroot",
+            str(tmp / "runroot"),
+            "--runtime",
+            str(wrapper),
+            "--events-backend",
+            "file",
+            "--cgroup-manager",
+            "cgroupfs",
+        ]
+    )
     with tarfile.open(tmp / "rootfs.tar", "w") as tar:
         tar.add(busybox, arcname=".")
     res = p("import", str(tmp / "rootfs.tar"), IMAGE)
@@ -71,9 +86,11 @@ def podman(paths: Paths, assets: GuestAssets, busybox: Path,
 
 
 def test_run_rm_output_and_exit_status(podman: Podman) -> None:
-    script = ('echo "hi from $(uname -r)"; [ "$(hostname)" = "$(cat /etc/hostname)" ] && '
-              'echo hostname-ok; test -f /run/.containerenv && echo containerenv; '
-              'grep -q localhost /etc/hosts && echo hosts; echo oops >&2; exit 7')
+    script = (
+        'echo "hi from $(uname -r)"; [ "$(hostname)" = "$(cat /etc/hostname)" ] && '
+        "echo hostname-ok; test -f /run/.containerenv && echo containerenv; "
+        "grep -q localhost /etc/hosts && echo hosts; echo oops >&2; exit 7"
+    )
     res = podman("run", "--rm", *ULIMITS, IMAGE, "sh", "-c", script)
     assert res.returncode == 7, res.stderr
     lines = res.stdout.splitlines()
@@ -89,8 +106,7 @@ def test_missing_command_is_127(podman: Podman) -> None:
 
 
 def test_stdin(podman: Podman) -> None:
-    res = podman("run", "--rm", "-i", *ULIMITS, IMAGE, "sh", "-c", "tr a-z A-Z",
-                 input=b"through the vm\n")
+    res = podman("run", "--rm", "-i", *ULIMITS, IMAGE, "sh", "-c", "tr a-z A-Z", input=b"through the vm\n")
     assert (res.returncode, res.stdout) == (0, "THROUGH THE VM\n")
 
 
@@ -124,8 +140,11 @@ def _pty_run(argv: list[str], send: bytes, until: bytes, timeout: float = 120) -
 
 
 def test_interactive_tty(podman: Podman) -> None:
-    code, out = _pty_run([*podman.base, "run", "-it", "--rm", *ULIMITS, IMAGE, "sh"],
-                         b"stty size; echo $((6*7)); exit 3\r", b"42")
+    code, out = _pty_run(
+        [*podman.base, "run", "-it", "--rm", *ULIMITS, IMAGE, "sh"],
+        b"stty size; echo $((6*7)); exit 3\r",
+        b"42",
+    )
     assert code == 3
     assert b"31 97" in out
 
@@ -141,8 +160,9 @@ def test_detached_exec_logs_ps_stop(podman: Podman) -> None:
         assert (res.returncode, res.stdout) == (4, "in-exec\n")
         res = podman("exec", "-i", "svc", "cat", input=b"exec stdin\n")
         assert res.stdout == "exec stdin\n"
-        code, out = _pty_run([*podman.base, "exec", "-it", "svc", "sh"],
-                             b"echo tty-$((2+3)); exit 6\r", b"tty-5")
+        code, out = _pty_run(
+            [*podman.base, "exec", "-it", "svc", "sh"], b"echo tty-$((2+3)); exit 6\r", b"tty-5"
+        )
         assert code == 6
         assert podman("logs", "svc").stdout.startswith("started\n")
         res = podman("stop", "-t", "20", "svc")

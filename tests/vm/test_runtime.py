@@ -5,6 +5,7 @@ because the upstream runtime-tools validation programs are not packaged here.
 One long-running container is shared by the tests that only exec, signal or
 inspect it; lifecycle tests make their own.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,11 @@ from tests.vm.test_runtime_support import (
 from vmpod.guest.assets import GuestAssets
 from vmpod.paths import Paths
 
-LOOP = ["sh", "-c", "echo up; trap 'echo bye; exit 9' TERM; trap 'echo hup' HUP; "
-        "while true; do sleep 0.2; done"]
+LOOP = [
+    "sh",
+    "-c",
+    "echo up; trap 'echo bye; exit 9' TERM; trap 'echo hup' HUP; while true; do sleep 0.2; done",
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +87,8 @@ def shared(rt: Runtime, busybox: Path, work: Path) -> Iterator[Reaped]:
 
 # -- lifecycle ---------------------------------------------------------------------
 
-def test_create_start_state_exit_delete(rt: Runtime, busybox: Path, work: Path,
-                                       clean: None) -> None:
+
+def test_create_start_state_exit_delete(rt: Runtime, busybox: Path, work: Path, clean: None) -> None:
     script = 'read line; echo "got $line"; echo to-stderr >&2; exit 3'
     bundle = make_bundle(work / "life", busybox, ["sh", "-c", script])
     ctr = rt.create("life", bundle, work, stdin=b"hello\n")
@@ -92,7 +96,7 @@ def test_create_start_state_exit_delete(rt: Runtime, busybox: Path, work: Path,
     st = rt.state("life")
     assert st["status"] == "created" and st["pid"] == pid and st["id"] == "life"
     assert st["bundle"] == str(bundle) and st["ociVersion"]
-    assert ctr.output() == ("", "")            # create does not run the process
+    assert ctr.output() == ("", "")  # create does not run the process
     rt("start", "life", check=True)
     assert ctr.result() == {"cmd": 0, "pid": pid, "status": 3}  # the monitor's exit = the process's
     assert ctr.output() == ("got hello\n", "to-stderr\n")
@@ -105,12 +109,10 @@ def test_create_start_state_exit_delete(rt: Runtime, busybox: Path, work: Path,
     assert rt("delete", "life").returncode == 0
     res = rt("state", "life")
     assert res.returncode == 1 and b"container does not exist" in res.stderr
-    assert {"level": "error", "msg": "container does not exist"}.items() <= \
-        rt.log_entries()[-1].items()
+    assert {"level": "error", "msg": "container does not exist"}.items() <= rt.log_entries()[-1].items()
 
 
-def test_kill_and_delete_of_a_created_container(rt: Runtime, busybox: Path, work: Path,
-                                                clean: None) -> None:
+def test_kill_and_delete_of_a_created_container(rt: Runtime, busybox: Path, work: Path, clean: None) -> None:
     bundle = make_bundle(work / "created", busybox, ["true"])
     a = rt.create("created-a", bundle, work)
     b = rt.create("created-b", bundle, work)
@@ -120,7 +122,7 @@ def test_kill_and_delete_of_a_created_container(rt: Runtime, busybox: Path, work
     assert a.result()["signal"] == signal.SIGKILL
     assert rt.state("created-a")["status"] == "stopped"
     rt("delete", "created-a", check=True)
-    rt("delete", "created-b", check=True)       # a created container may be deleted
+    rt("delete", "created-b", check=True)  # a created container may be deleted
     assert b.result()["signal"] == signal.SIGKILL
 
 
@@ -156,11 +158,10 @@ def test_signals_and_forced_delete(rt: Runtime, busybox: Path, work: Path, clean
     rt("start", "sig", check=True)
     _wait_for(ctr.out, "up\n")
     res = rt("delete", "sig")
-    assert res.returncode == 1 and b"cannot delete container sig that is not stopped: running" \
-        in res.stderr
+    assert res.returncode == 1 and b"cannot delete container sig that is not stopped: running" in res.stderr
     res = rt("start", "sig")
     assert res.returncode == 1 and b"cannot start an already running container" in res.stderr
-    rt("kill", "sig", check=True)               # default TERM: the trap runs
+    rt("kill", "sig", check=True)  # default TERM: the trap runs
     assert ctr.result()["status"] == 9
     assert ctr.output()[0] == "up\nbye\n"
     rt("delete", "sig", check=True)
@@ -171,9 +172,9 @@ def test_signals_and_forced_delete(rt: Runtime, busybox: Path, work: Path, clean
     assert forced.result()["signal"] == signal.SIGKILL
 
 
-def test_killed_monitor_reads_stopped_and_delete_cleans_up(rt: Runtime, busybox: Path,
-                                                           work: Path, paths: Paths,
-                                                           clean: None) -> None:
+def test_killed_monitor_reads_stopped_and_delete_cleans_up(
+    rt: Runtime, busybox: Path, work: Path, paths: Paths, clean: None
+) -> None:
     bundle = make_bundle(work / "stale", busybox, LOOP)
     ctr = rt.create("stale", bundle, work)
     pid = ctr.wait_created()
@@ -181,7 +182,7 @@ def test_killed_monitor_reads_stopped_and_delete_cleans_up(rt: Runtime, busybox:
     sandbox_dir = Path(str(json.loads((rt.root / "stale/state.json").read_text())["sandbox_dir"]))
     assert sandbox_dir.is_dir() and str(paths.run) in str(sandbox_dir)
     _wait_for(ctr.out, "up\n")
-    os.kill(pid, signal.SIGHUP)                 # a signal to the monitor reaches the process
+    os.kill(pid, signal.SIGHUP)  # a signal to the monitor reaches the process
     _wait_for(ctr.out, "hup\n")
     os.kill(pid, signal.SIGKILL)
     assert ctr.result()["signal"] == signal.SIGKILL
@@ -191,18 +192,23 @@ def test_killed_monitor_reads_stopped_and_delete_cleans_up(rt: Runtime, busybox:
     assert not sandbox_dir.exists()
 
 
-def test_qemu_killed_reads_stopped_and_delete_cleans_up(rt: Runtime, busybox: Path,
-                                                        work: Path, clean: None) -> None:
+def test_qemu_killed_reads_stopped_and_delete_cleans_up(
+    rt: Runtime, busybox: Path, work: Path, clean: None
+) -> None:
     bundle = make_bundle(work / "vmdead", busybox, LOOP)
     ctr = rt.create("vmdead", bundle, work)
     monitor = ctr.wait_created()
     rt("start", "vmdead", check=True)
     _wait_for(ctr.out, "up\n")
-    qemu = [int(p) for p in subprocess.run(["pgrep", "-P", str(monitor), "qemu-system"],
-                                            capture_output=True, text=True).stdout.split()]
+    qemu = [
+        int(p)
+        for p in subprocess.run(
+            ["pgrep", "-P", str(monitor), "qemu-system"], capture_output=True, text=True
+        ).stdout.split()
+    ]
     assert len(qemu) == 1
     os.kill(qemu[0], signal.SIGKILL)
-    result = ctr.result()          # the monitor notices and exits
+    result = ctr.result()  # the monitor notices and exits
     assert rt.state("vmdead")["status"] == "stopped"
     rt("delete", "vmdead", check=True)
     assert not (rt.root / "vmdead").exists()
@@ -214,24 +220,43 @@ def test_qemu_killed_reads_stopped_and_delete_cleans_up(rt: Runtime, busybox: Pa
 
 # -- on the shared running container ----------------------------------------------
 
+
 def test_state_of_a_running_container(rt: Runtime, shared: Reaped) -> None:
     st = rt.state("shared")
     assert st["status"] == "running" and st["pid"] == int(shared.pid_file.read_text())
     listed = json.loads(rt("list", "--format", "json", check=True).stdout)
-    assert {"id": "shared", "status": "running"}.items() <= \
-        next(c for c in listed if c["id"] == "shared").items()
+    assert {"id": "shared", "status": "running"}.items() <= next(
+        c for c in listed if c["id"] == "shared"
+    ).items()
 
 
 def test_exec_stdio_status_and_options(rt: Runtime, shared: Reaped, work: Path) -> None:
     res = rt("exec", "shared", "sh", "-c", "echo out; echo err >&2; exit 4")
     assert (res.returncode, res.stdout, res.stderr) == (4, b"out\n", b"err\n")
-    res = rt("exec", "-e", "X=1", "--cwd", "/tmp", "-u", "1000:50", "shared",
-             "sh", "-c", 'echo "$X $(pwd) $(id -u):$(id -g)"', check=True)
+    res = rt(
+        "exec",
+        "-e",
+        "X=1",
+        "--cwd",
+        "/tmp",
+        "-u",
+        "1000:50",
+        "shared",
+        "sh",
+        "-c",
+        'echo "$X $(pwd) $(id -u):$(id -g)"',
+        check=True,
+    )
     assert res.stdout == b"1 /tmp 1000:50\n"
     res = rt("exec", "shared", "sh", "-c", "tr a-z A-Z", input=b"piped input\n", check=True)
     assert res.stdout == b"PIPED INPUT\n"
-    process = {"args": ["sh", "-c", "echo from-file $Y"], "env": ["Y=2", "PATH=/bin"],
-               "cwd": "/", "user": {"uid": 0, "gid": 0}, "terminal": False}
+    process = {
+        "args": ["sh", "-c", "echo from-file $Y"],
+        "env": ["Y=2", "PATH=/bin"],
+        "cwd": "/",
+        "user": {"uid": 0, "gid": 0},
+        "terminal": False,
+    }
     (work / "process.json").write_text(json.dumps(process))
     res = rt("exec", "--process", str(work / "process.json"), "shared", check=True)
     assert res.stdout == b"from-file 2\n"
@@ -239,12 +264,24 @@ def test_exec_stdio_status_and_options(rt: Runtime, shared: Reaped, work: Path) 
     assert res.returncode == 127
 
 
-def test_exec_detached_relay_exits_with_the_status(rt: Runtime, shared: Reaped,
-                                                   work: Path) -> None:
+def test_exec_detached_relay_exits_with_the_status(rt: Runtime, shared: Reaped, work: Path) -> None:
     out = work / "detached.out"
-    ex = Reaped(rt, "detached", work, rt.argv(
-        "exec", "-d", "--pid-file", str(work / "detached.pid"), "shared",
-        "sh", "-c", "sleep 0.5; echo late; exit 5"), b"")
+    ex = Reaped(
+        rt,
+        "detached",
+        work,
+        rt.argv(
+            "exec",
+            "-d",
+            "--pid-file",
+            str(work / "detached.pid"),
+            "shared",
+            "sh",
+            "-c",
+            "sleep 0.5; echo late; exit 5",
+        ),
+        b"",
+    )
     res = ex.result()
     assert res["cmd"] == 0 and res["status"] == 5 and res["pid"] > 0
     assert out.read_text() == "late\n"
@@ -278,8 +315,13 @@ def test_ps_pause_resume_events_update(rt: Runtime, shared: Reaped) -> None:
 
 def test_kill_all_ends_every_process(rt: Runtime, shared: Reaped, work: Path) -> None:
     # Its stdio is the exec'd process's (as with runc): no pipe we would wait on.
-    res = subprocess.run(rt.argv("exec", "-d", "shared", "sleep", "300"), env=rt.env,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=60)
+    res = subprocess.run(
+        rt.argv("exec", "-d", "shared", "sleep", "300"),
+        env=rt.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        timeout=60,
+    )
     assert res.returncode == 0
     rt("kill", "--all", "shared", "KILL", check=True)
     assert shared.result()["signal"] == signal.SIGKILL
@@ -288,13 +330,13 @@ def test_kill_all_ends_every_process(rt: Runtime, shared: Reaped, work: Path) ->
 
 # -- terminal, hooks, files, resources, kernels ---------------------------------------
 
-def test_terminal_through_console_socket(rt: Runtime, busybox: Path, work: Path,
-                                         clean: None) -> None:
+
+def test_terminal_through_console_socket(rt: Runtime, busybox: Path, work: Path, clean: None) -> None:
     import fcntl
     import struct
     import termios
-    bundle = make_bundle(work / "tty", busybox, ["sh"], terminal=True, env=["PATH=/bin",
-                                                                             "TERM=xterm"])
+
+    bundle = make_bundle(work / "tty", busybox, ["sh"], terminal=True, env=["PATH=/bin", "TERM=xterm"])
     res = rt("create", "--bundle", str(bundle), "notty")
     assert res.returncode == 1 and b"console socket" in res.stderr
     console = ConsoleSocket(work / "console.sock")
@@ -305,12 +347,12 @@ def test_terminal_through_console_socket(rt: Runtime, busybox: Path, work: Path,
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 77, 0, 0))
         rt("start", "tty", check=True)
         console.read_until(b"# ")
-        time.sleep(0.5)   # the size is polled
+        time.sleep(0.5)  # the size is polled
         os.write(master, b"stty size; echo $((6*7)); exit 4\r")
         buf = console.read_until(b"42\r\n")
         assert b"33 77" in buf
         assert ctr.result()["status"] == 4
-        assert ctr.output() == ("", "")        # stdio of create is not the terminal's
+        assert ctr.output() == ("", "")  # stdio of create is not the terminal's
         rt("delete", "tty", check=True)
     finally:
         console.close()
@@ -318,11 +360,12 @@ def test_terminal_through_console_socket(rt: Runtime, busybox: Path, work: Path,
 
 def _hooks(work: Path, log: Path, fail: str = "") -> dict[str, object]:
     script = work / "hook.sh"
-    script.write_text(f'#!/bin/sh\nstate=$(cat)\necho "$1 $state" >> {log}\n'
-                      f'[ "$1" = "{fail}" ] && {{ echo "hook $1 broke" >&2; exit 2; }}\nexit 0\n')
+    script.write_text(
+        f'#!/bin/sh\nstate=$(cat)\necho "$1 $state" >> {log}\n'
+        f'[ "$1" = "{fail}" ] && {{ echo "hook $1 broke" >&2; exit 2; }}\nexit 0\n'
+    )
     script.chmod(0o755)
-    kinds = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart",
-             "poststop")
+    kinds = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
     return {k: [{"path": str(script), "args": ["hook.sh", k], "timeout": 10}] for k in kinds}
 
 
@@ -334,34 +377,44 @@ def _hook_log(log: Path) -> list[tuple[str, dict[str, object]]]:
     return out
 
 
-def test_hooks_run_on_the_host_in_order(rt: Runtime, busybox: Path, work: Path,
-                                        clean: None) -> None:
+def test_hooks_run_on_the_host_in_order(rt: Runtime, busybox: Path, work: Path, clean: None) -> None:
     log = work / "hooks.log"
-    bundle = make_bundle(work / "hooks", busybox, ["sh", "-c", "exit 0"],
-                         hooks=_hooks(work, log), annotations={"a": "b"})
+    bundle = make_bundle(
+        work / "hooks", busybox, ["sh", "-c", "exit 0"], hooks=_hooks(work, log), annotations={"a": "b"}
+    )
     ctr = rt.create("hooked", bundle, work)
     pid = ctr.wait_created()
     rt("start", "hooked", check=True)
     assert ctr.result()["status"] == 0
     rt("delete", "hooked", check=True)
     calls = _hook_log(log)
-    assert [k for k, _ in calls] == ["prestart", "createRuntime", "createContainer",
-                                     "startContainer", "poststart", "poststop"]
+    assert [k for k, _ in calls] == [
+        "prestart",
+        "createRuntime",
+        "createContainer",
+        "startContainer",
+        "poststart",
+        "poststop",
+    ]
     states = dict(calls)
     for kind in ("prestart", "createRuntime", "createContainer"):
         assert states[kind]["status"] == "creating" and states[kind]["pid"] == pid
     assert states["startContainer"]["status"] == "created"
     assert states["poststart"]["status"] == "running"
     assert states["poststop"]["status"] == "stopped"
-    assert all(s["id"] == "hooked" and s["bundle"] == str(bundle)
-               and s["annotations"] == {"a": "b"} for s in states.values())
+    assert all(
+        s["id"] == "hooked" and s["bundle"] == str(bundle) and s["annotations"] == {"a": "b"}
+        for s in states.values()
+    )
 
 
-def test_failing_create_hook_fails_create_and_cleans_up(rt: Runtime, busybox: Path,
-                                                        work: Path, clean: None) -> None:
+def test_failing_create_hook_fails_create_and_cleans_up(
+    rt: Runtime, busybox: Path, work: Path, clean: None
+) -> None:
     log = work / "hooks-fail.log"
-    bundle = make_bundle(work / "hooks-fail", busybox, ["true"],
-                         hooks=_hooks(work, log, fail="createRuntime"))
+    bundle = make_bundle(
+        work / "hooks-fail", busybox, ["true"], hooks=_hooks(work, log, fail="createRuntime")
+    )
     ctr = rt.create("hookfail", bundle, work)
     res = ctr.result()
     assert res == {"cmd": 1}
@@ -372,27 +425,40 @@ def test_failing_create_hook_fails_create_and_cleans_up(rt: Runtime, busybox: Pa
     assert b"does not exist" in rt("state", "hookfail").stderr
 
 
-def test_bind_mounted_files_reach_the_guest_and_volumes_warn(rt: Runtime, busybox: Path,
-                                                             work: Path, clean: None) -> None:
+def test_bind_mounted_files_reach_the_guest_and_volumes_warn(
+    rt: Runtime, busybox: Path, work: Path, clean: None
+) -> None:
     host = fresh_dir(work / "userdata")
     (host / "hosts").write_text("10.1.2.3 myhost\n")
     (host / "secret").write_bytes(bytes(range(256)))
     (host / "volume").mkdir()
-    mounts = [{"destination": "/proc", "type": "proc", "source": "proc"},
-              {"destination": "/etc/hosts", "type": "bind", "source": str(host / "hosts"),
-               "options": ["bind", "rprivate"]},
-              {"destination": "/run/secrets/s", "type": "bind", "source": str(host / "secret"),
-               "options": ["bind", "ro"]},
-              {"destination": "/data", "type": "bind", "source": str(host / "volume"),
-               "options": ["rbind"]}]
-    script = ("cat /etc/hosts; md5sum /run/secrets/s | cut -d' ' -f1; "
-              "test -e /data/x && echo has-data; echo >> /run/secrets/s || echo read-only")
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {
+            "destination": "/etc/hosts",
+            "type": "bind",
+            "source": str(host / "hosts"),
+            "options": ["bind", "rprivate"],
+        },
+        {
+            "destination": "/run/secrets/s",
+            "type": "bind",
+            "source": str(host / "secret"),
+            "options": ["bind", "ro"],
+        },
+        {"destination": "/data", "type": "bind", "source": str(host / "volume"), "options": ["rbind"]},
+    ]
+    script = (
+        "cat /etc/hosts; md5sum /run/secrets/s | cut -d' ' -f1; "
+        "test -e /data/x && echo has-data; echo >> /run/secrets/s || echo read-only"
+    )
     bundle = make_bundle(work / "files", busybox, ["sh", "-c", script], mounts=mounts)
     ctr = rt.create("files", bundle, work)
     ctr.wait_created()
     rt("start", "files", check=True)
     assert ctr.result()["status"] == 0
     import hashlib
+
     out = ctr.output()[0].splitlines()
     assert out[0] == "10.1.2.3 myhost"
     assert out[1] == hashlib.md5(bytes(range(256))).hexdigest()
@@ -404,9 +470,10 @@ def test_bind_mounted_files_reach_the_guest_and_volumes_warn(rt: Runtime, busybo
 
 def test_resources_size_the_vm(rt: Runtime, busybox: Path, work: Path, clean: None) -> None:
     cpus = min(2, os.cpu_count() or 1)
-    linux = {"resources": {"cpu": {"quota": 100000 * cpus, "period": 100000},
-                           "memory": {"limit": 1 << 30}},
-             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]}
+    linux = {
+        "resources": {"cpu": {"quota": 100000 * cpus, "period": 100000}, "memory": {"limit": 1 << 30}},
+        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
+    }
     script = "nproc; grep MemTotal /proc/meminfo; cat /sys/fs/cgroup/memory.max"
     bundle = make_bundle(work / "sized", busybox, ["sh", "-c", script], linux=linux)
     ctr = rt.create("sized", bundle, work)
@@ -416,22 +483,22 @@ def test_resources_size_the_vm(rt: Runtime, busybox: Path, work: Path, clean: No
     lines = ctr.output()[0].splitlines()
     assert lines[0] == str(cpus)
     mem_mb = int(lines[1].split()[1]) // 1024
-    assert 1024 < mem_mb <= 1024 + 256        # limit + the documented overhead
+    assert 1024 < mem_mb <= 1024 + 256  # limit + the documented overhead
     assert lines[2] == str(1 << 30)
     rt("delete", "sized", check=True)
 
 
-def test_kernel_annotation_needs_the_allow_list(rt: Runtime, busybox: Path, work: Path,
-                                                paths: Paths, clean: None) -> None:
+def test_kernel_annotation_needs_the_allow_list(
+    rt: Runtime, busybox: Path, work: Path, paths: Paths, clean: None
+) -> None:
     from vmpod.guest.kernel import ensure_kernel
-    bundle = make_bundle(work / "kernel", busybox, ["uname", "-r"],
-                         annotations={"org.vmpod.kernel": "6.12"})
+
+    bundle = make_bundle(work / "kernel", busybox, ["uname", "-r"], annotations={"org.vmpod.kernel": "6.12"})
     res = rt("create", "--bundle", str(bundle), "k")
     assert res.returncode == 1 and b"org.vmpod.kernel is not enabled" in res.stderr
-    kernel = ensure_kernel(paths, "6.12")   # from the cache, or Debian's archive
+    kernel = ensure_kernel(paths, "6.12")  # from the cache, or Debian's archive
     config = Path(rt.env["VMPOD_RUNTIME_CONFIG"])
-    config.write_text(json.dumps({"enable_annotations": ["org.vmpod.kernel"],
-                                  "kernels": ["6.12"]}))
+    config.write_text(json.dumps({"enable_annotations": ["org.vmpod.kernel"], "kernels": ["6.12"]}))
     try:
         ctr = rt.create("k", bundle, work)
         ctr.wait_created()
@@ -439,19 +506,18 @@ def test_kernel_annotation_needs_the_allow_list(rt: Runtime, busybox: Path, work
         assert ctr.result()["status"] == 0
         assert ctr.output()[0].strip() == kernel.release
         rt("delete", "k", check=True)
-        bad = make_bundle(work / "kernel-bad", busybox, ["true"],
-                          annotations={"org.vmpod.kernel": "6.1-rt"})
+        bad = make_bundle(work / "kernel-bad", busybox, ["true"], annotations={"org.vmpod.kernel": "6.1-rt"})
         res = rt("create", "--bundle", str(bad), "k2")
         assert res.returncode == 1 and b"'6.1-rt'" in res.stderr and b"not allowed" in res.stderr
     finally:
         config.unlink()
 
 
-def test_kernel_modules_annotation(rt: Runtime, busybox: Path, work: Path,
-                                   clean: None) -> None:
+def test_kernel_modules_annotation(rt: Runtime, busybox: Path, work: Path, clean: None) -> None:
     annotations = {"org.vmpod.kernel_modules": "dummy=numdummies=2; loop"}
-    bundle = make_bundle(work / "mods", busybox, ["sh", "-c", "ls /sys/class/net; cat /proc/modules"],
-                         annotations=annotations)
+    bundle = make_bundle(
+        work / "mods", busybox, ["sh", "-c", "ls /sys/class/net; cat /proc/modules"], annotations=annotations
+    )
     res = rt("create", "--bundle", str(bundle), "mods")
     assert res.returncode == 1 and b"org.vmpod.kernel_modules is not enabled" in res.stderr
     config = Path(rt.env["VMPOD_RUNTIME_CONFIG"])
@@ -464,8 +530,9 @@ def test_kernel_modules_annotation(rt: Runtime, busybox: Path, work: Path,
         out = ctr.output()[0]
         assert "dummy1" in out and "loop " in out, out
         rt("delete", "mods", check=True)
-        bad = make_bundle(work / "mods-bad", busybox, ["true"],
-                          annotations={"org.vmpod.kernel_modules": "no_such_mod"})
+        bad = make_bundle(
+            work / "mods-bad", busybox, ["true"], annotations={"org.vmpod.kernel_modules": "no_such_mod"}
+        )
         res = rt("create", "--bundle", str(bad), "mods2")
         assert res.returncode == 1 and b"no_such_mod" in res.stderr
         assert not (rt.root / "mods2").exists()
@@ -473,8 +540,7 @@ def test_kernel_modules_annotation(rt: Runtime, busybox: Path, work: Path,
         config.unlink()
 
 
-def test_boot_failure_fails_create_cleanly(rt: Runtime, busybox: Path, work: Path,
-                                           clean: None) -> None:
+def test_boot_failure_fails_create_cleanly(rt: Runtime, busybox: Path, work: Path, clean: None) -> None:
     config = Path(rt.env["VMPOD_RUNTIME_CONFIG"])
     config.write_text(json.dumps({"boot_timeout": 0.2}))
     try:

@@ -7,6 +7,7 @@ written from the spec because those programs are not packaged here.
 One container carries all the features and prints what it sees, so one VM boot
 covers them; user namespaces get a second container.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -36,8 +37,7 @@ echo "foo=$FOO"
 
 
 @pytest.fixture(scope="module")
-def rt(paths: Paths, assets: GuestAssets, tmp_path_factory: pytest.TempPathFactory
-       ) -> Iterator[Runtime]:
+def rt(paths: Paths, assets: GuestAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
     work = tmp_path_factory.mktemp("rtconf")
     runtime = Runtime(work / "root", runtime_env(paths, work / "runtime.json"), work / "log.json")
     yield runtime
@@ -57,25 +57,33 @@ def _run(rt: Runtime, cid: str, bundle: Path, work: Path) -> dict[str, str]:
 
 def test_config_features_inside_the_vm(rt: Runtime, busybox: Path, tmp_path: Path) -> None:
     bundle = make_bundle(
-        tmp_path / "features", busybox, ["sh", "-c", PROBE],
-        hostname="conf-host", env=["PATH=/bin", "FOO=bar"],
-        user={"uid": 1000, "gid": 1000, "additionalGids": [50]})
+        tmp_path / "features",
+        busybox,
+        ["sh", "-c", PROBE],
+        hostname="conf-host",
+        env=["PATH=/bin", "FOO=bar"],
+        user={"uid": 1000, "gid": 1000, "additionalGids": [50]},
+    )
     import json
+
     spec = json.loads((bundle / "config.json").read_text())
     spec["root"]["readonly"] = True
     spec["process"]["oomScoreAdj"] = 500
     spec["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": 1111, "soft": 1111}]
-    spec["mounts"].append({"destination": "/data", "type": "tmpfs", "source": "tmpfs",
-                           "options": ["size=1m"]})
+    spec["mounts"].append(
+        {"destination": "/data", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]}
+    )
     linux = spec["linux"]
     linux["sysctl"] = {"kernel.domainname": "vmpod.test"}
     linux["maskedPaths"] = ["/proc/kcore"]
     linux["readonlyPaths"] = ["/proc/sys"]
-    linux["devices"] = [{"path": "/dev/vmpod_null", "type": "c", "major": 1, "minor": 3,
-                         "fileMode": 438, "uid": 0, "gid": 0}]
+    linux["devices"] = [
+        {"path": "/dev/vmpod_null", "type": "c", "major": 1, "minor": 3, "fileMode": 438, "uid": 0, "gid": 0}
+    ]
     resources = linux.setdefault("resources", {})
     resources.setdefault("devices", []).append(
-        {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rwm"})
+        {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rwm"}
+    )
     resources["pids"] = {"limit": 77}
     (bundle / "config.json").write_text(json.dumps(spec))
     seen = _run(rt, "features", bundle, tmp_path)
@@ -90,20 +98,22 @@ def test_config_features_inside_the_vm(rt: Runtime, busybox: Path, tmp_path: Pat
     assert seen["nofile"] == "1111"
     assert seen.get("device") == "ok"
     assert seen["data_fs"] == "tmpfs"
-    assert seen["pid"] == "1"                  # a pid namespace of its own
+    assert seen["pid"] == "1"  # a pid namespace of its own
     assert seen["pids_max"] == "77"
     assert seen["foo"] == "bar"
 
 
 def test_user_namespace_mappings(rt: Runtime, busybox: Path, tmp_path: Path) -> None:
     import json
-    bundle = make_bundle(tmp_path / "userns", busybox,
-                         ["sh", "-c", 'echo "map=$(cat /proc/self/uid_map | tr -s " " :)"; '
-                                      'echo "me=$(id -u)"'])
+
+    bundle = make_bundle(
+        tmp_path / "userns",
+        busybox,
+        ["sh", "-c", 'echo "map=$(cat /proc/self/uid_map | tr -s " " :)"; echo "me=$(id -u)"'],
+    )
     spec = json.loads((bundle / "config.json").read_text())
     linux = spec["linux"]
-    linux["namespaces"] = [n for n in linux["namespaces"] if n["type"] != "user"] + [
-        {"type": "user"}]
+    linux["namespaces"] = [n for n in linux["namespaces"] if n["type"] != "user"] + [{"type": "user"}]
     linux["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
     linux["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
     (bundle / "config.json").write_text(json.dumps(spec))

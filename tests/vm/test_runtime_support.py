@@ -1,6 +1,7 @@
 """Helpers for the vmpod-runtime VM tests (imported by test_runtime*.py, test_podman.py,
 test_containerd.py): the real binary, OCI bundles, a subreaper like conmon's, a
 console socket, and the leftovers check."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,12 @@ os.rename(result + ".tmp", result)
 
 
 def runtime_env(paths: Paths, config: Path) -> dict[str, str]:
-    return {**os.environ, "VMPOD_HOME": str(paths.home), "VMPOD_RUN": str(paths.run),
-            "VMPOD_RUNTIME_CONFIG": str(config)}
+    return {
+        **os.environ,
+        "VMPOD_HOME": str(paths.home),
+        "VMPOD_RUN": str(paths.run),
+        "VMPOD_RUNTIME_CONFIG": str(config),
+    }
 
 
 def wrapper_script(path: Path, env: dict[str, str], *args: str) -> Path:
@@ -56,13 +61,14 @@ def wrapper_script(path: Path, env: dict[str, str], *args: str) -> Path:
     keep = ("VMPOD_HOME", "VMPOD_RUN", "VMPOD_RUNTIME_CONFIG")
     exports = "".join(f"export {k}='{env[k]}'\n" for k in keep)
     words = " ".join(f"'{a}'" for a in (str(BINARY), *args))
-    path.write_text(f"#!/bin/sh\n{exports}exec {words} \"$@\"\n")
+    path.write_text(f'#!/bin/sh\n{exports}exec {words} "$@"\n')
     path.chmod(0o755)
     return path
 
 
-def make_bundle(where: Path, rootfs: Path, args: list[str], *, terminal: bool = False,
-                **changes: object) -> Path:
+def make_bundle(
+    where: Path, rootfs: Path, args: list[str], *, terminal: bool = False, **changes: object
+) -> Path:
     """A bundle whose config.json points at a shared rootfs (so the disk is cached)."""
     where.mkdir(parents=True, exist_ok=True)
     spec = default_spec()
@@ -86,14 +92,19 @@ class Runtime:
         self.root, self.env, self.log = root, env, log
 
     def argv(self, *args: str) -> list[str]:
-        return [str(BINARY), "--root", str(self.root), "--log", str(self.log),
-                "--log-format", "json", *args]
+        return [str(BINARY), "--root", str(self.root), "--log", str(self.log), "--log-format", "json", *args]
 
-    def __call__(self, *args: str, input: bytes | None = None, timeout: float = 120,
-                 check: bool = False) -> subprocess.CompletedProcess[bytes]:
-        res = subprocess.run(self.argv(*args), input=input, capture_output=True,
-                             timeout=timeout, env=self.env,
-                             stdin=None if input is not None else subprocess.DEVNULL)
+    def __call__(
+        self, *args: str, input: bytes | None = None, timeout: float = 120, check: bool = False
+    ) -> subprocess.CompletedProcess[bytes]:
+        res = subprocess.run(
+            self.argv(*args),
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+            env=self.env,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
         if check and res.returncode != 0:
             raise AssertionError(f"{args}: {res.returncode} {res.stderr.decode()}")
         return res
@@ -109,11 +120,16 @@ class Runtime:
             return []
         return [json.loads(line) for line in self.log.read_text().splitlines() if line]
 
-    def create(self, cid: str, bundle: Path, work: Path, *, stdin: bytes = b"",
-               extra: tuple[str, ...] = ()) -> Reaped:
-        return Reaped(self, cid, work, self.argv("create", "--bundle", str(bundle),
-                                                 "--pid-file", str(work / f"{cid}.pid"),
-                                                 *extra, cid), stdin)
+    def create(
+        self, cid: str, bundle: Path, work: Path, *, stdin: bytes = b"", extra: tuple[str, ...] = ()
+    ) -> Reaped:
+        return Reaped(
+            self,
+            cid,
+            work,
+            self.argv("create", "--bundle", str(bundle), "--pid-file", str(work / f"{cid}.pid"), *extra, cid),
+            stdin,
+        )
 
 
 class Reaped:
@@ -125,11 +141,14 @@ class Reaped:
         self.result_path = work / f"{cid}.result"
         self.pid_file = work / f"{cid}.pid"
         (work / f"{cid}.in").write_bytes(stdin)
-        with open(work / f"{cid}.in", "rb") as i, open(self.out, "wb") as o, \
-                open(self.err, "wb") as e:
+        with open(work / f"{cid}.in", "rb") as i, open(self.out, "wb") as o, open(self.err, "wb") as e:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", REAPER, str(self.result_path), str(self.pid_file), *argv],
-                stdin=i if stdin else subprocess.DEVNULL, stdout=o, stderr=e, env=rt.env)
+                stdin=i if stdin else subprocess.DEVNULL,
+                stdout=o,
+                stderr=e,
+                env=rt.env,
+            )
 
     def wait_created(self, timeout: float = 120) -> int:
         """The monitor pid once `create` succeeded; raises with its stderr otherwise."""
@@ -203,13 +222,16 @@ def monitor_pids(root: Path) -> list[int]:
     return pids_where(lambda argv: str(root) in argv)
 
 
-def run_text(argv: list[str], input: bytes | None, timeout: float
-             ) -> subprocess.CompletedProcess[str]:
+def run_text(argv: list[str], input: bytes | None, timeout: float) -> subprocess.CompletedProcess[str]:
     """Run a client CLI (podman, ctr) to completion; output decoded as text."""
-    res = subprocess.run(argv, input=input, capture_output=True, timeout=timeout,
-                         stdin=None if input is not None else subprocess.DEVNULL)
-    return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(),
-                                       res.stderr.decode())
+    res = subprocess.run(
+        argv,
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+    return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(), res.stderr.decode())
 
 
 def runtime_disks(paths: Paths) -> set[Path]:

@@ -4,6 +4,7 @@ request time-limited, and any violation closes the channel for good.
 
 ``request`` is the one choke point for RPCs (timeout, logging, latency).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,10 +27,12 @@ M = TypeVar("M", bound=p.Message)
 @dataclass
 class ProcessSink:
     """Where one process's output goes; ``exited`` resolves with the ExitEvent."""
+
     on_stdout: Callable[[bytes], None]
     on_stderr: Callable[[bytes], None]
     exited: asyncio.Future[p.ExitEvent] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future())
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     inflight: int = 0
     credit: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -42,8 +45,7 @@ class AgentRequestError(AgentError):
         self.kind = kind
 
 
-async def _open(channel: Path | tuple[int, int]) -> tuple[asyncio.StreamReader,
-                                                          asyncio.StreamWriter]:
+async def _open(channel: Path | tuple[int, int]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if isinstance(channel, Path):
         return await asyncio.open_unix_connection(str(channel), limit=p.MAX_DATA * 2)
     sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
@@ -68,8 +70,9 @@ class AgentClient:
         self._closed: BaseException | None = None
         self.hello: p.Hello | None = None
 
-    async def connect(self, channel: Path | tuple[int, int], timeout: float,
-                      check_alive: Callable[[], None]) -> p.Hello:
+    async def connect(
+        self, channel: Path | tuple[int, int], timeout: float, check_alive: Callable[[], None]
+    ) -> p.Hello:
         """Connect and wait for the agent's hello. ``channel`` is the unix socket of a
         virtio-serial port, or ``(cid, port)`` for vsock. ``check_alive`` raises when
         the VM died, so a crashed boot fails at once instead of at the timeout."""
@@ -80,12 +83,12 @@ class AgentClient:
             try:
                 self._reader, self._writer = await _open(channel)
                 break
-            except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError,
-                    TimeoutError):
+            except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, TimeoutError):
                 # vsock refuses until the agent listens; the unix socket appears with QEMU
                 if loop.time() > deadline:
-                    raise AgentTimeout(f"guest agent did not answer within {timeout:g}s "
-                                       f"(no connection to {channel})") from None
+                    raise AgentTimeout(
+                        f"guest agent did not answer within {timeout:g}s (no connection to {channel})"
+                    ) from None
                 await asyncio.sleep(0.005)
         self._hello = loop.create_future()
         self._task = asyncio.create_task(self._read_loop())
@@ -102,8 +105,9 @@ class AgentClient:
             raise
         return self.hello
 
-    async def request(self, op: str, args: dict[str, object] | None = None,
-                      timeout: float = 30.0) -> dict[str, object]:
+    async def request(
+        self, op: str, args: dict[str, object] | None = None, timeout: float = 30.0
+    ) -> dict[str, object]:
         """Send one request and wait for its response."""
         if self._closed is not None:
             raise AgentError(f"guest agent channel is closed: {self._closed}")
@@ -116,8 +120,7 @@ class AgentClient:
             self._send(p.encode_json(p.REQUEST, rid, {"id": rid, "op": op, "args": args or {}}))
             resp = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            raise AgentTimeout(f"guest agent did not answer '{op}' within {timeout:g}s",
-                               op=op) from None
+            raise AgentTimeout(f"guest agent did not answer '{op}' within {timeout:g}s", op=op) from None
         finally:
             self._pending.pop(rid, None)
             log.debug("agent %s took %.1f ms", op, (time.monotonic() - start) * 1000)
@@ -140,8 +143,7 @@ class AgentClient:
         except p.ProtocolViolation as err:
             raise ProtocolError(f"guest sent a malformed '{op}' result: {err}") from None
 
-    async def _typed(self, cls: type[M], op: str, args: p.Message | None = None,
-                     timeout: float = 30.0) -> M:
+    async def _typed(self, cls: type[M], op: str, args: p.Message | None = None, timeout: float = 30.0) -> M:
         result = await self.call(op, args, timeout)
         assert isinstance(result, cls)
         return result
@@ -201,7 +203,7 @@ class AgentClient:
         """Forward stdin, waiting for guest credit beyond the window."""
         sink = self._sinks[stream]
         for i in range(0, len(data), p.MAX_DATA):
-            chunk = data[i:i + p.MAX_DATA]
+            chunk = data[i : i + p.MAX_DATA]
             while sink.inflight + len(chunk) > p.STDIN_WINDOW and not sink.exited.done():
                 sink.credit.clear()
                 await sink.credit.wait()

@@ -19,6 +19,7 @@ importing dataclasses (and inspect behind it) and creating the classes cost
 0.26 s of a 1.0 s agent start-up under TCG, measured with -X importtime in
 the guest; everything here sits on the cold-start path.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,8 @@ MAGIC = b"VP"
 HEADER = struct.Struct("!2sBBII")
 MAX_JSON = 64 * 1024
 MAX_DATA = 256 * 1024
-STDIN_WINDOW = 1024 * 1024          # stdin bytes in flight before the host waits
-PORT_NAME = "org.vmpod.agent"       # virtio-serial port name
+STDIN_WINDOW = 1024 * 1024  # stdin bytes in flight before the host waits
+PORT_NAME = "org.vmpod.agent"  # virtio-serial port name
 VSOCK_PORT = 1024
 
 REQUEST, RESPONSE, EVENT, STDIN, STDOUT, STDERR, CREDIT = range(1, 8)
@@ -41,6 +42,7 @@ _JSON_KINDS = {REQUEST, RESPONSE, EVENT}
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~0.15 s to import in the guest; annotations only
     from typing import TypeVar
+
     M = TypeVar("M", bound="Message")
 
 
@@ -49,6 +51,7 @@ class ProtocolViolation(Exception):
 
 
 # -- framing ---------------------------------------------------------------
+
 
 def encode_frame(kind: int, stream: int, payload: bytes) -> bytes:
     limit = MAX_JSON if kind in _JSON_KINDS else MAX_DATA
@@ -65,8 +68,7 @@ def encode_data(kind: int, stream: int, data: bytes) -> list[bytes]:
     """Split ``data`` into frames of at most MAX_DATA bytes (b"" -> one EOF frame)."""
     if not data:
         return [encode_frame(kind, stream, b"")]
-    return [encode_frame(kind, stream, data[i:i + MAX_DATA])
-            for i in range(0, len(data), MAX_DATA)]
+    return [encode_frame(kind, stream, data[i : i + MAX_DATA]) for i in range(0, len(data), MAX_DATA)]
 
 
 class FrameReader:
@@ -92,7 +94,7 @@ class FrameReader:
             end = HEADER.size + length
             if len(self._buf) < end:
                 break
-            frames.append((kind, stream, bytes(self._buf[HEADER.size:end])))
+            frames.append((kind, stream, bytes(self._buf[HEADER.size : end])))
             del self._buf[:end]
         return frames
 
@@ -110,8 +112,7 @@ def parse_json(payload: bytes) -> dict[str, object]:
 
 # -- typed messages ----------------------------------------------------------
 
-_SCALARS: dict[str, type | tuple[type, ...]] = {
-    "str": str, "int": int, "bool": bool, "float": (int, float)}
+_SCALARS: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "bool": bool, "float": (int, float)}
 
 
 def _check(value: object, typ: str, where: str) -> object:
@@ -129,7 +130,8 @@ def _check(value: object, typ: str, where: str) -> object:
         return tuple(_check(v, typ[6:-6], where) for v in value)
     if typ == "dict[str, str]":
         if not isinstance(value, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
             raise ProtocolViolation(f"{where}: expected an object of strings")
         return dict(value)
     if typ == "dict[str, object]":
@@ -167,7 +169,8 @@ class Message:
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and all(
-            getattr(self, n) == getattr(other, n) for n, _ in self._fields)
+            getattr(self, n) == getattr(other, n) for n, _ in self._fields
+        )
 
     def __hash__(self) -> int:
         return hash(tuple(repr(getattr(self, n)) for n, _ in self._fields))
@@ -183,8 +186,9 @@ def decode(cls: type[M], obj: dict[str, object]) -> M:
     unknown = set(obj) - set(known)
     if unknown:
         raise ProtocolViolation(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-    args = {name: _check(obj[name], typ, f"{cls.__name__}.{name}")
-            for name, typ in known.items() if name in obj}
+    args = {
+        name: _check(obj[name], typ, f"{cls.__name__}.{name}") for name, typ in known.items() if name in obj
+    }
     try:
         return cls(**args)
     except TypeError as err:
@@ -201,6 +205,7 @@ def encode(msg: Message) -> dict[str, object]:
 
 class Hello(Message):
     """First event of the agent on a fresh connection."""
+
     protocol: int
     agent_version: str
     kernel: str
@@ -223,13 +228,15 @@ class Response(Message):
 
 class ExitEvent(Message):
     """A process ended; all of its output frames were sent before this event."""
+
     event: str
     stream: int
-    status: int          # shell convention: 128+N for a signal, 127 command not found
-    message: str = ""    # why it failed to start, when it did
+    status: int  # shell convention: 128+N for a signal, 127 command not found
+    message: str = ""  # why it failed to start, when it did
 
 
 # -- operations: arguments (Request.args) and results (Response.result) ---------
+
 
 class Empty(Message):
     """The result of an operation that answers nothing but success."""
@@ -241,12 +248,13 @@ class PingResult(Message):
 
 class CreateContainer(Message):
     """Prepare a bundle: mount the rootfs device (read-only lower + tmpfs upper)."""
+
     container_id: str
-    spec: dict[str, object]        # OCI runtime config; root.path is set by the agent
-    rootfs_serial: str             # virtio-blk serial of the disk holding the image
-    rootfs_fstype: str = "erofs"   # erofs or ext4 ("dir" only in in-process tests)
-    user: str = ""                 # "name", "uid" or "uid:gid", resolved in the rootfs
-    runtime: str = "runc"          # OCI runtime in the guest: "runc" or "crun"
+    spec: dict[str, object]  # OCI runtime config; root.path is set by the agent
+    rootfs_serial: str  # virtio-blk serial of the disk holding the image
+    rootfs_fstype: str = "erofs"  # erofs or ext4 ("dir" only in in-process tests)
+    user: str = ""  # "name", "uid" or "uid:gid", resolved in the rootfs
+    runtime: str = "runc"  # OCI runtime in the guest: "runc" or "crun"
     # Small host files bind-mounted into the container (podman's /etc/hosts, secrets):
     # NAME -> base64 content, written to <bundle>/files/NAME (at most MAX_FILES bytes
     # decoded); mounts whose source is "files/NAME" are pointed at the written copy.
@@ -254,11 +262,12 @@ class CreateContainer(Message):
 
 
 class ContainerCreated(Message):
-    bundle: str                    # the bundle directory in the guest
+    bundle: str  # the bundle directory in the guest
 
 
 class StartContainer(Message):
     """Run the container's process; its stdio becomes ``stream``."""
+
     container_id: str
     stream: int
     stdin: bool = False
@@ -269,16 +278,18 @@ class StartContainer(Message):
 
 class ExecProcess(Message):
     """Run another process in a running container (``runc exec``)."""
+
     container_id: str
     stream: int
-    process: dict[str, object]     # OCI process object
+    process: dict[str, object]  # OCI process object
     stdin: bool = False
     user: str = ""
 
 
 class ProcessStarted(Message):
     """Result of start_container and exec."""
-    pid: int                       # the guest OCI runtime's pid (not the container's)
+
+    pid: int  # the guest OCI runtime's pid (not the container's)
     # False only when wait_started was asked and the runtime gave up before the
     # process ran; its ExitEvent says why.
     started: bool = True
@@ -301,6 +312,7 @@ class WaitProcess(Message):
 
 class ExitStatus(Message):
     """Result of wait: the process's status, as in its ExitEvent."""
+
     status: int
 
 
@@ -320,10 +332,11 @@ class GuestInfo(Message):
 
 class RuntimeCommand(Message):
     """Run the guest OCI runtime on a container: ``<runtime> COMMAND ARGS... ID``."""
+
     container_id: str
-    command: str                   # one of RUNTIME_COMMANDS
+    command: str  # one of RUNTIME_COMMANDS
     args: tuple[str, ...] = ()
-    resources: dict[str, object] = {}   # for "update": written to a file, --resources FILE
+    resources: dict[str, object] = {}  # for "update": written to a file, --resources FILE
 
 
 RUNTIME_COMMANDS = ("ps", "pause", "resume", "kill", "events", "update", "state")
@@ -331,6 +344,7 @@ RUNTIME_COMMANDS = ("ps", "pause", "resume", "kill", "events", "update", "state"
 
 class CommandResult(Message):
     """Outcome of a short helper command in the guest (output size-limited)."""
+
     status: int
     stdout: str
     stderr: str = ""
@@ -341,6 +355,7 @@ class CommandResult(Message):
 
 class LoadModule(Message):
     """insmod a module the host shipped in the initramfs (under MODULES_DIR)."""
+
     path: str
     params: tuple[str, ...] = ()
 
@@ -351,13 +366,14 @@ class UnloadModule(Message):
 
 class KernelLog(Message):
     """Kernel log records after sequence number ``since``."""
+
     since: int = -1
 
 
 class KernelLogResult(Message):
-    text: str            # "[seconds] message" lines, at most MAX_LOG bytes (the newest)
+    text: str  # "[seconds] message" lines, at most MAX_LOG bytes (the newest)
     last_seq: int
-    tainted: int         # /proc/sys/kernel/tainted
+    tainted: int  # /proc/sys/kernel/tainted
     truncated: bool = False
 
 
@@ -367,14 +383,15 @@ class GetStats(Message):
 
 class ContainerStats(Message):
     """Usage of the container's cgroup (v2) in the guest; a missing file reads 0."""
+
     cpu_usage_usec: int
     memory_bytes: int
     pids: int
 
 
-MODULES_DIR = "/run/vmpod/modules"   # where /init leaves host-provided modules
+MODULES_DIR = "/run/vmpod/modules"  # where /init leaves host-provided modules
 MAX_OUTPUT = 32 * 1024
-MAX_FILES = 256 * 1024               # CreateContainer.files, decoded total
+MAX_FILES = 256 * 1024  # CreateContainer.files, decoded total
 MAX_LOG = 48 * 1024
 
 OPS: dict[str, tuple[type[Message] | None, type[Message]]] = {

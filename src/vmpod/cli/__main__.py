@@ -1,4 +1,5 @@
 """`python -m vmpod.cli` runs the `vmpod` command."""
+
 from vmpod.cli.main import main
 
 main()

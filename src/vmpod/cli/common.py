@@ -1,4 +1,5 @@
 """Shared CLI plumbing: one-line errors with the right exit code, progress lines."""
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,10 @@ def fail(err: VmpodError) -> int:
         return err.exit_code
     tail = str(err.details["console_tail"])
     if not tail.strip():
-        click.echo("vmpod: guest console is empty (nothing printed yet; "
-                   "--console keeps all kernel messages)", err=True)
+        click.echo(
+            "vmpod: guest console is empty (nothing printed yet; --console keeps all kernel messages)",
+            err=True,
+        )
     else:
         click.echo("vmpod: guest console (last lines):", err=True)
         for line in tail.splitlines():
@@ -47,7 +50,9 @@ def guard(fn: Callable[[], T]) -> T:
 
 def guarded(fn: Callable[P, T]) -> Callable[P, T]:
     """Decorator form of ``guard`` for click commands."""
+
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         return guard(lambda: fn(*args, **kwargs))
+
     return wrapper

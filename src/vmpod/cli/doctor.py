@@ -1,4 +1,5 @@
 """`vmpod doctor`: what works on this host and why."""
+
 from __future__ import annotations
 
 import os
@@ -16,15 +17,26 @@ from vmpod.paths import Paths
 
 _MIN_FREE = 1 << 30
 _TOOLS = {
-    "mmdebstrap": "builds the guest root", "mkfs.erofs": "makes root images (erofs-utils)",
-    "cpio": "packs the initramfs", "depmod": "indexes kernel modules (kmod)",
-    "apt-get": "fetches Debian kernels", "dpkg-deb": "unpacks kernels",
+    "mmdebstrap": "builds the guest root",
+    "mkfs.erofs": "makes root images (erofs-utils)",
+    "cpio": "packs the initramfs",
+    "depmod": "indexes kernel modules (kmod)",
+    "apt-get": "fetches Debian kernels",
+    "dpkg-deb": "unpacks kernels",
     "lz4": "unpacks LZ4 kernels",
 }
 # Kernel features the guest needs; built in (=y) or module (=m) both work.
-_KERNEL_FEATURES = ("CONFIG_VIRTIO_MMIO", "CONFIG_VIRTIO_BLK", "CONFIG_VIRTIO_CONSOLE",
-                    "CONFIG_EROFS_FS", "CONFIG_OVERLAY_FS", "CONFIG_CGROUPS", "CONFIG_PID_NS",
-                    "CONFIG_DEVTMPFS", "CONFIG_BLK_DEV_INITRD")
+_KERNEL_FEATURES = (
+    "CONFIG_VIRTIO_MMIO",
+    "CONFIG_VIRTIO_BLK",
+    "CONFIG_VIRTIO_CONSOLE",
+    "CONFIG_EROFS_FS",
+    "CONFIG_OVERLAY_FS",
+    "CONFIG_CGROUPS",
+    "CONFIG_PID_NS",
+    "CONFIG_DEVTMPFS",
+    "CONFIG_BLK_DEV_INITRD",
+)
 
 
 @dataclass(frozen=True)
@@ -38,36 +50,67 @@ class Check:
 def checks(paths: Paths, kernel: str, accel: str) -> list[Check]:
     out = []
     qemu = vmm_binary("qemu")
-    out.append(Check("qemu", qemu is not None, qemu or "qemu-system-x86_64 not on PATH "
-                     "(apt-get install qemu-system-x86)"))
+    out.append(
+        Check(
+            "qemu",
+            qemu is not None,
+            qemu or "qemu-system-x86_64 not on PATH (apt-get install qemu-system-x86)",
+        )
+    )
     choice = choose_accel(accel)
     out.append(Check("accelerator", True, f"{choice.accel}: {choice.reason}"))
     vsock = Path("/dev/vhost-vsock").exists()
-    out.append(Check("agent channel", True, "vsock available (/dev/vhost-vsock)" if vsock
-                     else "virtio-serial (no /dev/vhost-vsock on this host)", required=False))
+    out.append(
+        Check(
+            "agent channel",
+            True,
+            "vsock available (/dev/vhost-vsock)"
+            if vsock
+            else "virtio-serial (no /dev/vhost-vsock on this host)",
+            required=False,
+        )
+    )
     for tool, why in _TOOLS.items():
         found = shutil.which(tool)
         out.append(Check(f"tool {tool}", found is not None, found or f"missing: {why}"))
-    out.append(Check("root", os.geteuid() == 0,
-                     "running as root" if os.geteuid() == 0 else
-                     "building guest assets needs root (mknod, chroot, mmdebstrap)"))
+    out.append(
+        Check(
+            "root",
+            os.geteuid() == 0,
+            "running as root"
+            if os.geteuid() == 0
+            else "building guest assets needs root (mknod, chroot, mmdebstrap)",
+        )
+    )
     probe = paths.home if paths.home.exists() else Path("/")
     free = shutil.disk_usage(probe).free
-    out.append(Check("free disk", free >= _MIN_FREE,
-                     f"{free / 2**30:.1f} GiB free at {probe} (need ≥ 1 GiB)"))
+    out.append(
+        Check("free disk", free >= _MIN_FREE, f"{free / 2**30:.1f} GiB free at {probe} (need ≥ 1 GiB)")
+    )
     state = assets_state(paths, kernel)
     built = all(bool(v) for v in state.values())
-    out.append(Check("guest assets", True, "ready: " + ", ".join(f"{k}={v}" for k, v in state.items())
-                     if built else "not built yet (first `vmpod run` or `vmpod assets build` "
-                     f"builds them): {state}", required=False))
+    out.append(
+        Check(
+            "guest assets",
+            True,
+            "ready: " + ", ".join(f"{k}={v}" for k, v in state.items())
+            if built
+            else f"not built yet (first `vmpod run` or `vmpod assets build` builds them): {state}",
+            required=False,
+        )
+    )
     k = load_cached(paths, kernel)
     if k is not None:
         config = k.config.read_text().splitlines()
-        missing = [f for f in _KERNEL_FEATURES
-                   if f"{f}=y" not in config and f"{f}=m" not in config]
-        out.append(Check(f"kernel {k.release}", not missing,
-                         f"PVH boot={'yes' if k.pvh else 'no'}; " +
-                         (f"missing {', '.join(missing)}" if missing else "required features present")))
+        missing = [f for f in _KERNEL_FEATURES if f"{f}=y" not in config and f"{f}=m" not in config]
+        out.append(
+            Check(
+                f"kernel {k.release}",
+                not missing,
+                f"PVH boot={'yes' if k.pvh else 'no'}; "
+                + (f"missing {', '.join(missing)}" if missing else "required features present"),
+            )
+        )
     return out
 
 

@@ -1,4 +1,5 @@
 """`vmpod pull / images / rmi`: the local image store that registry pulls fill."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -15,12 +16,19 @@ from vmpod.paths import default_paths
 
 @click.command()
 @click.argument("reference")
-@click.option("--insecure", is_flag=True,
-              help="Use plain HTTP for this registry (loopback registries always do).")
-@click.option("--creds", default="", metavar="USER:PASSWORD",
-              help="Registry credentials (default: $REGISTRY_AUTH).")
-@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
-              help="Seconds a registry may stay silent before the pull fails.")
+@click.option(
+    "--insecure", is_flag=True, help="Use plain HTTP for this registry (loopback registries always do)."
+)
+@click.option(
+    "--creds", default="", metavar="USER:PASSWORD", help="Registry credentials (default: $REGISTRY_AUTH)."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=30.0,
+    show_default=True,
+    help="Seconds a registry may stay silent before the pull fails.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
 @guarded
 def pull(reference: str, insecure: bool, creds: str, timeout: float, quiet: bool) -> None:
@@ -32,8 +40,10 @@ def pull(reference: str, insecure: bool, creds: str, timeout: float, quiet: bool
     # imported here for start-up time: the store loads urllib and ssl, which other commands skip
     from vmpod.images.store import PullOptions, creds_from_env, parse_creds
     from vmpod.images.store import pull as pull_image
-    options = PullOptions(insecure=insecure, timeout=timeout,
-                          creds=parse_creds(creds) if creds else creds_from_env())
+
+    options = PullOptions(
+        insecure=insecure, timeout=timeout, creds=parse_creds(creds) if creds else creds_from_env()
+    )
     image = pull_image(default_paths(), reference, options, silent if quiet else progress)
     click.echo(image.digest)
 
@@ -46,6 +56,7 @@ def images(quiet: bool) -> None:
     # imported here for start-up time: the store loads urllib and ssl, which other commands skip
     from vmpod.images.reference import parse_reference
     from vmpod.images.store import ImageStore, human_size
+
     with _local_errors():
         stored = ImageStore(default_paths().images).images()
     if quiet:
@@ -55,12 +66,20 @@ def images(quiet: bool) -> None:
     rows = [("REPOSITORY", "TAG", "DIGEST", "SIZE", "CREATED")]
     for image in stored:
         ref = parse_reference(image.name)
-        rows.append((ref.name, ref.tag or "<none>", image.digest.partition(":")[2][:12],
-                     human_size(image.size) if image.size >= 0 else "?", _ago(image.created)))
+        rows.append(
+            (
+                ref.name,
+                ref.tag or "<none>",
+                image.digest.partition(":")[2][:12],
+                human_size(image.size) if image.size >= 0 else "?",
+                _ago(image.created),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-                   + "  " + row[4])
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4]
+        )
 
 
 @click.command()
@@ -71,12 +90,15 @@ def rmi(references: tuple[str, ...]) -> None:
     # imported here for start-up time: the store loads urllib and ssl, which other commands skip
     from vmpod.images.reference import parse_reference
     from vmpod.images.store import ImageStore, human_size
+
     store = ImageStore(default_paths().images)
     for text in references:
         with _local_errors():
             removal = store.remove(str(parse_reference(text)))
-        click.echo(f"untagged {removal.image.name}; deleted {removal.blobs_removed} blobs "
-                   f"({human_size(removal.bytes_freed)})")
+        click.echo(
+            f"untagged {removal.image.name}; deleted {removal.blobs_removed} blobs "
+            f"({human_size(removal.bytes_freed)})"
+        )
 
 
 @contextmanager
@@ -98,8 +120,14 @@ def _ago(created: str, now: datetime | None = None) -> str:
     seconds = ((now or datetime.now(UTC)) - when).total_seconds()
     if seconds < 60:
         return "just now" if seconds >= 0 else "in the future"
-    for unit, size in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400),
-                       ("day", 86400), ("hour", 3600), ("minute", 60)):
+    for unit, size in (
+        ("year", 365 * 86400),
+        ("month", 30 * 86400),
+        ("week", 7 * 86400),
+        ("day", 86400),
+        ("hour", 3600),
+        ("minute", 60),
+    ):
         if seconds >= size:
             count = int(seconds // size)
             return f"{count} {unit}{'s' if count > 1 else ''} ago"

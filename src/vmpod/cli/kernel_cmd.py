@@ -1,4 +1,5 @@
 """`vmpod kernel list|add|rm|info`: the guest kernel catalog."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,10 @@ def list_() -> None:
     click.echo(f"{'ID':<32} {'RELEASE':<28} {'SOURCE':<48} {'PVH':<4} {'HEADERS':<8} NAMES")
     for k in rows:
         source = "local" if k.package == "local" else f"{k.package}"
-        click.echo(f"{k.id:<32} {k.release:<28} {source:<48} {'yes' if k.pvh else 'no':<4} "
-                   f"{'yes' if headers_dir(k) else 'no':<8} {','.join(aliases_of(paths, k.id))}")
+        click.echo(
+            f"{k.id:<32} {k.release:<28} {source:<48} {'yes' if k.pvh else 'no':<4} "
+            f"{'yes' if headers_dir(k) else 'no':<8} {','.join(aliases_of(paths, k.id))}"
+        )
 
 
 @kernel.command("add")
@@ -49,8 +52,9 @@ def list_() -> None:
 @click.option("--headers", type=click.Path(path_type=Path), help="Its kbuild dir (for modules).")
 @click.option("--no-headers", is_flag=True, help="Debian kernels: skip the headers download.")
 @guarded
-def add(name: str, vmlinuz: Path | None, modules: Path | None, headers: Path | None,
-        no_headers: bool) -> None:
+def add(
+    name: str, vmlinuz: Path | None, modules: Path | None, headers: Path | None, no_headers: bool
+) -> None:
     """Add NAME from Debian packages (with headers), or a local kernel (--vmlinuz,
     --modules [--headers]; NAME then becomes a short name for it)."""
     paths = default_paths()
@@ -87,6 +91,16 @@ def info(name: str) -> None:
     if k is None:
         raise ConfigError(f"kernel '{name}' is not in the catalog", hint="see 'vmpod kernel list'")
     h = headers_dir(k)
-    click.echo(json.dumps({**kernel_summary(k), "id": k.id, "names": aliases_of(paths, k.id),
-                           "boot_image": str(k.boot_image), "modules": str(k.modules_dir),
-                           "headers": str(h) if h else None}, indent=2))
+    click.echo(
+        json.dumps(
+            {
+                **kernel_summary(k),
+                "id": k.id,
+                "names": aliases_of(paths, k.id),
+                "boot_image": str(k.boot_image),
+                "modules": str(k.modules_dir),
+                "headers": str(h) if h else None,
+            },
+            indent=2,
+        )
+    )

@@ -1,4 +1,5 @@
 """`vmpod matrix`: one kernel module, many kernels, one report."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,23 +31,47 @@ def default_jobs() -> int:
 
 @click.command()
 @click.option("--kernels", required=True, help="Comma-separated kernels (see `vmpod kernel`).")
-@click.option("--module-src", required=True, type=click.Path(path_type=Path),
-              help="Directory with the module's sources and Kbuild/Makefile.")
-@click.option("--test", "test_script", required=True, type=click.Path(path_type=Path),
-              help="Shell script run in a container in each VM with the module loaded.")
+@click.option(
+    "--module-src",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Directory with the module's sources and Kbuild/Makefile.",
+)
+@click.option(
+    "--test",
+    "test_script",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Shell script run in a container in each VM with the module loaded.",
+)
 @click.option("--image", default="", help="Image for the test container (default: busybox).")
 @click.option("--jobs", type=int, default=0, help="Kernels in parallel (default: cores/memory).")
 @click.option("--junit", type=click.Path(path_type=Path), help="Write JUnit XML here.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write JSON here.")
-@click.option("--logs", type=click.Path(path_type=Path), default=Path("vmpod-matrix-logs"),
-              show_default=True, help="Per-kernel logs (build, load, test, dmesg, console).")
+@click.option(
+    "--logs",
+    type=click.Path(path_type=Path),
+    default=Path("vmpod-matrix-logs"),
+    show_default=True,
+    help="Per-kernel logs (build, load, test, dmesg, console).",
+)
 @click.option("--boot-timeout", type=float, default=90.0, show_default=True)
 @click.option("--test-timeout", type=float, default=300.0, show_default=True)
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto")
 @guarded
-def matrix(kernels: str, module_src: Path, test_script: Path, image: str, jobs: int,
-           junit: Path | None, json_out: Path | None, logs: Path, boot_timeout: float,
-           test_timeout: float, accel: str) -> None:
+def matrix(
+    kernels: str,
+    module_src: Path,
+    test_script: Path,
+    image: str,
+    jobs: int,
+    junit: Path | None,
+    json_out: Path | None,
+    logs: Path,
+    boot_timeout: float,
+    test_timeout: float,
+    accel: str,
+) -> None:
     """Build, load and test one kernel module on many kernels, each in its own VM.
 
     Exits non-zero when any kernel fails (build, boot, load, test, unload, or a
@@ -77,11 +102,18 @@ def matrix(kernels: str, module_src: Path, test_script: Path, image: str, jobs: 
         source = resolve_image(image)
     else:
         source = resolve_rootfs(busybox_rootfs(paths, targets[0].assets.tree / "bin/busybox"))
-    cfg = MatrixConfig(module_src=module_src.resolve(), test_script=read_script(test_script),
-                       image_disk=rootfs_disk(paths, source, progress),
-                       image_config=source.config, logs=logs.resolve(), accel=choice,
-                       jobs=jobs or default_jobs(), memory_mb=_VM_MEMORY_MB,
-                       boot_timeout=boot_timeout, test_timeout=test_timeout)
+    cfg = MatrixConfig(
+        module_src=module_src.resolve(),
+        test_script=read_script(test_script),
+        image_disk=rootfs_disk(paths, source, progress),
+        image_config=source.config,
+        logs=logs.resolve(),
+        accel=choice,
+        jobs=jobs or default_jobs(),
+        memory_mb=_VM_MEMORY_MB,
+        boot_timeout=boot_timeout,
+        test_timeout=test_timeout,
+    )
     # Off a terminal (CI logs) rich would wrap the table at 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     progress(f"{len(targets)} kernels, {cfg.jobs} at a time, accel {choice.accel}")
@@ -90,8 +122,7 @@ def matrix(kernels: str, module_src: Path, test_script: Path, image: str, jobs: 
     _report(console, results, junit, json_out, cfg.logs)
     failed = [r.kernel for r in results if not r.passed]
     if failed:
-        click.echo(f"vmpod: {len(failed)} of {len(results)} kernels failed: {', '.join(failed)}",
-                   err=True)
+        click.echo(f"vmpod: {len(failed)} of {len(results)} kernels failed: {', '.join(failed)}", err=True)
         sys.exit(1)
 
 
@@ -101,17 +132,21 @@ def _check_args(kernels: str, module_src: Path, test_script: Path) -> list[str]:
     if not names or len(set(names)) != len(names):
         raise ConfigError("--kernels needs distinct kernel names, e.g. 6.1,6.12-generic")
     if not (module_src / "Kbuild").is_file() and not (module_src / "Makefile").is_file():
-        raise ConfigError(f"{module_src} has no Kbuild or Makefile",
-                          hint="point --module-src at the module's source directory")
+        raise ConfigError(
+            f"{module_src} has no Kbuild or Makefile",
+            hint="point --module-src at the module's source directory",
+        )
     if not test_script.is_file():
         raise ConfigError(f"test script {test_script} not found")
     return names
 
 
-def _report(console: Console, results: list[KernelResult], junit: Path | None,
-            json_out: Path | None, logs: Path) -> None:
+def _report(
+    console: Console, results: list[KernelResult], junit: Path | None, json_out: Path | None, logs: Path
+) -> None:
     # imported here, like the rest of the matrix machinery (start-up time of `vmpod`)
     from vmpod.matrix.report import results_table, write_json, write_junit
+
     console.print(results_table(results))
     if junit:
         write_junit(results, junit)

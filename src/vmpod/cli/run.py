@@ -1,4 +1,5 @@
 """`vmpod run`: image -> erofs disk -> sandbox -> container, stdio relayed live."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,7 @@ from vmpod.sandbox.build import check_resources
 from vmpod.storage.erofs import rootfs_disk
 
 log = logging.getLogger(__name__)
-STOP_GRACE = 5.0   # seconds between the forwarded signal and SIGKILL
+STOP_GRACE = 5.0  # seconds between the forwarded signal and SIGKILL
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ class RunOptions:
     boot_timeout: float = 60.0
     verbose_console: bool = False
     guest_runtime: str = "runc"
-    kernel_modules: tuple[str, ...] = ()   # NAME[=params] from the kernel's own tree
-    load_modules: tuple[str, ...] = ()     # FILE.ko[=params] built elsewhere
+    kernel_modules: tuple[str, ...] = ()  # NAME[=params] from the kernel's own tree
+    load_modules: tuple[str, ...] = ()  # FILE.ko[=params] built elsewhere
 
 
 def resolve_source(opts: RunOptions, progress: Progress) -> ImageSource:
@@ -53,20 +54,37 @@ def resolve_source(opts: RunOptions, progress: Progress) -> ImageSource:
 async def run(paths: Paths, opts: RunOptions, progress: Progress) -> int:
     """Run one container in a fresh sandbox; returns the container's exit status."""
     t0 = time.monotonic()
-    check_resources(opts.cpus, opts.memory_mb)   # before any image work
+    check_resources(opts.cpus, opts.memory_mb)  # before any image work
     source = resolve_source(opts, progress)
-    oci = build_spec(source.config, opts.process)   # validates before anything boots
+    oci = build_spec(source.config, opts.process)  # validates before anything boots
     disk = rootfs_disk(paths, source, progress)
-    config = prepare(paths, SandboxSpec(
-        kernel=opts.kernel, accel=opts.accel, cpus=opts.cpus, memory_mb=opts.memory_mb,
-        boot_timeout=opts.boot_timeout, verbose_console=opts.verbose_console, rootfs=(disk,),
-        kernel_modules=opts.kernel_modules, module_files=opts.load_modules), progress)
+    config = prepare(
+        paths,
+        SandboxSpec(
+            kernel=opts.kernel,
+            accel=opts.accel,
+            cpus=opts.cpus,
+            memory_mb=opts.memory_mb,
+            boot_timeout=opts.boot_timeout,
+            verbose_console=opts.verbose_console,
+            rootfs=(disk,),
+            kernel_modules=opts.kernel_modules,
+            module_files=opts.load_modules,
+        ),
+        progress,
+    )
     async with Sandbox(paths, config) as sandbox:
         log.info("sandbox %s: agent ready after %.2fs", sandbox.id, time.monotonic() - t0)
         await sandbox.load_modules()
-        container = await sandbox.create_container(ContainerSpec(
-            id=sandbox.id, oci=oci, rootfs=disk, user=user_of(source.config, opts.process),
-            runtime=opts.guest_runtime))
+        container = await sandbox.create_container(
+            ContainerSpec(
+                id=sandbox.id,
+                oci=oci,
+                rootfs=disk,
+                user=user_of(source.config, opts.process),
+                runtime=opts.guest_runtime,
+            )
+        )
         tty = opts.process.tty
         relay = Relay()
         output = Output(relay.writer(1, owned=False).write, relay.writer(2, owned=False).write)

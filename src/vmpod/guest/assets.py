@@ -2,6 +2,7 @@
 
 Building is serialised by a lock in the cache so concurrent runs do not race.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -23,7 +24,7 @@ class GuestAssets:
     kernel: Kernel
     initramfs: Path
     rootfs: Path
-    tree: Path          # the unpacked guest root the image was made from
+    tree: Path  # the unpacked guest root the image was made from
 
 
 @contextmanager
@@ -34,8 +35,7 @@ def _build_lock(paths: Paths) -> Iterator[None]:
         yield
 
 
-def ensure_assets(paths: Paths, kernel: str = DEFAULT_KERNEL,
-                  progress: Progress = silent) -> GuestAssets:
+def ensure_assets(paths: Paths, kernel: str = DEFAULT_KERNEL, progress: Progress = silent) -> GuestAssets:
     """Everything needed to boot a sandbox with ``kernel``, building what is missing."""
     try:
         with _build_lock(paths):
@@ -49,8 +49,9 @@ def ensure_assets(paths: Paths, kernel: str = DEFAULT_KERNEL,
             return GuestAssets(kernel=k, initramfs=initrd, rootfs=image, tree=tree)
     except (OSError, VmpodError) as err:
         if is_disk_full(err):
-            raise AssetError(f"disk full while building guest assets in {paths.home}",
-                             hint="free some space and retry") from err
+            raise AssetError(
+                f"disk full while building guest assets in {paths.home}", hint="free some space and retry"
+            ) from err
         if isinstance(err, VmpodError):
             raise
         raise AssetError(f"cannot build guest assets: {err}") from err

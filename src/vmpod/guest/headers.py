@@ -6,6 +6,7 @@ them under the kernel's cache dir and relocate the one absolute path that
 matters (the release Makefile's ``include /usr/src/...``); the other links are
 relative and keep working.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,7 +23,7 @@ from vmpod.proc import run
 def headers_dir(kernel: Kernel) -> Path | None:
     """The kbuild directory (``make -C DIR M=...``) if headers are installed."""
     local = kernel.root / "headers.path"
-    if local.is_file():   # a local kernel added with --headers
+    if local.is_file():  # a local kernel added with --headers
         path = Path(local.read_text().strip())
         return path if path.is_dir() else None
     build = kernel.root / "headers" / "usr/src" / f"linux-headers-{kernel.release}"
@@ -35,18 +36,23 @@ def ensure_headers(paths: Paths, kernel: Kernel) -> Path:
     if found is not None:
         return found
     if kernel.package == "local":
-        raise AssetError(f"kernel {kernel.release} has no headers",
-                         hint="add it again with --headers DIR")
+        raise AssetError(f"kernel {kernel.release} has no headers", hint="add it again with --headers DIR")
     top = f"linux-headers-{kernel.release}"
-    deps = run(["apt-cache", "depends", top], what=f"resolve {top}",
-               hint="run 'apt-get update'").stdout.decode()
-    packages = [top] + [d for d in re.findall(r"Depends: (\S+)", deps)
-                        if d.startswith(("linux-headers-", "linux-kbuild-"))]
+    deps = run(
+        ["apt-cache", "depends", top], what=f"resolve {top}", hint="run 'apt-get update'"
+    ).stdout.decode()
+    packages = [top] + [
+        d for d in re.findall(r"Depends: (\S+)", deps) if d.startswith(("linux-headers-", "linux-kbuild-"))
+    ]
     paths.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="headers-") as tmp:
         work = Path(tmp)
-        run(["apt-get", "download", "-q", *packages], what=f"download headers of {kernel.release}",
-            cwd=work, hint="run 'apt-get update' and check that the Debian mirror is reachable")
+        run(
+            ["apt-get", "download", "-q", *packages],
+            what=f"download headers of {kernel.release}",
+            cwd=work,
+            hint="run 'apt-get update' and check that the Debian mirror is reachable",
+        )
         tree = work / "tree"
         for deb in sorted(work.glob("*.deb")):
             run(["dpkg-deb", "-x", deb, tree], what=f"unpack {deb.name}")

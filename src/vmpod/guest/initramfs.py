@@ -2,6 +2,7 @@
 
 Uncompressed newc cpio: under TCG decompressing costs more than reading.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,9 +50,12 @@ def ensure_initramfs(paths: Paths, kernel: Kernel, busybox: Path) -> Path:
         names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
         out = Path(tmp) / "initramfs.cpio"
         with out.open("wb") as fh:
-            proc = run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
-                       what="pack initramfs", cwd=stage,
-                       input=("\n".join([".", *names]) + "\n").encode())
+            proc = run(
+                ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
+                what="pack initramfs",
+                cwd=stage,
+                input=("\n".join([".", *names]) + "\n").encode(),
+            )
             fh.write(proc.stdout)
         for old in paths.guest.glob(f"initramfs-{kernel.id}-*.cpio"):
             old.unlink()
@@ -59,7 +63,7 @@ def ensure_initramfs(paths: Paths, kernel: Kernel, busybox: Path) -> Path:
     return final
 
 
-EXTRA_MODULES_DIR = "vmpod-modules"   # in the initramfs; /init copies it to the agent
+EXTRA_MODULES_DIR = "vmpod-modules"  # in the initramfs; /init copies it to the agent
 
 
 def with_modules(base: Path, modules: dict[str, bytes], dest: Path) -> Path:
@@ -77,8 +81,12 @@ def with_modules(base: Path, modules: dict[str, bytes], dest: Path) -> Path:
                 raise AssetError(f"invalid module file name {name!r}")
             (stage / EXTRA_MODULES_DIR / name).write_bytes(data)
             names.append(f"{EXTRA_MODULES_DIR}/{name}")
-        extra = run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"], what="pack modules",
-                    cwd=stage, input=("\n".join(names) + "\n").encode()).stdout
+        extra = run(
+            ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
+            what="pack modules",
+            cwd=stage,
+            input=("\n".join(names) + "\n").encode(),
+        ).stdout
     data = base.read_bytes()
     dest.write_bytes(data + b"\0" * (-len(data) % 4) + extra)
     return dest
@@ -97,11 +105,11 @@ def _stage(stage: Path, kernel: Kernel, busybox: Path) -> None:
     try:
         os.mknod(stage / "dev/console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
     except PermissionError as err:
-        raise AssetError("building the initramfs needs root (mknod /dev/console)",
-                         hint="run as root") from err
+        raise AssetError(
+            "building the initramfs needs root (mknod /dev/console)", hint="run as root"
+        ) from err
     boot = _install(stage, load_order(kernel.modules_dir, BOOT_MODULES))
-    vsock = [m for m in _install(stage, load_order(kernel.modules_dir, VSOCK_MODULES))
-             if m not in boot]
+    vsock = [m for m in _install(stage, load_order(kernel.modules_dir, VSOCK_MODULES)) if m not in boot]
     (stage / "etc/modules.load").write_text("\n".join(boot) + "\n")
     (stage / "etc/modules.vsock").write_text("\n".join(vsock) + "\n")
 

@@ -3,6 +3,7 @@
 A kernel lives in ``<home>/kernels/<release>/`` with ``kernel.json`` written last,
 so a half-built directory is never mistaken for a usable one.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -26,11 +27,19 @@ DEFAULT_KERNEL = "6.1"
 # "debian:6.12-amd64", "6.1-rt"; the newest package of it wins) or an exact
 # release ("debian:6.1.0-47-cloud-amd64"). No flavour means cloud: it boots fastest.
 _SERIES_RE = re.compile(
-    r"^(?P<series>[0-9]+\.[0-9]+)(?:-(?P<flavour>cloud|rt|generic|amd64|cloud-amd64|rt-amd64))?$")
-_FLAVOURS = {None: "cloud-", "cloud": "cloud-", "cloud-amd64": "cloud-", "rt": "rt-",
-             "rt-amd64": "rt-", "generic": "", "amd64": ""}
+    r"^(?P<series>[0-9]+\.[0-9]+)(?:-(?P<flavour>cloud|rt|generic|amd64|cloud-amd64|rt-amd64))?$"
+)
+_FLAVOURS = {
+    None: "cloud-",
+    "cloud": "cloud-",
+    "cloud-amd64": "cloud-",
+    "rt": "rt-",
+    "rt-amd64": "rt-",
+    "generic": "",
+    "amd64": "",
+}
 _RELEASE_RE = re.compile(r"^[0-9]+\.[0-9]+[0-9A-Za-z.+_-]*$")
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,127}$")   # catalog keys and names
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,127}$")  # catalog keys and names
 _EXACT_RE = re.compile(r"^[0-9]+\.[0-9]+(\.[0-9]+)?(-[0-9]+|\+deb[0-9]+)-(cloud-|rt-)?amd64$")
 
 
@@ -38,11 +47,11 @@ _EXACT_RE = re.compile(r"^[0-9]+\.[0-9]+(\.[0-9]+)?(-[0-9]+|\+deb[0-9]+)-(cloud-
 class Kernel:
     """An unpacked guest kernel ready to boot."""
 
-    release: str          # what `uname -r` prints in the guest
-    package: str          # Debian package it came from
-    version: str          # Debian package version
-    root: Path            # cache directory of this kernel
-    pvh: bool             # vmlinux has a PVH entry point (boots without decompression)
+    release: str  # what `uname -r` prints in the guest
+    package: str  # Debian package it came from
+    version: str  # Debian package version
+    root: Path  # cache directory of this kernel
+    pvh: bool  # vmlinux has a PVH entry point (boots without decompression)
 
     @property
     def id(self) -> str:
@@ -79,8 +88,13 @@ def load_cached(paths: Paths, name: str) -> Kernel | None:
     if not _KEY_RE.match(key) or not meta.is_file():
         return None
     data = json.loads(meta.read_text())
-    return Kernel(release=data["release"], package=data["package"], version=data["version"],
-                  root=meta.parent, pvh=bool(data["pvh"]))
+    return Kernel(
+        release=data["release"],
+        package=data["package"],
+        version=data["version"],
+        root=meta.parent,
+        pvh=bool(data["pvh"]),
+    )
 
 
 def ensure_kernel(paths: Paths, name: str = DEFAULT_KERNEL) -> Kernel:
@@ -96,20 +110,25 @@ def ensure_kernel(paths: Paths, name: str = DEFAULT_KERNEL) -> Kernel:
     return kernel
 
 
-def add_local(paths: Paths, vmlinuz: Path, modules: Path, headers: Path | None = None,
-              name: str = "") -> Kernel:
+def add_local(
+    paths: Paths, vmlinuz: Path, modules: Path, headers: Path | None = None, name: str = ""
+) -> Kernel:
     """Catalog a kernel built elsewhere: a bzImage (or ELF vmlinux), its modules
     directory (lib/modules/<release>, whose name is the release) and optionally a
     kbuild directory for module builds. Boots as given; modules are re-indexed."""
     if not vmlinuz.is_file():
         raise ConfigError(f"kernel image '{vmlinuz}' not found")
     if not modules.is_dir():
-        raise ConfigError(f"modules directory '{modules}' not found",
-                          hint="pass the lib/modules/<release> directory of that kernel")
+        raise ConfigError(
+            f"modules directory '{modules}' not found",
+            hint="pass the lib/modules/<release> directory of that kernel",
+        )
     release = modules.name
     if not _RELEASE_RE.match(release):
-        raise ConfigError(f"'{modules}' is not named after a kernel release",
-                          hint="pass the lib/modules/<release> directory itself")
+        raise ConfigError(
+            f"'{modules}' is not named after a kernel release",
+            hint="pass the lib/modules/<release> directory itself",
+        )
     key = f"local-{name or release}"
     if name and not _KEY_RE.match(name):
         raise ConfigError(f"invalid kernel name '{name}'", hint="use letters, digits, . _ + -")
@@ -120,8 +139,12 @@ def add_local(paths: Paths, vmlinuz: Path, modules: Path, headers: Path | None =
     with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="kernel-") as tmp:
         out = Path(tmp) / "out"
         (out / "lib/modules").mkdir(parents=True)
-        shutil.copytree(modules, out / "lib/modules" / release, symlinks=True,
-                        ignore=shutil.ignore_patterns("build", "source"))
+        shutil.copytree(
+            modules,
+            out / "lib/modules" / release,
+            symlinks=True,
+            ignore=shutil.ignore_patterns("build", "source"),
+        )
         run(["depmod", "-b", out, release], what=f"index modules of {release}")
         data = vmlinuz.read_bytes()
         is_elf = data[:4] == b"\x7fELF"
@@ -130,8 +153,9 @@ def add_local(paths: Paths, vmlinuz: Path, modules: Path, headers: Path | None =
         (out / "config").write_text(config.read_text() if config.is_file() else "")
         if headers is not None:
             (out / "headers.path").write_text(str(headers.resolve()))
-        _write_json(out / "kernel.json", {"release": release, "package": "local",
-                                          "version": "local", "pvh": is_elf})
+        _write_json(
+            out / "kernel.json", {"release": release, "package": "local", "version": "local", "pvh": is_elf}
+        )
         final = paths.kernels / key
         if final.exists():
             shutil.rmtree(final)
@@ -179,34 +203,43 @@ def resolve_package(name: str) -> str:
     series = _SERIES_RE.match(bare)
     if series:
         flavour = _FLAVOURS[series.group("flavour")]
-        pattern = (rf"linux-image-{re.escape(series.group('series'))}"
-                   rf"(\.0-[0-9]+|\.[0-9]+\+deb[0-9]+)-{flavour}amd64(-unsigned)?")
+        pattern = (
+            rf"linux-image-{re.escape(series.group('series'))}"
+            rf"(\.0-[0-9]+|\.[0-9]+\+deb[0-9]+)-{flavour}amd64(-unsigned)?"
+        )
     elif _EXACT_RE.match(bare):
         pattern = rf"linux-image-{re.escape(bare)}(-unsigned)?"
     elif name.startswith("debian:") or _RELEASE_RE.match(name):
-        raise ConfigError(f"invalid kernel name '{name}'",
-                          hint="use e.g. 6.1, 6.12-generic or debian:6.1.0-47-amd64")
+        raise ConfigError(
+            f"invalid kernel name '{name}'", hint="use e.g. 6.1, 6.12-generic or debian:6.1.0-47-amd64"
+        )
     else:
-        raise ConfigError(f"unknown kernel '{name}'",
-                          hint="use 6.1, 6.1-generic, 6.1-rt, 6.12, 6.12-generic, "
-                               "debian:RELEASE or a kernel from 'vmpod kernel list'")
+        raise ConfigError(
+            f"unknown kernel '{name}'",
+            hint="use 6.1, 6.1-generic, 6.1-rt, 6.12, 6.12-generic, "
+            "debian:RELEASE or a kernel from 'vmpod kernel list'",
+        )
     names = _apt_names(pattern)
     if not names:
-        raise ConfigError(f"kernel '{name}' not found in the Debian package lists",
-                          hint="check the name, or run 'apt-get update'")
+        raise ConfigError(
+            f"kernel '{name}' not found in the Debian package lists",
+            hint="check the name, or run 'apt-get update'",
+        )
     return names[-1]
 
 
 def _apt_names(pattern: str) -> list[str]:
     prefix = re.match(r"[a-z0-9-]+", pattern)
     assert prefix is not None
-    out = run(["apt-cache", "pkgnames", prefix.group(0)], what="list kernel packages",
-              timeout=60).stdout.decode()
+    out = run(
+        ["apt-cache", "pkgnames", prefix.group(0)], what="list kernel packages", timeout=60
+    ).stdout.decode()
     rx = re.compile(pattern + "$")
     names = [n for n in out.split() if rx.match(n)]
     # newest version last; at equal version prefer the signed package
-    return sorted(names, key=lambda n: ([int(x) for x in re.findall(r"[0-9]+", n)],
-                                        not n.endswith("-unsigned")))
+    return sorted(
+        names, key=lambda n: ([int(x) for x in re.findall(r"[0-9]+", n)], not n.endswith("-unsigned"))
+    )
 
 
 def _fetch(paths: Paths, package: str) -> Kernel:
@@ -228,8 +261,12 @@ def _fetch(paths: Paths, package: str) -> Kernel:
 
 
 def _download(package: str, work: Path) -> Path:
-    run(["apt-get", "download", "-q", package], what=f"download {package}", cwd=work,
-        hint="run 'apt-get update' and check that the Debian mirror is reachable")
+    run(
+        ["apt-get", "download", "-q", package],
+        what=f"download {package}",
+        cwd=work,
+        hint="run 'apt-get update' and check that the Debian mirror is reachable",
+    )
     debs = list(work.glob(f"{package}_*.deb"))
     if len(debs) != 1:
         raise AssetError(f"download of {package} produced {len(debs)} packages")
@@ -242,8 +279,9 @@ def _assemble(paths: Paths, tree: Path, out: Path, package: str, version: str) -
     if not images:
         raise AssetError(f"{package} has no /boot/vmlinuz-*: not a kernel image package")
     release = images[0].name.removeprefix("vmlinuz-")
-    mods = next((p for p in (tree / "lib/modules" / release, tree / "usr/lib/modules" / release)
-                 if p.is_dir()), None)
+    mods = next(
+        (p for p in (tree / "lib/modules" / release, tree / "usr/lib/modules" / release) if p.is_dir()), None
+    )
     if mods is None:
         raise AssetError(f"{package} ships no modules for {release}")
     out.mkdir()
@@ -260,8 +298,7 @@ def _assemble(paths: Paths, tree: Path, out: Path, package: str, version: str) -
             (out / "vmlinux").write_bytes(extract_vmlinux((out / "vmlinuz").read_bytes()))
         except AssetError:
             pvh = False  # fall back to the bzImage: slower under TCG but boots
-    _write_json(out / "kernel.json", {"release": release, "package": package,
-                                      "version": version, "pvh": pvh})
+    _write_json(out / "kernel.json", {"release": release, "package": package, "version": version, "pvh": pvh})
     return Kernel(release, package, version, out, pvh)
 
 
@@ -276,7 +313,7 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
     setup_sects = bzimage[0x1F1] or 4
     offset, length = struct.unpack_from("<II", bzimage, 0x248)
     start = (setup_sects + 1) * 512 + offset
-    payload = bzimage[start:start + length]
+    payload = bzimage[start : start + length]
     elf = _decompress(payload)
     if elf[:4] != b"\x7fELF" or elf[18:20] != b"\x3e\x00":
         raise AssetError("bzImage payload is not an x86-64 ELF kernel")
@@ -301,9 +338,8 @@ def _decompress(payload: bytes) -> bytes:
         raise AssetError(f"unsupported kernel compression (magic {payload[:4].hex()})")
     # lz4 exits 1 on the size trailer the kernel appends; the ELF check validates output.
     try:
-        return run(argv, what="unpack the kernel payload", input=payload, timeout=120,
-                   check=False).stdout
-    except CommandError as err:   # the caller falls back to the bzImage on AssetError
+        return run(argv, what="unpack the kernel payload", input=payload, timeout=120, check=False).stdout
+    except CommandError as err:  # the caller falls back to the bzImage on AssetError
         raise AssetError(err.message, hint=err.hint) from err
 
 

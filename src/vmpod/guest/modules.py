@@ -3,6 +3,7 @@
 busybox insmod knows no dependencies (and modprobe ignores softdeps), so the
 order is computed on the host from the kernel's modules.dep.
 """
+
 from __future__ import annotations
 
 import lzma
@@ -32,8 +33,7 @@ def load_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES) -> lis
         path, _, rest = line.partition(":")
         deps[module_name(path)] = (path, [module_name(d) for d in rest.split()])
     builtin_file = modules_dir / "modules.builtin"
-    builtin = {module_name(p) for p in builtin_file.read_text().split()} \
-        if builtin_file.exists() else set()
+    builtin = {module_name(p) for p in builtin_file.read_text().split()} if builtin_file.exists() else set()
     softdeps = _softdeps(modules_dir, set(deps), builtin)
     order: list[Path] = []
     seen: set[str] = set()
@@ -61,6 +61,7 @@ def load_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES) -> lis
 @dataclass(frozen=True)
 class ModuleLoad:
     """One module to insmod in the guest, in order, with its parameters."""
+
     name: str
     file: Path
     params: tuple[str, ...] = ()
@@ -78,8 +79,9 @@ def modinfo(path: Path, field: str) -> str:
     return run(["modinfo", "-F", field, path], what=f"read {path.name}").stdout.decode().strip()
 
 
-def plan_modules(modules_dir: Path, release: str, names: tuple[str, ...] = (),
-                 files: tuple[str, ...] = ()) -> list[ModuleLoad]:
+def plan_modules(
+    modules_dir: Path, release: str, names: tuple[str, ...] = (), files: tuple[str, ...] = ()
+) -> list[ModuleLoad]:
     """Load plan for kernel modules by name (from the kernel's tree) and .ko files
     built elsewhere, dependencies first, skipping what the guest loads at boot."""
     booted = {module_name(p.name) for p in load_order(modules_dir)}
@@ -102,8 +104,10 @@ def plan_modules(modules_dir: Path, release: str, names: tuple[str, ...] = (),
             raise ConfigError(f"module file '{file}' not found")
         vermagic = modinfo(path, "vermagic").split(" ")[0]
         if vermagic != release:
-            raise ConfigError(f"{path.name} was built for kernel {vermagic or '?'}, "
-                              f"the guest runs {release}", hint="rebuild it against that kernel")
+            raise ConfigError(
+                f"{path.name} was built for kernel {vermagic or '?'}, the guest runs {release}",
+                hint="rebuild it against that kernel",
+            )
         for dep in filter(None, modinfo(path, "depends").split(",")):
             add_tree(dep, ())
         mod = module_name(path.name)
@@ -126,7 +130,7 @@ def _softdeps(modules_dir: Path, loadable: set[str], builtin: set[str]) -> dict[
                 parts = line.split()
                 if len(parts) == 3 and parts[0] == "alias":
                     aliases.setdefault(parts[1], []).append(module_name(parts[2]))
-    modinfo = modules_dir / "modules.builtin.modinfo"   # NUL-separated "mod.alias=name"
+    modinfo = modules_dir / "modules.builtin.modinfo"  # NUL-separated "mod.alias=name"
     if modinfo.exists():
         for entry in modinfo.read_bytes().decode(errors="replace").split("\0"):
             mod, _, alias = entry.partition(".alias=")
@@ -137,15 +141,20 @@ def _softdeps(modules_dir: Path, loadable: set[str], builtin: set[str]) -> dict[
         parts = line.split()
         if len(parts) < 3 or parts[0] != "softdep":
             continue
-        pre = parts[parts.index("pre:") + 1:] if "pre:" in parts else []
-        pre = pre[:pre.index("post:")] if "post:" in pre else pre
+        pre = parts[parts.index("pre:") + 1 :] if "pre:" in parts else []
+        pre = pre[: pre.index("post:")] if "post:" in pre else pre
         resolved = []
         for name in pre:
             name = module_name(name)
             # a built-in provider needs nothing; else prefer the generic one:
             # CPU-specific implementations may not load under TCG
-            candidates = [name] if name in known else sorted(
-                aliases.get(name, []), key=lambda m: (m not in builtin, not m.endswith("_generic")))
+            candidates = (
+                [name]
+                if name in known
+                else sorted(
+                    aliases.get(name, []), key=lambda m: (m not in builtin, not m.endswith("_generic"))
+                )
+            )
             resolved += [c for c in candidates if c in known][:1]
         out[module_name(parts[1])] = resolved
     return out

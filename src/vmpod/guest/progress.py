@@ -1,4 +1,5 @@
 """A progress callback type shared by asset builders."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

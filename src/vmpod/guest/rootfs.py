@@ -4,6 +4,7 @@ Two cached stages: the Debian tree from mmdebstrap (slow, keyed by the package
 list) and the erofs image (fast, keyed by the tree and the agent's sources), so
 editing the agent rebuilds only the image.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,8 @@ SUITE = "bookworm"
 # python3-minimal lacks json & co.; libpython3.11-stdlib brings them.
 PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "runc", "crun", "busybox-static")
 TREE_FORMAT = "1"
-AGENT_ROOT = "opt/vmpod"            # on sys.path in the guest
-_ENTRY = b"import sys\nsys.path.insert(0, '/opt/vmpod')\n" \
-         b"from vmpod.agent.guest.main import main\nmain()\n"
+AGENT_ROOT = "opt/vmpod"  # on sys.path in the guest
+_ENTRY = b"import sys\nsys.path.insert(0, '/opt/vmpod')\nfrom vmpod.agent.guest.main import main\nmain()\n"
 MOUNT_POINTS = ("proc", "sys", "dev", "run", "tmp", "opt/vmpod/vmpod/agent/guest")
 
 
@@ -36,9 +36,11 @@ def agent_sources() -> dict[str, bytes]:
     top = resources.files("vmpod")
     agent = top.joinpath("agent")
     guest = agent.joinpath("guest")
-    files = {"vmpod/__init__.py": top.joinpath("__init__.py"),
-             "vmpod/agent/__init__.py": agent.joinpath("__init__.py"),
-             "vmpod/agent/protocol.py": agent.joinpath("protocol.py")}
+    files = {
+        "vmpod/__init__.py": top.joinpath("__init__.py"),
+        "vmpod/agent/__init__.py": agent.joinpath("__init__.py"),
+        "vmpod/agent/protocol.py": agent.joinpath("protocol.py"),
+    }
     for item in guest.iterdir():
         if item.name.endswith(".py") and item.is_file():
             files[f"vmpod/agent/guest/{item.name}"] = item
@@ -62,17 +64,32 @@ def ensure_tree(paths: Paths, progress: Progress) -> Path:
     progress(f"building guest root from Debian {SUITE} packages (mmdebstrap)")
     with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="tree-") as tmp:
         tree = Path(tmp) / "tree"
-        run(["mmdebstrap", "--quiet", "--variant=extract", f"--include={','.join(PACKAGES)}",
-             SUITE, tree], what="build guest root with mmdebstrap", timeout=900,
-            hint="check that Debian's mirror is reachable and the disk has 200 MB free")
+        run(
+            ["mmdebstrap", "--quiet", "--variant=extract", f"--include={','.join(PACKAGES)}", SUITE, tree],
+            what="build guest root with mmdebstrap",
+            timeout=900,
+            hint="check that Debian's mirror is reachable and the disk has 200 MB free",
+        )
         for d in MOUNT_POINTS:
             (tree / d).mkdir(parents=True, exist_ok=True)
         # extract runs no maintainer scripts and the root is read-only at run
         # time, so compile bytecode now (unchecked: sources never change there).
         progress("compiling Python bytecode for the guest")
-        run(["chroot", tree, "/usr/bin/python3", "-m", "compileall", "-q",
-             "--invalidation-mode", "unchecked-hash", "/usr/lib/python3.11"],
-            what="compile guest Python bytecode", timeout=900)
+        run(
+            [
+                "chroot",
+                tree,
+                "/usr/bin/python3",
+                "-m",
+                "compileall",
+                "-q",
+                "--invalidation-mode",
+                "unchecked-hash",
+                "/usr/lib/python3.11",
+            ],
+            what="compile guest Python bytecode",
+            timeout=900,
+        )
         (tree / ".complete").touch()
         for old in paths.guest.glob("tree-*"):
             shutil.rmtree(old, ignore_errors=True)
@@ -92,9 +109,20 @@ def ensure_image(paths: Paths, tree: Path, progress: Progress) -> Path:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     (root / "agent.py").write_bytes(_ENTRY)
-    run(["chroot", tree, "/usr/bin/python3", "-m", "compileall", "-q",
-         "--invalidation-mode", "unchecked-hash", "/opt/vmpod/vmpod"],
-        what="compile agent bytecode")
+    run(
+        [
+            "chroot",
+            tree,
+            "/usr/bin/python3",
+            "-m",
+            "compileall",
+            "-q",
+            "--invalidation-mode",
+            "unchecked-hash",
+            "/opt/vmpod/vmpod",
+        ],
+        what="compile agent bytecode",
+    )
     paths.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="erofs-") as tmp:
         out = Path(tmp) / "rootfs.erofs"
@@ -104,4 +132,3 @@ def ensure_image(paths: Paths, tree: Path, progress: Progress) -> Path:
             old.unlink()
         out.rename(final)
     return final
-

@@ -1,5 +1,6 @@
 """Hypervisors: a small interface (``base.Hypervisor``) and one driver module per VMM,
 chosen by name from one registry."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,6 +13,7 @@ def _qemu(config: VmConfig) -> Hypervisor:
     # Imported on use, for start-up time: qemu.qmp (asyncio machinery) is not needed
     # by commands that boot nothing.
     from vmpod.hypervisor.qemu.driver import QemuVm
+
     return QemuVm(config)
 
 
@@ -24,6 +26,7 @@ def vmm_binary(name: str = "qemu") -> str | None:
         raise ConfigError(f"unknown hypervisor {name!r}")
     # Imported on use, for start-up time (as in _qemu).
     from vmpod.hypervisor.qemu.devices import find_qemu
+
     return find_qemu()
 
 
@@ -31,6 +34,7 @@ def create_vm(name: str, config: VmConfig) -> Hypervisor:
     """A not yet launched VM of hypervisor ``name`` (``HYPERVISORS``)."""
     factory = HYPERVISORS.get(name)
     if factory is None:
-        raise ConfigError(f"unknown hypervisor {name!r}",
-                          hint=f"choose one of {', '.join(sorted(HYPERVISORS))}")
+        raise ConfigError(
+            f"unknown hypervisor {name!r}", hint=f"choose one of {', '.join(sorted(HYPERVISORS))}"
+        )
     return factory(config)

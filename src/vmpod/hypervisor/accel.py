@@ -1,4 +1,5 @@
 """Choosing the accelerator: KVM only where it really works, TCG everywhere else."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,8 @@ ACCELS = ("auto", "kvm", "tcg")
 
 @dataclass(frozen=True)
 class AccelChoice:
-    accel: str      # "kvm" | "tcg"
-    reason: str     # one line shown by `vmpod doctor` and on --verbose
+    accel: str  # "kvm" | "tcg"
+    reason: str  # one line shown by `vmpod doctor` and on --verbose
 
 
 def _cpu_flags(cpuinfo: str) -> set[str]:
@@ -23,15 +24,15 @@ def _cpu_flags(cpuinfo: str) -> set[str]:
     return set()
 
 
-def probe_kvm(dev: Path = Path("/dev/kvm"), cpuinfo: Path = Path("/proc/cpuinfo"),
-              modules: Path = Path("/sys/module")) -> tuple[bool, str]:
+def probe_kvm(
+    dev: Path = Path("/dev/kvm"), cpuinfo: Path = Path("/proc/cpuinfo"), modules: Path = Path("/sys/module")
+) -> tuple[bool, str]:
     """(usable, why). Hardware KVM needs the vmx/svm CPU flag, the vendor module and
     a /dev/kvm we may open; a software KVM (e.g. kvm_pvm) fails stock kernels."""
     flags = _cpu_flags(cpuinfo.read_text()) if cpuinfo.exists() else set()
     if not flags & {"vmx", "svm"}:
         soft = [m for m in ("kvm_pvm",) if (modules / m).exists()]
-        extra = f"; /dev/kvm is {soft[0]}, a software KVM that cannot boot stock kernels" \
-            if soft else ""
+        extra = f"; /dev/kvm is {soft[0]}, a software KVM that cannot boot stock kernels" if soft else ""
         return False, f"CPU has no vmx/svm flag (no hardware virtualization){extra}"
     vendor = "kvm_intel" if "vmx" in flags else "kvm_amd"
     if not (modules / vendor).exists():

@@ -1,4 +1,5 @@
 """The Hypervisor interface: what the sandbox needs from any VMM, nothing more."""
+
 from __future__ import annotations
 
 import signal
@@ -26,6 +27,7 @@ VM_TRANSITIONS = {
 @dataclass(frozen=True)
 class Disk:
     """A raw disk image exposed as virtio-blk; the guest finds it by ``serial``."""
+
     path: Path
     serial: str
     readonly: bool = True
@@ -38,6 +40,7 @@ class HostChannel:
     ``serial``: a virtio-serial port named ``name`` (a unix socket on the host);
     ``vsock``: the guest listens on vsock, the host connects to ``vsock_cid``.
     """
+
     kind: str = "serial"
     name: str = "org.vmpod.channel"
     vsock_cid: int = 0
@@ -58,7 +61,7 @@ class VmConfig:
     memory_mb: int
     accel: AccelChoice
     disks: tuple[Disk, ...]
-    state_dir: Path        # sockets and logs of this VM live here
+    state_dir: Path  # sockets and logs of this VM live here
     channel: HostChannel = field(default_factory=HostChannel)
 
     @property

@@ -1,4 +1,5 @@
 """Local container images (OCI layouts, OCI/docker archives, rootfs dirs) → root filesystems."""
+
 from vmpod.images.resolve import resolve_image
 from vmpod.images.source import ImageConfig, ImageSource, resolve_rootfs
 

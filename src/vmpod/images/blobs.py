@@ -5,6 +5,7 @@ Archives are never extracted to disk: members are read in place with
 documents and unpacking streams each layer straight out of the archive.
 Every blob is checked against the digest its descriptor names.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,10 @@ _DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 def check_digest_format(digest: str, where: str) -> str:
     """Return ``digest`` if it is a well-formed sha256/sha512 digest, else raise."""
     if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
-        raise ImageError(f"{where}: invalid or unsupported digest {digest!r}",
-                         hint="only sha256 and sha512 digests are supported")
+        raise ImageError(
+            f"{where}: invalid or unsupported digest {digest!r}",
+            hint="only sha256 and sha512 digests are supported",
+        )
     return digest
 
 
@@ -38,13 +41,17 @@ def blob_location(digest: str) -> str:
 def verify_bytes(data: bytes, digest: str, size: int, where: str) -> None:
     """Raise unless ``data`` has the descriptor's size (``-1``: unknown) and digest."""
     if size >= 0 and len(data) != size:
-        raise ImageError(f"{where}: size {len(data)} does not match descriptor size {size}",
-                         hint="the image is corrupt or was modified; re-export it")
+        raise ImageError(
+            f"{where}: size {len(data)} does not match descriptor size {size}",
+            hint="the image is corrupt or was modified; re-export it",
+        )
     algorithm, _, expected = digest.partition(":")
     actual = hashlib.new(algorithm, data).hexdigest()
     if actual != expected:
-        raise ImageError(f"{where}: digest mismatch (expected {digest}, got {algorithm}:{actual})",
-                         hint="the image is corrupt or was modified; re-export it")
+        raise ImageError(
+            f"{where}: digest mismatch (expected {digest}, got {algorithm}:{actual})",
+            hint="the image is corrupt or was modified; re-export it",
+        )
 
 
 def parse_json(data: bytes, where: str) -> Any:
@@ -80,8 +87,10 @@ class BlobStore:
         with self.open(location) as f:
             data = f.read(limit + 1)
         if len(data) > limit:
-            raise ImageError(f"{location} in {self.path} is larger than {limit} bytes",
-                             hint="this does not look like an image document")
+            raise ImageError(
+                f"{location} in {self.path} is larger than {limit} bytes",
+                hint="this does not look like an image document",
+            )
         return data
 
     def read_json(self, location: str, *, digest: str = "", size: int = -1) -> Any:
@@ -104,8 +113,10 @@ class DirStore(BlobStore):
         try:
             return open(self.path / location, "rb")
         except FileNotFoundError as err:
-            raise ImageError(f"{location} is missing from OCI layout {self.path}",
-                             hint="the layout is incomplete; copy it again") from err
+            raise ImageError(
+                f"{location} is missing from OCI layout {self.path}",
+                hint="the layout is incomplete; copy it again",
+            ) from err
         except OSError as err:
             raise ImageError(f"cannot read {self.path / location}: {err.strerror}") from err
 
@@ -118,8 +129,10 @@ class TarStore(BlobStore):
         try:
             self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
         except (tarfile.TarError, OSError, EOFError) as err:
-            raise ImageError(f"cannot read image archive {path}: {err}",
-                             hint="expected an OCI archive or a 'docker save' tar") from err
+            raise ImageError(
+                f"cannot read image archive {path}: {err}",
+                hint="expected an OCI archive or a 'docker save' tar",
+            ) from err
         # Names are normalised so "./index.json" and "index.json" both match.
         self._members = {_norm(m.name): m for m in self._tar.getmembers()}
 
@@ -130,8 +143,10 @@ class TarStore(BlobStore):
     def open(self, location: str) -> IO[bytes]:
         member = self._members.get(_norm(location))
         if member is None:
-            raise ImageError(f"{location} is missing from image archive {self.path}",
-                             hint="the archive is incomplete; export it again")
+            raise ImageError(
+                f"{location} is missing from image archive {self.path}",
+                hint="the archive is incomplete; export it again",
+            )
         try:
             # extractfile reads from inside the archive only (links resolve to members).
             f = self._tar.extractfile(member)

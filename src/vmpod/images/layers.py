@@ -12,6 +12,7 @@ The checks are path based (lstat per component), which is sound because the
 root is a fresh private directory nobody else writes to while we unpack;
 never unpack into a tree a running guest can modify (e.g. a live 9p share).
 """
+
 from __future__ import annotations
 
 import errno
@@ -71,8 +72,10 @@ class LayerApplier:
                 continue
             if part == "..":
                 if not parts:
-                    raise UnsafeLayerError(f"{self.label}: {what} {name!r} escapes the root "
-                                           "filesystem with '..'", hint="refusing a malicious image")
+                    raise UnsafeLayerError(
+                        f"{self.label}: {what} {name!r} escapes the root filesystem with '..'",
+                        hint="refusing a malicious image",
+                    )
                 parts.pop()
             else:
                 parts.append(part)
@@ -90,13 +93,14 @@ class LayerApplier:
         while True:
             found = self._below(path, entry)
             if found.escape:
-                raise UnsafeLayerError(f"{self.label}: entry {entry!r} {found.escape}",
-                                       hint="refusing a malicious image")
+                raise UnsafeLayerError(
+                    f"{self.label}: entry {entry!r} {found.escape}", hint="refusing a malicious image"
+                )
             if found.exists:
                 break
             if not create:
                 return None
-            new = [*found.parts, found.missing[0]]   # one level at a time: links may follow
+            new = [*found.parts, found.missing[0]]  # one level at a time: links may follow
             os.mkdir(self._path(new), 0o755)
             self._added.add("/".join(new))
             path = "/".join([*new, *found.missing[1:]])
@@ -112,12 +116,15 @@ class LayerApplier:
         except OSError as err:
             if err.errno != errno.ELOOP:
                 raise
-            raise UnsafeLayerError(f"{self.label}: entry {entry!r}: too many levels of "
-                                   "symbolic links", hint="refusing a malicious image") from None
+            raise UnsafeLayerError(
+                f"{self.label}: entry {entry!r}: too many levels of symbolic links",
+                hint="refusing a malicious image",
+            ) from None
 
     def _not_a_dir(self, entry: str, rel: str) -> ImageError:
-        return ImageError(f"{self.label}: entry {entry!r}: {rel!r} is not a directory",
-                          hint="the image is malformed")
+        return ImageError(
+            f"{self.label}: entry {entry!r}: {rel!r} is not a directory", hint="the image is malformed"
+        )
 
     def _remove(self, parts: list[str]) -> None:
         """Remove whatever is at ``parts`` (a link itself, never its target)."""
@@ -146,15 +153,21 @@ class LayerApplier:
             return
         if info.ischr() or info.isblk() or info.isfifo():
             if not self._is_root:
-                raise UnsafeLayerError(f"{self.label}: entry {name!r} is a device node or fifo, "
-                                       "which only root may create", hint="run as root")
+                raise UnsafeLayerError(
+                    f"{self.label}: entry {name!r} is a device node or fifo, which only root may create",
+                    hint="run as root",
+                )
         elif not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
-            raise UnsafeLayerError(f"{self.label}: entry {name!r} has unsupported tar type "
-                                   f"{info.type!r}", hint="the image is malformed")
+            raise UnsafeLayerError(
+                f"{self.label}: entry {name!r} has unsupported tar type {info.type!r}",
+                hint="the image is malformed",
+            )
         if not parts:
             if not info.isdir():
-                raise UnsafeLayerError(f"{self.label}: entry {name!r} would replace the root "
-                                       "directory", hint="refusing a malicious image")
+                raise UnsafeLayerError(
+                    f"{self.label}: entry {name!r} would replace the root directory",
+                    hint="refusing a malicious image",
+                )
             self._set_dir_meta([], info)
             return
         link_target = self._hardlink_target(info) if info.islnk() else ""
@@ -220,8 +233,9 @@ class LayerApplier:
     def _hardlink_target(self, info: tarfile.TarInfo) -> str:
         parts = self._clean(info.linkname, f"hard link {info.name!r} to")
         if not parts:
-            raise UnsafeLayerError(f"{self.label}: hard link {info.name!r} points at the root",
-                                   hint="refusing a malicious image")
+            raise UnsafeLayerError(
+                f"{self.label}: hard link {info.name!r} points at the root", hint="refusing a malicious image"
+            )
         parent = self._resolve_dir(parts[:-1], info.name, create=False)
         target = self._path([*parent, parts[-1]]) if parent is not None else ""
         try:
@@ -229,11 +243,15 @@ class LayerApplier:
         except FileNotFoundError:
             st = None
         if st is None:
-            raise ImageError(f"{self.label}: hard link {info.name!r} points at missing "
-                             f"{info.linkname!r}", hint="the image is malformed")
+            raise ImageError(
+                f"{self.label}: hard link {info.name!r} points at missing {info.linkname!r}",
+                hint="the image is malformed",
+            )
         if stat.S_ISDIR(st.st_mode):
-            raise UnsafeLayerError(f"{self.label}: hard link {info.name!r} points at directory "
-                                   f"{info.linkname!r}", hint="refusing a malicious image")
+            raise UnsafeLayerError(
+                f"{self.label}: hard link {info.name!r} points at directory {info.linkname!r}",
+                hint="refusing a malicious image",
+            )
         return target
 
     # -- whiteouts ---------------------------------------------------------
@@ -248,10 +266,11 @@ class LayerApplier:
             return
         if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             return  # other .wh..wh.* names are aufs bookkeeping, not content
-        target = base[len(WHITEOUT_PREFIX):]
+        target = base[len(WHITEOUT_PREFIX) :]
         if target in ("", ".", ".."):
-            raise UnsafeLayerError(f"{self.label}: invalid whiteout {name!r}",
-                                   hint="refusing a malicious image")
+            raise UnsafeLayerError(
+                f"{self.label}: invalid whiteout {name!r}", hint="refusing a malicious image"
+            )
         leaf = [*parent, target]
         if "/".join(leaf) not in self._added:  # whiteouts hide lower layers only
             self._remove(leaf)
@@ -281,8 +300,7 @@ def apply_tar(applier: LayerApplier, stream: io.RawIOBase) -> None:
     """Stream one uncompressed layer tar into ``applier``."""
     info: tarfile.TarInfo | None = None
     try:
-        with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8",
-                          errors="surrogateescape") as tar:
+        with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape") as tar:
             # Stream mode keeps every header read in tar.members (not in the stubs);
             # clearing it keeps memory flat for layers with millions of entries.
             members: list[tarfile.TarInfo] = vars(tar)["members"]
@@ -292,12 +310,14 @@ def apply_tar(applier: LayerApplier, stream: io.RawIOBase) -> None:
     except ImageError:
         raise
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise ImageError(f"{applier.label} is not a valid tar stream: {err}",
-                         hint="the image is corrupt; re-export it") from err
+        raise ImageError(
+            f"{applier.label} is not a valid tar stream: {err}", hint="the image is corrupt; re-export it"
+        ) from err
     except (OSError, ValueError, OverflowError) as err:  # e.g. ENOSPC, absurd mtimes
         entry = f" entry {info.name!r}" if info is not None else ""
-        raise ImageError(f"cannot unpack {applier.label}{entry}: "
-                         f"{getattr(err, 'strerror', None) or err}") from err
+        raise ImageError(
+            f"cannot unpack {applier.label}{entry}: {getattr(err, 'strerror', None) or err}"
+        ) from err
 
 
 def copy_tree(applier: LayerApplier, src: Path) -> None:
@@ -340,4 +360,3 @@ def _open_nofollow(path: str) -> IO[bytes]:
 
 def _raise(err: OSError) -> None:
     raise err
-

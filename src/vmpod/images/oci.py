@@ -5,6 +5,7 @@ Parsing only, no I/O: the layout readers (``layout.py``), the registry client
 they read here, so every image reaches the unpacker checked the same way.
 Docker's v2 schema 2 types are accepted alongside the OCI ones.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -18,22 +19,22 @@ from vmpod.images.source import ImageConfig
 PLATFORM = ("linux", "amd64")  # the guests vmpod boots
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-INDEX_TYPES = frozenset({OCI_INDEX,
-                         "application/vnd.docker.distribution.manifest.list.v2+json"})
-MANIFEST_TYPES = frozenset({OCI_MANIFEST,
-                            "application/vnd.docker.distribution.manifest.v2+json"})
-LAYER_TYPES = frozenset({
-    "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-})
+INDEX_TYPES = frozenset({OCI_INDEX, "application/vnd.docker.distribution.manifest.list.v2+json"})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, "application/vnd.docker.distribution.manifest.v2+json"})
+LAYER_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    }
+)
 REF_NAME = "org.opencontainers.image.ref.name"
-NAME_ANNOTATIONS = (REF_NAME, "io.containerd.image.name")   # what names an image in an index
+NAME_ANNOTATIONS = (REF_NAME, "io.containerd.image.name")  # what names an image in an index
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,13 @@ def parse_descriptor(obj: Any, where: str) -> Descriptor:
     if not isinstance(annotations, dict) or not isinstance(platform, dict):
         raise ImageError(f"{where}: descriptor {digest} has malformed annotations or platform")
     plat = tuple(str(platform[k]) for k in ("os", "architecture", "variant") if platform.get(k))
-    return Descriptor(media_type=str(obj.get("mediaType", "")), digest=digest, size=size,
-                      annotations={str(k): str(v) for k, v in annotations.items()},
-                      platform=plat)
+    return Descriptor(
+        media_type=str(obj.get("mediaType", "")),
+        digest=digest,
+        size=size,
+        annotations={str(k): str(v) for k, v in annotations.items()},
+        platform=plat,
+    )
 
 
 def index_descriptors(doc: Any, where: str) -> list[Descriptor]:
@@ -78,8 +83,10 @@ def pick_platform(descriptors: list[Descriptor], where: str) -> Descriptor:
         if desc.platform[:2] == PLATFORM:
             return desc
     found = ", ".join("/".join(d.platform) or "unknown" for d in descriptors) or "none"
-    raise ImageError(f"{where} has no {'/'.join(PLATFORM)} image (available: {found})",
-                     hint=f"vmpod runs {'/'.join(PLATFORM)} guests; export that platform")
+    raise ImageError(
+        f"{where} has no {'/'.join(PLATFORM)} image (available: {found})",
+        hint=f"vmpod runs {'/'.join(PLATFORM)} guests; export that platform",
+    )
 
 
 def manifest_blobs(doc: dict[str, Any], where: str) -> tuple[Descriptor, list[Descriptor]]:
@@ -102,9 +109,10 @@ def manifest_blobs(doc: dict[str, Any], where: str) -> tuple[Descriptor, list[De
 def check_layer_type(layer: Descriptor, where: str) -> None:
     """Refuse a layer whose media type the unpacker does not know (e.g. encrypted)."""
     if layer.media_type not in LAYER_TYPES:
-        raise ImageError(f"layer {layer.digest} in {where} has unsupported media type "
-                         f"{layer.media_type!r}", hint="only plain, gzip and zstd tar "
-                         "layers can be unpacked (not encrypted ones)")
+        raise ImageError(
+            f"layer {layer.digest} in {where} has unsupported media type {layer.media_type!r}",
+            hint="only plain, gzip and zstd tar layers can be unpacked (not encrypted ones)",
+        )
 
 
 def diff_ids(config_doc: Any, count: int, where: str) -> list[str]:
@@ -114,8 +122,11 @@ def diff_ids(config_doc: Any, count: int, where: str) -> list[str]:
     if ids is None:
         return []
     if not isinstance(ids, list) or len(ids) != count:
-        raise ImageError(f"image config in {where} lists {len(ids) if isinstance(ids, list) else 0}"
-                         f" diff_ids for {count} layers", hint="the image is malformed")
+        raise ImageError(
+            f"image config in {where} lists {len(ids) if isinstance(ids, list) else 0}"
+            f" diff_ids for {count} layers",
+            hint="the image is malformed",
+        )
     return [check_digest_format(i, f"diff_id in {where}") for i in ids]
 
 
@@ -141,11 +152,17 @@ def parse_config(doc: Any, where: str) -> ImageConfig:
             raise ImageError(f"image config in {where}: {key} is not a string")
         return value
 
-    return ImageConfig(env=strings("Env"), entrypoint=strings("Entrypoint"), cmd=strings("Cmd"),
-                       working_dir=string("WorkingDir"), user=string("User"))
+    return ImageConfig(
+        env=strings("Env"),
+        entrypoint=strings("Entrypoint"),
+        cmd=strings("Cmd"),
+        working_dir=string("WorkingDir"),
+        user=string("User"),
+    )
 
 
 # -- manifests as fetched ----------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Document:
@@ -176,8 +193,10 @@ def parse_manifest(fetched: Document, where: str) -> Manifest:
     if not isinstance(doc, dict):
         raise ImageError(f"{where} is not a JSON object")
     if doc.get("schemaVersion") == 1:
-        raise ImageError(f"{where} is a docker schema 1 manifest, which is not supported",
-                         hint="push the image again with a current client")
+        raise ImageError(
+            f"{where} is a docker schema 1 manifest, which is not supported",
+            hint="push the image again with a current client",
+        )
     # OCI makes mediaType optional in the body; then the header or the shape says.
     media = str(doc.get("mediaType") or "")
     if not media and fetched.content_type in INDEX_TYPES | MANIFEST_TYPES:
@@ -185,6 +204,8 @@ def parse_manifest(fetched: Document, where: str) -> Manifest:
     elif not media:
         media = OCI_INDEX if "manifests" in doc else OCI_MANIFEST
     if media not in INDEX_TYPES | MANIFEST_TYPES:
-        raise ImageError(f"{where} has unsupported media type {media!r}",
-                         hint="expected an OCI or docker v2 image manifest or index")
+        raise ImageError(
+            f"{where} has unsupported media type {media!r}",
+            hint="expected an OCI or docker v2 image manifest or index",
+        )
     return Manifest(fetched.digest, media, fetched.data, doc)

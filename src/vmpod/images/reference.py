@@ -3,6 +3,7 @@
 Kept apart from the registry client so that telling a registry reference from a
 local path (``resolve.registry_reference``) does not load urllib and ssl.
 """
+
 from __future__ import annotations
 
 import re
@@ -12,15 +13,18 @@ from vmpod.errors import ImageError
 from vmpod.images.blobs import check_digest_format
 
 DEFAULT_REGISTRY = "docker.io"
-_DOCKER_HUB_API = "registry-1.docker.io"   # docker.io's API endpoint
+_DOCKER_HUB_API = "registry-1.docker.io"  # docker.io's API endpoint
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_DOMAIN = (r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-           r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[0-9a-fA-F:]+\])"
-           r"(?::[0-9]+)?")
+_DOMAIN = (
+    r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+    r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[0-9a-fA-F:]+\])"
+    r"(?::[0-9]+)?"
+)
 _REPO_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _DOMAIN_RE = re.compile(_DOMAIN)
 _TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
+
 
 @dataclass(frozen=True)
 class Reference:
@@ -41,8 +45,7 @@ class Reference:
         return _DOCKER_HUB_API if self.registry == DEFAULT_REGISTRY else self.registry
 
     def __str__(self) -> str:
-        return self.name + (f":{self.tag}" if self.tag else "") + \
-            (f"@{self.digest}" if self.digest else "")
+        return self.name + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
 
 
 def parse_reference(text: str) -> Reference:
@@ -53,7 +56,7 @@ def parse_reference(text: str) -> Reference:
         check_digest_format(digest, f"image reference {text!r}")
     name, tag = rest, ""
     slash = rest.rfind("/")
-    if ":" in rest[slash + 1:]:
+    if ":" in rest[slash + 1 :]:
         name, _, tag = rest.rpartition(":")
         if not _TAG_RE.fullmatch(tag):
             raise ImageError(f"invalid tag {tag!r} in image reference {text!r}", hint=hint)
@@ -62,13 +65,13 @@ def parse_reference(text: str) -> Reference:
     if sep and (any(c in first for c in ".:") or first == "localhost" or first != first.lower()):
         registry, repository = first, remainder
         if not _DOMAIN_RE.fullmatch(registry):
-            raise ImageError(f"invalid registry {registry!r} in image reference {text!r}",
-                             hint=hint)
+            raise ImageError(f"invalid registry {registry!r} in image reference {text!r}", hint=hint)
     else:
         registry, repository = DEFAULT_REGISTRY, name
     if registry == DEFAULT_REGISTRY and "/" not in repository:
         repository = f"library/{repository}"
     if not _REPO_RE.fullmatch(repository) or len(repository) > 255:
-        raise ImageError(f"invalid repository name in image reference {text!r}",
-                         hint=hint + " (names are lower case)")
+        raise ImageError(
+            f"invalid repository name in image reference {text!r}", hint=hint + " (names are lower case)"
+        )
     return Reference(registry, repository, tag if tag or digest else "latest", digest)

@@ -8,6 +8,7 @@ size-limited and time-limited, every blob checked against its digest and
 size while it streams, and credentials never follow redirects (blob
 downloads are often redirected to object storage).
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,7 +35,7 @@ from vmpod.images.reference import Reference
 ACCEPT = ", ".join(sorted(MANIFEST_TYPES | INDEX_TYPES))
 _CHUNK = 1 << 20
 _ERROR_BODY_LIMIT = 64 << 10
-_DOC_DEADLINE = 60.0   # seconds for a whole manifest/config/token document
+_DOC_DEADLINE = 60.0  # seconds for a whole manifest/config/token document
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _SCHEME_RE = re.compile(rf"[\s,]*({_TOKEN})")
@@ -89,9 +90,10 @@ def copy_verified(src: IO[bytes], dst: IO[bytes], digest: str, size: int, where:
         hasher.update(chunk)
         try:
             dst.write(chunk)
-        except OSError as err:   # a local failure (disk full), not the registry's
-            raise ImageError(f"cannot store {where}: {err.strerror or err}",
-                             hint="free some space in the image store") from err
+        except OSError as err:  # a local failure (disk full), not the registry's
+            raise ImageError(
+                f"cannot store {where}: {err.strerror or err}", hint="free some space in the image store"
+            ) from err
     if total != size:
         raise ImageError(f"{where}: got {total} bytes, descriptor size is {size}", hint=hint)
     actual = f"{algorithm}:{hasher.hexdigest()}"
@@ -106,36 +108,45 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     def __init__(self, allow_http: bool) -> None:
         self._allow_http = allow_http
 
-    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
-                         headers: Any, newurl: str) -> urllib.request.Request | None:
+    def redirect_request(
+        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
         if not self._allow_http and not newurl.lower().startswith("https:"):
-            raise ImageError(f"registry redirected {req.full_url} to insecure {newurl}",
-                             hint="refusing to leave HTTPS; use --insecure to allow it")
+            raise ImageError(
+                f"registry redirected {req.full_url} to insecure {newurl}",
+                hint="refusing to leave HTTPS; use --insecure to allow it",
+            )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 class RegistryClient:
     """GETs against one repository of one registry, with token/basic auth on demand."""
 
-    def __init__(self, ref: Reference, *, insecure: bool = False,
-                 creds: tuple[str, str] | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        ref: Reference,
+        *,
+        insecure: bool = False,
+        creds: tuple[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         self.ref = ref
         self.timeout = timeout
         self._plain = insecure or is_loopback(ref.registry)
         self._base = f"{'http' if self._plain else 'https'}://{ref.host}/v2/{ref.repository}"
         self._creds = creds
-        self._auth = ""   # the Authorization header value once a challenge was answered
+        self._auth = ""  # the Authorization header value once a challenge was answered
         handlers: list[urllib.request.BaseHandler] = [
             urllib.request.HTTPSHandler(context=ssl.create_default_context()),
-            _RedirectHandler(self._plain)]
+            _RedirectHandler(self._plain),
+        ]
         if is_loopback(ref.registry):
-            handlers.append(urllib.request.ProxyHandler({}))   # never proxy loopback
+            handlers.append(urllib.request.ProxyHandler({}))  # never proxy loopback
         self._opener = urllib.request.build_opener(*handlers)
 
     def manifest(self, reference: str, *, digest: str = "", size: int = -1) -> Document:
         """Fetch a manifest by tag or digest; by digest it must match (and ``size``)."""
-        label = f"{self.ref.name}@{reference}" if ":" in reference else \
-            f"{self.ref.name}:{reference}"
+        label = f"{self.ref.name}@{reference}" if ":" in reference else f"{self.ref.name}:{reference}"
         with self._get(f"/manifests/{reference}", ACCEPT, label, kind="manifest") as resp:
             data = self._read_doc(resp, f"manifest of {label}")
             content_type = resp.headers.get_content_type()
@@ -145,16 +156,20 @@ class RegistryClient:
             verify_bytes(data, digest, size, where)
         actual = f"sha256:{hashlib.sha256(data).hexdigest()}"
         if announced.startswith("sha256:") and announced != actual and not digest:
-            raise ImageError(f"{where}: digest mismatch (registry says {announced}, "
-                             f"content is {actual})", hint="the registry sent corrupt data")
+            raise ImageError(
+                f"{where}: digest mismatch (registry says {announced}, content is {actual})",
+                hint="the registry sent corrupt data",
+            )
         return Document(digest or actual, content_type, data)
 
     def blob_bytes(self, blob: Descriptor) -> bytes:
         """A small blob (the image config), verified and size-limited."""
         where = f"blob {blob.digest} of {self.ref.name}"
         if blob.size > MAX_JSON_BYTES:
-            raise ImageError(f"{where} is larger than {MAX_JSON_BYTES} bytes",
-                             hint="this does not look like an image config")
+            raise ImageError(
+                f"{where} is larger than {MAX_JSON_BYTES} bytes",
+                hint="this does not look like an image config",
+            )
         with self._get(f"/blobs/{blob.digest}", "*/*", f"{self.ref.name}@{blob.digest}") as resp:
             data = self._read_doc(resp, where)
         verify_bytes(data, blob.digest, blob.size, where)
@@ -166,8 +181,10 @@ class RegistryClient:
         with self._get(f"/blobs/{blob.digest}", "*/*", f"{self.ref.name}@{blob.digest}") as resp:
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) != blob.size:
-                raise ImageError(f"{where}: registry announces {length} bytes, descriptor size "
-                                 f"is {blob.size}", hint="the registry or the manifest is corrupt")
+                raise ImageError(
+                    f"{where}: registry announces {length} bytes, descriptor size is {blob.size}",
+                    hint="the registry or the manifest is corrupt",
+                )
             try:
                 return copy_verified(resp, dst, blob.digest, blob.size, where)
             except (OSError, http.client.HTTPException) as err:
@@ -175,11 +192,9 @@ class RegistryClient:
 
     # -- transport -----------------------------------------------------------
 
-    def _get(self, path: str, accept: str, what: str, *,
-             kind: str = "blob") -> http.client.HTTPResponse:
+    def _get(self, path: str, accept: str, what: str, *, kind: str = "blob") -> http.client.HTTPResponse:
         for attempt in range(2):
-            req = urllib.request.Request(self._base + path, headers={
-                "Accept": accept, "User-Agent": "vmpod"})
+            req = urllib.request.Request(self._base + path, headers={"Accept": accept, "User-Agent": "vmpod"})
             if self._auth:
                 req.add_unredirected_header("Authorization", self._auth)
             try:
@@ -213,8 +228,10 @@ class RegistryClient:
         scheme = urllib.parse.urlsplit(realm).scheme
         realm_host = urllib.parse.urlsplit(realm).netloc
         if scheme != "https" and not (scheme == "http" and (self._plain or is_loopback(realm_host))):
-            raise ImageError(f"registry {self.ref.registry} sends us to token server {realm!r}",
-                             hint="refusing a non-HTTPS token server; use --insecure to allow it")
+            raise ImageError(
+                f"registry {self.ref.registry} sends us to token server {realm!r}",
+                hint="refusing a non-HTTPS token server; use --insecure to allow it",
+            )
         query = {"scope": params.get("scope") or f"repository:{self.ref.repository}:pull"}
         if params.get("service"):
             query["service"] = params["service"]
@@ -224,13 +241,13 @@ class RegistryClient:
             req.add_unredirected_header("Authorization", _basic(self._creds))
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
-                doc = parse_json(self._read_doc(resp, f"token from {realm_host}"),
-                                 f"token from {realm_host}")
+                doc = parse_json(self._read_doc(resp, f"token from {realm_host}"), f"token from {realm_host}")
         except urllib.error.HTTPError as err:
             err.close()
             hint = "check --creds / REGISTRY_AUTH" if err.code in (401, 403) else ""
-            raise ImageError(f"token server {realm_host} refused access to {self.ref.name} "
-                             f"(HTTP {err.code})", hint=hint) from None
+            raise ImageError(
+                f"token server {realm_host} refused access to {self.ref.name} (HTTP {err.code})", hint=hint
+            ) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             raise self._net_error(err, realm_host) from err
         token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
@@ -245,11 +262,15 @@ class RegistryClient:
             while chunk := resp.read(min(65536, MAX_JSON_BYTES + 1 - total)):
                 total += len(chunk)
                 if total > MAX_JSON_BYTES:
-                    raise ImageError(f"{where} is larger than {MAX_JSON_BYTES} bytes",
-                                     hint="this does not look like an image document")
+                    raise ImageError(
+                        f"{where} is larger than {MAX_JSON_BYTES} bytes",
+                        hint="this does not look like an image document",
+                    )
                 if time.monotonic() > deadline:
-                    raise ImageError(f"{where}: not received within {_DOC_DEADLINE:g}s",
-                                     hint="the registry is too slow; retry later")
+                    raise ImageError(
+                        f"{where}: not received within {_DOC_DEADLINE:g}s",
+                        hint="the registry is too slow; retry later",
+                    )
                 chunks.append(chunk)
         except (OSError, http.client.HTTPException) as err:
             raise self._net_error(err) from err
@@ -261,43 +282,59 @@ class RegistryClient:
         if err.code == 404 or codes & {"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"}:
             if "NAME_UNKNOWN" in codes:
                 return ImageError(f"repository unknown: {self.ref.name} not found")
-            return ImageError(f"{kind} unknown: {what} not found",
-                              hint="the registry lost a blob of this image" if kind == "blob" else "")
+            return ImageError(
+                f"{kind} unknown: {what} not found",
+                hint="the registry lost a blob of this image" if kind == "blob" else "",
+            )
         if err.code == 401:
-            hint = "the credentials were refused" if self._creds else \
-                "pass --creds USER:PASSWORD or set REGISTRY_AUTH"
-            return ImageError(f"authentication required by registry {host} for {self.ref.name}",
-                              hint=hint)
+            hint = (
+                "the credentials were refused"
+                if self._creds
+                else "pass --creds USER:PASSWORD or set REGISTRY_AUTH"
+            )
+            return ImageError(f"authentication required by registry {host} for {self.ref.name}", hint=hint)
         if err.code == 403:
-            return ImageError(f"access to {self.ref.name} denied by registry {host}"
-                              + (f": {detail}" if detail else ""))
+            return ImageError(
+                f"access to {self.ref.name} denied by registry {host}" + (f": {detail}" if detail else "")
+            )
         if err.code == 429:
             return ImageError(f"registry {host}: too many requests", hint="retry later")
         hint = "the registry speaks HTTPS, not plain HTTP" if "HTTPS server" in detail else ""
-        return ImageError(f"registry {host}: {what}: HTTP {err.code} {err.reason}"
-                          + (f": {detail}" if detail else ""), hint=hint)
+        return ImageError(
+            f"registry {host}: {what}: HTTP {err.code} {err.reason}" + (f": {detail}" if detail else ""),
+            hint=hint,
+        )
 
     def _net_error(self, err: BaseException, host: str = "") -> ImageError:
         host = host or self.ref.registry
         reason = err.reason if isinstance(err, urllib.error.URLError) else err
         if isinstance(reason, ConnectionRefusedError):
-            return ImageError(f"cannot reach registry {host}: connection refused",
-                              hint="is it running?")
+            return ImageError(f"cannot reach registry {host}: connection refused", hint="is it running?")
         if isinstance(reason, socket.gaierror):
-            return ImageError(f"cannot reach registry {host}: cannot resolve host name",
-                              hint="check the registry name and DNS")
+            return ImageError(
+                f"cannot reach registry {host}: cannot resolve host name",
+                hint="check the registry name and DNS",
+            )
         if isinstance(reason, TimeoutError):
-            return ImageError(f"registry {host} did not answer within {self.timeout:g}s",
-                              hint="is it reachable? retry later")
+            return ImageError(
+                f"registry {host} did not answer within {self.timeout:g}s",
+                hint="is it reachable? retry later",
+            )
         if isinstance(reason, ssl.SSLCertVerificationError):
-            return ImageError(f"TLS certificate of registry {host} is not trusted: "
-                              f"{reason.verify_message}",
-                              hint="install its CA certificate (update-ca-certificates)")
+            return ImageError(
+                f"TLS certificate of registry {host} is not trusted: {reason.verify_message}",
+                hint="install its CA certificate (update-ca-certificates)",
+            )
         if isinstance(reason, ssl.SSLError):
-            return ImageError(f"TLS with registry {host} failed: {reason.reason or reason}",
-                              hint="a plain-HTTP registry needs --insecure")
-        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else \
-            str(reason) or type(reason).__name__
+            return ImageError(
+                f"TLS with registry {host} failed: {reason.reason or reason}",
+                hint="a plain-HTTP registry needs --insecure",
+            )
+        text = (
+            reason.strerror
+            if isinstance(reason, OSError) and reason.strerror
+            else str(reason) or type(reason).__name__
+        )
         return ImageError(f"connection to registry {host} failed: {text}")
 
 

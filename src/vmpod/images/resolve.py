@@ -14,6 +14,7 @@ store (``images/store.py``), pulled on first use like ``podman run`` does.
 This module is the top of the images package: it picks a reader
 (``layout.py``) or the store, and nothing below imports it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,12 +31,10 @@ from vmpod.paths import Paths, default_paths
 
 log = logging.getLogger(__name__)
 
-_TRANSPORTS = {"oci": "oci-layout", "oci-archive": "oci-archive",
-               "docker-archive": "docker-archive"}
+_TRANSPORTS = {"oci": "oci-layout", "oci-archive": "oci-archive", "docker-archive": "docker-archive"}
 
 
-def resolve_image(ref: str, *, paths: Paths | None = None,
-                  progress: Progress | None = None) -> ImageSource:
+def resolve_image(ref: str, *, paths: Paths | None = None, progress: Progress | None = None) -> ImageSource:
     """Resolve an image reference (see module docstring) without unpacking it.
 
     ``paths`` locates the image store (default: ``default_paths()``);
@@ -48,20 +47,27 @@ def resolve_image(ref: str, *, paths: Paths | None = None,
     path, tag = _split_tag(rest, ref)
     if path.is_dir():
         if transport not in (None, "oci-layout"):
-            raise ImageError(f"image {ref!r}: {path} is a directory, not a {transport}",
-                             hint="use oci:DIR for an OCI layout directory")
+            raise ImageError(
+                f"image {ref!r}: {path} is a directory, not a {transport}",
+                hint="use oci:DIR for an OCI layout directory",
+            )
         if not (path / "oci-layout").is_file() or not (path / "index.json").is_file():
-            raise ImageError(f"image {ref!r}: {path} is a directory but not an OCI layout "
-                             "(no oci-layout and index.json)",
-                             hint="use --rootfs DIR for a root filesystem directory")
+            raise ImageError(
+                f"image {ref!r}: {path} is a directory but not an OCI layout (no oci-layout and index.json)",
+                hint="use --rootfs DIR for a root filesystem directory",
+            )
         with DirStore(path) as store:
             return read_oci(ref, "oci-layout", store, tag)
     if transport == "oci-layout":
-        raise ImageError(f"image {ref!r}: {path} is not an OCI layout directory",
-                         hint="use oci-archive:FILE for an OCI archive")
+        raise ImageError(
+            f"image {ref!r}: {path} is not an OCI layout directory",
+            hint="use oci-archive:FILE for an OCI archive",
+        )
     if not path.is_file():  # a fifo or device would block or never end
-        raise ImageError(f"image {ref!r}: {path} is not a regular file or directory",
-                         hint="pass an OCI layout directory or an image archive")
+        raise ImageError(
+            f"image {ref!r}: {path} is not a regular file or directory",
+            hint="pass an OCI layout directory or an image archive",
+        )
     with TarStore(path) as store:
         kind = transport or _archive_kind(store, ref)
         if kind == "oci-archive":
@@ -78,7 +84,7 @@ def registry_reference(ref: str) -> str | None:
     if os.path.exists(ref) or any(c == ":" and os.path.exists(ref[:i]) for i, c in enumerate(ref)):
         return None
     if ref.rpartition("/")[2].partition(":")[0].endswith((".tar", ".tgz", ".tar.gz")):
-        return None   # a mistyped archive name: say "not found", do not go online
+        return None  # a mistyped archive name: say "not found", do not go online
     try:
         parse_reference(ref)
     except ImageError:
@@ -90,6 +96,7 @@ def _from_registry(ref: str, remote: str, paths: Paths, progress: Progress) -> I
     # Imported here for start-up time only: the store brings the registry client and
     # with it urllib.request and ssl (~30 ms), which runs of local images never use.
     from vmpod.images.store import resolve_stored
+
     try:
         return resolve_stored(remote, paths, progress)
     except ImageError as err:
@@ -97,15 +104,17 @@ def _from_registry(ref: str, remote: str, paths: Paths, progress: Progress) -> I
             raise
         # A mistyped local path parses as a docker.io name too: mention both readings.
         local = "for a local image give its path, or use --rootfs DIR for a rootfs directory"
-        raise ImageError(f"image {ref!r} not found: not a local image, and pulling it from "
-                         f"{DEFAULT_REGISTRY} failed: {err.message}",
-                         hint="; ".join(filter(None, (err.hint, local)))) from err
+        raise ImageError(
+            f"image {ref!r} not found: not a local image, and pulling it from "
+            f"{DEFAULT_REGISTRY} failed: {err.message}",
+            hint="; ".join(filter(None, (err.hint, local))),
+        ) from err
 
 
 def _split_transport(ref: str) -> tuple[str | None, str]:
     for prefix, kind in _TRANSPORTS.items():
         if ref.startswith(prefix + ":"):
-            return kind, ref[len(prefix) + 1:]
+            return kind, ref[len(prefix) + 1 :]
     return None, ref
 
 
@@ -114,9 +123,11 @@ def _split_tag(rest: str, ref: str) -> tuple[Path, str]:
         return Path(rest), ""
     for i, char in enumerate(rest):
         if char == ":" and i and os.path.exists(rest[:i]):
-            return Path(rest[:i]), rest[i + 1:]
-    raise ImageError(f"image {ref!r} not found: not a directory, OCI layout or image archive",
-                     hint="use --rootfs DIR for a root filesystem directory")
+            return Path(rest[:i]), rest[i + 1 :]
+    raise ImageError(
+        f"image {ref!r} not found: not a directory, OCI layout or image archive",
+        hint="use --rootfs DIR for a root filesystem directory",
+    )
 
 
 def _archive_kind(store: BlobStore, ref: str) -> str:
@@ -125,6 +136,8 @@ def _archive_kind(store: BlobStore, ref: str) -> str:
         return "oci-archive"
     if store.exists("manifest.json"):
         return "docker-archive"
-    raise ImageError(f"image {ref!r}: {store.path} is neither an OCI archive nor a docker archive "
-                     "(no index.json or manifest.json)",
-                     hint="create it with 'skopeo copy ... oci-archive:FILE' or 'docker save'")
+    raise ImageError(
+        f"image {ref!r}: {store.path} is neither an OCI archive nor a docker archive "
+        "(no index.json or manifest.json)",
+        hint="create it with 'skopeo copy ... oci-archive:FILE' or 'docker save'",
+    )

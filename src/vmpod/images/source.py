@@ -1,4 +1,5 @@
 """ImageSource: a resolved local image that can materialise its root filesystem."""
+
 from __future__ import annotations
 
 import hashlib
@@ -56,11 +57,14 @@ class ImageSource:
         try:
             empty = not any(dest.iterdir())
         except OSError as err:
-            raise ImageError(f"cannot unpack {self.ref!r} into {dest}: {err.strerror}",
-                             hint="pass an existing empty directory") from err
+            raise ImageError(
+                f"cannot unpack {self.ref!r} into {dest}: {err.strerror}",
+                hint="pass an existing empty directory",
+            ) from err
         if not empty:
-            raise ImageError(f"cannot unpack {self.ref!r}: {dest} is not empty",
-                             hint="unpack into a new empty directory")
+            raise ImageError(
+                f"cannot unpack {self.ref!r}: {dest} is not empty", hint="unpack into a new empty directory"
+            )
         try:
             self._unpack(dest)
         except BaseException:
@@ -78,8 +82,7 @@ class ImageSource:
         applier = LayerApplier(dest)
         with open_store(self._store, archive=self.kind in ARCHIVE_KINDS) as store:
             for index, blob in enumerate(self._layers, 1):
-                label = (f"layer {index}/{len(self._layers)} ({blob.digest or blob.location}) "
-                         f"of {self.ref!r}")
+                label = f"layer {index}/{len(self._layers)} ({blob.digest or blob.location}) of {self.ref!r}"
                 applier.begin_layer(label)
                 try:
                     with store.open(blob.location) as raw:
@@ -88,8 +91,9 @@ class ImageSource:
                             apply_tar(applier, stream)
                             layer.verify()
                 except (OSError, EOFError, tarfile.TarError, zlib.error) as err:
-                    raise ImageError(f"cannot read {label}: {err}",
-                                     hint="the image is corrupt or unreadable") from err
+                    raise ImageError(
+                        f"cannot read {label}: {err}", hint="the image is corrupt or unreadable"
+                    ) from err
         applier.finish()
 
 
@@ -124,11 +128,14 @@ def rootfs_digest(root: Path) -> str:
             try:
                 names = sorted(os.listdir(path))
             except OSError as err:
-                raise ImageError(f"cannot read {path}: {err.strerror}",
-                                 hint="the root filesystem must be readable by vmpod") from err
+                raise ImageError(
+                    f"cannot read {path}: {err.strerror}",
+                    hint="the root filesystem must be readable by vmpod",
+                ) from err
             # Reversed so the stack pops children in sorted order.
-            stack.extend((os.path.join(path, name), rel + b"/" + os.fsencode(name))
-                         for name in reversed(names))
+            stack.extend(
+                (os.path.join(path, name), rel + b"/" + os.fsencode(name)) for name in reversed(names)
+            )
     return f"sha256:{digest.hexdigest()}"
 
 
@@ -143,5 +150,6 @@ def resolve_rootfs(path: str | Path) -> ImageSource:
     if not os.access(root, os.R_OK | os.X_OK):
         raise ImageError(f"rootfs {str(path)!r} is not readable", hint=hint)
     root = root.absolute()
-    return ImageSource(ref=str(path), kind="rootfs-dir", digest=rootfs_digest(root),
-                       config=ImageConfig(), rootfs_dir=root)
+    return ImageSource(
+        ref=str(path), kind="rootfs-dir", digest=rootfs_digest(root), config=ImageConfig(), rootfs_dir=root
+    )

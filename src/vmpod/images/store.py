@@ -12,6 +12,7 @@ holds it exclusively, so GC never deletes a blob that a pull has written but
 not referenced yet. Index updates take ``.index.lock`` and replace
 ``index.json`` atomically, so readers need no lock.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,7 +56,7 @@ class StoredImage:
     name: str
     digest: str
     size: int
-    created: str   # the image config's "created" timestamp, "" when absent
+    created: str  # the image config's "created" timestamp, "" when absent
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,10 @@ def parse_creds(text: str) -> tuple[str, str]:
     """``USER:PASSWORD`` → (user, password)."""
     user, sep, password = text.partition(":")
     if not sep or not user:
-        raise ImageError("credentials must look like USER:PASSWORD",
-                         hint="pass --creds USER:PASSWORD or set REGISTRY_AUTH=USER:PASSWORD")
+        raise ImageError(
+            "credentials must look like USER:PASSWORD",
+            hint="pass --creds USER:PASSWORD or set REGISTRY_AUTH=USER:PASSWORD",
+        )
     return user, password
 
 
@@ -119,7 +122,7 @@ class ImageStore:
     @contextmanager
     def new_blob(self, digest: str) -> Iterator[IO[bytes]]:
         """A file to write a verified blob into; it appears under its digest on success."""
-        incoming = self.root / "incoming"   # not in blobs/: GC removes what a killed pull left
+        incoming = self.root / "incoming"  # not in blobs/: GC removes what a killed pull left
         incoming.mkdir(parents=True, exist_ok=True)
         final = self.blob_path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -142,14 +145,15 @@ class ImageStore:
         doc = parse_json(data, f"image store index {self.root / 'index.json'}")
         entries = doc.get("manifests") if isinstance(doc, dict) else None
         if not isinstance(entries, list):
-            raise ImageError(f"image store index {self.root / 'index.json'} is malformed",
-                             hint="remove it and pull again")
+            raise ImageError(
+                f"image store index {self.root / 'index.json'} is malformed", hint="remove it and pull again"
+            )
         return [e for e in entries if isinstance(e, dict)]
 
     def _write_entries(self, entries: list[dict[str, Any]]) -> None:
         (self.root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
         data = json.dumps({"schemaVersion": 2, "manifests": entries}, indent=1).encode()
-        atomic_write(self.root / "index.json", data, mode=0o600, fsync=True)   # readers: no lock
+        atomic_write(self.root / "index.json", data, mode=0o600, fsync=True)  # readers: no lock
 
     def lookup(self, name: str) -> str | None:
         """The manifest digest ``name`` points to, if it is in the store."""
@@ -164,8 +168,14 @@ class ImageStore:
             entries = self._entries()
             previous = next((str(e.get("digest")) for e in entries if _name(e) == name), None)
             entries = [e for e in entries if _name(e) != name]
-            entries.append({"mediaType": manifest.media_type, "digest": manifest.digest,
-                            "size": len(manifest.data), "annotations": {REF_NAME: name}})
+            entries.append(
+                {
+                    "mediaType": manifest.media_type,
+                    "digest": manifest.digest,
+                    "size": len(manifest.data),
+                    "annotations": {REF_NAME: name},
+                }
+            )
             self._write_entries(entries)
         return previous
 
@@ -183,11 +193,10 @@ class ImageStore:
         try:
             manifest = self._read_json(digest)
             config = manifest["config"]["digest"]
-            size = int(entry["size"]) + sum(int(d["size"]) for d in
-                                            [manifest["config"], *manifest["layers"]])
+            size = int(entry["size"]) + sum(int(d["size"]) for d in [manifest["config"], *manifest["layers"]])
             created = self._read_json(config).get("created") or ""
         except (ImageError, OSError, KeyError, TypeError, ValueError, AttributeError):
-            return StoredImage(name, digest, -1, "")   # listing must not fail on one bad image
+            return StoredImage(name, digest, -1, "")  # listing must not fail on one bad image
         return StoredImage(name, digest, size, str(created))
 
     def _read_json(self, digest: str) -> Any:
@@ -217,13 +226,13 @@ class ImageStore:
         try:
             fd = lock_file(self.root / ".lock", timeout=0)
         except LockTimeout:
-            return   # another pull runs; the next rmi collects instead
+            return  # another pull runs; the next rmi collects instead
         try:
             if any(str(e.get("digest")) == digest for e in self._entries()):
                 return
             disk_path(self.root, digest).unlink(missing_ok=True)
             self._collect()
-        except ImageError as err:   # the pull itself succeeded; rmi will report this
+        except ImageError as err:  # the pull itself succeeded; rmi will report this
             log.warning("%s", err)
         finally:
             os.close(fd)
@@ -235,13 +244,18 @@ class ImageStore:
             digest = str(entry.get("digest"))
             try:
                 manifest = self._read_json(digest)
-                keep |= {digest, manifest["config"]["digest"],
-                         *(layer["digest"] for layer in manifest["layers"])}
+                keep |= {
+                    digest,
+                    manifest["config"]["digest"],
+                    *(layer["digest"] for layer in manifest["layers"]),
+                }
             except (ImageError, OSError, KeyError, TypeError) as err:
                 # Deleting blobs based on a partial picture could break other images.
-                raise ImageError(f"image store: cannot read manifest {digest} of "
-                                 f"{_name(entry)!r}: {err}; not collecting garbage",
-                                 hint=f"remove it with 'vmpod rmi {_name(entry)}'") from err
+                raise ImageError(
+                    f"image store: cannot read manifest {digest} of "
+                    f"{_name(entry)!r}: {err}; not collecting garbage",
+                    hint=f"remove it with 'vmpod rmi {_name(entry)}'",
+                ) from err
         removed = freed = 0
         for algorithm in _subdirs(self.root / "blobs"):
             for blob in _subdirs(algorithm, files=True):
@@ -280,40 +294,45 @@ def _subdirs(path: Path, *, files: bool = False) -> list[Path]:
 
 # -- pull --------------------------------------------------------------------
 
-def pull(paths: Paths, text: str, options: PullOptions = PullOptions(),
-         progress: Progress = silent) -> StoredImage:
+
+def pull(
+    paths: Paths, text: str, options: PullOptions = PullOptions(), progress: Progress = silent
+) -> StoredImage:
     """Pull REGISTRY/NAME:TAG or @DIGEST into the store, skipping layers it already has."""
     store = ImageStore(paths.images)
     try:
         return _pull(store, parse_reference(text), options, progress)
-    except OSError as err:   # network errors became ImageErrors in the client: this is local
-        raise ImageError(f"image store {store.root}: {err.strerror or err}",
-                         hint="check free space and permissions") from err
+    except OSError as err:  # network errors became ImageErrors in the client: this is local
+        raise ImageError(
+            f"image store {store.root}: {err.strerror or err}", hint="check free space and permissions"
+        ) from err
 
 
-def _pull(store: ImageStore, ref: Reference, options: PullOptions,
-          progress: Progress) -> StoredImage:
+def _pull(store: ImageStore, ref: Reference, options: PullOptions, progress: Progress) -> StoredImage:
     name = str(ref)
-    client = RegistryClient(ref, insecure=options.insecure, creds=options.creds,
-                            timeout=options.timeout)
+    client = RegistryClient(ref, insecure=options.insecure, creds=options.creds, timeout=options.timeout)
     progress(f"pulling {name}")
     with store.pulling():
-        manifest = parse_manifest(client.manifest(ref.digest or ref.tag, digest=ref.digest),
-                                  f"manifest of {name}")
+        manifest = parse_manifest(
+            client.manifest(ref.digest or ref.tag, digest=ref.digest), f"manifest of {name}"
+        )
         if manifest.is_index:
             where = f"image index of {name}"
             chosen = pick_platform(index_descriptors(manifest.doc, where), where)
-            manifest = parse_manifest(client.manifest(chosen.digest, digest=chosen.digest,
-                                                      size=chosen.size),
-                                      f"manifest {chosen.digest} of {name}")
+            manifest = parse_manifest(
+                client.manifest(chosen.digest, digest=chosen.digest, size=chosen.size),
+                f"manifest {chosen.digest} of {name}",
+            )
             if manifest.is_index:
-                raise ImageError(f"{name}: the linux/amd64 entry is itself an index",
-                                 hint="nested image indexes are not supported")
+                raise ImageError(
+                    f"{name}: the linux/amd64 entry is itself an index",
+                    hint="nested image indexes are not supported",
+                )
         where = f"manifest {manifest.digest} of {name}"
         config, layers = manifest_blobs(manifest.doc, where)
         config_data = client.blob_bytes(config)
         config_doc = parse_json(config_data, f"image config of {name}")
-        parse_config(config_doc, f"image config of {name}")   # refuse bad images before tagging
+        parse_config(config_doc, f"image config of {name}")  # refuse bad images before tagging
         diff_ids(config_doc, len(layers), f"image config of {name}")
         for index, layer in enumerate(layers, 1):
             short = layer.digest.partition(":")[2][:12]

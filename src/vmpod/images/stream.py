@@ -5,6 +5,7 @@ checking and using the bytes) and compared once the stream is drained, so a
 corrupt layer is reported after its entries were written: callers discard the
 destination on error (``ImageSource.unpack`` does).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -114,8 +115,9 @@ class LayerReader:
         self._tar = HashingReader(source, _algorithm(self._blob.diff_id))
         return self._tar
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._proc is not None:
             if self._proc.poll() is None:
                 self._proc.kill()
@@ -130,11 +132,14 @@ class LayerReader:
     def _start_zstd(self) -> Readable:
         exe = shutil.which("zstd")
         if exe is None:
-            raise ImageError(f"{self._label} is zstd-compressed but the 'zstd' tool is not installed",
-                             hint="install it, e.g. apt-get install zstd")
+            raise ImageError(
+                f"{self._label} is zstd-compressed but the 'zstd' tool is not installed",
+                hint="install it, e.g. apt-get install zstd",
+            )
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
-        self._proc = subprocess.Popen([exe, "-d", "-c", "-q"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._stderr)
+        self._proc = subprocess.Popen(
+            [exe, "-d", "-c", "-q"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr
+        )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._feeder = threading.Thread(target=self._feed, args=(self._proc.stdin,), daemon=True)
         self._feeder.start()
@@ -161,21 +166,29 @@ class LayerReader:
                 assert self._stderr is not None
                 self._stderr.seek(0)
                 tail = self._stderr.read()[-500:].decode(errors="replace").strip()
-                raise ImageError(f"{self._label}: zstd failed (exit {self._proc.returncode}): {tail}",
-                                 hint="the layer is corrupt; re-export the image")
+                raise ImageError(
+                    f"{self._label}: zstd failed (exit {self._proc.returncode}): {tail}",
+                    hint="the layer is corrupt; re-export the image",
+                )
         if self._feed_error is not None:
-            raise ImageError(f"{self._label}: cannot read layer: {self._feed_error}") \
-                from self._feed_error
+            raise ImageError(f"{self._label}: cannot read layer: {self._feed_error}") from self._feed_error
         while self._buffered.read(_CHUNK):  # trailing bytes still count towards the digest
             pass
         blob = self._blob
         hint = "the image is corrupt or was modified; re-export it"
         if blob.size >= 0 and self._packed.size != blob.size:
-            raise ImageError(f"{self._label}: size {self._packed.size} does not match "
-                             f"descriptor size {blob.size}", hint=hint)
+            raise ImageError(
+                f"{self._label}: size {self._packed.size} does not match descriptor size {blob.size}",
+                hint=hint,
+            )
         if blob.digest and self._packed.digest() != blob.digest:
-            raise ImageError(f"{self._label}: digest mismatch (expected {blob.digest}, "
-                             f"got {self._packed.digest()})", hint=hint)
+            raise ImageError(
+                f"{self._label}: digest mismatch (expected {blob.digest}, got {self._packed.digest()})",
+                hint=hint,
+            )
         if blob.diff_id and self._tar.digest() != blob.diff_id:
-            raise ImageError(f"{self._label}: uncompressed digest mismatch (expected diff_id "
-                             f"{blob.diff_id}, got {self._tar.digest()})", hint=hint)
+            raise ImageError(
+                f"{self._label}: uncompressed digest mismatch (expected diff_id "
+                f"{blob.diff_id}, got {self._tar.digest()})",
+                hint=hint,
+            )

@@ -1,4 +1,5 @@
 """Out-of-tree module builds against one kernel's headers (kbuild ``M=``)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,7 @@ _LOG_LIMIT = 1 << 20
 @dataclass(frozen=True)
 class BuildResult:
     ok: bool
-    modules: tuple[Path, ...]     # built .ko files
+    modules: tuple[Path, ...]  # built .ko files
     log: str
     seconds: float
 
@@ -28,19 +29,25 @@ async def build_module(src: Path, headers: Path, work: Path) -> BuildResult:
     t0 = time.monotonic()
     if work.exists():
         shutil.rmtree(work)
-    shutil.copytree(src, work, symlinks=True,
-                    ignore=shutil.ignore_patterns("*.ko", "*.o", "*.mod*", ".*.cmd", "Module.symvers"))
+    shutil.copytree(
+        src,
+        work,
+        symlinks=True,
+        ignore=shutil.ignore_patterns("*.ko", "*.o", "*.mod*", ".*.cmd", "Module.symvers"),
+    )
     argv = ["make", "-C", str(headers), f"M={work}", f"-j{os.cpu_count() or 1}", "modules"]
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        stdin=asyncio.subprocess.DEVNULL)
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), BUILD_TIMEOUT)
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        return BuildResult(False, (), f"build timed out after {BUILD_TIMEOUT:g}s",
-                           time.monotonic() - t0)
+        return BuildResult(False, (), f"build timed out after {BUILD_TIMEOUT:g}s", time.monotonic() - t0)
     log = " ".join(argv) + "\n" + out[-_LOG_LIMIT:].decode(errors="replace")
     modules = tuple(sorted(work.rglob("*.ko")))
     ok = proc.returncode == 0 and bool(modules)

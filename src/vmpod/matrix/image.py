@@ -1,4 +1,5 @@
 """The default test image of `vmpod matrix`: busybox, from the guest's own packages."""
+
 from __future__ import annotations
 
 import shutil
@@ -23,8 +24,7 @@ def busybox_rootfs(paths: Paths, busybox: Path) -> Path:
         for d in ("bin", "etc", "tmp", "root", "dev", "proc", "sys"):
             (root / d).mkdir(parents=True)
         shutil.copy2(busybox, root / "bin/busybox")
-        applets = run([busybox, "--list"], what="list busybox applets",
-                      timeout=60).stdout.decode().split()
+        applets = run([busybox, "--list"], what="list busybox applets", timeout=60).stdout.decode().split()
         for applet in applets:
             if applet != "busybox":
                 (root / "bin" / applet).symlink_to("busybox")

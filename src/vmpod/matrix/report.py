@@ -1,4 +1,5 @@
 """Matrix results as a table (rich), a live progress view, JUnit XML and JSON."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,15 @@ from rich.table import Table
 
 from vmpod.matrix.run import STEPS, KernelResult
 
-_STYLE = {"ok": "green", "pass": "green", "clean": "green", "fail": "bold red",
-          "running": "yellow", "skip": "dim", "-": "dim"}
+_STYLE = {
+    "ok": "green",
+    "pass": "green",
+    "clean": "green",
+    "fail": "bold red",
+    "running": "yellow",
+    "skip": "dim",
+    "-": "dim",
+}
 
 
 def _cell(value: str) -> str:
@@ -25,8 +33,14 @@ def results_table(results: list[KernelResult]) -> Table:
     for col in ("kernel", "release", *STEPS, "dmesg", "time", "detail"):
         table.add_column(col, overflow="fold", max_width=60 if col == "detail" else None)
     for r in results:
-        table.add_row(r.kernel, r.release, *(_cell(r.steps.get(s, "skip")) for s in STEPS),
-                      _cell(r.dmesg), f"{r.seconds:.1f}s", r.detail)
+        table.add_row(
+            r.kernel,
+            r.release,
+            *(_cell(r.steps.get(s, "skip")) for s in STEPS),
+            _cell(r.dmesg),
+            f"{r.seconds:.1f}s",
+            r.detail,
+        )
     return table
 
 
@@ -36,8 +50,11 @@ class ProgressView:
     def __init__(self, kernels: list[str], console: Console) -> None:
         self.console = console
         self.state: dict[str, dict[str, str]] = {k: {s: "·" for s in STEPS} for k in kernels}
-        self.live = Live(self._table(), console=console, refresh_per_second=8,
-                         transient=True) if console.is_terminal else None
+        self.live = (
+            Live(self._table(), console=console, refresh_per_second=8, transient=True)
+            if console.is_terminal
+            else None
+        )
 
     def _table(self) -> Table:
         table = Table(title="vmpod matrix: running")
@@ -65,20 +82,39 @@ class ProgressView:
 
 
 def write_json(results: list[KernelResult], path: Path) -> None:
-    data = [{"kernel": r.kernel, "release": r.release, "passed": r.passed, "steps": r.steps,
-             "dmesg": r.dmesg, "findings": list(r.findings), "detail": r.detail,
-             "seconds": round(r.seconds, 3), "logs": str(r.logs)} for r in results]
-    path.write_text(json.dumps({"results": data,
-                                "passed": all(r.passed for r in results)}, indent=2))
+    data = [
+        {
+            "kernel": r.kernel,
+            "release": r.release,
+            "passed": r.passed,
+            "steps": r.steps,
+            "dmesg": r.dmesg,
+            "findings": list(r.findings),
+            "detail": r.detail,
+            "seconds": round(r.seconds, 3),
+            "logs": str(r.logs),
+        }
+        for r in results
+    ]
+    path.write_text(json.dumps({"results": data, "passed": all(r.passed for r in results)}, indent=2))
 
 
 def write_junit(results: list[KernelResult], path: Path) -> None:
-    suite = ET.Element("testsuite", name="vmpod-matrix", tests=str(len(results)),
-                       failures=str(sum(not r.passed for r in results)),
-                       time=f"{max((r.seconds for r in results), default=0):.3f}")
+    suite = ET.Element(
+        "testsuite",
+        name="vmpod-matrix",
+        tests=str(len(results)),
+        failures=str(sum(not r.passed for r in results)),
+        time=f"{max((r.seconds for r in results), default=0):.3f}",
+    )
     for r in results:
-        case = ET.SubElement(suite, "testcase", classname="vmpod.matrix",
-                             name=f"{r.kernel} ({r.release})", time=f"{r.seconds:.3f}")
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname="vmpod.matrix",
+            name=f"{r.kernel} ({r.release})",
+            time=f"{r.seconds:.3f}",
+        )
         if not r.passed:
             failure = ET.SubElement(case, "failure", message=r.detail or f"dmesg: {r.dmesg}")
             failure.text = "\n".join(r.findings)

@@ -1,5 +1,6 @@
 """One matrix run: for each kernel build the module, boot a VM with it, load it,
 run the test in a container, judge the kernel log, unload; kernels in parallel."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,6 +27,7 @@ STEPS = ("build", "boot", "load", "test", "unload")
 @dataclass(frozen=True)
 class KernelTarget:
     """A kernel ready for the matrix: assets to boot it and headers to build for it."""
+
     name: str
     assets: GuestAssets
     headers: Path
@@ -49,10 +51,10 @@ class MatrixConfig:
 class KernelResult:
     kernel: str
     release: str
-    steps: dict[str, str] = field(default_factory=dict)   # step -> ok|fail|skip|pass
-    dmesg: str = "-"              # verdict status
+    steps: dict[str, str] = field(default_factory=dict)  # step -> ok|fail|skip|pass
+    dmesg: str = "-"  # verdict status
     findings: tuple[str, ...] = ()
-    detail: str = ""              # first reason of failure
+    detail: str = ""  # first reason of failure
     seconds: float = 0.0
     logs: Path = Path()
 
@@ -61,16 +63,16 @@ class KernelResult:
         return all(self.steps.get(s) in ("ok", "pass") for s in STEPS) and self.dmesg == "clean"
 
 
-Progress = Callable[[str, str, str], None]    # (kernel, step, state)
+Progress = Callable[[str, str, str], None]  # (kernel, step, state)
 
 
-async def run_matrix(paths: Paths, cfg: MatrixConfig, targets: list[KernelTarget],
-                     progress: Progress) -> list[KernelResult]:
+async def run_matrix(
+    paths: Paths, cfg: MatrixConfig, targets: list[KernelTarget], progress: Progress
+) -> list[KernelResult]:
     # Separate slots for builds and VMs: a kernel's build overlaps the VMs of
     # others instead of holding a VM slot while the compiler runs.
     slots = _Slots(asyncio.Semaphore(max(1, cfg.jobs)), asyncio.Semaphore(max(1, cfg.jobs)))
-    return list(await asyncio.gather(*(run_kernel(paths, cfg, t, progress, slots)
-                                       for t in targets)))
+    return list(await asyncio.gather(*(run_kernel(paths, cfg, t, progress, slots) for t in targets)))
 
 
 @dataclass(frozen=True)
@@ -111,14 +113,21 @@ class _Run:
             self.detail = f"dmesg: {verdict.findings[0]}"
 
     def result(self) -> KernelResult:
-        return KernelResult(kernel=self.target.name, release=self.target.assets.kernel.release,
-                            steps=dict(self.steps), dmesg=self.dmesg, findings=self.findings,
-                            detail=self.detail, seconds=time.monotonic() - self.t0,
-                            logs=self.logs)
+        return KernelResult(
+            kernel=self.target.name,
+            release=self.target.assets.kernel.release,
+            steps=dict(self.steps),
+            dmesg=self.dmesg,
+            findings=self.findings,
+            detail=self.detail,
+            seconds=time.monotonic() - self.t0,
+            logs=self.logs,
+        )
 
 
-async def run_kernel(paths: Paths, cfg: MatrixConfig, t: KernelTarget,
-                     progress: Progress, slots: _Slots | None = None) -> KernelResult:
+async def run_kernel(
+    paths: Paths, cfg: MatrixConfig, t: KernelTarget, progress: Progress, slots: _Slots | None = None
+) -> KernelResult:
     slots = slots or _Slots(asyncio.Semaphore(1), asyncio.Semaphore(1))
     logs = cfg.logs / t.name.replace("/", "_").replace(":", "_")
     logs.mkdir(parents=True, exist_ok=True)
@@ -132,21 +141,26 @@ async def run_kernel(paths: Paths, cfg: MatrixConfig, t: KernelTarget,
         return run.result()
     run.step("build", "ok")
     try:
-        config = prepare(paths, SandboxSpec(
-            kernel=t.name, accel=cfg.accel.accel, memory_mb=cfg.memory_mb,
-            boot_timeout=cfg.boot_timeout, rootfs=(cfg.image_disk,),
-            module_files=tuple(str(k) for k in built.modules)))
+        config = prepare(
+            paths,
+            SandboxSpec(
+                kernel=t.name,
+                accel=cfg.accel.accel,
+                memory_mb=cfg.memory_mb,
+                boot_timeout=cfg.boot_timeout,
+                rootfs=(cfg.image_disk,),
+                module_files=tuple(str(k) for k in built.modules),
+            ),
+        )
     except VmpodError as err:
         run.step("boot", "fail", f"modules: {err}")
         return run.result()
     async with slots.vms:
-        await _in_vm(paths, cfg, config, {m.name for m in config.modules
-                                          if m.file in built.modules}, run)
+        await _in_vm(paths, cfg, config, {m.name for m in config.modules if m.file in built.modules}, run)
     return run.result()
 
 
-async def _in_vm(paths: Paths, cfg: MatrixConfig, config: SandboxConfig, ours: set[str],
-                 run: _Run) -> None:
+async def _in_vm(paths: Paths, cfg: MatrixConfig, config: SandboxConfig, ours: set[str], run: _Run) -> None:
     plan = list(config.modules)
     sandbox = Sandbox(paths, config)
     console, log_text, tainted = "", "", 0
@@ -187,7 +201,8 @@ async def _load(sandbox: Sandbox, plan: list[ModuleLoad], run: _Run) -> bool:
         if r.status != 0:
             (logs / "load.log").write_text("\n".join(lines))
             why = (r.stderr or r.stdout).strip() or (
-                f"insmod killed by signal {-r.status}" if r.status < 0 else f"status {r.status}")
+                f"insmod killed by signal {-r.status}" if r.status < 0 else f"status {r.status}"
+            )
             step("load", "fail", f"load {m.name}: {why}")
             return False
     (logs / "load.log").write_text("\n".join(lines))
@@ -199,11 +214,13 @@ async def _test(sandbox: Sandbox, cfg: MatrixConfig, run: _Run) -> None:
     t, logs, step = run.target, run.logs, run.step
     step("test", "running")
     env = (f"VMPOD_KERNEL={t.assets.kernel.release}", f"VMPOD_KERNEL_NAME={t.name}")
-    spec = build_spec(cfg.image_config, ProcessOptions(
-        args=("/bin/sh", "-c", cfg.test_script, "vmpod-test"), env=env, privileged=True,
-        hostname="matrix"))
-    container = await sandbox.create_container(ContainerSpec(id="test", oci=spec,
-                                                             rootfs=cfg.image_disk))
+    spec = build_spec(
+        cfg.image_config,
+        ProcessOptions(
+            args=("/bin/sh", "-c", cfg.test_script, "vmpod-test"), env=env, privileged=True, hostname="matrix"
+        ),
+    )
+    container = await sandbox.create_container(ContainerSpec(id="test", oci=spec, rootfs=cfg.image_disk))
     out = bytearray()
     proc = await container.start(Output(out.extend, out.extend), stdin=False)
     try:
@@ -213,8 +230,7 @@ async def _test(sandbox: Sandbox, cfg: MatrixConfig, run: _Run) -> None:
         (logs / "test.log").write_bytes(bytes(out))
         step("test", "fail", f"test: timed out after {cfg.test_timeout:g}s")
         return
-    (logs / "test.log").write_bytes(bytes(out) + (f"\n{event.message}".encode()
-                                                  if event.message else b""))
+    (logs / "test.log").write_bytes(bytes(out) + (f"\n{event.message}".encode() if event.message else b""))
     if event.status == 0:
         step("test", "pass")
     else:
@@ -240,6 +256,8 @@ async def _unload(sandbox: Sandbox, mods: list[ModuleLoad], run: _Run) -> None:
 def read_script(path: Path) -> str:
     data = path.read_bytes()
     if len(data) > MAX_SCRIPT:
-        raise VmpodError(f"test script {path} is larger than {MAX_SCRIPT // 1024} KiB",
-                         hint="keep the test script small; put data in the image")
+        raise VmpodError(
+            f"test script {path} is larger than {MAX_SCRIPT // 1024} KiB",
+            hint="keep the test script small; put data in the image",
+        )
     return data.decode()

@@ -1,4 +1,5 @@
 """Judging a guest's kernel log: oops, panic, BUG, WARN, lockups, taint."""
+
 from __future__ import annotations
 
 import re
@@ -7,22 +8,32 @@ from dataclasses import dataclass
 # Ordered by severity: the first that matches names the verdict.
 _PATTERNS = (
     ("panic", re.compile(r"Kernel panic - not syncing")),
-    ("oops", re.compile(r"\bOops\b|general protection fault|BUG: unable to handle|"
-                        r"kernel BUG at|BUG: kernel NULL pointer")),
+    (
+        "oops",
+        re.compile(
+            r"\bOops\b|general protection fault|BUG: unable to handle|"
+            r"kernel BUG at|BUG: kernel NULL pointer"
+        ),
+    ),
     ("bug", re.compile(r"\bBUG: |UBSAN:|KASAN:|list_(add|del) corruption")),
     ("lockup", re.compile(r"soft lockup|hard LOCKUP|hung_task|rcu_sched detected stall")),
     ("warn", re.compile(r"WARNING: CPU: |\bWARNING: at ")),
 )
 # /proc/sys/kernel/tainted bits that mean trouble (out-of-tree O and unsigned E
 # are expected for the module under test).
-_BAD_TAINT = {7: "D (kernel died: oops)", 9: "W (warning)", 14: "L (soft lockup)",
-              5: "B (bad page)", 4: "M (machine check)"}
+_BAD_TAINT = {
+    7: "D (kernel died: oops)",
+    9: "W (warning)",
+    14: "L (soft lockup)",
+    5: "B (bad page)",
+    4: "M (machine check)",
+}
 
 
 @dataclass(frozen=True)
 class Verdict:
-    status: str                   # clean | warn | lockup | bug | oops | panic
-    findings: tuple[str, ...]     # the log lines and taint flags behind it
+    status: str  # clean | warn | lockup | bug | oops | panic
+    findings: tuple[str, ...]  # the log lines and taint flags behind it
 
     @property
     def clean(self) -> bool:

@@ -20,6 +20,7 @@ What changes on the way into the VM (the Kata model):
 - Hooks run on the host (see ``hooks``); AppArmor/SELinux labels are dropped
   (the guest has neither).
 """
+
 from __future__ import annotations
 
 import base64
@@ -36,7 +37,7 @@ from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS, validate_hooks
 from vmpod.sandbox.config import MAX_CONFIG_BYTES, MAX_FILES_BYTES
 
-MEMORY_OVERHEAD_MB = 256     # guest kernel, agent and page cache on top of the limit
+MEMORY_OVERHEAD_MB = 256  # guest kernel, agent and page cache on top of the limit
 MIN_MEMORY_MB = 512
 MIB = 1024 * 1024
 KEPT_MOUNT_TYPES = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2")
@@ -46,9 +47,10 @@ _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.
 @dataclass(frozen=True)
 class Plan:
     """Everything `create` needs to boot the VM and prepare the container."""
-    spec: dict[str, object]                 # the guest's config.json (root.path set by the agent)
-    rootfs: Path                            # host root filesystem directory
-    files: dict[str, str]                   # NAME -> base64 content (CreateContainer.files)
+
+    spec: dict[str, object]  # the guest's config.json (root.path set by the agent)
+    rootfs: Path  # host root filesystem directory
+    files: dict[str, str]  # NAME -> base64 content (CreateContainer.files)
     cpus: int
     memory_mb: int
     kernel: str
@@ -56,7 +58,7 @@ class Plan:
     hooks: dict[str, list[dict[str, object]]]
     annotations: dict[str, str]
     warnings: tuple[str, ...] = field(default=())
-    kernel_modules: tuple[str, ...] = ()     # NAME[=params], from org.vmpod.kernel_modules
+    kernel_modules: tuple[str, ...] = ()  # NAME[=params], from org.vmpod.kernel_modules
 
 
 def load_spec(bundle: Path) -> dict[str, object]:
@@ -105,8 +107,7 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
     kernel = _kernel(annotations, cfg)
 
     guest = {k: v for k, v in spec.items() if k not in ("hooks", "annotations")}
-    guest_process = {k: v for k, v in process.items()
-                     if k not in ("apparmorProfile", "selinuxLabel")}
+    guest_process = {k: v for k, v in process.items() if k not in ("apparmorProfile", "selinuxLabel")}
     guest["process"] = guest_process
     guest["root"] = {k: v for k, v in root.items() if k != "path"}
     mounts, files, dir_dests = _mounts(spec.get("mounts"), bundle, warnings)
@@ -120,20 +121,34 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
         if isinstance(namespaces, list) and {"type": "user"} in namespaces:
             # sysfs can only be mounted by the owner of the network namespace, and the
             # container shares the VM's: bind the guest's /sys instead (as rootless runc does)
-            guest["mounts"] = [_SYSFS_BIND | {"destination": m["destination"]}
-                               if m.get("type") == "sysfs" else m for m in mounts]
+            guest["mounts"] = [
+                _SYSFS_BIND | {"destination": m["destination"]} if m.get("type") == "sysfs" else m
+                for m in mounts
+            ]
     check_executable(rootfs, process, dir_dests)
     cpus, memory_mb = vm_size(resources, warnings)
     files_b64 = {name: base64.b64encode(data).decode() for name, data in files.items()}
     size = len(json.dumps({"spec": guest, "files": files_b64}, separators=(",", ":")))
     if size > MAX_CONFIG_BYTES:
-        raise RuntimeCliError(f"config.json plus bind-mounted files take {size} bytes: too "
-                              f"large for the agent channel (limit {MAX_CONFIG_BYTES})")
-    return Plan(spec=guest, rootfs=rootfs, files=files_b64, cpus=cpus, memory_mb=memory_mb,
-                kernel=kernel, terminal=terminal, hooks=hooks, annotations=annotations,
-                warnings=tuple(warnings), kernel_modules=tuple(
-                    m.strip() for m in annotations.get(ANNOTATION_MODULES, "").split(";")
-                    if m.strip()))
+        raise RuntimeCliError(
+            f"config.json plus bind-mounted files take {size} bytes: too "
+            f"large for the agent channel (limit {MAX_CONFIG_BYTES})"
+        )
+    return Plan(
+        spec=guest,
+        rootfs=rootfs,
+        files=files_b64,
+        cpus=cpus,
+        memory_mb=memory_mb,
+        kernel=kernel,
+        terminal=terminal,
+        hooks=hooks,
+        annotations=annotations,
+        warnings=tuple(warnings),
+        kernel_modules=tuple(
+            m.strip() for m in annotations.get(ANNOTATION_MODULES, "").split(";") if m.strip()
+        ),
+    )
 
 
 def _annotations(value: object) -> dict[str, str]:
@@ -148,13 +163,16 @@ def _kernel(annotations: dict[str, str], cfg: RuntimeConfig) -> str:
         if name.startswith("org.vmpod.") and name not in cfg.enable_annotations:
             where = cfg.source or "/etc/vmpod/runtime.json"
             if name in KNOWN_ANNOTATIONS:
-                raise RuntimeCliError(f"annotation {name} is not enabled "
-                                      f"(add it to enable_annotations in {where})")
+                raise RuntimeCliError(
+                    f"annotation {name} is not enabled (add it to enable_annotations in {where})"
+                )
             raise RuntimeCliError(f"unknown annotation {name} (known: {', '.join(KNOWN_ANNOTATIONS)})")
     kernel = annotations.get(ANNOTATION_KERNEL, cfg.kernel)
     if kernel != cfg.kernel and kernel not in cfg.kernels:
-        raise RuntimeCliError(f"kernel {kernel!r} from annotation {ANNOTATION_KERNEL} is not "
-                              f"allowed (allowed: {', '.join(cfg.kernels) or 'none'})")
+        raise RuntimeCliError(
+            f"kernel {kernel!r} from annotation {ANNOTATION_KERNEL} is not "
+            f"allowed (allowed: {', '.join(cfg.kernels) or 'none'})"
+        )
     return kernel
 
 
@@ -189,8 +207,9 @@ def _process(spec: dict[str, object]) -> dict[str, object]:
     return process
 
 
-def _mounts(value: object, bundle: Path, warnings: list[str]
-            ) -> tuple[list[dict[str, object]], dict[str, bytes], list[str]]:
+def _mounts(
+    value: object, bundle: Path, warnings: list[str]
+) -> tuple[list[dict[str, object]], dict[str, bytes], list[str]]:
     """(guest mounts, files to copy, destinations whose content the host cannot see)."""
     plan = _MountPlan(bundle, warnings)
     for index, raw in enumerate(_list(value, "mounts")):
@@ -228,8 +247,14 @@ class _MountPlan:
     def bind(self, index: int, m: dict[str, object], dest: str, options: list[str]) -> None:
         if dest == "/dev/shm":
             keep = [o for o in options if o not in ("bind", "rbind", "rprivate", "private")]
-            self.out.append({"destination": dest, "type": "tmpfs", "source": "shm",
-                             "options": keep + ["mode=1777", "size=65536k"]})
+            self.out.append(
+                {
+                    "destination": dest,
+                    "type": "tmpfs",
+                    "source": "shm",
+                    "options": keep + ["mode=1777", "size=65536k"],
+                }
+            )
             return
         source = m.get("source")
         if not isinstance(source, str) or not source:
@@ -242,20 +267,24 @@ class _MountPlan:
         if stat.S_ISREG(st.st_mode):
             self._copy_file(index, m, src, source, dest, st.st_size)
         elif stat.S_ISDIR(st.st_mode):
-            self.warnings.append(f"volume {source} -> {dest} dropped: directory bind mounts are "
-                                 "not supported by vmpod-runtime yet")
+            self.warnings.append(
+                f"volume {source} -> {dest} dropped: directory bind mounts are "
+                "not supported by vmpod-runtime yet"
+            )
             self.dir_dests.append(dest)
         else:
-            self.warnings.append(f"bind mount {source} -> {dest} dropped: only regular files "
-                                 "reach the VM")
+            self.warnings.append(f"bind mount {source} -> {dest} dropped: only regular files reach the VM")
             self.dir_dests.append(dest)
 
-    def _copy_file(self, index: int, m: dict[str, object], src: Path, source: str, dest: str,
-                   size: int) -> None:
+    def _copy_file(
+        self, index: int, m: dict[str, object], src: Path, source: str, dest: str, size: int
+    ) -> None:
         self.total += size
         if self.total > MAX_FILES_BYTES:
-            raise RuntimeCliError(f"bind-mounted files exceed {MAX_FILES_BYTES // 1024} KiB "
-                                  f"(at {source} -> {dest}): too large to copy into the VM")
+            raise RuntimeCliError(
+                f"bind-mounted files exceed {MAX_FILES_BYTES // 1024} KiB "
+                f"(at {source} -> {dest}): too large to copy into the VM"
+            )
         name = _file_name(index, src)
         try:
             self.files[name] = src.read_bytes()
@@ -266,8 +295,11 @@ class _MountPlan:
         self.out.append(m)
 
 
-_SYSFS_BIND: dict[str, object] = {"type": "none", "source": "/sys",
-                                  "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
+_SYSFS_BIND: dict[str, object] = {
+    "type": "none",
+    "source": "/sys",
+    "options": ["rbind", "nosuid", "noexec", "nodev", "ro"],
+}
 
 
 def _linux(linux: dict[str, object], cid: str, warnings: list[str]) -> dict[str, object]:
@@ -277,11 +309,11 @@ def _linux(linux: dict[str, object], cid: str, warnings: list[str]) -> dict[str,
     for ns in _list(linux.get("namespaces"), "linux.namespaces"):
         ns = _obj(ns, "linux.namespaces[]")
         if ns.get("type") == "network":
-            continue   # the container shares the VM's network (Kata model)
-        namespaces.append({"type": ns.get("type")})   # host namespace paths mean nothing here
+            continue  # the container shares the VM's network (Kata model)
+        namespaces.append({"type": ns.get("type")})  # host namespace paths mean nothing here
     out["namespaces"] = namespaces
     sysctl = _obj(linux.get("sysctl"), "linux.sysctl")
-    if sysctl:   # net.* sysctls need a private network namespace (podman sets one by default)
+    if sysctl:  # net.* sysctls need a private network namespace (podman sets one by default)
         out["sysctl"] = {k: v for k, v in sysctl.items() if not k.startswith("net.")}
     out["cgroupsPath"] = f"/vmpod/{cid}"
     resources = _obj(linux.get("resources"), "linux.resources")
@@ -320,11 +352,15 @@ def host_memory_mb() -> int:
     try:
         return meminfo()["MemTotal"] // 1024
     except (OSError, KeyError):
-        return 1 << 20   # unknown: do not cap the VM
+        return 1 << 20  # unknown: do not cap the VM
 
 
-def vm_size(resources: dict[str, object], warnings: list[str] | None = None,
-            host_cpus: int | None = None, host_mb: int | None = None) -> tuple[int, int]:
+def vm_size(
+    resources: dict[str, object],
+    warnings: list[str] | None = None,
+    host_cpus: int | None = None,
+    host_mb: int | None = None,
+) -> tuple[int, int]:
     """(vCPUs, MiB) for a container's linux.resources."""
     host_cpus = host_cpus or os.cpu_count() or 1
     cpu = resources.get("cpu") if isinstance(resources.get("cpu"), dict) else {}
@@ -348,8 +384,7 @@ def vm_size(resources: dict[str, object], warnings: list[str] | None = None,
         host_mb = host_mb or host_memory_mb()
         if memory_mb > host_mb:
             if warnings is not None:
-                warnings.append(f"memory limit {limit} exceeds the host's memory: VM capped "
-                                f"at {host_mb} MiB")
+                warnings.append(f"memory limit {limit} exceeds the host's memory: VM capped at {host_mb} MiB")
             memory_mb = host_mb
     return cpus, memory_mb
 
@@ -382,14 +417,14 @@ def check_executable(rootfs: Path, process: dict[str, object], unknown: list[str
     else:
         path_var = next((e[5:] for e in reversed(env) if e.startswith("PATH=")), None)
         if path_var is None:
-            return   # runc would search an empty PATH; leave the verdict to the guest
+            return  # runc would search an empty PATH; leave the verdict to the guest
         candidates = [os.path.join(d or ".", cmd) for d in path_var.split(":")]
         candidates = [c if c.startswith("/") else os.path.join(cwd, c) for c in candidates]
         search = True
     denied = False
     for cand in candidates:
         if _under(cand, unknown):
-            return   # provided by a mount the host cannot look into
+            return  # provided by a mount the host cannot look into
         real = resolve_in_root(rootfs, cand)
         if real is None:
             continue

@@ -3,6 +3,7 @@
 Errors go to stderr and, with --log, to that file (text or JSON lines like
 runc's logrus output); the exit status is then 1.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,11 +55,18 @@ def _store() -> Store:
 @click.option("--systemd-cgroup", is_flag=True, help="Accepted for compatibility; ignored.")
 @click.option("--criu", default="", hidden=True)
 @click.option("--rootless", default="", hidden=True)
-@click.version_option("0.1.0", prog_name="vmpod-runtime", message="%(prog)s version %(version)s\n"
-                      "spec: 1.0.2")
+@click.version_option("0.1.0", prog_name="vmpod-runtime", message="%(prog)s version %(version)s\nspec: 1.0.2")
 @click.pass_context
-def cli(ctx: click.Context, root: str, log_path: str, log_format: str, debug: bool,
-        systemd_cgroup: bool, criu: str, rootless: str) -> None:
+def cli(
+    ctx: click.Context,
+    root: str,
+    log_path: str,
+    log_format: str,
+    debug: bool,
+    systemd_cgroup: bool,
+    criu: str,
+    rootless: str,
+) -> None:
     """A runc-compatible OCI runtime that runs every container in its own VM."""
     _LOG.update(path=log_path, format=log_format, debug="1" if debug else "")
     setup_logging(log_path, log_format, debug)
@@ -73,15 +81,29 @@ def cli(ctx: click.Context, root: str, log_path: str, log_format: str, debug: bo
 @click.option("--no-pivot", is_flag=True, help="Accepted; the guest runtime decides.")
 @click.option("--no-new-keyring", is_flag=True, help="Accepted; the guest runtime decides.")
 @click.option("--preserve-fds", type=int, default=0, help="Not supported (must be 0).")
-def create(container_id: str, bundle: str, pid_file: str, console_socket: str, no_pivot: bool,
-           no_new_keyring: bool, preserve_fds: int) -> None:
+def create(
+    container_id: str,
+    bundle: str,
+    pid_file: str,
+    console_socket: str,
+    no_pivot: bool,
+    no_new_keyring: bool,
+    preserve_fds: int,
+) -> None:
     """Boot the container's VM and prepare the container (its process is not run)."""
     # Imported here for start-up time: only `create` needs the sandbox stack.
     from vmpod.runtime.create import create as create_container
+
     if preserve_fds:
         raise RuntimeCliError("--preserve-fds is not supported by vmpod-runtime")
-    create_container(_store(), container_id, bundle, pid_file, console_socket,
-                     (_LOG["path"], _LOG["format"], bool(_LOG["debug"])))
+    create_container(
+        _store(),
+        container_id,
+        bundle,
+        pid_file,
+        console_socket,
+        (_LOG["path"], _LOG["format"], bool(_LOG["debug"])),
+    )
 
 
 @cli.command(context_settings=_CTX)
@@ -111,8 +133,7 @@ def kill(container_id: str, sig: str, all_: bool) -> None:
     number = parse_signal(sig)
     require("kill", store.status(st))
     try:
-        ipc.request(store.dir(container_id) / "monitor.sock",
-                    {"op": "kill", "signal": number, "all": all_})
+        ipc.request(store.dir(container_id) / "monitor.sock", {"op": "kill", "signal": number, "all": all_})
     except RuntimeCliError:
         if not store.monitor_alive(container_id):
             raise RuntimeCliError("container not running") from None
@@ -127,13 +148,16 @@ def delete(container_id: str, force: bool) -> None:
     lifecycle.delete(_store(), container_id, force)
 
 
-def _runtime(container_id: str, command: str, args: list[str] | None = None,
-             resources: dict[str, object] | None = None) -> str:
+def _runtime(
+    container_id: str, command: str, args: list[str] | None = None, resources: dict[str, object] | None = None
+) -> str:
     store = _store()
     require(command, store.status(store.load(container_id)))
-    reply = ipc.request(store.dir(container_id) / "monitor.sock",
-                        {"op": "runtime", "command": command, "args": args or [],
-                         "resources": resources or {}}, timeout=90)
+    reply = ipc.request(
+        store.dir(container_id) / "monitor.sock",
+        {"op": "runtime", "command": command, "args": args or [], "resources": resources or {}},
+        timeout=90,
+    )
     return str(reply.get("stdout") or "")
 
 
@@ -183,7 +207,7 @@ def events(container_id: str, stats: bool, interval: str) -> None:
         except RuntimeCliError:
             if stats:
                 raise
-            return   # the container stopped: the stream ends
+            return  # the container stopped: the stream ends
         click.echo(out.strip())
         if stats:
             return
@@ -192,8 +216,9 @@ def events(container_id: str, stats: bool, interval: str) -> None:
 
 @cli.command(context_settings=_CTX)
 @click.argument("container_id")
-@click.option("--resources", "-r", "resources_file", default="",
-              help="Linux resources JSON file ('-' for stdin).")
+@click.option(
+    "--resources", "-r", "resources_file", default="", help="Linux resources JSON file ('-' for stdin)."
+)
 @click.option("--memory", default="", help="Memory limit (bytes, or 512m, 1g).")
 @click.option("--memory-reservation", default="")
 @click.option("--memory-swap", default="")
@@ -204,13 +229,24 @@ def events(container_id: str, stats: bool, interval: str) -> None:
 @click.option("--cpuset-mems", default="", hidden=True)
 @click.option("--pids-limit", type=int, default=None)
 @click.option("--blkio-weight", type=int, default=None, hidden=True)
-def update(container_id: str, resources_file: str, memory: str, memory_reservation: str,
-           memory_swap: str, cpu_period: int | None, cpu_quota: int | None,
-           cpu_share: int | None, cpuset_cpus: str, cpuset_mems: str, pids_limit: int | None,
-           blkio_weight: int | None) -> None:
+def update(
+    container_id: str,
+    resources_file: str,
+    memory: str,
+    memory_reservation: str,
+    memory_swap: str,
+    cpu_period: int | None,
+    cpu_quota: int | None,
+    cpu_share: int | None,
+    cpuset_cpus: str,
+    cpuset_mems: str,
+    pids_limit: int | None,
+    blkio_weight: int | None,
+) -> None:
     """Change the container's resource limits (inside its VM, whose size is fixed)."""
     # (imported on use, for start-up time: state/kill/list stay quick)
     from vmpod.runtime.bundle import guest_resources
+
     resources: dict[str, object] = {}
     if resources_file:
         text = sys.stdin.read() if resources_file == "-" else Path(resources_file).read_text()
@@ -278,8 +314,10 @@ def list_(fmt: str, quiet: bool) -> None:
     else:
         click.echo(f"{'ID':<20} {'PID':<10} {'STATUS':<10} {'BUNDLE':<40} {'CREATED':<32} OWNER")
         for r in rows:
-            click.echo(f"{r['id']!s:<20} {r['pid']!s:<10} {r['status']!s:<10} {r['bundle']!s:<40} "
-                       f"{r['created']!s:<32} {r['owner'] or 'root'}")
+            click.echo(
+                f"{r['id']!s:<20} {r['pid']!s:<10} {r['status']!s:<10} {r['bundle']!s:<40} "
+                f"{r['created']!s:<32} {r['owner'] or 'root'}"
+            )
 
 
 @cli.command(context_settings=_CTX)
@@ -287,6 +325,7 @@ def features() -> None:
     """What this runtime supports (runtime spec features.md)."""
     # (imported on use, for start-up time: state/kill/list stay quick)
     from vmpod.runtime.specgen import features_doc
+
     click.echo(json.dumps(features_doc(), indent=2))
 
 
@@ -297,12 +336,14 @@ def spec(bundle: str, rootless: bool) -> None:
     """Write a default config.json into the bundle."""
     # (imported on use, for start-up time: state/kill/list stay quick)
     from vmpod.runtime.specgen import write_default_spec
+
     write_default_spec(Path(bundle))
 
 
 def _register_exec() -> None:
     # (imported on use, for start-up time: state/kill/list stay quick)
     from vmpod.runtime.execcmd import exec_command
+
     cli.add_command(exec_command, "exec")
 
 

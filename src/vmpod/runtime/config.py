@@ -17,6 +17,7 @@ unless listed in ``enable_annotations`` (Kata's rule); a container that uses an
 ``org.vmpod.*`` annotation that is not enabled is refused, not silently run
 with defaults.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ class RuntimeConfig:
     accel: str = "auto"
     guest_runtime: str = "runc"
     boot_timeout: float = 60.0
-    source: str = ""     # the file it came from ("" = built-in defaults)
+    source: str = ""  # the file it came from ("" = built-in defaults)
 
 
 def config_path() -> str:
@@ -89,6 +90,8 @@ def parse_config(data: object, path: str) -> RuntimeConfig:
         raise RuntimeCliError(f"{path}: guest_runtime must be runc or crun")
     for name in cfg.enable_annotations:
         if name not in KNOWN_ANNOTATIONS:
-            raise RuntimeCliError(f"{path}: unknown annotation {name!r} in enable_annotations "
-                                  f"(known: {', '.join(KNOWN_ANNOTATIONS)})")
+            raise RuntimeCliError(
+                f"{path}: unknown annotation {name!r} in enable_annotations "
+                f"(known: {', '.join(KNOWN_ANNOTATIONS)})"
+            )
     return cfg

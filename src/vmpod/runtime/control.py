@@ -1,6 +1,7 @@
 """The monitor's control server: runtime commands reach a container's monitor on
 ``monitor.sock`` (see ``ipc``) and are dispatched to the session's operations.
 An ``exec`` keeps its connection (resize, signal, the final exit event)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -53,7 +54,7 @@ class ControlServer:
             msg, fds = got
             op = str(msg.get("op"))
             if op == "exec":
-                fds, mine = [], fds      # the exec session owns them now
+                fds, mine = [], fds  # the exec session owns them now
                 await self.exec_op(conn, msg, mine)
                 return
             handler = self.ops.get(op)

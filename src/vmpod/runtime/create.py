@@ -4,6 +4,7 @@ fork its monitor (which boots the VM) and run the create hooks.
 Imported only by the `create` command: the sandbox stack it needs is heavy,
 and the other commands must start quickly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,11 +36,17 @@ from vmpod.sandbox.build import with_rootfs
 from vmpod.storage.erofs import rootfs_disk
 
 log = logging.getLogger(__name__)
-LogOpts = tuple[str, str, bool]     # --log, --log-format, --debug
+LogOpts = tuple[str, str, bool]  # --log, --log-format, --debug
 
 
-def create(store: Store, cid: str, bundle: str, pid_file: str, console_socket: str,
-           log_opts: LogOpts = ("", "text", False)) -> None:
+def create(
+    store: Store,
+    cid: str,
+    bundle: str,
+    pid_file: str,
+    console_socket: str,
+    log_opts: LogOpts = ("", "text", False),
+) -> None:
     check_id(cid)
     if (store.dir(cid) / "state.json").exists():
         raise RuntimeCliError("container with given ID already exists")
@@ -54,40 +61,63 @@ def create(store: Store, cid: str, bundle: str, pid_file: str, console_socket: s
         log.warning("%s", warning)
     paths = default_paths()
     # resolved before anything is made: an unknown kernel or module fails `create` itself
-    sandbox = prepare(paths, SandboxSpec(
-        kernel=plan.kernel, accel=cfg.accel, cpus=plan.cpus, memory_mb=plan.memory_mb,
-        boot_timeout=cfg.boot_timeout, kernel_modules=plan.kernel_modules))
+    sandbox = prepare(
+        paths,
+        SandboxSpec(
+            kernel=plan.kernel,
+            accel=cfg.accel,
+            cpus=plan.cpus,
+            memory_mb=plan.memory_mb,
+            boot_timeout=cfg.boot_timeout,
+            kernel_modules=plan.kernel_modules,
+        ),
+    )
     st, lock, mon_lock = _take_disk(store, paths, cid, bundle_dir, plan)
     try:
-        args = MonitorArgs(store_root=str(store.root), cid=cid, plan=plan,
-                           sandbox=with_rootfs(sandbox, Path(st.disk)),
-                           guest_runtime=cfg.guest_runtime, console_socket=console_socket,
-                           paths=paths, ready_fd=-1, log_path=log_opts[0],
-                           log_format=log_opts[1], debug=log_opts[2])
+        args = MonitorArgs(
+            store_root=str(store.root),
+            cid=cid,
+            plan=plan,
+            sandbox=with_rootfs(sandbox, Path(st.disk)),
+            guest_runtime=cfg.guest_runtime,
+            console_socket=console_socket,
+            paths=paths,
+            ready_fd=-1,
+            log_path=log_opts[0],
+            log_format=log_opts[1],
+            debug=log_opts[2],
+        )
         pid = _fork_monitor(store, args, lock, mon_lock)
         _created(store, cid, pid, pid_file)
     finally:
         os.close(lock)
 
 
-def _take_disk(store: Store, paths: Paths, cid: str, bundle_dir: Path,
-               plan: Plan) -> tuple[ContainerState, int, int]:
+def _take_disk(
+    store: Store, paths: Paths, cid: str, bundle_dir: Path, plan: Plan
+) -> tuple[ContainerState, int, int]:
     """The rootfs disk, and the container's state dir naming it (both locks held)."""
     source = resolve_rootfs(plan.rootfs)
     disks = paths.images / "disks"
-    with store.disks_lock():   # a delete must not remove the disk before our state names it
+    with store.disks_lock():  # a delete must not remove the disk before our state names it
         before = set(os.listdir(disks)) if disks.is_dir() else set()
         disk = rootfs_disk(paths, source)
         made = disk.name not in before
         if made:
-            disk_marker(disk).touch()   # made by the runtime: its last user's delete removes it
-        st = ContainerState(id=cid, bundle=str(bundle_dir), rootfs=str(plan.rootfs),
-                            created=now_rfc3339(), annotations=plan.annotations,
-                            hooks=plan.hooks, disk=str(disk))
+            disk_marker(disk).touch()  # made by the runtime: its last user's delete removes it
+        st = ContainerState(
+            id=cid,
+            bundle=str(bundle_dir),
+            rootfs=str(plan.rootfs),
+            created=now_rfc3339(),
+            annotations=plan.annotations,
+            hooks=plan.hooks,
+            disk=str(disk),
+        )
         try:
             _, lock, mon_lock = store.begin(st)
         except BaseException:
-            if made:   # (a container with this id may exist and use the disk: it counts)
+            if made:  # (a container with this id may exist and use the disk: it counts)
                 drop_disk(store, st, mine=False)
             raise
     return st, lock, mon_lock
@@ -98,7 +128,7 @@ def _fork_monitor(store: Store, args: MonitorArgs, lock: int, mon_lock: int) -> 
     r, w = os.pipe2(os.O_CLOEXEC)
     args = dataclasses.replace(args, ready_fd=w)
     pid = os.fork()
-    if pid == 0:   # the monitor: keeps our stdio, never returns
+    if pid == 0:  # the monitor: keeps our stdio, never returns
         os.close(r)
         os.close(lock)
         monitor_main(args, keep=(mon_lock,))

@@ -1,4 +1,5 @@
 """Errors of the runtime CLI: one line on stderr and in --log, exit status 1 (runc's)."""
+
 from __future__ import annotations
 
 from vmpod.errors import VmpodError

@@ -6,6 +6,7 @@ the exit status (forwarding signals and terminal size). With ``--detach`` a
 relay child does the waiting: its pid goes to --pid-file and it exits with the
 process's status, because podman's exec conmon waits for exactly that pid.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,9 +28,17 @@ from vmpod.sandbox.attach import raw_terminal, window_size
 from vmpod.signals import FORWARDED
 
 
-def build_process(bundle: str, args: tuple[str, ...], tty_: bool, cwd: str,
-                  env: tuple[str, ...], user: str, gids: tuple[str, ...],
-                  caps: tuple[str, ...], no_new_privs: bool) -> dict[str, object]:
+def build_process(
+    bundle: str,
+    args: tuple[str, ...],
+    tty_: bool,
+    cwd: str,
+    env: tuple[str, ...],
+    user: str,
+    gids: tuple[str, ...],
+    caps: tuple[str, ...],
+    no_new_privs: bool,
+) -> dict[str, object]:
     """runc's rules: the container's process object with the command line's changes."""
     if not args:
         raise RuntimeCliError("exec args cannot be empty")
@@ -83,6 +92,7 @@ def exit_with(status: int) -> NoReturn:
 
 def _wait(client: ipc.Client, tty_fd: int | None) -> int:
     """Forward signals (and terminal size) until the exit event; returns the status."""
+
     def forward(sig: int, _frame: object) -> None:
         with contextlib.suppress(OSError):
             client.send({"op": "signal", "signal": sig})
@@ -103,7 +113,7 @@ def _wait(client: ipc.Client, tty_fd: int | None) -> int:
         try:
             msg = client.recv()
         except RuntimeCliError:
-            return 255     # the monitor went away (container deleted, VM died)
+            return 255  # the monitor went away (container deleted, VM died)
         if msg.get("event") == "exit":
             if msg.get("message"):
                 print(f"vmpod-runtime: {msg['message']}", file=sys.stderr)
@@ -111,8 +121,7 @@ def _wait(client: ipc.Client, tty_fd: int | None) -> int:
             return status if isinstance(status, int) else 255
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"],
-                                 "allow_interspersed_args": False})
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False})
 @click.argument("container_id")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--process", "-p", "process_file", default="", help="Process JSON file.")
@@ -131,11 +140,26 @@ def _wait(client: ipc.Client, tty_fd: int | None) -> int:
 @click.option("--apparmor", default="", hidden=True)
 @click.option("--cgroup", default="", hidden=True)
 @click.option("--ignore-paused", is_flag=True, hidden=True)
-def exec_command(container_id: str, args: tuple[str, ...], process_file: str, tty_: bool,
-                 detach: bool, pid_file: str, console_socket: str, cwd: str,
-                 env: tuple[str, ...], user: str, additional_gids: tuple[str, ...],
-                 cap: tuple[str, ...], no_new_privs: bool, preserve_fds: int,
-                 process_label: str, apparmor: str, cgroup: str, ignore_paused: bool) -> None:
+def exec_command(
+    container_id: str,
+    args: tuple[str, ...],
+    process_file: str,
+    tty_: bool,
+    detach: bool,
+    pid_file: str,
+    console_socket: str,
+    cwd: str,
+    env: tuple[str, ...],
+    user: str,
+    additional_gids: tuple[str, ...],
+    cap: tuple[str, ...],
+    no_new_privs: bool,
+    preserve_fds: int,
+    process_label: str,
+    apparmor: str,
+    cgroup: str,
+    ignore_paused: bool,
+) -> None:
     """Run a new process in a running container."""
     store = Store(click.get_current_context().find_root().obj["root"])
     st = store.load(container_id)
@@ -144,8 +168,7 @@ def exec_command(container_id: str, args: tuple[str, ...], process_file: str, tt
         process = _load_process(process_file)
         tty_ = bool(process.get("terminal"))
     else:
-        process = build_process(st.bundle, args, tty_, cwd, env, user, additional_gids, cap,
-                                no_new_privs)
+        process = build_process(st.bundle, args, tty_, cwd, env, user, additional_gids, cap, no_new_privs)
     if tty_ and detach and not console_socket:
         raise RuntimeCliError("cannot allocate tty if runc will detach without setting console socket")
     if console_socket and not tty_:
@@ -155,7 +178,7 @@ def exec_command(container_id: str, args: tuple[str, ...], process_file: str, tt
     client.request({"op": "exec", "process": process, "console_socket": console_socket}, fds)
     if detach:
         pid = os.fork()
-        if pid == 0:   # the relay: conmon waits for this pid and takes its status
+        if pid == 0:  # the relay: conmon waits for this pid and takes its status
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
@@ -164,9 +187,10 @@ def exec_command(container_id: str, args: tuple[str, ...], process_file: str, tt
         client.close()
         if pid_file:
             from vmpod.runtime.lifecycle import write_pid_file
+
             write_pid_file(pid_file, pid)
         return
     own_tty = tty_ and not console_socket and os.isatty(0)
     with raw_terminal(0) if own_tty else contextlib.nullcontext():
         code = _wait(client, 0 if own_tty else None)
-    sys.exit(code)   # like runc exec: 128+N for a signal, no re-raise
+    sys.exit(code)  # like runc exec: 128+N for a signal, no re-raise

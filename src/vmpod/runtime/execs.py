@@ -1,6 +1,7 @@
 """One ``exec`` in the monitor: stdio relayed to the caller's fds (or a new pty),
 resize/signal requests read from the caller's connection, the exit status sent
 back on it. A caller that goes away (killed) takes its process with it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,12 +19,11 @@ log = logging.getLogger(__name__)
 
 
 class ExecSession:
-    def __init__(self, container: Container, conn: ipc.Conn, msg: dict[str, object],
-                 fds: list[int]) -> None:
+    def __init__(self, container: Container, conn: ipc.Conn, msg: dict[str, object], fds: list[int]) -> None:
         self.container, self.conn, self.msg, self.fds = container, conn, msg, fds
         self.relay = Relay()
-        self.extra: list[int] = []          # fds we made (a pty slave)
-        self.writer_fds: set[int] = set()   # closed by their writer
+        self.extra: list[int] = []  # fds we made (a pty slave)
+        self.writer_fds: set[int] = set()  # closed by their writer
         self.ptys: list[int] = []
 
     async def run(self) -> None:
@@ -50,7 +50,7 @@ class ExecSession:
         except VmpodError as err:
             log.debug("exec %d lost: %s", proc.stream, err)
             status = 128 + signal.SIGKILL
-        await self.relay.close()      # output flushed before the exit event
+        await self.relay.close()  # output flushed before the exit event
         await self.conn.send({"event": "exit", "status": status, "message": message})
         await self._cleanup()
 
@@ -111,4 +111,3 @@ def _int(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"expected an integer, got {value!r}")
     return value
-

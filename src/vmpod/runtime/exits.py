@@ -1,4 +1,5 @@
 """How runtime processes end with a container's status (the monitor, an exec relay)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ def exit_like(status: int) -> NoReturn:
     sig = status - 128
     if sig in FATAL:
         with contextlib.suppress(OSError, ValueError):
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # no core file of ours
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file of ours
         if sig != signal.SIGKILL:
             with contextlib.suppress(OSError, ValueError):
                 signal.signal(sig, signal.SIG_DFL)

@@ -10,6 +10,7 @@ namespaces run on the host too, since the container lives in another kernel):
 - ``poststart``: in ``start``, after the process runs; a failure is a warning.
 - ``poststop``: in ``delete``, after everything is gone; a failure is a warning.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,7 @@ import subprocess
 from vmpod.runtime.errors import RuntimeCliError
 
 log = logging.getLogger(__name__)
-HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart",
-              "poststop")
+HOOK_KINDS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
 _OUTPUT_TAIL = 500
 
 
@@ -49,12 +49,14 @@ def validate_hooks(value: object) -> dict[str, list[dict[str, object]]]:
             if not isinstance(path, str) or not path.startswith("/"):
                 raise RuntimeCliError(f"{where}.path must be an absolute path")
             for key in ("args", "env"):
-                if key in hook and not (isinstance(hook[key], list)
-                                        and all(isinstance(a, str) for a in hook[key])):
+                if key in hook and not (
+                    isinstance(hook[key], list) and all(isinstance(a, str) for a in hook[key])
+                ):
                     raise RuntimeCliError(f"{where}.{key} must be a list of strings")
             timeout = hook.get("timeout")
-            if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool)
-                                        or timeout <= 0):
+            if timeout is not None and (
+                not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0
+            ):
                 raise RuntimeCliError(f"{where}.timeout must be a positive integer")
             checked.append({k: hook[k] for k in ("path", "args", "env", "timeout") if k in hook})
         if checked:
@@ -66,8 +68,7 @@ def _tail(data: bytes) -> str:
     return data.decode(errors="replace").strip()[-_OUTPUT_TAIL:]
 
 
-def run_hooks(hooks: dict[str, list[dict[str, object]]], kind: str,
-              state: dict[str, object]) -> None:
+def run_hooks(hooks: dict[str, list[dict[str, object]]], kind: str, state: dict[str, object]) -> None:
     """Run every ``kind`` hook in order; the first failure raises HookError."""
     payload = json.dumps(state).encode()
     for i, hook in enumerate(hooks.get(kind, [])):
@@ -80,22 +81,26 @@ def run_hooks(hooks: dict[str, list[dict[str, object]]], kind: str,
         what = f"{kind} hook #{i} ({path})"
         log.debug("running %s", what)
         try:
-            proc = subprocess.run(args, executable=path, env=env, input=payload,
-                                  capture_output=True, check=False,
-                                  timeout=float(timeout) if isinstance(timeout, int) else None)
+            proc = subprocess.run(
+                args,
+                executable=path,
+                env=env,
+                input=payload,
+                capture_output=True,
+                check=False,
+                timeout=float(timeout) if isinstance(timeout, int) else None,
+            )
         except subprocess.TimeoutExpired:
             raise HookError(f"error running {what}: timed out after {timeout}s") from None
         except OSError as err:
             raise HookError(f"error running {what}: {err.strerror}") from err
         if proc.returncode != 0:
             detail = _tail(proc.stderr) or _tail(proc.stdout)
-            status = (f"signal {-proc.returncode}" if proc.returncode < 0
-                      else f"exit status {proc.returncode}")
+            status = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
             raise HookError(f"error running {what}: {status}" + (f": {detail}" if detail else ""))
 
 
-def run_hooks_warn(hooks: dict[str, list[dict[str, object]]], kind: str,
-                   state: dict[str, object]) -> None:
+def run_hooks_warn(hooks: dict[str, list[dict[str, object]]], kind: str, state: dict[str, object]) -> None:
     """poststart/poststop: a failure is logged as a warning and the rest still run."""
     for i, hook in enumerate(hooks.get(kind, [])):
         try:

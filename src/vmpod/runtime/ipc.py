@@ -10,6 +10,7 @@ connection stays open for ``resize``/``signal`` requests and the final
 Unix socket paths are limited to 107 bytes; longer ones (deep --root dirs,
 podman's console sockets) are reached through /proc/self/fd/<dir fd>/<name>.
 """
+
 from __future__ import annotations
 
 import array
@@ -84,7 +85,7 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], into: list[int]) -> None:
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds = array.array("i")
-            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
             into.extend(fds)
 
 
@@ -101,8 +102,8 @@ class _Framer:
             raise ValueError(f"message of {n} bytes exceeds {MAX_MESSAGE}")
         if len(self.buf) < 4 + n:
             return None
-        obj = json.loads(self.buf[4:4 + n])
-        del self.buf[:4 + n]
+        obj = json.loads(self.buf[4 : 4 + n])
+        del self.buf[: 4 + n]
         if not isinstance(obj, dict):
             raise ValueError("message is not a JSON object")
         fds, self.fds = self.fds, []
@@ -141,7 +142,7 @@ class Client:
             except TimeoutError:
                 raise RuntimeCliError("the container's monitor did not answer") from None
             except OSError:
-                chunk = b""   # reset: the monitor died
+                chunk = b""  # reset: the monitor died
             if not chunk:
                 raise RuntimeCliError("the container's monitor closed the connection")
             self._framer.buf += chunk
@@ -190,7 +191,8 @@ class Conn:
             await self._readable()
             try:
                 data, anc, _flags, _addr = self.sock.recvmsg(
-                    65536, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+                    65536, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+                )
             except BlockingIOError:
                 continue
             except OSError:

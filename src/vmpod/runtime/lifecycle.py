@@ -1,4 +1,5 @@
 """create / start / delete: the steps that involve the monitor, hooks and cleanup."""
+
 from __future__ import annotations
 
 import contextlib
@@ -53,7 +54,7 @@ def delete(store: Store, cid: str, force: bool) -> None:
     try:
         st = store.load(cid)
     except RuntimeCliError:
-        if force:     # like runc: a half-made directory goes, and --force never fails
+        if force:  # like runc: a half-made directory goes, and --force never fails
             store.remove(cid)
             return
         raise
@@ -103,8 +104,8 @@ def drop_disk(store: Store, st: ContainerState, mine: bool = True) -> None:
         return
     disk = Path(st.disk)
     if not disk_marker(disk).exists():
-        return     # a plain cache entry (vmpod run's): not ours to remove
-    if not mine:   # create's own failure path already holds the lock
+        return  # a plain cache entry (vmpod run's): not ours to remove
+    if not mine:  # create's own failure path already holds the lock
         _drop_unused(store, st, disk, mine)
         return
     with store.disks_lock():
@@ -130,7 +131,7 @@ def _remove_unlocked(d: Path) -> None:
     """Remove a VM state dir unless its owner still holds its lock."""
     try:
         if is_locked(d / "lock"):
-            return      # still in use (should not happen once the monitor is gone)
+            return  # still in use (should not happen once the monitor is gone)
     except OSError:
         return
     shutil.rmtree(d, ignore_errors=True)

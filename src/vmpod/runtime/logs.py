@@ -1,4 +1,5 @@
 """Runtime logging in runc's formats (logrus text or JSON lines), to --log or stderr."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,7 @@ class _LogFormatter(logging.Formatter):
         self.fmt = fmt
 
     def format(self, record: logging.LogRecord) -> str:
-        level = {"WARNING": "warning", "CRITICAL": "fatal"}.get(record.levelname,
-                                                                record.levelname.lower())
+        level = {"WARNING": "warning", "CRITICAL": "fatal"}.get(record.levelname, record.levelname.lower())
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
         msg = record.getMessage()
         if self.fmt == "json":

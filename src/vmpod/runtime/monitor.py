@@ -10,6 +10,7 @@ and exits with that status, re-raising the signal when the process died of one.
 QEMU dies with it even on SIGKILL (PDEATHSIG), and a dead monitor reads as
 "stopped".
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,15 +36,14 @@ def monitor_main(args: MonitorArgs, keep: tuple[int, ...]) -> NoReturn:
             h.close()
         _close_fds({0, 1, 2, args.ready_fd, *keep})
         _log_to(args)
-        if args.plan.terminal:   # the pty is the container's stdio, not ours
+        if args.plan.terminal:  # the pty is the container's stdio, not ours
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.close(null)
         status = asyncio.run(Session(args).run())
     except BaseException as err:  # the monitor must always exit with a status
-        logging.getLogger(__name__).error("monitor failed: %s", err,
-                                          exc_info=not isinstance(err, VmpodError))
+        logging.getLogger(__name__).error("monitor failed: %s", err, exc_info=not isinstance(err, VmpodError))
     logging.shutdown()
     exit_like(status)
 

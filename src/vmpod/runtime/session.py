@@ -3,6 +3,7 @@ start it with the stdio ``create`` was given (or a pty handed to
 --console-socket), signal and query it, and tear everything down when its
 process ends. The status it persists is the one ``rules`` checks commands against.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,7 +31,7 @@ from vmpod.sandbox.attach import FORWARDED, Relay, is_null, make_pty, same_file
 
 log = logging.getLogger(__name__)
 OutputFn = Callable[[bytes], None]
-EXEC_GRACE = 1.0     # seconds exec'd processes get to report after the init died
+EXEC_GRACE = 1.0  # seconds exec'd processes get to report after the init died
 # The monitor also passes on SIGWINCH, as runc's signal proxy does.
 MONITOR_SIGNALS = (*FORWARDED, signal.SIGWINCH)
 
@@ -40,12 +41,12 @@ class MonitorArgs:
     store_root: str
     cid: str
     plan: Plan
-    sandbox: SandboxConfig   # resolved by create: assets, accelerator, modules, the disk
+    sandbox: SandboxConfig  # resolved by create: assets, accelerator, modules, the disk
     guest_runtime: str
     console_socket: str
     paths: Paths
     ready_fd: int
-    log_path: str = ""       # --log: the monitor logs there, never to the container's stderr
+    log_path: str = ""  # --log: the monitor logs there, never to the container's stderr
     log_format: str = "text"
     debug: bool = False
 
@@ -56,7 +57,7 @@ class Session:
         self.store = Store(args.store_root)
         self.sandbox: Sandbox | None = None
         self.container: Container | None = None
-        self.announced = False       # `create` finished its hooks: "created" from now on
+        self.announced = False  # `create` finished its hooks: "created" from now on
         self.tty_slave = -1
         self.done: asyncio.Future[int] | None = None
         self.relay = Relay()
@@ -86,8 +87,9 @@ class Session:
             await self._boot_task
         except (Exception, asyncio.CancelledError) as err:
             msg = "interrupted" if isinstance(err, asyncio.CancelledError) else str(err)
-            log.error("create failed: %s", msg, exc_info=not isinstance(
-                err, VmpodError | asyncio.CancelledError))
+            log.error(
+                "create failed: %s", msg, exc_info=not isinstance(err, VmpodError | asyncio.CancelledError)
+            )
             self._ready({"ok": False, "error": msg})
             await self._teardown()
             return 255
@@ -112,30 +114,50 @@ class Session:
     async def _boot(self) -> None:
         a, plan = self.a, self.a.plan
         sandbox = Sandbox(a.paths, a.sandbox)
-        self.store.update(a.cid, pid=os.getpid(), monitor_start=proc_start_time(os.getpid()),
-                          sandbox_dir=str(sandbox.state_dir))
+        self.store.update(
+            a.cid,
+            pid=os.getpid(),
+            monitor_start=proc_start_time(os.getpid()),
+            sandbox_dir=str(sandbox.state_dir),
+        )
         self.sandbox = sandbox
         t0 = time.monotonic()
         try:
             await sandbox.start()
         except AgentTimeout as err:
-            raise RuntimeCliError(f"{err.message} (raise boot_timeout in {config_path()})",
-                                  console_tail=err.details.get("console_tail", "")) from err
-        log.debug("VM of %s ready after %.2fs (%d vCPU, %d MiB)", a.cid,
-                  time.monotonic() - t0, plan.cpus, plan.memory_mb)
+            raise RuntimeCliError(
+                f"{err.message} (raise boot_timeout in {config_path()})",
+                console_tail=err.details.get("console_tail", ""),
+            ) from err
+        log.debug(
+            "VM of %s ready after %.2fs (%d vCPU, %d MiB)",
+            a.cid,
+            time.monotonic() - t0,
+            plan.cpus,
+            plan.memory_mb,
+        )
         await sandbox.load_modules()
         disk = a.sandbox.disks[0].path
-        self.container = await sandbox.create_container(ContainerSpec(
-            id=a.cid, oci=plan.spec, rootfs=disk, runtime=a.guest_runtime, files=plan.files))
+        self.container = await sandbox.create_container(
+            ContainerSpec(id=a.cid, oci=plan.spec, rootfs=disk, runtime=a.guest_runtime, files=plan.files)
+        )
         if plan.terminal:
             master, self.tty_slave = make_pty()
             try:
                 ipc.send_console(a.console_socket, master)
             finally:
                 os.close(master)
-        self.server = server = ControlServer(ipc.listen_unix(self.state_dir / "monitor.sock"), {
-            "created": self._op_created, "start": self._op_start, "kill": self._op_kill,
-            "runtime": self._op_runtime, "destroy": self._op_destroy}, self._op_exec)
+        self.server = server = ControlServer(
+            ipc.listen_unix(self.state_dir / "monitor.sock"),
+            {
+                "created": self._op_created,
+                "start": self._op_start,
+                "kill": self._op_kill,
+                "runtime": self._op_runtime,
+                "destroy": self._op_destroy,
+            },
+            self._op_exec,
+        )
         self.spawn(server.serve())
 
     def spawn(self, coro: Coroutine[object, object, object]) -> asyncio.Task[object]:
@@ -148,7 +170,7 @@ class Session:
         try:
             self.store.update(self.a.cid, status=self.status, **changes)
         except (OSError, VmpodError) as err:
-            log.debug("state not saved: %s", err)   # delete removed the directory
+            log.debug("state not saved: %s", err)  # delete removed the directory
 
     def finish(self, status: int) -> None:
         if self.done is not None and not self.done.done():
@@ -157,12 +179,11 @@ class Session:
 
     async def _teardown(self) -> None:
         execs = self.container.execs if self.container else ()
-        if execs:   # exec'd processes die with the init's pid namespace: let them report
-            await asyncio.wait([asyncio.ensure_future(e.wait()) for e in execs],
-                               timeout=EXEC_GRACE)
+        if execs:  # exec'd processes die with the init's pid namespace: let them report
+            await asyncio.wait([asyncio.ensure_future(e.wait()) for e in execs], timeout=EXEC_GRACE)
         with contextlib.suppress(Exception):
             if self.sandbox is not None:
-                await self.sandbox.kill()   # nothing to save: the writable layer is guest RAM
+                await self.sandbox.kill()  # nothing to save: the writable layer is guest RAM
         if self.server is not None:
             await self.server.drain(timeout=2)
         for task in list(self.tasks):
@@ -209,10 +230,12 @@ class Session:
         return {}
 
     async def _op_runtime(self, msg: Msg) -> Msg:
-        command, args, resources = msg.get("command"), msg.get("args") or [], \
-            msg.get("resources") or {}
-        if command not in ("pause", "resume", "ps", "events", "update") or not isinstance(
-                args, list) or not isinstance(resources, dict):
+        command, args, resources = msg.get("command"), msg.get("args") or [], msg.get("resources") or {}
+        if (
+            command not in ("pause", "resume", "ps", "events", "update")
+            or not isinstance(args, list)
+            or not isinstance(resources, dict)
+        ):
             raise RuntimeCliError(f"invalid runtime request {command!r}")
         return {"stdout": await self.query(str(command), [str(a) for a in args], resources)}
 
@@ -231,8 +254,7 @@ class Session:
             out = self.relay.writer(1, owned=False)
             err = out if same_file(1, 2) else self.relay.writer(2, owned=False)
             stdin_fd, stdin = 0, not is_null(0)
-        proc = await self.container.start(Output(out.write, err.write), stdin=stdin,
-                                          wait_started=True)
+        proc = await self.container.start(Output(out.write, err.write), stdin=stdin, wait_started=True)
         self.persist()
         if stdin:
             self.relay.pump(stdin_fd, proc, eof_closes=self.tty_slave < 0)
@@ -262,8 +284,7 @@ class Session:
             ex = self.container.exit
             self.finish(ex.status if ex else 128 + sig)
 
-    async def query(self, command: str, args: list[str],
-                    resources: dict[str, object]) -> str:
+    async def query(self, command: str, args: list[str], resources: dict[str, object]) -> str:
         """pause, resume, ps, events, update; the runtime's rules decide first."""
         require(command, self.status)
         assert self.container is not None

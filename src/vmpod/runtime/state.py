@@ -11,6 +11,7 @@ fails, so two concurrent ``create``s of one id cannot both win. While the
 monitor lives it is the only writer of state.json; a monitor that died (even by
 SIGKILL) releases monitor.lock, and the container then reads as "stopped".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,7 +55,7 @@ def proc_start_time(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[19])
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
     except (OSError, ValueError, IndexError):
         return 0
 
@@ -66,26 +67,31 @@ class ContainerState:
     rootfs: str
     created: str
     status: str = CREATING
-    pid: int = 0                    # the monitor (what conmon and shims wait for)
-    monitor_start: int = 0          # its start time, to never signal a reused pid
+    pid: int = 0  # the monitor (what conmon and shims wait for)
+    monitor_start: int = 0  # its start time, to never signal a reused pid
     exit_status: int | None = None
     annotations: dict[str, str] = field(default_factory=dict)
     hooks: dict[str, list[dict[str, object]]] = field(default_factory=dict)
-    sandbox_dir: str = ""           # the VM's sockets and logs (removed by delete)
-    disk: str = ""                  # rootfs disk image (erofs) the VM boots with
+    sandbox_dir: str = ""  # the VM's sockets and logs (removed by delete)
+    disk: str = ""  # rootfs disk image (erofs) the VM boots with
     owner: str = ""
 
     def oci(self, status: str) -> dict[str, object]:
         """The runtime spec's State (plus runc's rootfs/created/owner)."""
         out: dict[str, object] = {
-            "ociVersion": OCI_VERSION, "id": self.id,
+            "ociVersion": OCI_VERSION,
+            "id": self.id,
             "pid": self.pid if status in ALIVE else 0,
-            "status": status, "bundle": self.bundle, "rootfs": self.rootfs,
-            "created": self.created, "owner": self.owner}
+            "status": status,
+            "bundle": self.bundle,
+            "rootfs": self.rootfs,
+            "created": self.created,
+            "owner": self.owner,
+        }
         if self.annotations:
             out["annotations"] = dict(self.annotations)
         if status == STOPPED and self.exit_status is not None:
-            out["exitStatus"] = self.exit_status    # vmpod extension: kept until delete
+            out["exitStatus"] = self.exit_status  # vmpod extension: kept until delete
         return out
 
     @classmethod
@@ -189,8 +195,9 @@ class Store:
     def ids(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(d.name for d in self.root.iterdir()
-                      if not d.name.startswith(".") and (d / "state.json").exists())
+        return sorted(
+            d.name for d in self.root.iterdir() if not d.name.startswith(".") and (d / "state.json").exists()
+        )
 
     def wait_monitor_gone(self, cid: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

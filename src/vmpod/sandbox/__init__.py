@@ -8,11 +8,23 @@ every front end (cli, runtime, matrix; later shim, pods, forensics) goes through
         proc = await c.start(Output(out, err), stdin=False)
         status = (await proc.wait()).status
 """
+
 from vmpod.sandbox.build import SandboxSpec, prepare
 from vmpod.sandbox.config import ContainerSpec, ContainerState, SandboxConfig, SandboxState
 from vmpod.sandbox.container import Container
 from vmpod.sandbox.process import Exit, Output, Process
 from vmpod.sandbox.sandbox import Sandbox
 
-__all__ = ["Container", "ContainerSpec", "ContainerState", "Exit", "Output", "Process",
-           "Sandbox", "SandboxConfig", "SandboxSpec", "SandboxState", "prepare"]
+__all__ = [
+    "Container",
+    "ContainerSpec",
+    "ContainerState",
+    "Exit",
+    "Output",
+    "Process",
+    "Sandbox",
+    "SandboxConfig",
+    "SandboxSpec",
+    "SandboxState",
+    "prepare",
+]

@@ -8,6 +8,7 @@ non-blocking mode (their open file descriptions may be shared with a shell).
 Input is read when epoll says the fd is readable (regular files, which epoll
 refuses, are just read).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,10 +32,24 @@ from vmpod.errors import VmpodError
 from vmpod.sandbox.process import Process
 from vmpod.signals import FORWARDED, STOP_SIGNALS
 
-__all__ = ["FORWARDED", "STOP_SIGNALS", "FdWriter", "Relay", "SignalForwarder", "is_null",
-           "make_pty", "pump_input", "raw_terminal", "same_file", "watch_size", "window_size"]
+__all__ = [
+    "FORWARDED",
+    "STOP_SIGNALS",
+    "FdWriter",
+    "Relay",
+    "SignalForwarder",
+    "is_null",
+    "make_pty",
+    "pump_input",
+    "raw_terminal",
+    "same_file",
+    "watch_size",
+    "window_size",
+]
 
 log = logging.getLogger(__name__)
+
+
 class FdWriter:
     """Ordered, blocking writes to ``fd`` from a thread; ``close`` flushes first.
 
@@ -57,7 +72,7 @@ class FdWriter:
             view = memoryview(data)
             while view and not self.broken:
                 try:
-                    view = view[os.write(self.fd, view):]
+                    view = view[os.write(self.fd, view) :]
                 except InterruptedError:
                     continue
                 except BlockingIOError:
@@ -126,8 +141,7 @@ def raw_terminal(fd: int = 0) -> Iterator[None]:
         sys.stdout.flush()
 
 
-async def watch_size(fd: int, resize: Callable[[int, int], Awaitable[None]],
-                     interval: float = 0.2) -> None:
+async def watch_size(fd: int, resize: Callable[[int, int], Awaitable[None]], interval: float = 0.2) -> None:
     """Forward the terminal size of ``fd`` whenever it changes. Polling works with
     or without a controlling terminal (the monitor has none, so no SIGWINCH)."""
     last: tuple[int, int] | None = None
@@ -136,7 +150,7 @@ async def watch_size(fd: int, resize: Callable[[int, int], Awaitable[None]],
         if size and size != last:
             with contextlib.suppress(VmpodError):
                 await resize(*size)
-                last = size      # (a refused size is tried again on the next poll)
+                last = size  # (a refused size is tried again on the next poll)
         await asyncio.sleep(interval)
 
 
@@ -183,11 +197,11 @@ async def pump_input(fd: int, process: Process, *, eof_closes: bool = True) -> N
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
-            if not pollable:      # a non-blocking fd epoll cannot watch: do not spin
+            if not pollable:  # a non-blocking fd epoll cannot watch: do not spin
                 await asyncio.sleep(0.05)
             continue
         except OSError:
-            data = b""    # EIO: a pty whose other side closed; EBADF: gone
+            data = b""  # EIO: a pty whose other side closed; EBADF: gone
         if not data:
             if eof_closes and not process.done:
                 with contextlib.suppress(VmpodError):
@@ -209,8 +223,9 @@ class SignalForwarder:
     forwarded, as runc's signal proxy does.
     """
 
-    def __init__(self, process: Process, signals: tuple[int, ...] = FORWARDED,
-                 grace: float | None = None) -> None:
+    def __init__(
+        self, process: Process, signals: tuple[int, ...] = FORWARDED, grace: float | None = None
+    ) -> None:
         self.process, self.signals, self.grace = process, signals, grace
         self.count = 0
         self._tasks: set[asyncio.Task[None]] = set()

@@ -1,5 +1,6 @@
 """Boot-time details of a sandbox: the kernel command line, the agent channel, and
 the per-sandbox state directory (locked while its owner lives)."""
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,16 @@ def host_tsc_khz() -> int | None:
 
 
 def kernel_cmdline(cfg: SandboxConfig, channel: str = "serial") -> str:
-    args = [f"vmpod.channel={channel}", "console=ttyS0", "panic=-1", "reboot=t", "8250.nr_uarts=1",
-            "cryptomgr.notests", "no_timer_check", "random.trust_cpu=on"]
+    args = [
+        f"vmpod.channel={channel}",
+        "console=ttyS0",
+        "panic=-1",
+        "reboot=t",
+        "8250.nr_uarts=1",
+        "cryptomgr.notests",
+        "no_timer_check",
+        "random.trust_cpu=on",
+    ]
     if not cfg.verbose_console:
         args.append("quiet")
     khz = host_tsc_khz()
@@ -67,9 +76,9 @@ def collect_stale(paths: Paths) -> list[str]:
     for d in paths.sandboxes.iterdir():
         try:
             if is_locked(d / "lock"):
-                continue    # alive
+                continue  # alive
         except OSError:
-            pass        # no lock file: half-created, the owner is gone too
+            pass  # no lock file: half-created, the owner is gone too
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d.name)
     return removed
@@ -107,7 +116,6 @@ class StateDir:
             os.close(self._lock)
             self._lock = -1
         shutil.rmtree(self.path, ignore_errors=True)
-
 
     def _keep_logs(self, dest: Path) -> None:
         for name in KEPT_LOGS:

@@ -2,6 +2,7 @@
 resources, devices, modules) becomes a resolved ``SandboxConfig`` — accelerator
 chosen, guest assets built or found, kernel modules planned — before anything boots.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,24 +26,26 @@ MIN_MEMORY_MB = 128
 @dataclass(frozen=True)
 class SandboxSpec:
     """What a front end asks for; ``prepare`` resolves it."""
+
     kernel: str = DEFAULT_KERNEL
-    accel: str = "auto"                     # auto | kvm | tcg
+    accel: str = "auto"  # auto | kvm | tcg
     cpus: int = 1
     memory_mb: int = 512
     boot_timeout: float = 60.0
     verbose_console: bool = False
-    rootfs: tuple[Path, ...] = ()           # container root filesystem disks (erofs)
-    kernel_modules: tuple[str, ...] = ()    # NAME[=params] from the kernel's own tree
-    module_files: tuple[str, ...] = ()      # FILE.ko[=params] built elsewhere
-    agent_channel: str = "auto"             # auto | serial | vsock
+    rootfs: tuple[Path, ...] = ()  # container root filesystem disks (erofs)
+    kernel_modules: tuple[str, ...] = ()  # NAME[=params] from the kernel's own tree
+    module_files: tuple[str, ...] = ()  # FILE.ko[=params] built elsewhere
+    agent_channel: str = "auto"  # auto | serial | vsock
     hypervisor: str = "qemu"
 
 
 def check_resources(cpus: int, memory_mb: int) -> None:
     """Refuse a VM too small to boot (front ends call it before any image work)."""
     if cpus < 1 or memory_mb < MIN_MEMORY_MB:
-        raise ConfigError(f"the VM needs at least 1 CPU and {MIN_MEMORY_MB} MiB",
-                          hint="raise --cpus / --memory")
+        raise ConfigError(
+            f"the VM needs at least 1 CPU and {MIN_MEMORY_MB} MiB", hint="raise --cpus / --memory"
+        )
 
 
 def prepare(paths: Paths, spec: SandboxSpec, progress: Progress = silent) -> SandboxConfig:
@@ -51,20 +54,27 @@ def prepare(paths: Paths, spec: SandboxSpec, progress: Progress = silent) -> San
     accel = choose_accel(spec.accel)
     log.info("accelerator: %s (%s)", accel.accel, accel.reason)
     assets = ensure_assets(paths, spec.kernel, progress)
-    modules = plan_modules(assets.kernel.modules_dir, assets.kernel.release,
-                           spec.kernel_modules, spec.module_files)
-    config = SandboxConfig(assets=assets, accel=accel, cpus=spec.cpus, memory_mb=spec.memory_mb,
-                           boot_timeout=spec.boot_timeout, verbose_console=spec.verbose_console,
-                           agent_channel=spec.agent_channel, modules=tuple(modules),
-                           hypervisor=spec.hypervisor)
+    modules = plan_modules(
+        assets.kernel.modules_dir, assets.kernel.release, spec.kernel_modules, spec.module_files
+    )
+    config = SandboxConfig(
+        assets=assets,
+        accel=accel,
+        cpus=spec.cpus,
+        memory_mb=spec.memory_mb,
+        boot_timeout=spec.boot_timeout,
+        verbose_console=spec.verbose_console,
+        agent_channel=spec.agent_channel,
+        modules=tuple(modules),
+        hypervisor=spec.hypervisor,
+    )
     return with_rootfs(config, *spec.rootfs)
 
 
 def with_rootfs(config: SandboxConfig, *disks: Path) -> SandboxConfig:
     """``config`` with these container root filesystem disks attached (in order)."""
     unique = dict.fromkeys((*(d.path for d in config.disks), *disks))
-    return replace(config, disks=tuple(Disk(path, rootfs_serial(i))
-                                       for i, path in enumerate(unique)))
+    return replace(config, disks=tuple(Disk(path, rootfs_serial(i)) for i, path in enumerate(unique)))
 
 
 def rootfs_serial(index: int) -> str:

@@ -3,6 +3,7 @@
 ``SandboxConfig`` is fully resolved (assets built, accelerator chosen, modules
 planned); front ends get one from ``build.prepare`` and a ``SandboxSpec``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,12 +29,12 @@ class SandboxConfig:
     cpus: int = 1
     memory_mb: int = 512
     boot_timeout: float = 60.0
-    disks: tuple[Disk, ...] = ()          # container root filesystems (erofs), by path
+    disks: tuple[Disk, ...] = ()  # container root filesystems (erofs), by path
     kernel_args: tuple[str, ...] = field(default_factory=tuple)
     verbose_console: bool = False
-    agent_channel: str = "auto"           # auto | serial | vsock
+    agent_channel: str = "auto"  # auto | serial | vsock
     modules: tuple[ModuleLoad, ...] = ()  # shipped in an extra initramfs, loaded on request
-    hypervisor: str = "qemu"              # a name in hypervisor.HYPERVISORS
+    hypervisor: str = "qemu"  # a name in hypervisor.HYPERVISORS
     # How the guest mounts container root filesystems: "erofs" disks by serial, or
     # "dir": the path is visible to the agent as it is (an in-process agent in tests).
     rootfs_fstype: str = "erofs"
@@ -46,11 +47,12 @@ class ContainerSpec:
     ``rootfs`` is a disk image the sandbox was booted with (``SandboxConfig.disks``):
     the VM has no disk hotplug, so every container's disk is known at boot.
     """
+
     id: str
-    oci: dict[str, object]        # OCI runtime config (root.path is set in the guest)
+    oci: dict[str, object]  # OCI runtime config (root.path is set in the guest)
     rootfs: Path
-    user: str = ""                # resolved against the image's /etc/passwd in the guest
-    runtime: str = "runc"         # OCI runtime inside the guest: runc or crun
+    user: str = ""  # resolved against the image's /etc/passwd in the guest
+    runtime: str = "runc"  # OCI runtime inside the guest: runc or crun
     # small host files for bind mounts: NAME -> base64 (see protocol.CreateContainer)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -72,8 +74,8 @@ SANDBOX_TRANSITIONS = {
 
 
 class ContainerState(Enum):
-    NEW = "new"            # known to the host, not yet prepared in the guest
-    CREATED = "created"    # bundle ready in the guest, nothing runs
+    NEW = "new"  # known to the host, not yet prepared in the guest
+    CREATED = "created"  # bundle ready in the guest, nothing runs
     RUNNING = "running"
     PAUSED = "paused"
     STOPPED = "stopped"

@@ -1,5 +1,6 @@
 """A container inside a sandbox: prepared in the guest, started, exec'd into,
 signalled, paused, measured. Its state is an explicit machine (``ContainerState``)."""
+
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
@@ -20,8 +21,14 @@ RUNTIME_QUERIES = ("ps", "events", "update")
 
 
 class Container:
-    def __init__(self, sandbox: Sandbox, agent: AgentClient, spec: ContainerSpec,
-                 serial: str, explain: Callable[[], Awaitable[VmpodError | None]]) -> None:
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        agent: AgentClient,
+        spec: ContainerSpec,
+        serial: str,
+        explain: Callable[[], Awaitable[VmpodError | None]],
+    ) -> None:
         self.sandbox = sandbox
         self.spec = spec
         self.id = spec.id
@@ -47,10 +54,17 @@ class Container:
         self._sm.require("create the container", ContainerState.NEW)
         s = self.spec
         fstype = self.sandbox.config.rootfs_fstype
-        await self._agent.create_container(p.CreateContainer(
-            container_id=s.id, spec=s.oci, user=s.user, runtime=s.runtime, files=s.files,
-            rootfs_serial=str(s.rootfs) if fstype == "dir" else self._serial,
-            rootfs_fstype=fstype))
+        await self._agent.create_container(
+            p.CreateContainer(
+                container_id=s.id,
+                spec=s.oci,
+                user=s.user,
+                runtime=s.runtime,
+                files=s.files,
+                rootfs_serial=str(s.rootfs) if fstype == "dir" else self._serial,
+                rootfs_fstype=fstype,
+            )
+        )
         self._sm.to(ContainerState.CREATED)
 
     def _process(self, output: Output) -> tuple[int, ProcessSink]:
@@ -67,8 +81,9 @@ class Container:
         """
         self._sm.require("start the container", ContainerState.CREATED)
         stream, sink = self._process(output)
-        await self._agent.start_container(p.StartContainer(
-            container_id=self.id, stream=stream, stdin=stdin, wait_started=wait_started))
+        await self._agent.start_container(
+            p.StartContainer(container_id=self.id, stream=stream, stdin=stdin, wait_started=wait_started)
+        )
         self.init = Process(self._agent, stream, sink, self._explain)
         self._sm.to(ContainerState.RUNNING)
         self.init.add_done_callback(self._init_ended)
@@ -79,13 +94,15 @@ class Container:
             self._exit = self._exit or self.init.result()
         self._sm.to(ContainerState.STOPPED)
 
-    async def exec(self, process: dict[str, object], output: Output, *, stdin: bool,
-                   user: str = "") -> Process:
+    async def exec(
+        self, process: dict[str, object], output: Output, *, stdin: bool, user: str = ""
+    ) -> Process:
         """Run another process (an OCI process object) in the running container."""
         self._sm.require("exec in the container", ContainerState.RUNNING)
         stream, sink = self._process(output)
-        await self._agent.exec(p.ExecProcess(container_id=self.id, stream=stream,
-                                             process=process, stdin=stdin, user=user))
+        await self._agent.exec(
+            p.ExecProcess(container_id=self.id, stream=stream, process=process, stdin=stdin, user=user)
+        )
         proc = Process(self._agent, stream, sink, self._explain)
         self._execs[stream] = proc
         proc.add_done_callback(lambda: self._forget_exec(stream))
@@ -139,8 +156,7 @@ class Container:
         await self._runtime("resume", [])
         self._sm.to(ContainerState.RUNNING)
 
-    async def query(self, command: str, args: list[str],
-                    resources: dict[str, object] | None = None) -> str:
+    async def query(self, command: str, args: list[str], resources: dict[str, object] | None = None) -> str:
         """``ps``, ``events`` or ``update`` by the guest runtime; returns its stdout."""
         if command not in RUNTIME_QUERIES:
             raise SandboxError(f"unsupported runtime query {command!r}")
@@ -152,10 +168,14 @@ class Container:
         self._sm.require("measure the container", ContainerState.RUNNING, ContainerState.PAUSED)
         return await self._agent.stats(p.GetStats(container_id=self.id))
 
-    async def _runtime(self, command: str, args: list[str],
-                       resources: dict[str, object] | None = None) -> p.CommandResult:
-        res = await self._agent.runtime(p.RuntimeCommand(
-            container_id=self.id, command=command, args=tuple(args), resources=resources or {}))
+    async def _runtime(
+        self, command: str, args: list[str], resources: dict[str, object] | None = None
+    ) -> p.CommandResult:
+        res = await self._agent.runtime(
+            p.RuntimeCommand(
+                container_id=self.id, command=command, args=tuple(args), resources=resources or {}
+            )
+        )
         if res.status != 0:
             raise SandboxError(res.error or f"{command} failed in the VM (status {res.status})")
         return res
@@ -165,4 +185,3 @@ class Container:
         if self.state is not ContainerState.STOPPED:
             self._exit = self._exit or Exit(status)
             self._sm.to(ContainerState.STOPPED)
-

@@ -1,5 +1,6 @@
 """One process in a sandbox (a container's init or an exec), as the host sees it:
 its stdio stream, its exit, and the requests that act on it."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +15,7 @@ from vmpod.errors import AgentError, VmpodError
 @dataclass(frozen=True)
 class Output:
     """Where a process's output goes: called with each chunk, in order."""
+
     stdout: Callable[[bytes], None]
     stderr: Callable[[bytes], None]
 
@@ -21,15 +23,21 @@ class Output:
 @dataclass(frozen=True)
 class Exit:
     """How a process ended: shell convention (128+N for signal N, 127 not found)."""
+
     status: int
-    message: str = ""      # why it failed to start, when it did
+    message: str = ""  # why it failed to start, when it did
 
 
 class Process:
     """Handle on one process; ``wait`` explains a lost VM instead of a lost channel."""
 
-    def __init__(self, agent: AgentClient, stream: int, sink: ProcessSink,
-                 explain: Callable[[], Awaitable[VmpodError | None]]) -> None:
+    def __init__(
+        self,
+        agent: AgentClient,
+        stream: int,
+        sink: ProcessSink,
+        explain: Callable[[], Awaitable[VmpodError | None]],
+    ) -> None:
         self._agent = agent
         self.stream = stream
         self._sink = sink

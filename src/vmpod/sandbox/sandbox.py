@@ -6,6 +6,7 @@ hello) -> ``create_container`` / container handles -> ``stop`` (agent shutdown,
 hypervisor quit, hard kill, state dir removed) or ``kill`` (hard at once). Both
 are idempotent and run in ``finally`` paths, so nothing is left behind.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -83,16 +84,23 @@ class Sandbox:
         a = self.config.assets
         initramfs = a.initramfs
         if self.config.modules:
-            initramfs = with_modules(a.initramfs, {
-                f"{m.name}.ko": read_module(m.file) for m in self.config.modules},
-                self.state_dir / "initramfs.cpio")
+            initramfs = with_modules(
+                a.initramfs,
+                {f"{m.name}.ko": read_module(m.file) for m in self.config.modules},
+                self.state_dir / "initramfs.cpio",
+            )
         channel = agent_channel(self.config.agent_channel)
         return VmConfig(
-            kernel=a.kernel.boot_image, initramfs=initramfs,
-            cmdline=kernel_cmdline(self.config, channel.kind), cpus=self.config.cpus,
-            memory_mb=self.config.memory_mb, accel=self.config.accel,
+            kernel=a.kernel.boot_image,
+            initramfs=initramfs,
+            cmdline=kernel_cmdline(self.config, channel.kind),
+            cpus=self.config.cpus,
+            memory_mb=self.config.memory_mb,
+            accel=self.config.accel,
             disks=(Disk(a.rootfs, ROOT_SERIAL), *self.config.disks),
-            state_dir=self.state_dir, channel=channel)
+            state_dir=self.state_dir,
+            channel=channel,
+        )
 
     async def _connect(self, vm_config: VmConfig) -> None:
         ch, timeout = vm_config.channel, self.config.boot_timeout
@@ -105,7 +113,8 @@ class Sandbox:
                 f"guest agent did not answer within {timeout:g}s "
                 f"(kernel {a.kernel.release}, {self.config.accel.accel})",
                 hint="raise --boot-timeout on slow hosts",
-                console_tail=self.console_tail()) from err
+                console_tail=self.console_tail(),
+            ) from err
         except AgentError as err:
             # The channel dropped: usually the VM stopped (panic, init failure).
             failure = await self.failure()
@@ -114,7 +123,8 @@ class Sandbox:
             raise HypervisorError(
                 f"the VM stopped during boot ({failure.details.get('how', '')}): "
                 f"{console_line(self.console_tail(40))}",
-                console_tail=self.console_tail()) from err
+                console_tail=self.console_tail(),
+            ) from err
         self.guest_uptime = hello.uptime
         log.info("guest uptime at hello: %.2fs", hello.uptime)
 
@@ -123,8 +133,9 @@ class Sandbox:
         code = self._vm.exit_status() if self._vm else None
         if code is not None:
             raise HypervisorError(
-                f"the VM stopped during boot ({describe_exit(code)}): "
-                f"{console_line(self.console_tail(40))}", console_tail=self.console_tail())
+                f"the VM stopped during boot ({describe_exit(code)}): {console_line(self.console_tail(40))}",
+                console_tail=self.console_tail(),
+            )
 
     async def stop(self) -> None:
         """Graceful (agent shutdown, VMM quit), then hard; always removes the state dir."""
@@ -176,9 +187,10 @@ class Sandbox:
             raise SandboxError(f"container {spec.id} already exists in sandbox {self.id}")
         serial = self._serials.get(spec.rootfs)
         if serial is None:
-            raise SandboxError(f"the root filesystem {spec.rootfs} was not attached to "
-                               f"sandbox {self.id} at boot",
-                               hint="list every container disk in SandboxConfig.disks")
+            raise SandboxError(
+                f"the root filesystem {spec.rootfs} was not attached to sandbox {self.id} at boot",
+                hint="list every container disk in SandboxConfig.disks",
+            )
         container = Container(self, self._agent, spec, serial, self.failure)
         self.containers[spec.id] = container
         try:
@@ -195,8 +207,9 @@ class Sandbox:
         return s
 
     def running_containers(self) -> list[Container]:
-        return [c for c in self.containers.values()
-                if c.state in (ContainerState.RUNNING, ContainerState.PAUSED)]
+        return [
+            c for c in self.containers.values() if c.state in (ContainerState.RUNNING, ContainerState.PAUSED)
+        ]
 
     # -- guest kernel and facts ---------------------------------------------------
     async def load_modules(self) -> None:
@@ -204,14 +217,17 @@ class Sandbox:
         for m in self.config.modules:
             res = await self.load_module(m)
             if res.status != 0:
-                raise SandboxError(f"loading kernel module {m.name} failed: "
-                                   f"{(res.stderr or res.stdout).strip() or f'status {res.status}'}",
-                                   hint="see the kernel log (dmesg) of the guest")
+                raise SandboxError(
+                    f"loading kernel module {m.name} failed: "
+                    f"{(res.stderr or res.stdout).strip() or f'status {res.status}'}",
+                    hint="see the kernel log (dmesg) of the guest",
+                )
 
     async def load_module(self, m: ModuleLoad) -> p.CommandResult:
         self._sm.require("load a kernel module", _S.RUNNING)
-        return await self._agent.load_module(p.LoadModule(
-            path=f"{p.MODULES_DIR}/{m.name}.ko", params=tuple(m.params)))
+        return await self._agent.load_module(
+            p.LoadModule(path=f"{p.MODULES_DIR}/{m.name}.ko", params=tuple(m.params))
+        )
 
     async def unload_module(self, name: str) -> p.CommandResult:
         self._sm.require("unload a kernel module", _S.RUNNING)
@@ -239,8 +255,9 @@ class Sandbox:
         if code is None:
             return None
         how = f"QEMU {describe_exit(code)}"
-        return HypervisorError(f"the VM stopped unexpectedly ({how})",
-                               console_tail=self.console_tail(), how=how)
+        return HypervisorError(
+            f"the VM stopped unexpectedly ({how})", console_tail=self.console_tail(), how=how
+        )
 
     def console_tail(self, lines: int = 20) -> str:
         return self._vm.console_tail(lines) if self._vm else ""

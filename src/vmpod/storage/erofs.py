@@ -5,6 +5,7 @@ so the container sees a writable root while the image stays shared and intact.
 Why erofs over a 9p share: Debian's cloud kernels have no 9p, and a block
 image needs no server process on the host (no extra attack surface).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,7 @@ def rootfs_disk(paths: Paths, source: ImageSource, progress: Progress = silent) 
     key = hashlib.sha256(source.digest.encode()).hexdigest()[:32]
     final = paths.images / "disks" / f"{key}.erofs"
     if final.is_file():
-        os.utime(final)   # recency, for a future cache pruner
+        os.utime(final)  # recency, for a future cache pruner
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     paths.tmp.mkdir(parents=True, exist_ok=True)
@@ -37,8 +38,7 @@ def rootfs_disk(paths: Paths, source: ImageSource, progress: Progress = silent) 
             source.unpack(src)
         out = Path(tmp) / "disk.erofs"
         progress(f"making root filesystem image of {source.ref}")
-        run(["mkfs.erofs", "--quiet", "-T0", out, src],
-            what=f"make erofs image of {source.ref}")
+        run(["mkfs.erofs", "--quiet", "-T0", out, src], what=f"make erofs image of {source.ref}")
         if out.stat().st_size == 0:
             raise ImageError(f"empty root filesystem image for {source.ref}")
         out.rename(final)

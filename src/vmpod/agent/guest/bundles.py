@@ -2,6 +2,7 @@
 
 Standard library only (runs on the guest's python3).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,6 +62,7 @@ def decode_files(files: dict[str, str]) -> dict[str, bytes]:
     if not files:
         return {}
     import binascii
+
     if len(files) > 64:
         raise AgentFailure(f"too many files ({len(files)} > 64)", "invalid")
     out: dict[str, bytes] = {}
@@ -86,8 +88,11 @@ def _write_files(bundle: str, files: dict[str, bytes], config: dict[str, object]
     base = os.path.join(bundle, "files")
     os.makedirs(base)
     for name, data in files.items():
-        fd = os.open(os.path.join(base, name),
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(
+            os.path.join(base, name),
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+        )
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
     mounts = config.get("mounts")
@@ -111,8 +116,15 @@ def rootfs_source(fstype: str, serial: str) -> str:
     return serial
 
 
-def prepare_bundle(config: AgentConfig, cid: str, spec: dict[str, object], source: str,
-                   fstype: str, user: str, files: dict[str, bytes]) -> str:
+def prepare_bundle(
+    config: AgentConfig,
+    cid: str,
+    spec: dict[str, object],
+    source: str,
+    fstype: str,
+    user: str,
+    files: dict[str, bytes],
+) -> str:
     """Make the bundle: rootfs from ``source``, the files, config.json; returns its path."""
     bundle = bundle_dir(config, cid)
     if os.path.exists(bundle):
@@ -148,35 +160,63 @@ def _mount_overlay(config: AgentConfig, bundle: str, device: str, fstype: str) -
     _mount(config, ["-t", "tmpfs", "-o", "mode=0755", "tmpfs", rw], "mount container tmpfs")
     os.makedirs(os.path.join(rw, "upper"))
     os.makedirs(os.path.join(rw, "work"))
-    _mount(config, ["-t", "overlay", "-o",
-                    f"lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work", "overlay", rootfs],
-           "mount container overlay")
+    _mount(
+        config,
+        ["-t", "overlay", "-o", f"lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work", "overlay", rootfs],
+        "mount container overlay",
+    )
 
 
-def run_argv(binary: str, bundle: str, cid: str, pid_file: str, log: str,
-             root: str = RUNC_ROOT) -> list[str]:
-    return [binary, "--root", root, "--log", log, "--log-format", "json",
-            "run", "--bundle", bundle, "--pid-file", pid_file, "--no-new-keyring", check_id(cid)]
+def run_argv(binary: str, bundle: str, cid: str, pid_file: str, log: str, root: str = RUNC_ROOT) -> list[str]:
+    return [
+        binary,
+        "--root",
+        root,
+        "--log",
+        log,
+        "--log-format",
+        "json",
+        "run",
+        "--bundle",
+        bundle,
+        "--pid-file",
+        pid_file,
+        "--no-new-keyring",
+        check_id(cid),
+    ]
 
 
-def exec_argv(binary: str, cid: str, process_file: str, pid_file: str, log: str,
-              root: str = RUNC_ROOT) -> list[str]:
-    return [binary, "--root", root, "--log", log, "--log-format", "json",
-            "exec", "--process", process_file, "--pid-file", pid_file, check_id(cid)]
+def exec_argv(
+    binary: str, cid: str, process_file: str, pid_file: str, log: str, root: str = RUNC_ROOT
+) -> list[str]:
+    return [
+        binary,
+        "--root",
+        root,
+        "--log",
+        log,
+        "--log-format",
+        "json",
+        "exec",
+        "--process",
+        process_file,
+        "--pid-file",
+        pid_file,
+        check_id(cid),
+    ]
 
 
 _ARG_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_=.,:+-/")
 
 
-def runtime_argv(binary: str, command: str, args: list[str], cid: str,
-                 root: str = RUNC_ROOT) -> list[str]:
+def runtime_argv(binary: str, command: str, args: list[str], cid: str, root: str = RUNC_ROOT) -> list[str]:
     """``<runtime> --root R COMMAND ARGS... ID`` for the few commands the host may ask."""
     if command not in RUNTIME_COMMANDS:
         raise AgentFailure(f"runtime command {command!r} is not allowed", "invalid")
     for arg in args:
         if not arg or not set(arg) <= _ARG_OK or arg.startswith(("--root", "--log", "--criu")):
             raise AgentFailure(f"runtime argument {arg!r} is not allowed", "invalid")
-    if command == "kill":   # runc kill [--all] ID SIGNAL: the signal follows the id
+    if command == "kill":  # runc kill [--all] ID SIGNAL: the signal follows the id
         flags = [a for a in args if a.startswith("-")]
         rest = [a for a in args if not a.startswith("-")]
         return [binary, "--root", root, command, *flags, check_id(cid), *rest]

@@ -5,6 +5,7 @@ connected stream socket (in-process tests).
 Standard library only; socket is imported only for vsock (it costs start-up
 time under TCG).
 """
+
 from __future__ import annotations
 
 import errno
@@ -19,18 +20,19 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
 
-_EOF_RETRY = 0.1     # virtio-serial reads EOF while the host is away: look again then
+_EOF_RETRY = 0.1  # virtio-serial reads EOF while the host is away: look again then
 
 
 class Channel:
     """Frames to the host (buffered in ``out``, written by the loop) and from it."""
 
-    def __init__(self, fd: int = -1, *, eof_closes: bool = False,
-                 listener: socket.socket | None = None) -> None:
+    def __init__(
+        self, fd: int = -1, *, eof_closes: bool = False, listener: socket.socket | None = None
+    ) -> None:
         self.fd = fd
-        self.listener = listener          # vsock: connections arrive through accept()
+        self.listener = listener  # vsock: connections arrive through accept()
         self.conn: socket.socket | None = None
-        self.eof_closes = eof_closes      # a socket's EOF is final, a port's is not
+        self.eof_closes = eof_closes  # a socket's EOF is final, a port's is not
         self.closed = False
         self.out = bytearray()
         self.reader = p.FrameReader()
@@ -100,7 +102,7 @@ class Channel:
         conn.setblocking(False)
         self.conn, self.fd = conn, conn.fileno()
         self.reader = p.FrameReader()
-        self.out.clear()   # a frame half-written to the old connection would garble the new
+        self.out.clear()  # a frame half-written to the old connection would garble the new
 
     def flush(self, timeout: float) -> None:
         """Write the queued output, waiting up to ``timeout`` seconds for the peer."""
@@ -134,6 +136,7 @@ def guest_channel() -> Channel:
     virtio-serial port named PORT_NAME (it may take a moment to appear)."""
     if "vmpod.channel=vsock" in _cmdline():
         import socket
+
         listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         listener.bind((socket.VMADDR_CID_ANY, p.VSOCK_PORT))
         listener.listen(1)

@@ -2,6 +2,7 @@
 
 A plain class, not a dataclass: importing dataclasses costs start-up time under TCG.
 """
+
 from __future__ import annotations
 
 from vmpod.agent.guest.errors import AgentFailure
@@ -17,28 +18,42 @@ class AgentConfig:
     directory) and keep the host's clock alone.
     """
 
-    __slots__ = ("bundles", "runtimes", "runc_root", "busybox", "modules_dir",
-                 "cgroup_root", "allow_dir_rootfs", "set_clock")
+    __slots__ = (
+        "bundles",
+        "runtimes",
+        "runc_root",
+        "busybox",
+        "modules_dir",
+        "cgroup_root",
+        "allow_dir_rootfs",
+        "set_clock",
+    )
 
-    def __init__(self, *, bundles: str = "/run/vmpod/containers",
-                 runtimes: dict[str, str] | None = None, runc_root: str = "/run/runc",
-                 busybox: str = "/bin/busybox", modules_dir: str = MODULES_DIR,
-                 cgroup_root: str = "/sys/fs/cgroup", allow_dir_rootfs: bool = False,
-                 set_clock: bool = True) -> None:
-        self.bundles = bundles                  # one directory per container
+    def __init__(
+        self,
+        *,
+        bundles: str = "/run/vmpod/containers",
+        runtimes: dict[str, str] | None = None,
+        runc_root: str = "/run/runc",
+        busybox: str = "/bin/busybox",
+        modules_dir: str = MODULES_DIR,
+        cgroup_root: str = "/sys/fs/cgroup",
+        allow_dir_rootfs: bool = False,
+        set_clock: bool = True,
+    ) -> None:
+        self.bundles = bundles  # one directory per container
         # OCI runtimes in the guest image; both take runc's command line. crun (C)
         # starts ~0.5 s faster than runc (Go) under TCG.
         self.runtimes = dict(runtimes or {"runc": "/usr/bin/runc", "crun": "/usr/bin/crun"})
-        self.runc_root = runc_root              # the runtimes' --root state directory
-        self.busybox = busybox                  # mount, insmod, rmmod, poweroff
-        self.modules_dir = modules_dir          # load_module only takes paths under it
-        self.cgroup_root = cgroup_root          # cgroup v2 mount, for stats
+        self.runc_root = runc_root  # the runtimes' --root state directory
+        self.busybox = busybox  # mount, insmod, rmmod, poweroff
+        self.modules_dir = modules_dir  # load_module only takes paths under it
+        self.cgroup_root = cgroup_root  # cgroup v2 mount, for stats
         self.allow_dir_rootfs = allow_dir_rootfs
         self.set_clock = set_clock
 
     def runtime_binary(self, name: str) -> str:
         """The path of OCI runtime ``name``; AgentFailure("invalid") if unknown."""
         if name not in self.runtimes:
-            raise AgentFailure(f"unknown OCI runtime {name!r} (have {', '.join(self.runtimes)})",
-                               "invalid")
+            raise AgentFailure(f"unknown OCI runtime {name!r} (have {', '.join(self.runtimes)})", "invalid")
         return self.runtimes[name]

@@ -1,4 +1,5 @@
 """The exception the agent turns into an error response, and its log. Standard library only."""
+
 from __future__ import annotations
 
 import os

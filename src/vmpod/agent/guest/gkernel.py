@@ -1,4 +1,5 @@
 """Guest side: kernel log, module names, uptime and memory. Standard library only."""
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ def kernel_log(since: int, limit: int) -> KernelLogResult:
                 rec = os.read(fd, 8192)
             except BlockingIOError:
                 break
-            except OSError:   # EPIPE: records overwritten while reading; go on
+            except OSError:  # EPIPE: records overwritten while reading; go on
                 continue
             head, _, msg = rec.decode(errors="replace").partition(";")
             fields = head.split(",")

@@ -3,6 +3,7 @@
 posix_spawn rather than subprocess: importing subprocess costs ~0.1 s under TCG.
 Standard library only.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,11 @@ def spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
     posix_spawn rather than subprocess: importing subprocess costs ~0.1 s under TCG.
     Every other fd the agent holds is close-on-exec (Python's default).
     """
-    actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
-               (os.POSIX_SPAWN_DUP2, stderr, 2)]
+    actions = [
+        (os.POSIX_SPAWN_DUP2, stdin, 0),
+        (os.POSIX_SPAWN_DUP2, stdout, 1),
+        (os.POSIX_SPAWN_DUP2, stderr, 2),
+    ]
     return os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsid=True)
 
 
@@ -35,12 +39,12 @@ def run_capture(argv: list[str], limit: int) -> tuple[int, str, str]:
     while open_fds:
         ready, _, _ = select.select(list(open_fds), [], [], 30)
         if not ready:
-            break   # a helper that hangs must not hang the agent forever
+            break  # a helper that hangs must not hang the agent forever
         for fd in ready:
             chunk = os.read(fd, 65536)
             if chunk:
                 if len(bufs[fd]) < limit:
-                    bufs[fd] += chunk[:limit - len(bufs[fd])]
+                    bufs[fd] += chunk[: limit - len(bufs[fd])]
             else:
                 open_fds.discard(fd)
     for fd in bufs:
@@ -48,7 +52,8 @@ def run_capture(argv: list[str], limit: int) -> tuple[int, str, str]:
     if open_fds:
         os.kill(pid, 9)
     _, status = os.waitpid(pid, 0)
-    return (os.waitstatus_to_exitcode(status), bufs[out_r].decode(errors="replace"),
-            bufs[err_r].decode(errors="replace"))
-
-
+    return (
+        os.waitstatus_to_exitcode(status),
+        bufs[out_r].decode(errors="replace"),
+        bufs[err_r].decode(errors="replace"),
+    )

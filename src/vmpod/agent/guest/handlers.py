@@ -3,6 +3,7 @@
 
 Standard library only.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,11 +40,12 @@ def _request_id(obj: dict[str, object]) -> int:
 class Handlers:
     """The operations of the protocol, answered over ``chan``."""
 
-    def __init__(self, config: AgentConfig, procs: ProcessTable, chan: Channel,
-                 stop: Callable[[], None]) -> None:
+    def __init__(
+        self, config: AgentConfig, procs: ProcessTable, chan: Channel, stop: Callable[[], None]
+    ) -> None:
         self.config, self.procs, self.chan, self._stop = config, procs, chan, stop
-        self.containers: dict[str, str] = {}   # id -> OCI runtime name
-        self.inits: dict[str, int] = {}        # id -> stream of its init process
+        self.containers: dict[str, str] = {}  # id -> OCI runtime name
+        self.inits: dict[str, int] = {}  # id -> stream of its init process
 
     def dispatch(self, payload: bytes) -> None:
         """Answer one REQUEST frame; no request, however bad, stops the agent."""
@@ -60,7 +62,7 @@ class Handlers:
             args_cls, result_cls = entry
             args = None if args_cls is None else p.decode(args_cls, req.args)
             result = getattr(self, f"_op_{req.op}")(rid, args)
-            if result is not None:   # None: answered later (wait, start waiters)
+            if result is not None:  # None: answered later (wait, start waiters)
                 if type(result) is not result_cls:
                     raise TypeError(f"{req.op} answered {type(result).__name__}")
                 self.chan.respond(rid, result)
@@ -89,11 +91,15 @@ class Handlers:
     def _do_guest_info(self, runc: str) -> p.GuestInfo:
         mem = gkernel.meminfo()
         _, ver, _ = run_capture([runc, "--version"], 4096)
-        return p.GuestInfo(kernel=os.uname().release, uptime=gkernel.uptime(),
-                           mem_total_kb=mem.get("MemTotal", 0),
-                           mem_free_kb=mem.get("MemAvailable", 0),
-                           cpus=os.cpu_count() or 1, python=sys.version.split()[0],
-                           runc=ver.split("\n")[0][:200])
+        return p.GuestInfo(
+            kernel=os.uname().release,
+            uptime=gkernel.uptime(),
+            mem_total_kb=mem.get("MemTotal", 0),
+            mem_free_kb=mem.get("MemAvailable", 0),
+            cpus=os.cpu_count() or 1,
+            python=sys.version.split()[0],
+            runc=ver.split("\n")[0][:200],
+        )
 
     def _op_set_clock(self, rid: int, a: p.SetClock) -> p.Empty:
         if not 0 < a.epoch_ns < 1 << 63:
@@ -123,11 +129,11 @@ class Handlers:
         bundles.check_fstype(self.config, a.rootfs_fstype)
         return self._do_create_container(a, bundles.decode_files(a.files))
 
-    def _do_create_container(self, a: p.CreateContainer,
-                             files: dict[str, bytes]) -> p.ContainerCreated:
+    def _do_create_container(self, a: p.CreateContainer, files: dict[str, bytes]) -> p.ContainerCreated:
         source = bundles.rootfs_source(a.rootfs_fstype, a.rootfs_serial)
-        bundle = bundles.prepare_bundle(self.config, a.container_id, a.spec, source,
-                                        a.rootfs_fstype, a.user, files)
+        bundle = bundles.prepare_bundle(
+            self.config, a.container_id, a.spec, source, a.rootfs_fstype, a.user, files
+        )
         self.containers[a.container_id] = a.runtime
         return p.ContainerCreated(bundle=bundle)
 
@@ -136,16 +142,23 @@ class Handlers:
         self.procs.check_free(a.stream)
         return self._do_start_container(rid, cid, a.stream, a.stdin, a.wait_started)
 
-    def _do_start_container(self, rid: int, cid: str, stream: int, stdin: bool,
-                            wait_started: bool) -> p.ProcessStarted | None:
+    def _do_start_container(
+        self, rid: int, cid: str, stream: int, stdin: bool, wait_started: bool
+    ) -> p.ProcessStarted | None:
         bundle = bundles.bundle_dir(self.config, cid)
         with open(os.path.join(bundle, "config.json")) as fh:
             tty = bool((json.load(fh).get("process") or {}).get("terminal"))
         pid_file, log = f"{bundle}/init.pid", f"{bundle}/init.log"
-        if os.path.exists(pid_file):   # an earlier run's: it would pass for this one's
+        if os.path.exists(pid_file):  # an earlier run's: it would pass for this one's
             os.unlink(pid_file)
-        argv = bundles.run_argv(self.config.runtime_binary(self.containers[cid]), bundle, cid,
-                                pid_file, log, self.config.runc_root)
+        argv = bundles.run_argv(
+            self.config.runtime_binary(self.containers[cid]),
+            bundle,
+            cid,
+            pid_file,
+            log,
+            self.config.runc_root,
+        )
         pr = self.procs.spawn(stream, cid, argv, tty, stdin, pid_file, log)
         init = self.procs.procs.get(self.inits.get(cid, 0))
         if init is None or init.status is not None:
@@ -153,7 +166,7 @@ class Handlers:
         if not wait_started:
             return p.ProcessStarted(pid=pr.pid)
         pr.start_waiters.append(rid)
-        return None   # answered by the process table once it runs or failed
+        return None  # answered by the process table once it runs or failed
 
     def _op_exec(self, rid: int, a: p.ExecProcess) -> p.ProcessStarted:
         cid = self._known(a.container_id)
@@ -169,10 +182,15 @@ class Handlers:
         with open(spec_file, "w") as fh:
             json.dump(process, fh)
         pid_file, log = f"{bundle}/exec-{a.stream}.pid", f"{bundle}/exec-{a.stream}.log"
-        argv = bundles.exec_argv(self.config.runtime_binary(self.containers[cid]), cid,
-                                 spec_file, pid_file, log, self.config.runc_root)
-        pr = self.procs.spawn(a.stream, cid, argv, bool(process.get("terminal")), a.stdin,
-                              pid_file, log)
+        argv = bundles.exec_argv(
+            self.config.runtime_binary(self.containers[cid]),
+            cid,
+            spec_file,
+            pid_file,
+            log,
+            self.config.runc_root,
+        )
+        pr = self.procs.spawn(a.stream, cid, argv, bool(process.get("terminal")), a.stdin, pid_file, log)
         return p.ProcessStarted(pid=pr.pid)
 
     def _op_signal(self, rid: int, a: p.SignalProcess) -> p.Empty:
@@ -196,9 +214,10 @@ class Handlers:
     def _do_resize(self, pr: Proc, rows: int, cols: int) -> p.Empty:
         import fcntl
         import termios
+
         assert pr.tty_fd is not None
         fcntl.ioctl(pr.tty_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        if pr.status is None:   # runc copies the size from its own console on SIGWINCH
+        if pr.status is None:  # runc copies the size from its own console on SIGWINCH
             os.kill(pr.pid, signal.SIGWINCH)
         return p.Empty()
 
@@ -209,18 +228,24 @@ class Handlers:
         if pr.done and pr.status is not None:
             return p.ExitStatus(status=pr.status)
         pr.waiters.append(rid)
-        return None   # answered when the process ends
+        return None  # answered when the process ends
 
     def _op_runtime(self, rid: int, a: p.RuntimeCommand) -> p.CommandResult:
         cid = self._known(a.container_id)
         resources = f"{bundles.bundle_dir(self.config, cid)}/update.json"
         extra = ["--resources", resources] if a.command == "update" else []
-        argv = bundles.runtime_argv(self.config.runtime_binary(self.containers[cid]), a.command,
-                                    list(a.args) + extra, cid, self.config.runc_root)
+        argv = bundles.runtime_argv(
+            self.config.runtime_binary(self.containers[cid]),
+            a.command,
+            list(a.args) + extra,
+            cid,
+            self.config.runc_root,
+        )
         return self._do_runtime(argv, resources if extra else "", a.resources)
 
-    def _do_runtime(self, argv: list[str], resources_file: str,
-                    resources: dict[str, object]) -> p.CommandResult:
+    def _do_runtime(
+        self, argv: list[str], resources_file: str, resources: dict[str, object]
+    ) -> p.CommandResult:
         if resources_file:
             with open(resources_file, "w") as fh:
                 json.dump(resources, fh)
@@ -230,7 +255,7 @@ class Handlers:
         cid = self._known(a.container_id)
         init = self.procs.procs.get(self.inits.get(cid, 0))
         pid = init.target_pid() if init is not None and init.status is None else 0
-        if init is None or pid == init.pid or pid <= 0:   # no pid file: not running yet
+        if init is None or pid == init.pid or pid <= 0:  # no pid file: not running yet
             raise AgentFailure(f"container {cid} is not running", "invalid")
         return self._do_stats(pid)
 

@@ -3,6 +3,7 @@
 select.epoll directly, not selectors: importing selectors costs start-up time
 under TCG.
 """
+
 from __future__ import annotations
 
 import select
@@ -10,7 +11,8 @@ import select
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    Handler = Callable[[int, int], None]     # (fd, ready mask)
+
+    Handler = Callable[[int, int], None]  # (fd, ready mask)
 
 EVENT_READ, EVENT_WRITE = select.EPOLLIN, select.EPOLLOUT
 _HANGUP = select.EPOLLHUP | select.EPOLLERR
@@ -51,7 +53,7 @@ class Loop:
         for fd, mask in self._poll.poll(-1 if timeout is None else timeout):
             handler = self._handlers.get(fd)
             if mask & _HANGUP:
-                mask |= EVENT_READ   # let the read see EOF/EIO
+                mask |= EVENT_READ  # let the read see EOF/EIO
             # A handler earlier in this batch may have dropped the fd: skip it then.
             if handler is not None and fd in self._registered:
                 handler(fd, mask & self._registered[fd])

@@ -2,6 +2,7 @@
 
 Standard library only.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,6 +23,7 @@ def main() -> None:
     except BaseException as err:  # PID 1 exiting panics the kernel: say why first
         log(f"fatal: {type(err).__name__}: {err}")
         import traceback
+
         traceback.print_exc()
         os.sync()
         os.execv(config.busybox, [config.busybox, "poweroff", "-f"])

@@ -7,6 +7,7 @@ only the main thread could install. Only an agent that is really PID 1 also
 reaps orphans with ``waitpid(-1)``; anywhere else that would steal other code's
 children. Standard library only.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,11 +27,11 @@ if TYPE_CHECKING:
     from vmpod.agent.guest.channel import Channel
     from vmpod.agent.guest.loop import Handler, Loop
 
-HIGH_WATER = 4 * 1024 * 1024     # stop reading process output above this channel backlog
-_DRAIN_GRACE = 2.0               # seconds to wait for pipes after a process exits
-_START_POLL = 0.01               # how often to look for the pid file of a start waiter
-_EXIT_POLL = 0.05                # how often to waitpid a process that has no pidfd
-_ORPHAN_REAP = 5.0               # PID 1: reap orphans at least this often
+HIGH_WATER = 4 * 1024 * 1024  # stop reading process output above this channel backlog
+_DRAIN_GRACE = 2.0  # seconds to wait for pipes after a process exits
+_START_POLL = 0.01  # how often to look for the pid file of a start waiter
+_EXIT_POLL = 0.05  # how often to waitpid a process that has no pidfd
+_ORPHAN_REAP = 5.0  # PID 1: reap orphans at least this often
 
 
 class ProcessTable:
@@ -39,8 +40,8 @@ class ProcessTable:
     def __init__(self, loop: Loop, chan: Channel) -> None:
         self.loop, self.chan = loop, chan
         self.procs: dict[int, Proc] = {}
-        self._live: dict[int, Proc] = {}          # pid -> not yet reaped
-        self._fd_handlers: dict[int, Handler] = {}   # stream -> its stdio fds' handler
+        self._live: dict[int, Proc] = {}  # pid -> not yet reaped
+        self._fd_handlers: dict[int, Handler] = {}  # stream -> its stdio fds' handler
         self._pid1 = os.getpid() == 1
 
     def get(self, stream: int) -> Proc:
@@ -53,8 +54,9 @@ class ProcessTable:
         if stream <= 0 or stream >= 1 << 32 or stream in self.procs:
             raise AgentFailure(f"stream {stream} is invalid or in use", "invalid")
 
-    def spawn(self, stream: int, cid: str, argv: list[str], tty: bool, stdin: bool,
-              pid_file: str, log_file: str) -> Proc:
+    def spawn(
+        self, stream: int, cid: str, argv: list[str], tty: bool, stdin: bool, pid_file: str, log_file: str
+    ) -> Proc:
         """Start ``argv`` (an OCI runtime run/exec) with its stdio on ``stream``."""
         child, outs, stdin_fd, tty_fd = open_stdio(tty, stdin)
         mine = set(outs) | ({stdin_fd} if stdin_fd is not None else set())
@@ -73,9 +75,9 @@ class ProcessTable:
         self.procs[stream] = pr
         self._live[pid] = pr
         self._fd_handlers[stream] = lambda fd, mask: self._on_fd(pr, fd, mask)
-        try:   # no race: the child stays a zombie until we wait for it
+        try:  # no race: the child stays a zombie until we wait for it
             pr.pidfd = os.pidfd_open(pid)
-        except OSError as err:   # Linux < 5.3: after_poll polls waitpid instead
+        except OSError as err:  # Linux < 5.3: after_poll polls waitpid instead
             log(f"pidfd_open({pid}): {err}; polling for its exit")
         else:
             self.loop.want(pr.pidfd, EVENT_READ, lambda _fd, _m: self._poll_exit(pr))
@@ -139,13 +141,13 @@ class ProcessTable:
         written = 0
         try:
             while pr.stdin_buf:
-                n = os.write(fd, pr.stdin_buf[:1 << 16])
+                n = os.write(fd, pr.stdin_buf[: 1 << 16])
                 del pr.stdin_buf[:n]
                 written += n
         except BlockingIOError:
             pass
         except OSError:
-            written += len(pr.stdin_buf)   # reader gone: drop, but keep credits flowing
+            written += len(pr.stdin_buf)  # reader gone: drop, but keep credits flowing
             pr.stdin_buf.clear()
             pr.stdin_eof = True
         if written:
@@ -159,15 +161,16 @@ class ProcessTable:
         self.loop.forget(fd)
         del pr.outs[fd]
         if fd == pr.tty_fd:
-            pr.stdin_fd = None   # closed together with the pty in _finish
+            pr.stdin_fd = None  # closed together with the pty in _finish
         else:
             os.close(fd)
 
     # -- exits ---------------------------------------------------------------
     def deadlines(self, now: float) -> list[float]:
         """When the loop must look again even if no fd is ready."""
-        out = [pr.exited_at + _DRAIN_GRACE for pr in self.procs.values()
-               if pr.status is not None and not pr.done]
+        out = [
+            pr.exited_at + _DRAIN_GRACE for pr in self.procs.values() if pr.status is not None and not pr.done
+        ]
         if any(pr.start_waiters for pr in self.procs.values()):
             out.append(now + _START_POLL)
         if any(pr.pidfd < 0 for pr in self._live.values()):
@@ -193,7 +196,7 @@ class ProcessTable:
     def _poll_exit(self, pr: Proc) -> None:
         try:
             pid, wstatus = os.waitpid(pr.pid, os.WNOHANG)
-        except ChildProcessError:   # someone else reaped it: its status is lost
+        except ChildProcessError:  # someone else reaped it: its status is lost
             log(f"process {pr.pid} was reaped elsewhere")
             self._exited(pr, 255)
             return
@@ -210,7 +213,7 @@ class ProcessTable:
             if pid == 0:
                 return
             pr = self._live.get(pid)
-            if pr is not None:   # else an orphan re-parented to PID 1
+            if pr is not None:  # else an orphan re-parented to PID 1
                 code = os.waitstatus_to_exitcode(wstatus)
                 self._exited(pr, 128 - code if code < 0 else code)
 
@@ -228,8 +231,7 @@ class ProcessTable:
         for pr in self.procs.values():
             if pr.start_waiters and (pr.status is not None or os.path.exists(pr.pid_file)):
                 for rid in pr.start_waiters:
-                    self.chan.respond(rid, p.ProcessStarted(pid=pr.pid,
-                                                            started=pr.status is None))
+                    self.chan.respond(rid, p.ProcessStarted(pid=pr.pid, started=pr.status is None))
                 pr.start_waiters = []
 
     def _finish(self, pr: Proc) -> None:

@@ -4,6 +4,7 @@
 ``run_agent`` runs one in-process over a connected socket (unit tests), the
 guest's ``main`` over virtio-serial or vsock. Standard library only.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
     class HasFileno(Protocol):
         def fileno(self) -> int: ...
 
+
 AGENT_VERSION = "0.1.0"
-_FLUSH_TIMEOUT = 2.0     # after shutdown: how long the answer may take to leave
+_FLUSH_TIMEOUT = 2.0  # after shutdown: how long the answer may take to leave
 
 
 class Agent:
@@ -70,8 +72,12 @@ class Agent:
         self._hello()
 
     def _hello(self) -> None:
-        hello = p.Hello(protocol=p.PROTOCOL_VERSION, agent_version=AGENT_VERSION,
-                        kernel=os.uname().release, uptime=gkernel.uptime())
+        hello = p.Hello(
+            protocol=p.PROTOCOL_VERSION,
+            agent_version=AGENT_VERSION,
+            kernel=os.uname().release,
+            uptime=gkernel.uptime(),
+        )
         self.chan.send(p.encode_json(p.EVENT, 0, {"event": "hello", **p.encode(hello)}))
 
     def _on_channel(self, fd: int, mask: int) -> None:

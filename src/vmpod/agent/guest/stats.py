@@ -1,4 +1,5 @@
 """Guest side: a container's usage from its cgroup v2 files. Standard library only."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,10 @@ def container_stats(cgroup_root: str, pid: int) -> ContainerStats:
             cpu = _int(value)
     pids = _read(f"{group}/pids.current")
     return ContainerStats(
-        cpu_usage_usec=cpu, memory_bytes=_int(_read(f"{group}/memory.current")),
-        pids=_int(pids) if pids else len(_read(f"{group}/cgroup.procs", 1 << 20).split()))
+        cpu_usage_usec=cpu,
+        memory_bytes=_int(_read(f"{group}/memory.current")),
+        pids=_int(pids) if pids else len(_read(f"{group}/cgroup.procs", 1 << 20).split()),
+    )
 
 
 def _cgroup_dir(root: str, pid: int) -> str | None:

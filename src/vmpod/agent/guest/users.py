@@ -1,4 +1,5 @@
 """Guest side: user and group names resolved in a container image. Standard library only."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,7 @@ def resolve_user(rootfs: str, user: str) -> dict[str, object]:
     else:
         match = [r for r in passwd if r[0] == name and _is_num(_field(r, 2))]
         if not match:
-            raise AgentFailure(f"unable to find user {name}: no matching entries in passwd file",
-                               "invalid")
+            raise AgentFailure(f"unable to find user {name}: no matching entries in passwd file", "invalid")
         uid, home_gid = int(match[0][2]), _number(_field(match[0], 3))
     if not group:
         return {"uid": uid, "gid": home_gid}
@@ -36,7 +36,7 @@ def _field(row: list[str], i: int) -> str:
 
 
 def _is_num(text: str) -> bool:
-    return text.isascii() and text.isdigit()   # "²".isdigit() too, but int() refuses it
+    return text.isascii() and text.isdigit()  # "²".isdigit() too, but int() refuses it
 
 
 def _number(text: str) -> int:
@@ -53,5 +53,8 @@ def _table(rootfs: str, rel: str) -> list[list[str]]:
         return []
     with os.fdopen(fd, "rb") as fh:
         data = fh.read(1 << 20)
-    return [line.split(":") for line in data.decode(errors="replace").splitlines()
-            if line and not line.startswith("#")]
+    return [
+        line.split(":")
+        for line in data.decode(errors="replace").splitlines()
+        if line and not line.startswith("#")
+    ]

@@ -1,4 +1,5 @@
 """QEMU command line, one frozen dataclass per device, each rendering its own args."""
+
 from __future__ import annotations
 
 import os
@@ -25,10 +26,22 @@ class Machine:
         # container and cut an idle sandbox's PSS by ~35 MiB.
         accel = "tcg,thread=multi,tb-size=128" if self.accel == "tcg" else "kvm"
         cpu = "max" if self.accel == "tcg" else "host"
-        return ["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
-                "-accel", accel, "-cpu", cpu, "-smp", str(self.cpus),
-                "-m", f"{self.memory_mb}M", "-nodefaults", "-no-user-config",
-                "-nographic", "-no-reboot"]
+        return [
+            "-M",
+            "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+            "-accel",
+            accel,
+            "-cpu",
+            cpu,
+            "-smp",
+            str(self.cpus),
+            "-m",
+            f"{self.memory_mb}M",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+        ]
 
 
 @dataclass(frozen=True)
@@ -38,8 +51,7 @@ class KernelBoot:
     cmdline: str
 
     def args(self) -> list[str]:
-        return ["-kernel", str(self.kernel), "-initrd", str(self.initramfs),
-                "-append", self.cmdline]
+        return ["-kernel", str(self.kernel), "-initrd", str(self.initramfs), "-append", self.cmdline]
 
 
 @dataclass(frozen=True)
@@ -50,8 +62,12 @@ class BlockDevice:
     def args(self) -> list[str]:
         node = f"disk{self.index}"
         ro = "on" if self.disk.readonly else "off"
-        return ["-drive", f"id={node},file={q(self.disk.path)},format=raw,if=none,readonly={ro}",
-                "-device", f"virtio-blk-device,drive={node},serial={q(self.disk.serial)}"]
+        return [
+            "-drive",
+            f"id={node},file={q(self.disk.path)},format=raw,if=none,readonly={ro}",
+            "-device",
+            f"virtio-blk-device,drive={node},serial={q(self.disk.serial)}",
+        ]
 
 
 @dataclass(frozen=True)
@@ -65,13 +81,19 @@ class SerialConsole:
 @dataclass(frozen=True)
 class SerialPort:
     """A named virtio-serial port whose host end is a listening unix socket."""
+
     socket: Path
     name: str
 
     def args(self) -> list[str]:
-        return ["-device", "virtio-serial-device",
-                "-chardev", f"socket,id=channel,path={q(self.socket)},server=on,wait=off",
-                "-device", f"virtserialport,chardev=channel,name={q(self.name)}"]
+        return [
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            f"socket,id=channel,path={q(self.socket)},server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev=channel,name={q(self.name)}",
+        ]
 
 
 @dataclass(frozen=True)
@@ -92,15 +114,15 @@ class QmpSocket:
 
 def build_argv(binary: str, cfg: VmConfig) -> list[str]:
     ch = cfg.channel
-    devices: list[Machine | KernelBoot | BlockDevice | SerialConsole | SerialPort
-                  | VsockDevice | QmpSocket] = [
+    devices: list[
+        Machine | KernelBoot | BlockDevice | SerialConsole | SerialPort | VsockDevice | QmpSocket
+    ] = [
         Machine(cfg.accel.accel, cfg.cpus, cfg.memory_mb),
         KernelBoot(cfg.kernel, cfg.initramfs, cfg.cmdline),
         SerialConsole(cfg.console_log),
         QmpSocket(cfg.qmp_socket),
         *(BlockDevice(i, d) for i, d in enumerate(cfg.disks)),
-        SerialPort(cfg.channel_socket, ch.name) if ch.kind == "serial"
-        else VsockDevice(ch.vsock_cid),
+        SerialPort(cfg.channel_socket, ch.name) if ch.kind == "serial" else VsockDevice(ch.vsock_cid),
     ]
     argv = [binary]
     for dev in devices:

@@ -1,4 +1,5 @@
 """QEMU as a Hypervisor: launch, QMP (qemu.qmp), graceful-then-hard shutdown, kill by pid."""
+
 from __future__ import annotations
 
 import asyncio
@@ -53,16 +54,23 @@ class QemuVm:
         self._sm.require("launch", VmState.NEW)
         if self.binary is None:
             self._sm.to(VmState.STOPPED)
-            raise HypervisorError("qemu-system-x86_64 not found",
-                                  hint="run the README set-up command (apt-get install qemu-system-x86)")
+            raise HypervisorError(
+                "qemu-system-x86_64 not found",
+                hint="run the README set-up command (apt-get install qemu-system-x86)",
+            )
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.argv = build_argv(self.binary, self.config)
         log.debug("launching %s", " ".join(self.argv))
         errlog = (self.config.state_dir / "qemu.log").open("wb")
         try:
-            self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=errlog,
-                                          stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                                          close_fds=True)
+            self._proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=errlog,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+                close_fds=True,
+            )
         except OSError as err:
             self._sm.to(VmState.STOPPED)
             raise HypervisorError(f"cannot start QEMU: {err}", argv=self.argv) from err
@@ -81,8 +89,9 @@ class QemuVm:
         while not sock.exists():
             self._raise_if_dead("QEMU exited during start-up")
             if time.monotonic() > deadline:
-                raise HypervisorError("QEMU did not open its QMP socket", argv=self.argv,
-                                      console_tail=self.console_tail())
+                raise HypervisorError(
+                    "QEMU did not open its QMP socket", argv=self.argv, console_tail=self.console_tail()
+                )
             await asyncio.sleep(0.005)
         # The socket file appears at bind(), a moment before QEMU listens on it:
         # a refused connection right then is a retry, not an error.
@@ -94,17 +103,23 @@ class QemuVm:
             except (TimeoutError, QMPError, OSError) as err:
                 self._raise_if_dead("QEMU exited during start-up")
                 if time.monotonic() > deadline:
-                    raise HypervisorError(f"cannot talk QMP to QEMU: {err or 'timed out'}",
-                                          argv=self.argv, console_tail=self.console_tail()) from err
+                    raise HypervisorError(
+                        f"cannot talk QMP to QEMU: {err or 'timed out'}",
+                        argv=self.argv,
+                        console_tail=self.console_tail(),
+                    ) from err
                 await asyncio.sleep(0.01)
         self._qmp = qmp
 
     def _raise_if_dead(self, what: str) -> None:
         code = self.exit_status()
         if code is not None:
-            raise HypervisorError(f"{what} ({describe_exit(code)}): {self.qemu_error()}",
-                                  argv=self.argv, returncode=code,
-                                  console_tail=self.console_tail())
+            raise HypervisorError(
+                f"{what} ({describe_exit(code)}): {self.qemu_error()}",
+                argv=self.argv,
+                returncode=code,
+                console_tail=self.console_tail(),
+            )
 
     async def qmp(self, cmd: str, **args: object) -> object:
         """One QMP command (for snapshots, status and quit)."""
