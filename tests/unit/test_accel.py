@@ -101,7 +101,7 @@ def test_vmx_with_unwritable_dev_not_usable(tmp_path: Path, monkeypatch: pytest.
         asked.append((Path(str(path)), mode))
         return False
 
-    monkeypatch.setattr(accel.os, "access", access)
+    monkeypatch.setattr(os, "access", access)  # accel calls os.access
     ok, why = probe_kvm(**paths)
     assert asked == [(paths["dev"], os.R_OK | os.W_OK)]
     assert ok is False and "not readable and writable" in why

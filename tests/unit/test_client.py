@@ -52,6 +52,13 @@ class FakeGuest:
         self.send(p.encode_json(p.RESPONSE, rid, {"id": rid, "ok": ok, **rest}))
 
 
+def req_id(req: dict[str, object]) -> int:
+    """The id of a request read by ``FakeGuest.request`` (an int on the wire)."""
+    rid = req["id"]
+    assert isinstance(rid, int)
+    return rid
+
+
 def run(
     guest: Guest, body: Callable[[AgentClient, Path], Awaitable[None]], tmp_path: Path, *, hello: bool = True
 ) -> None:
@@ -228,7 +235,7 @@ def test_request_round_trip(tmp_path: Path) -> None:
         for _ in range(2):
             req = await g.request()
             seen.append(req)
-            g.respond(int(req["id"]), result={"echo": req["args"], "op": req["op"]})
+            g.respond(req_id(req), result={"echo": req["args"], "op": req["op"]})
 
     async def body(client: AgentClient, sock: Path) -> None:
         assert await client.request("ping", {"x": 1}) == {"echo": {"x": 1}, "op": "ping"}
@@ -243,12 +250,12 @@ def test_concurrent_requests_answered_out_of_order(tmp_path: Path) -> None:
         g.hello()
         a = await g.request()
         b = await g.request()
-        g.respond(int(b["id"]), result={"n": b["op"]})
-        g.respond(int(a["id"]), result={"n": a["op"]})
+        g.respond(req_id(b), result={"n": b["op"]})
+        g.respond(req_id(a), result={"n": a["op"]})
 
     async def body(client: AgentClient, sock: Path) -> None:
         r = await asyncio.gather(client.request("first"), client.request("second"))
-        assert r == [{"n": "first"}, {"n": "second"}]
+        assert list(r) == [{"n": "first"}, {"n": "second"}]
 
     run(guest, body, tmp_path)
 
@@ -258,8 +265,8 @@ def test_request_timeout_and_late_response_dropped(tmp_path: Path) -> None:
         g.hello()
         first = await g.request()
         second = await g.request()
-        g.respond(int(first["id"]), result={"late": True})  # nobody waits any more
-        g.respond(int(second["id"]), result={"ok": 2})
+        g.respond(req_id(first), result={"late": True})  # nobody waits any more
+        g.respond(req_id(second), result={"ok": 2})
 
     async def body(client: AgentClient, sock: Path) -> None:
         start = time.monotonic()
@@ -277,9 +284,9 @@ def test_error_response_raises_request_error(tmp_path: Path) -> None:
     async def guest(g: FakeGuest) -> None:
         g.hello()
         req = await g.request()
-        g.respond(int(req["id"]), ok=False, error="no such container c9", error_kind="NotFound")
+        g.respond(req_id(req), ok=False, error="no such container c9", error_kind="NotFound")
         req = await g.request()
-        g.respond(int(req["id"]), result={"still": "fine"})
+        g.respond(req_id(req), result={"still": "fine"})
 
     async def body(client: AgentClient, sock: Path) -> None:
         with pytest.raises(AgentRequestError) as info:
@@ -407,7 +414,7 @@ def test_output_reaches_sink_in_order_and_exit_resolves(tmp_path: Path) -> None:
     async def guest(g: FakeGuest) -> None:
         g.hello()
         req = await g.request()
-        g.respond(int(req["id"]))
+        g.respond(req_id(req))
         g.send(p.encode_frame(p.STDOUT, 5, b"one\n"))
         g.send(p.encode_frame(p.STDERR, 5, b"warn\n"))
         g.send(p.encode_frame(p.STDOUT, 5, b"two\n"))

@@ -368,7 +368,7 @@ def test_unsupported_annotation_is_a_programming_error() -> None:
         Sample(names=("a", "b"), labels={"k": "v"}, limit=7),
     ],
 )
-def test_encode_decode_round_trip_through_json(msg: object) -> None:
+def test_encode_decode_round_trip_through_json(msg: p.Message) -> None:
     obj = json.loads(json.dumps(p.encode(msg)))
     assert p.decode(type(msg), obj) == msg
 
@@ -428,9 +428,9 @@ def test_results_are_schema_checked() -> None:
 def test_message_records_are_frozen_keyword_only_values() -> None:
     r = p.Request(id=1, op="ping")
     with pytest.raises(AttributeError):
-        r.id = 2  # type: ignore[misc]
+        r.id = 2
     with pytest.raises(TypeError):
-        p.Request(1, "ping")  # type: ignore[misc]
+        p.Request(1, "ping")  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="no fields"):
         p.Request(id=1, op="ping", bogus=1)
     with pytest.raises(TypeError, match="needs field 'op'"):

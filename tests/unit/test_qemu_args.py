@@ -15,7 +15,9 @@ from vmpod.hypervisor.qemu.devices import build_argv, q
 QEMU = "/usr/bin/qemu-system-x86_64"
 
 
-def config(state: Path, *, accel: str = "tcg", disks: tuple[Disk, ...] = (), **kw: object) -> VmConfig:
+def config(
+    state: Path, *, accel: str = "tcg", disks: tuple[Disk, ...] = (), channel: HostChannel | None = None
+) -> VmConfig:
     return VmConfig(
         kernel=Path("/k/vmlinux"),
         initramfs=Path("/k/initrd.img"),
@@ -25,8 +27,8 @@ def config(state: Path, *, accel: str = "tcg", disks: tuple[Disk, ...] = (), **k
         accel=AccelChoice(accel, "test"),
         disks=disks,
         state_dir=state,
-        **kw,
-    )  # type: ignore[arg-type]
+        channel=channel if channel is not None else HostChannel(),
+    )
 
 
 def values(argv: list[str], flag: str) -> list[str]:

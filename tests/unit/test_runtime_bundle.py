@@ -122,7 +122,9 @@ def test_podman_like_config_is_translated_for_the_guest(bundle: Path, tmp_path: 
         "pids": {"limit": 2048},
         "cpu": {"quota": 150000, "period": 100000},
     }
-    mounts = {m["destination"]: m for m in g["mounts"]}  # type: ignore[index, union-attr]
+    g_mounts = g["mounts"]
+    assert isinstance(g_mounts, list)
+    mounts = {m["destination"]: m for m in g_mounts}
     assert set(mounts) == {"/proc", "/etc/hosts", "/run/.containerenv", "/dev/shm", "/sys/fs/cgroup"}
     assert mounts["/dev/shm"]["type"] == "tmpfs"
     hosts = mounts["/etc/hosts"]
@@ -208,7 +210,9 @@ def test_vm_size(resources: dict[str, object], cpus: int, mem: int) -> None:
 
 def _config(bundle: Path, **process: object) -> dict[str, object]:
     spec = _spec(bundle)
-    spec["process"].update(process)  # type: ignore[union-attr]
+    proc = spec["process"]
+    assert isinstance(proc, dict)
+    proc.update(process)
     return spec
 
 

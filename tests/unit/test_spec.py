@@ -122,10 +122,12 @@ def test_full_spec_defaults() -> None:
     assert "network" not in ns and "user" not in ns
     assert linux["maskedPaths"] == list(MASKED)
     assert linux["readonlyPaths"] == list(READONLY)
-    dests = [m["destination"] for m in spec["mounts"]]
+    mounts = spec["mounts"]
+    assert isinstance(mounts, list)
+    dests = [m["destination"] for m in mounts]
     assert dests[:2] == ["/proc", "/dev"]
     assert {"/dev/pts", "/dev/shm", "/dev/mqueue", "/sys", "/sys/fs/cgroup"} <= set(dests)
-    sysfs = next(m for m in spec["mounts"] if m["destination"] == "/sys")
+    sysfs = next(m for m in mounts if m["destination"] == "/sys")
     assert "ro" in sysfs["options"]
 
 

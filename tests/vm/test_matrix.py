@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 import struct
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.vm.conftest import REPO, VmpodRunner
+from tests.vm.conftest import REPO, Result, VmpodRunner
 
 MODULES = REPO / "examples" / "modules"
 THREE = "6.1-generic,6.1,6.12-generic"
 
 
-def _matrix(vmpod: VmpodRunner, tmp: Path, kernels: str, module: str, *extra: str):  # noqa: ANN202
+def _matrix(
+    vmpod: VmpodRunner, tmp: Path, kernels: str, module: str, *extra: str
+) -> tuple[Result, dict[str, Any]]:
+    """Run ``vmpod matrix``; its result and the JSON report's results by kernel name."""
     r = vmpod(
         "matrix",
         "--kernels",
@@ -72,7 +77,7 @@ def test_oops_on_load_is_detected(vmpod: VmpodRunner, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def corrupt_kernel(vmpod: VmpodRunner, tmp_path: Path) -> str:
+def corrupt_kernel(vmpod: VmpodRunner, tmp_path: Path) -> Iterator[str]:
     info = json.loads(vmpod("kernel", "info", "6.1").out)
     image = bytearray(Path(info["root"], "vmlinuz").read_bytes())
     setup = image[0x1F1] or 4

@@ -164,9 +164,7 @@ class AgentClient:
     async def create_container(self, args: p.CreateContainer) -> p.ContainerCreated:
         return await self._typed(p.ContainerCreated, "create_container", args, timeout=60)
 
-    async def start_container(self, args: p.StartContainer) -> p.ProcessStarted:
-        # waiting for the process to run can take long on a loaded TCG host
-        timeout = 120.0 if args.wait_started else 30.0
+    async def start_container(self, args: p.StartContainer, timeout: float = 30.0) -> p.ProcessStarted:
         return await self._typed(p.ProcessStarted, "start_container", args, timeout)
 
     async def exec(self, args: p.ExecProcess) -> p.ProcessStarted:

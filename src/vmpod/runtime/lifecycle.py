@@ -23,6 +23,7 @@ from vmpod.runtime.state import (
     check_id,
     proc_start_time,
 )
+from vmpod.timeouts import CONTAINER_START, MONITOR_MARGIN
 
 log = logging.getLogger(__name__)
 DESTROY_TIMEOUT = 10.0
@@ -45,7 +46,9 @@ def start(store: Store, cid: str) -> None:
         except HookError:
             destroy(store, st)
             raise
-        ipc.request(sock_path(store, cid), {"op": "start"})
+        # as long as the monitor may wait for the guest runtime, or a slow start
+        # would be reported failed and then happen anyway
+        ipc.request(sock_path(store, cid), {"op": "start"}, timeout=CONTAINER_START + MONITOR_MARGIN)
         run_hooks_warn(st.hooks, "poststart", store.load(cid).oci(RUNNING))
 
 
