@@ -135,7 +135,7 @@ def build_spec(image: ImageConfig, opts: ProcessOptions) -> dict[str, object]:
             "noNewPrivileges": True,
         },
         "root": {"path": "rootfs", "readonly": opts.read_only},
-        "mounts": _mounts(),
+        "mounts": default_mounts(),
         "linux": {
             # No network namespace: the container shares the VM's network (Kata model).
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
@@ -144,7 +144,7 @@ def build_spec(image: ImageConfig, opts: ProcessOptions) -> dict[str, object]:
         },
     }
     if opts.privileged:
-        spec["mounts"] = [m for m in _mounts() if m["destination"] != "/sys"] + [
+        spec["mounts"] = [m for m in default_mounts() if m["destination"] != "/sys"] + [
             {"destination": "/dev", "type": "bind", "source": "/dev", "options": ["rbind"]},
             {
                 "destination": "/sys",
@@ -164,7 +164,9 @@ def build_spec(image: ImageConfig, opts: ProcessOptions) -> dict[str, object]:
     return spec
 
 
-def _mounts() -> list[dict[str, object]]:
+def default_mounts() -> list[dict[str, object]]:
+    """The mounts every container gets (docker's and runc's defaults)."""
+
     def m(dest: str, typ: str, src: str, *options: str) -> dict[str, object]:
         return {"destination": dest, "type": typ, "source": src, "options": list(options)}
 

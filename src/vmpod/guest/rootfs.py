@@ -75,21 +75,7 @@ def ensure_tree(paths: Paths, progress: Progress) -> Path:
         # extract runs no maintainer scripts and the root is read-only at run
         # time, so compile bytecode now (unchecked: sources never change there).
         progress("compiling Python bytecode for the guest")
-        run(
-            [
-                "chroot",
-                tree,
-                "/usr/bin/python3",
-                "-m",
-                "compileall",
-                "-q",
-                "--invalidation-mode",
-                "unchecked-hash",
-                "/usr/lib/python3.11",
-            ],
-            what="compile guest Python bytecode",
-            timeout=900,
-        )
+        _compile(tree, "/usr/lib/python3.11", "compile guest Python bytecode", timeout=900)
         (tree / ".complete").touch()
         for old in paths.guest.glob("tree-*"):
             shutil.rmtree(old, ignore_errors=True)
@@ -109,20 +95,7 @@ def ensure_image(paths: Paths, tree: Path, progress: Progress) -> Path:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     (root / "agent.py").write_bytes(_ENTRY)
-    run(
-        [
-            "chroot",
-            tree,
-            "/usr/bin/python3",
-            "-m",
-            "compileall",
-            "-q",
-            "--invalidation-mode",
-            "unchecked-hash",
-            "/opt/vmpod/vmpod",
-        ],
-        what="compile agent bytecode",
-    )
+    _compile(tree, "/opt/vmpod/vmpod", "compile agent bytecode")
     paths.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="erofs-") as tmp:
         out = Path(tmp) / "rootfs.erofs"
@@ -132,3 +105,9 @@ def ensure_image(paths: Paths, tree: Path, progress: Progress) -> Path:
             old.unlink()
         out.rename(final)
     return final
+
+
+def _compile(tree: Path, where: str, what: str, timeout: float = 600) -> None:
+    """Bytecode for the read-only guest root (unchecked: its sources never change)."""
+    argv: list[str | Path] = ["chroot", tree, "/usr/bin/python3", "-m", "compileall", "-q"]
+    run([*argv, "--invalidation-mode", "unchecked-hash", where], what=what, timeout=timeout)

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from vmpod.runspec import MASKED, READONLY
+from vmpod.runspec import MASKED, READONLY, default_mounts
 from vmpod.runtime.config import KNOWN_ANNOTATIONS, load_config
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS
@@ -123,10 +123,6 @@ def features_doc() -> dict[str, object]:
 
 def default_spec() -> dict[str, object]:
     """runc spec's template: sh on a terminal, rootfs read-only, the usual mounts."""
-
-    def m(dest: str, typ: str, src: str, *options: str) -> dict[str, object]:
-        return {"destination": dest, "type": typ, "source": src, "options": list(options)}
-
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -143,25 +139,7 @@ def default_spec() -> dict[str, object]:
         },
         "root": {"path": "rootfs", "readonly": True},
         "hostname": "runc",
-        "mounts": [
-            m("/proc", "proc", "proc"),
-            m("/dev", "tmpfs", "tmpfs", "nosuid", "strictatime", "mode=755", "size=65536k"),
-            m(
-                "/dev/pts",
-                "devpts",
-                "devpts",
-                "nosuid",
-                "noexec",
-                "newinstance",
-                "ptmxmode=0666",
-                "mode=0620",
-                "gid=5",
-            ),
-            m("/dev/shm", "tmpfs", "shm", "nosuid", "noexec", "nodev", "mode=1777", "size=65536k"),
-            m("/dev/mqueue", "mqueue", "mqueue", "nosuid", "noexec", "nodev"),
-            m("/sys", "sysfs", "sysfs", "nosuid", "noexec", "nodev", "ro"),
-            m("/sys/fs/cgroup", "cgroup", "cgroup", "nosuid", "noexec", "nodev", "relatime", "ro"),
-        ],
+        "mounts": default_mounts(),
         "linux": {
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
             "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")],
