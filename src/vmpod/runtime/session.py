@@ -180,7 +180,11 @@ class Session:
     async def _teardown(self) -> None:
         execs = self.container.execs if self.container else ()
         if execs:  # exec'd processes die with the init's pid namespace: let them report
-            await asyncio.wait([asyncio.ensure_future(e.wait()) for e in execs], timeout=EXEC_GRACE)
+            # (gathered with their errors: a lost channel is no news here, and an
+            # unretrieved task exception would be logged at exit)
+            waiting = asyncio.gather(*(e.wait() for e in execs), return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiting, EXEC_GRACE)
         with contextlib.suppress(Exception):
             if self.sandbox is not None:
                 await self.sandbox.kill()  # nothing to save: the writable layer is guest RAM

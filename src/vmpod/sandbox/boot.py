@@ -133,7 +133,3 @@ def console_line(tail: str) -> str:
         if found:
             return found[-1]
     return lines[-1] if lines else "no console output"
-
-
-def state_path(paths: Paths, sandbox_id: str) -> Path:
-    return paths.sandboxes / sandbox_id

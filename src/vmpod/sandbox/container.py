@@ -26,14 +26,14 @@ class Container:
         sandbox: Sandbox,
         agent: AgentClient,
         spec: ContainerSpec,
-        serial: str,
+        rootfs_source: str,
         explain: Callable[[], Awaitable[VmpodError | None]],
     ) -> None:
         self.sandbox = sandbox
         self.spec = spec
         self.id = spec.id
         self._agent = agent
-        self._serial = serial
+        self._rootfs_source = rootfs_source  # disk serial (or directory) in the guest
         self._explain = explain
         self._sm = StateMachine(f"container {spec.id}", ContainerState.NEW, CONTAINER_TRANSITIONS)
         self.init: Process | None = None
@@ -53,7 +53,6 @@ class Container:
         """Prepare the bundle in the guest (rootfs mounted, config written)."""
         self._sm.require("create the container", ContainerState.NEW)
         s = self.spec
-        fstype = self.sandbox.config.rootfs_fstype
         await self._agent.create_container(
             p.CreateContainer(
                 container_id=s.id,
@@ -61,8 +60,8 @@ class Container:
                 user=s.user,
                 runtime=s.runtime,
                 files=s.files,
-                rootfs_serial=str(s.rootfs) if fstype == "dir" else self._serial,
-                rootfs_fstype=fstype,
+                rootfs_serial=self._rootfs_source,
+                rootfs_fstype=self.sandbox.config.rootfs_fstype,
             )
         )
         self._sm.to(ContainerState.CREATED)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import signal
 import time
 
 from vmpod.agent import protocol as p
@@ -26,7 +27,6 @@ from vmpod.sandbox.boot import StateDir, agent_channel, console_line, kernel_cmd
 from vmpod.sandbox.config import (
     SANDBOX_TRANSITIONS,
     ContainerSpec,
-    ContainerState,
     SandboxConfig,
     SandboxState,
 )
@@ -49,9 +49,12 @@ class Sandbox:
         self._vm: Hypervisor | None = None
         self._sm = StateMachine(f"sandbox {self.id}", _S.NEW, SANDBOX_TRANSITIONS)
         self.containers: dict[str, Container] = {}
-        self._serials = {d.path: d.serial for d in config.disks}
+        # How the guest finds each container rootfs: a disk by its serial, or (fstype
+        # "dir", an in-process agent) the path itself.
+        self._rootfs_sources = {
+            d.path: str(d.path) if config.rootfs_fstype == "dir" else d.serial for d in config.disks
+        }
         self._next_stream = 1
-        self.guest_uptime = -1.0
 
     @property
     def state(self) -> SandboxState:
@@ -125,7 +128,6 @@ class Sandbox:
                 f"{console_line(self.console_tail(40))}",
                 console_tail=self.console_tail(),
             ) from err
-        self.guest_uptime = hello.uptime
         log.info("guest uptime at hello: %.2fs", hello.uptime)
 
     def _check_alive(self) -> None:
@@ -170,7 +172,7 @@ class Sandbox:
         if self._vm is not None:
             self._vm.kill()
         for c in self.containers.values():
-            c.stopped(255)
+            c.stopped(128 + signal.SIGKILL)  # its processes died with the VM
         self._dir.remove()
         self._sm.to(_S.STOPPED)
 
@@ -185,13 +187,13 @@ class Sandbox:
         self._sm.require("create a container", _S.RUNNING)
         if spec.id in self.containers:
             raise SandboxError(f"container {spec.id} already exists in sandbox {self.id}")
-        serial = self._serials.get(spec.rootfs)
-        if serial is None:
+        source = self._rootfs_sources.get(spec.rootfs)
+        if source is None:
             raise SandboxError(
                 f"the root filesystem {spec.rootfs} was not attached to sandbox {self.id} at boot",
                 hint="list every container disk in SandboxConfig.disks",
             )
-        container = Container(self, self._agent, spec, serial, self.failure)
+        container = Container(self, self._agent, spec, source, self.failure)
         self.containers[spec.id] = container
         try:
             await container.create()
@@ -205,11 +207,6 @@ class Sandbox:
         s = self._next_stream
         self._next_stream += 1
         return s
-
-    def running_containers(self) -> list[Container]:
-        return [
-            c for c in self.containers.values() if c.state in (ContainerState.RUNNING, ContainerState.PAUSED)
-        ]
 
     # -- guest kernel and facts ---------------------------------------------------
     async def load_modules(self) -> None:

@@ -167,22 +167,15 @@ def _mount_overlay(config: AgentConfig, bundle: str, device: str, fstype: str) -
     )
 
 
+def _logged(binary: str, root: str, log: str) -> list[str]:
+    """The runtime with its state root and a JSON log (read by ``start_failure``)."""
+    return [binary, "--root", root, "--log", log, "--log-format", "json"]
+
+
 def run_argv(binary: str, bundle: str, cid: str, pid_file: str, log: str, root: str = RUNC_ROOT) -> list[str]:
     return [
-        binary,
-        "--root",
-        root,
-        "--log",
-        log,
-        "--log-format",
-        "json",
-        "run",
-        "--bundle",
-        bundle,
-        "--pid-file",
-        pid_file,
-        "--no-new-keyring",
-        check_id(cid),
+        *_logged(binary, root, log),
+        *("run", "--bundle", bundle, "--pid-file", pid_file, "--no-new-keyring", check_id(cid)),
     ]
 
 
@@ -190,19 +183,8 @@ def exec_argv(
     binary: str, cid: str, process_file: str, pid_file: str, log: str, root: str = RUNC_ROOT
 ) -> list[str]:
     return [
-        binary,
-        "--root",
-        root,
-        "--log",
-        log,
-        "--log-format",
-        "json",
-        "exec",
-        "--process",
-        process_file,
-        "--pid-file",
-        pid_file,
-        check_id(cid),
+        *_logged(binary, root, log),
+        *("exec", "--process", process_file, "--pid-file", pid_file, check_id(cid)),
     ]
 
 
