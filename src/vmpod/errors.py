@@ -56,6 +56,10 @@ class CommandError(VmpodError):
         self.output_tail = output_tail
 
 
+class MountError(VmpodError):
+    """A host mount or unmount failed (carries the errno)."""
+
+
 class HypervisorError(VmpodError):
     """The VMM failed to start, died, or refused a request."""
 

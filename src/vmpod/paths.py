@@ -31,6 +31,11 @@ class Paths:
         return self.run / "sandboxes"
 
     @property
+    def shared(self) -> Path:
+        """Per-sandbox directories the VMs see over virtio-fs (bind mounts only)."""
+        return self.run / "shared"
+
+    @property
     def tmp(self) -> Path:
         """Scratch space on the cache filesystem, so finished work is an atomic rename."""
         return self.home / "tmp"

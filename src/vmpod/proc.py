@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +12,14 @@ from pathlib import Path
 from vmpod.errors import CommandError
 
 _TAIL = 2000
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when its parent dies, even by SIGKILL
+    (QEMU and virtiofsd must never outlive the process that owns the VM)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def tail(text: str | bytes, limit: int = _TAIL) -> str:

@@ -194,6 +194,9 @@ class AgentClient:
     async def stats(self, args: p.GetStats) -> p.ContainerStats:
         return await self._typed(p.ContainerStats, "stats", args)
 
+    async def mount_shared(self) -> p.SharedMounted:
+        return await self._typed(p.SharedMounted, "mount_shared", None, timeout=30)
+
     def attach(self, stream: int, sink: ProcessSink) -> None:
         self._sinks[stream] = sink
 

@@ -247,18 +247,18 @@ class PingResult(Message):
 
 
 class CreateContainer(Message):
-    """Prepare a bundle: mount the rootfs device (read-only lower + tmpfs upper)."""
+    """Prepare a bundle. The rootfs is a disk (erofs/ext4: read-only lower + tmpfs
+    upper) or, with ``virtiofs``, a directory of the shared file system used as it
+    is (writes reach the host). Host volumes are bind mounts in ``spec`` whose
+    sources lie below SHARED_DIR."""
 
     container_id: str
     spec: dict[str, object]  # OCI runtime config; root.path is set by the agent
-    rootfs_serial: str  # virtio-blk serial of the disk holding the image
-    rootfs_fstype: str = "erofs"  # erofs or ext4 ("dir" only in in-process tests)
+    # erofs/ext4: virtio-blk serial of the disk; virtiofs: path below SHARED_DIR
+    rootfs_serial: str
+    rootfs_fstype: str = "erofs"  # erofs, ext4 or virtiofs ("dir" only in in-process tests)
     user: str = ""  # "name", "uid" or "uid:gid", resolved in the rootfs
     runtime: str = "runc"  # OCI runtime in the guest: "runc" or "crun"
-    # Small host files bind-mounted into the container (podman's /etc/hosts, secrets):
-    # NAME -> base64 content, written to <bundle>/files/NAME (at most MAX_FILES bytes
-    # decoded); mounts whose source is "files/NAME" are pointed at the written copy.
-    files: dict[str, str] = {}
 
 
 class ContainerCreated(Message):
@@ -389,9 +389,14 @@ class ContainerStats(Message):
     pids: int
 
 
+class SharedMounted(Message):
+    path: str  # where the guest sees the host's shared directory
+
+
 MODULES_DIR = "/run/vmpod/modules"  # where /init leaves host-provided modules
 MAX_OUTPUT = 32 * 1024
-MAX_FILES = 256 * 1024  # CreateContainer.files, decoded total
+SHARED_DIR = "/run/vmpod/shared"  # where the agent mounts the host's shared directory
+SHARED_FS_TAG = "vmpod"  # its virtio-fs tag
 MAX_LOG = 48 * 1024
 
 OPS: dict[str, tuple[type[Message] | None, type[Message]]] = {
@@ -411,4 +416,5 @@ OPS: dict[str, tuple[type[Message] | None, type[Message]]] = {
     "unload_module": (UnloadModule, CommandResult),
     "kernel_log": (KernelLog, KernelLogResult),
     "stats": (GetStats, ContainerStats),
+    "mount_shared": (None, SharedMounted),  # the host's shared directory (virtio-fs)
 }

@@ -14,7 +14,7 @@ from vmpod.errors import AssetError, ConfigError
 from vmpod.proc import run
 
 # virtio transport and devices, the guest root and container root filesystems.
-BOOT_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "erofs", "overlay")
+BOOT_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "erofs", "overlay", "virtiofs")
 # loaded by /init only with vmpod.channel=vsock (hosts with vhost-vsock)
 VSOCK_MODULES = ("vmw_vsock_virtio_transport",)
 

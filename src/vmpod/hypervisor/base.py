@@ -63,11 +63,20 @@ class VmConfig:
     disks: tuple[Disk, ...]
     state_dir: Path  # sockets and logs of this VM live here
     channel: HostChannel = field(default_factory=HostChannel)
+    # A host directory the guest mounts with virtio-fs by ``shared_tag``; its file
+    # server lives and dies with the VM. None: no shared directory.
+    shared_dir: Path | None = None
+    shared_tag: str = "shared"
 
     @property
     def channel_socket(self) -> Path:
         """Host end of a ``serial`` channel."""
         return self.state_dir / "channel.sock"
+
+    @property
+    def fs_socket(self) -> Path:
+        """vhost-user socket between QEMU and the virtio-fs server."""
+        return self.state_dir / "fs.sock"
 
     @property
     def qmp_socket(self) -> Path:
@@ -102,6 +111,11 @@ class Hypervisor(Protocol):
         ...
 
     def console_tail(self, lines: int = 20) -> str: ...
+
+    def shared_fs_failure(self) -> str | None:
+        """Why the shared directory's file server is gone (None while it serves, or
+        when the VM has no shared directory)."""
+        ...
 
 
 def describe_exit(code: int) -> str:

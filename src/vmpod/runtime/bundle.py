@@ -2,17 +2,19 @@
 
 What changes on the way into the VM (the Kata model):
 
-- ``root.path`` (a host directory) becomes a read-only erofs disk; the guest
-  puts a tmpfs-backed overlay on it, so the container's writes live in guest
-  RAM and die with the VM (they do not reach the host directory).
+- ``root.path`` (a host directory) is shared with the VM over virtio-fs and is
+  the container's root as it is: writes land in the bundle's rootfs on the host
+  (read-only on the host side too with ``root.readonly``).
 - The ``network`` namespace and every namespace ``path`` are dropped: the
   container shares the VM's network, and host namespaces mean nothing inside.
   ``net.*`` sysctls, which need a private network namespace, are dropped too.
-- Bind mounts of small regular host files (podman's /etc/hosts, resolv.conf,
-  hostname, /run/.containerenv, secrets) are copied into the guest bundle
-  (``CreateContainer.files``); a bind-mounted /dev/shm becomes a guest tmpfs.
-  Directory bind mounts (volumes) and device bind mounts are NOT supported yet:
-  they are dropped with a warning in --log.
+- Bind mounts of host directories and regular files (volumes, podman's
+  /etc/hosts, resolv.conf, secrets) are shared over virtio-fs too, read-only
+  ones read-only on the host side; a bind-mounted /dev/shm becomes a guest
+  tmpfs. Everything else is refused with an error that names it: bind mounts of
+  devices, sockets and fifos (they cannot cross a VM boundary), shared mount
+  propagation (nothing propagates back out of a VM), and mount types the guest
+  does not provide.
 - ``linux.resources`` sizes the VM (vCPUs from the CPU quota, cpuset or shares;
   memory = limit + MEMORY_OVERHEAD_MB, at least MIN_MEMORY_MB) and is passed to
   the guest runtime too, minus host-specific parts (cpuset numbers, blkio,
@@ -23,7 +25,6 @@ What changes on the way into the VM (the Kata model):
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import os
@@ -35,13 +36,15 @@ from vmpod.fsutil import meminfo, resolve_below
 from vmpod.runtime.config import ANNOTATION_KERNEL, ANNOTATION_MODULES, KNOWN_ANNOTATIONS, RuntimeConfig
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS, validate_hooks
-from vmpod.sandbox.config import MAX_CONFIG_BYTES, MAX_FILES_BYTES
+from vmpod.sandbox.config import MAX_CONFIG_BYTES, Volume
 
 MEMORY_OVERHEAD_MB = 256  # guest kernel, agent and page cache on top of the limit
 MIN_MEMORY_MB = 512
 MIB = 1024 * 1024
 KEPT_MOUNT_TYPES = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2")
-_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+# propagation a bind mount cannot have across a VM boundary: nothing mounted in
+# the guest reaches the host
+REFUSED_PROPAGATION = ("shared", "rshared")
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class Plan:
 
     spec: dict[str, object]  # the guest's config.json (root.path set by the agent)
     rootfs: Path  # host root filesystem directory
-    files: dict[str, str]  # NAME -> base64 content (CreateContainer.files)
+    volumes: tuple[Volume, ...]  # host bind mounts, by index in spec["mounts"]
     cpus: int
     memory_mb: int
     kernel: str
@@ -110,7 +113,7 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
     guest_process = {k: v for k, v in process.items() if k not in ("apparmorProfile", "selinuxLabel")}
     guest["process"] = guest_process
     guest["root"] = {k: v for k, v in root.items() if k != "path"}
-    mounts, files, dir_dests = _mounts(spec.get("mounts"), bundle, warnings)
+    mounts, volumes, dir_dests = _mounts(spec.get("mounts"), bundle)
     guest["mounts"] = mounts
     linux = _obj(spec.get("linux"), "linux")
     resources = _obj(linux.get("resources"), "linux.resources")
@@ -127,17 +130,16 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
             ]
     check_executable(rootfs, process, dir_dests)
     cpus, memory_mb = vm_size(resources, warnings)
-    files_b64 = {name: base64.b64encode(data).decode() for name, data in files.items()}
-    size = len(json.dumps({"spec": guest, "files": files_b64}, separators=(",", ":")))
+    size = len(json.dumps(guest, separators=(",", ":")))
     if size > MAX_CONFIG_BYTES:
         raise RuntimeCliError(
-            f"config.json plus bind-mounted files take {size} bytes: too "
-            f"large for the agent channel (limit {MAX_CONFIG_BYTES})"
+            f"config.json takes {size} bytes in the VM: too large for the agent channel "
+            f"(limit {MAX_CONFIG_BYTES})"
         )
     return Plan(
         spec=guest,
         rootfs=rootfs,
-        files=files_b64,
+        volumes=volumes,
         cpus=cpus,
         memory_mb=memory_mb,
         kernel=kernel,
@@ -176,11 +178,6 @@ def _kernel(annotations: dict[str, str], cfg: RuntimeConfig) -> str:
     return kernel
 
 
-def _file_name(index: int, source: Path) -> str:
-    base = "".join(c if c in _NAME_OK else "_" for c in source.name).lstrip(".-") or "file"
-    return f"m{index}-{base}"[:64]
-
-
 def _rootfs(root: dict[str, object], bundle: Path) -> Path:
     root_path = root.get("path")
     if not isinstance(root_path, str) or not root_path:
@@ -207,45 +204,47 @@ def _process(spec: dict[str, object]) -> dict[str, object]:
     return process
 
 
-def _mounts(
-    value: object, bundle: Path, warnings: list[str]
-) -> tuple[list[dict[str, object]], dict[str, bytes], list[str]]:
-    """(guest mounts, files to copy, destinations whose content the host cannot see)."""
-    plan = _MountPlan(bundle, warnings)
+def _mounts(value: object, bundle: Path) -> tuple[list[dict[str, object]], tuple[Volume, ...], list[str]]:
+    """(guest mounts, host bind mounts to share, destinations the host does not
+    see into); refuses any mount the VM cannot honour."""
+    plan = _MountPlan(bundle)
     for index, raw in enumerate(_list(value, "mounts")):
         m = dict(_obj(raw, "mounts[]"))
         dest, typ = m.get("destination"), m.get("type") or ""
-        options = [o for o in _list(m.get("options"), "mount options") if isinstance(o, str)]
+        options = _list(m.get("options"), "mount options")
+        if not all(isinstance(o, str) for o in options):
+            raise RuntimeCliError(f"config.json: mount {index}: options must be strings")
         if not isinstance(dest, str) or not dest.startswith("/") or not isinstance(typ, str):
             raise RuntimeCliError(f"config.json: mount {index} needs an absolute destination")
         if typ == "bind" or "bind" in options or "rbind" in options:
-            plan.bind(index, m, dest, options)
+            plan.bind(m, dest, [str(o) for o in options])
         else:
             plan.plain(m, dest, typ)
-    return plan.out, plan.files, plan.dir_dests
+    return plan.out, tuple(plan.volumes), plan.dir_dests
 
 
 class _MountPlan:
     """The guest's mounts as they are decided, one OCI mount at a time."""
 
-    def __init__(self, bundle: Path, warnings: list[str]) -> None:
-        self.bundle, self.warnings = bundle, warnings
+    def __init__(self, bundle: Path) -> None:
+        self.bundle = bundle
         self.out: list[dict[str, object]] = []
-        self.files: dict[str, bytes] = {}
+        self.volumes: list[Volume] = []
         self.dir_dests: list[str] = []
-        self.total = 0
 
     def plain(self, m: dict[str, object], dest: str, typ: str) -> None:
-        if typ in KEPT_MOUNT_TYPES:
-            self.out.append(m)
-            if typ == "tmpfs":
-                self.dir_dests.append(dest)
-        else:
-            self.warnings.append(f"mount of type {typ!r} on {dest} dropped: not supported in the VM")
+        if typ not in KEPT_MOUNT_TYPES:
+            raise RuntimeCliError(
+                f"mount of type {typ!r} on {dest} is not supported in the VM "
+                f"(supported: bind, {', '.join(KEPT_MOUNT_TYPES)})"
+            )
+        self.out.append(m)
+        if typ == "tmpfs":
             self.dir_dests.append(dest)
 
-    def bind(self, index: int, m: dict[str, object], dest: str, options: list[str]) -> None:
+    def bind(self, m: dict[str, object], dest: str, options: list[str]) -> None:
         if dest == "/dev/shm":
+            # the container's shared memory is the guest's: a tmpfs of its own
             keep = [o for o in options if o not in ("bind", "rbind", "rprivate", "private")]
             self.out.append(
                 {
@@ -259,40 +258,27 @@ class _MountPlan:
         source = m.get("source")
         if not isinstance(source, str) or not source:
             raise RuntimeCliError(f"config.json: bind mount on {dest} has no source")
+        refused = [o for o in options if o in REFUSED_PROPAGATION]
+        if refused:
+            raise RuntimeCliError(
+                f"bind mount {source} -> {dest}: propagation {refused[0]!r} cannot be honoured: "
+                "mounts made inside the VM never reach the host (use rprivate or rslave)"
+            )
         src = Path(source) if source.startswith("/") else self.bundle / source
         try:
             st = os.stat(src)
         except OSError as err:
             raise RuntimeCliError(f"mount source {source} for {dest}: {err.strerror}") from err
-        if stat.S_ISREG(st.st_mode):
-            self._copy_file(index, m, src, source, dest, st.st_size)
-        elif stat.S_ISDIR(st.st_mode):
-            self.warnings.append(
-                f"volume {source} -> {dest} dropped: directory bind mounts are "
-                "not supported by vmpod-runtime yet"
-            )
-            self.dir_dests.append(dest)
-        else:
-            self.warnings.append(f"bind mount {source} -> {dest} dropped: only regular files reach the VM")
-            self.dir_dests.append(dest)
-
-    def _copy_file(
-        self, index: int, m: dict[str, object], src: Path, source: str, dest: str, size: int
-    ) -> None:
-        self.total += size
-        if self.total > MAX_FILES_BYTES:
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             raise RuntimeCliError(
-                f"bind-mounted files exceed {MAX_FILES_BYTES // 1024} KiB "
-                f"(at {source} -> {dest}): too large to copy into the VM"
+                f"bind mount {source} -> {dest}: only directories and regular files can be "
+                "shared with the VM (not devices, sockets or fifos)"
             )
-        name = _file_name(index, src)
-        try:
-            self.files[name] = src.read_bytes()
-        except OSError as err:
-            raise RuntimeCliError(f"cannot read mount source {source}: {err.strerror}") from err
         m["type"] = "bind"
-        m["source"] = f"files/{name}"
+        self.volumes.append(Volume(len(self.out), src, readonly="ro" in options))
         self.out.append(m)
+        if stat.S_ISDIR(st.st_mode):
+            self.dir_dests.append(dest)
 
 
 _SYSFS_BIND: dict[str, object] = {

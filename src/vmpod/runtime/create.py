@@ -1,5 +1,6 @@
-"""`create`: plan the container from its bundle, take its root filesystem disk,
-fork its monitor (which boots the VM) and run the create hooks.
+"""`create`: plan the container from its bundle, fork its monitor (which boots the
+VM, with the bundle's rootfs and volumes shared over virtio-fs) and run the create
+hooks.
 
 Imported only by the `create` command: the sandbox stack it needs is heavy,
 and the other commands must start quickly.
@@ -13,27 +14,17 @@ import logging
 import os
 from pathlib import Path
 
-from vmpod.images import resolve_rootfs
-from vmpod.paths import Paths, default_paths
+from vmpod.paths import default_paths
 from vmpod.runtime import ipc
-from vmpod.runtime.bundle import Plan, load_spec, translate
+from vmpod.runtime.bundle import load_spec, translate
 from vmpod.runtime.config import load_config
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import run_hooks, run_hooks_warn
-from vmpod.runtime.lifecycle import (
-    cleanup,
-    destroy,
-    disk_marker,
-    drop_disk,
-    sock_path,
-    write_pid_file,
-)
+from vmpod.runtime.lifecycle import cleanup, destroy, sock_path, write_pid_file
 from vmpod.runtime.monitor import monitor_main
 from vmpod.runtime.session import MonitorArgs
 from vmpod.runtime.state import CREATING, STOPPED, ContainerState, Store, check_id, now_rfc3339
 from vmpod.sandbox import SandboxSpec, prepare
-from vmpod.sandbox.build import with_rootfs
-from vmpod.storage.erofs import rootfs_disk
 
 log = logging.getLogger(__name__)
 LogOpts = tuple[str, str, bool]  # --log, --log-format, --debug
@@ -70,15 +61,24 @@ def create(
             memory_mb=plan.memory_mb,
             boot_timeout=cfg.boot_timeout,
             kernel_modules=plan.kernel_modules,
+            shared_fs=True,
         ),
     )
-    st, lock, mon_lock = _take_disk(store, paths, cid, bundle_dir, plan)
+    st = ContainerState(
+        id=cid,
+        bundle=str(bundle_dir),
+        rootfs=str(plan.rootfs),
+        created=now_rfc3339(),
+        annotations=plan.annotations,
+        hooks=plan.hooks,
+    )
+    _, lock, mon_lock = store.begin(st)
     try:
         args = MonitorArgs(
             store_root=str(store.root),
             cid=cid,
             plan=plan,
-            sandbox=with_rootfs(sandbox, Path(st.disk)),
+            sandbox=sandbox,
             guest_runtime=cfg.guest_runtime,
             console_socket=console_socket,
             paths=paths,
@@ -91,36 +91,6 @@ def create(
         _created(store, cid, pid, pid_file)
     finally:
         os.close(lock)
-
-
-def _take_disk(
-    store: Store, paths: Paths, cid: str, bundle_dir: Path, plan: Plan
-) -> tuple[ContainerState, int, int]:
-    """The rootfs disk, and the container's state dir naming it (both locks held)."""
-    source = resolve_rootfs(plan.rootfs)
-    disks = paths.images / "disks"
-    with store.disks_lock():  # a delete must not remove the disk before our state names it
-        before = set(os.listdir(disks)) if disks.is_dir() else set()
-        disk = rootfs_disk(paths, source)
-        made = disk.name not in before
-        if made:
-            disk_marker(disk).touch()  # made by the runtime: its last user's delete removes it
-        st = ContainerState(
-            id=cid,
-            bundle=str(bundle_dir),
-            rootfs=str(plan.rootfs),
-            created=now_rfc3339(),
-            annotations=plan.annotations,
-            hooks=plan.hooks,
-            disk=str(disk),
-        )
-        try:
-            _, lock, mon_lock = store.begin(st)
-        except BaseException:
-            if made:  # (a container with this id may exist and use the disk: it counts)
-                drop_disk(store, st, mine=False)
-            raise
-    return st, lock, mon_lock
 
 
 def _fork_monitor(store: Store, args: MonitorArgs, lock: int, mon_lock: int) -> int:

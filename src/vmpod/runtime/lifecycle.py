@@ -23,6 +23,7 @@ from vmpod.runtime.state import (
     check_id,
     proc_start_time,
 )
+from vmpod.sandbox.share import SharedDir
 from vmpod.timeouts import CONTAINER_START, MONITOR_MARGIN
 
 log = logging.getLogger(__name__)
@@ -88,46 +89,13 @@ def destroy(store: Store, st: ContainerState) -> None:
 
 
 def cleanup(store: Store, st: ContainerState) -> None:
-    """Remove what a dead monitor may have left: VM state dir, owned disk, state dir."""
+    """Remove what a dead monitor may have left: the VM's shared directory (unmounted,
+    never deleted through a mount), its state dir, the container's state dir."""
+    if st.shared_dir:
+        SharedDir(Path(st.shared_dir)).destroy()
     if st.sandbox_dir:
         _remove_unlocked(Path(st.sandbox_dir))
-    drop_disk(store, st)
     store.remove(st.id)
-
-
-def disk_marker(disk: Path) -> Path:
-    return disk.with_name(disk.name + ".vmpod-runtime")
-
-
-def drop_disk(store: Store, st: ContainerState, mine: bool = True) -> None:
-    """Remove the rootfs disk if the runtime made it (podman and containerd give every
-    container a fresh rootfs, so a new disk each time) and no other container here
-    uses it. Called under ``disks_lock`` or takes it."""
-    if not st.disk:
-        return
-    disk = Path(st.disk)
-    if not disk_marker(disk).exists():
-        return  # a plain cache entry (vmpod run's): not ours to remove
-    if not mine:  # create's own failure path already holds the lock
-        _drop_unused(store, st, disk, mine)
-        return
-    with store.disks_lock():
-        _drop_unused(store, st, disk, mine)
-
-
-def _drop_unused(store: Store, st: ContainerState, disk: Path, mine: bool) -> None:
-    others = [o for o in store.ids() if o != st.id or not mine]
-    if any(_disk_of(store, o) == st.disk for o in others):
-        return
-    disk.unlink(missing_ok=True)
-    disk_marker(disk).unlink(missing_ok=True)
-
-
-def _disk_of(store: Store, cid: str) -> str:
-    try:
-        return store.load(cid).disk
-    except RuntimeCliError:
-        return ""
 
 
 def _remove_unlocked(d: Path) -> None:

@@ -73,7 +73,7 @@ class ContainerState:
     annotations: dict[str, str] = field(default_factory=dict)
     hooks: dict[str, list[dict[str, object]]] = field(default_factory=dict)
     sandbox_dir: str = ""  # the VM's sockets and logs (removed by delete)
-    disk: str = ""  # rootfs disk image (erofs) the VM boots with
+    shared_dir: str = ""  # the VM's virtio-fs tree of bind mounts (unmounted by delete)
     owner: str = ""
 
     def oci(self, status: str) -> dict[str, object]:
@@ -168,16 +168,6 @@ class Store:
         if not (d / "state.json").exists():
             raise NotFound()
         fd = _flock(d / "lock", timeout)
-        try:
-            yield
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def disks_lock(self) -> Iterator[None]:
-        """Serialises taking a rootfs disk (until the state names it) with removing one."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = _flock(self.root / ".disks.lock", 300)
         try:
             yield
         finally:

@@ -10,7 +10,7 @@ every front end (cli, runtime, matrix; later shim, pods, forensics) goes through
 """
 
 from vmpod.sandbox.build import SandboxSpec, prepare
-from vmpod.sandbox.config import ContainerSpec, ContainerState, SandboxConfig, SandboxState
+from vmpod.sandbox.config import ContainerSpec, ContainerState, SandboxConfig, SandboxState, Volume
 from vmpod.sandbox.container import Container
 from vmpod.sandbox.process import Exit, Output, Process
 from vmpod.sandbox.sandbox import Sandbox
@@ -26,5 +26,6 @@ __all__ = [
     "SandboxConfig",
     "SandboxSpec",
     "SandboxState",
+    "Volume",
     "prepare",
 ]

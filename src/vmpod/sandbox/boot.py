@@ -14,6 +14,7 @@ from vmpod.fsutil import is_locked, lock_file
 from vmpod.hypervisor.base import HostChannel
 from vmpod.paths import Paths
 from vmpod.sandbox.config import SandboxConfig
+from vmpod.sandbox.share import collect_stale_shares
 
 
 def choose_channel(requested: str = "auto") -> str:
@@ -71,16 +72,20 @@ def collect_stale(paths: Paths) -> list[str]:
     A live owner holds the flock on ``lock``; its QEMU died with it (PDEATHSIG).
     """
     removed: list[str] = []
-    if not paths.sandboxes.is_dir():
-        return removed
-    for d in paths.sandboxes.iterdir():
+    alive: set[str] = set()
+    for d in paths.sandboxes.iterdir() if paths.sandboxes.is_dir() else ():
         try:
             if is_locked(d / "lock"):
-                continue  # alive
+                alive.add(d.name)
+                continue
         except OSError:
             pass  # no lock file: half-created, the owner is gone too
-        shutil.rmtree(d, ignore_errors=True)
         removed.append(d.name)
+    # shared directories first: unmounted, never deleted through a mount; made
+    # only after their sandbox's lock is taken, so a live one is in ``alive``
+    collect_stale_shares(paths.shared, alive)
+    for name in removed:
+        shutil.rmtree(paths.sandboxes / name, ignore_errors=True)
     return removed
 
 

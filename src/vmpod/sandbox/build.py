@@ -38,6 +38,7 @@ class SandboxSpec:
     module_files: tuple[str, ...] = ()  # FILE.ko[=params] built elsewhere
     agent_channel: str = "auto"  # auto | serial | vsock
     hypervisor: str = "qemu"
+    shared_fs: bool = False  # virtio-fs: volumes, host-directory root filesystems
 
 
 def check_resources(cpus: int, memory_mb: int) -> None:
@@ -67,6 +68,7 @@ def prepare(paths: Paths, spec: SandboxSpec, progress: Progress = silent) -> San
         agent_channel=spec.agent_channel,
         modules=tuple(modules),
         hypervisor=spec.hypervisor,
+        shared_fs=spec.shared_fs,
     )
     return with_rootfs(config, *spec.rootfs)
 

@@ -17,9 +17,8 @@ from vmpod.hypervisor.accel import AccelChoice
 from vmpod.hypervisor.base import Disk
 
 # What one container's definition may weigh: its OCI config travels in one agent
-# message (with room for the request's other fields), its small files in another.
+# message (with room for the request's other fields).
 MAX_CONFIG_BYTES = p.MAX_JSON - 2048
-MAX_FILES_BYTES = p.MAX_FILES
 
 
 @dataclass(frozen=True)
@@ -35,17 +34,33 @@ class SandboxConfig:
     agent_channel: str = "auto"  # auto | serial | vsock
     modules: tuple[ModuleLoad, ...] = ()  # shipped in an extra initramfs, loaded on request
     hypervisor: str = "qemu"  # a name in hypervisor.HYPERVISORS
-    # How the guest mounts container root filesystems: "erofs" disks by serial, or
-    # "dir": the path is visible to the agent as it is (an in-process agent in tests).
+    # How the guest mounts container root filesystem disks: "erofs" disks by serial,
+    # or "dir": the path is visible to the agent as it is (an in-process agent in tests).
     rootfs_fstype: str = "erofs"
+    # A host directory shared with the VM over virtio-fs (with its file server):
+    # needed for volumes and for root filesystems that are host directories.
+    shared_fs: bool = False
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A host path (directory or file) bind-mounted into a container: it becomes the
+    source of ``oci["mounts"][mount]``, shared with the VM over virtio-fs."""
+
+    mount: int
+    source: Path
+    readonly: bool = False
 
 
 @dataclass(frozen=True)
 class ContainerSpec:
     """One container of a sandbox.
 
-    ``rootfs`` is a disk image the sandbox was booted with (``SandboxConfig.disks``):
-    the VM has no disk hotplug, so every container's disk is known at boot.
+    ``rootfs`` is either a disk image the sandbox was booted with
+    (``SandboxConfig.disks``: the VM has no disk hotplug, so every container's disk
+    is known at boot; writes go to guest RAM) or a host directory, shared with the
+    VM (``SandboxConfig.shared_fs``) and used as it is: writes land on the host.
+    ``oci["root"]["readonly"]`` makes it read-only on the host side too.
     """
 
     id: str
@@ -53,8 +68,7 @@ class ContainerSpec:
     rootfs: Path
     user: str = ""  # resolved against the image's /etc/passwd in the guest
     runtime: str = "runc"  # OCI runtime inside the guest: runc or crun
-    # small host files for bind mounts: NAME -> base64 (see protocol.CreateContainer)
-    files: dict[str, str] = field(default_factory=dict)
+    volumes: tuple[Volume, ...] = ()
 
 
 class SandboxState(Enum):

@@ -26,14 +26,16 @@ class Container:
         sandbox: Sandbox,
         agent: AgentClient,
         spec: ContainerSpec,
-        rootfs_source: str,
+        oci: dict[str, object],
+        rootfs: tuple[str, str],
         explain: Callable[[], Awaitable[VmpodError | None]],
     ) -> None:
         self.sandbox = sandbox
         self.spec = spec
         self.id = spec.id
         self._agent = agent
-        self._rootfs_source = rootfs_source  # disk serial (or directory) in the guest
+        self._oci = oci  # spec.oci with volume sources as the guest sees them
+        self._rootfs = rootfs  # (fstype, disk serial or directory in the guest)
         self._explain = explain
         self._sm = StateMachine(f"container {spec.id}", ContainerState.NEW, CONTAINER_TRANSITIONS)
         self.init: Process | None = None
@@ -56,12 +58,11 @@ class Container:
         await self._agent.create_container(
             p.CreateContainer(
                 container_id=s.id,
-                spec=s.oci,
+                spec=self._oci,
                 user=s.user,
                 runtime=s.runtime,
-                files=s.files,
-                rootfs_serial=self._rootfs_source,
-                rootfs_fstype=self.sandbox.config.rootfs_fstype,
+                rootfs_fstype=self._rootfs[0],
+                rootfs_serial=self._rootfs[1],
             )
         )
         self._sm.to(ContainerState.CREATED)

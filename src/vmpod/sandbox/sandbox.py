@@ -10,10 +10,12 @@ are idempotent and run in ``finally`` paths, so nothing is left behind.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import secrets
 import signal
 import time
+from pathlib import Path
 
 from vmpod.agent import protocol as p
 from vmpod.agent.client import AgentClient
@@ -29,8 +31,10 @@ from vmpod.sandbox.config import (
     ContainerSpec,
     SandboxConfig,
     SandboxState,
+    Volume,
 )
 from vmpod.sandbox.container import Container
+from vmpod.sandbox.share import Share, SharedDir
 from vmpod.states import StateMachine
 
 log = logging.getLogger(__name__)
@@ -55,10 +59,19 @@ class Sandbox:
             d.path: str(d.path) if config.rootfs_fstype == "dir" else d.serial for d in config.disks
         }
         self._next_stream = 1
+        self._shared = SharedDir(paths.shared / self.id) if config.shared_fs else None
+        self._guest_shared = ""  # where the guest mounted it
+        self._watch: asyncio.Task[None] | None = None
+        self.shared_failure: str | None = None  # why the shared file system is gone
 
     @property
     def state(self) -> SandboxState:
         return self._sm.state
+
+    @property
+    def shared_dir(self) -> Path | None:
+        """The host side of the VM's virtio-fs share (None without one)."""
+        return self._shared.root if self._shared else None
 
     async def __aenter__(self) -> Sandbox:
         try:
@@ -76,11 +89,16 @@ class Sandbox:
         """Boot the VM and connect to its agent; the guest clock is set on the way."""
         self._sm.to(_S.STARTING)
         self._dir.make()
+        if self._shared is not None:
+            self._shared.make()
         vm_config = self._vm_config()
         self._vm = create_vm(self.config.hypervisor, vm_config)
         await self._vm.launch()
         await self._connect(vm_config)
         await self._agent.set_clock(p.SetClock(epoch_ns=time.time_ns()))
+        if self._shared is not None:
+            self._guest_shared = (await self._agent.mount_shared()).path
+            self._watch = asyncio.create_task(self._watch_shared())
         self._sm.to(_S.RUNNING)
 
     def _vm_config(self) -> VmConfig:
@@ -103,6 +121,8 @@ class Sandbox:
             disks=(Disk(a.rootfs, ROOT_SERIAL), *self.config.disks),
             state_dir=self.state_dir,
             channel=channel,
+            shared_dir=self._shared.root if self._shared else None,
+            shared_tag=p.SHARED_FS_TAG,
         )
 
     async def _connect(self, vm_config: VmConfig) -> None:
@@ -169,12 +189,31 @@ class Sandbox:
             self._finish()
 
     def _finish(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         if self._vm is not None:
             self._vm.kill()
         for c in self.containers.values():
             c.stopped(128 + signal.SIGKILL)  # its processes died with the VM
-        self._dir.remove()
-        self._sm.to(_S.STOPPED)
+        try:
+            if self._shared is not None:
+                self._shared.destroy()
+        finally:
+            self._dir.remove()
+            self._sm.to(_S.STOPPED)
+
+    async def _watch_shared(self, interval: float = 0.5) -> None:
+        """Fail-stop when the file server dies: the guest cannot abort a virtio-fs
+        connection (the kernel keeps it out of fusectl and refuses a forced
+        unmount), so every access to the shared files would hang forever."""
+        while self._vm is not None and self.alive:
+            why = self._vm.shared_fs_failure()
+            if why is not None:
+                self.shared_failure = why
+                log.error("sandbox %s: its file server died (%s): stopping the VM", self.id, why)
+                await self._vm.shutdown(timeout=1.0)  # QMP quit: no guest state is worth a wait
+                return
+            await asyncio.sleep(interval)
 
     @property
     def alive(self) -> bool:
@@ -187,20 +226,64 @@ class Sandbox:
         self._sm.require("create a container", _S.RUNNING)
         if spec.id in self.containers:
             raise SandboxError(f"container {spec.id} already exists in sandbox {self.id}")
-        source = self._rootfs_sources.get(spec.rootfs)
-        if source is None:
-            raise SandboxError(
-                f"the root filesystem {spec.rootfs} was not attached to sandbox {self.id} at boot",
-                hint="list every container disk in SandboxConfig.disks",
-            )
-        container = Container(self, self._agent, spec, source, self.failure)
-        self.containers[spec.id] = container
         try:
+            fstype, source = self._rootfs(spec)
+            oci = self._with_volumes(spec.id, spec.oci, spec.volumes)
+            container = Container(self, self._agent, spec, oci, (fstype, source), self.failure)
+            self.containers[spec.id] = container
             await container.create()
         except BaseException:
-            del self.containers[spec.id]
+            self.containers.pop(spec.id, None)
+            if self._shared is not None and self.state is _S.RUNNING:
+                try:
+                    self._shared.remove(spec.id)
+                except VmpodError as err:
+                    log.warning("%s", err)
             raise
         return container
+
+    def _rootfs(self, spec: ContainerSpec) -> tuple[str, str]:
+        """(fstype, source) by which the guest finds the container's root filesystem."""
+        disk = self._rootfs_sources.get(spec.rootfs)
+        if disk is not None:
+            return self.config.rootfs_fstype, disk
+        if not spec.rootfs.is_dir():
+            raise SandboxError(
+                f"the root filesystem {spec.rootfs} is neither a directory nor a disk "
+                f"attached to sandbox {self.id} at boot",
+                hint="list every container disk in SandboxConfig.disks",
+            )
+        if self.config.rootfs_fstype == "dir":
+            return "dir", str(spec.rootfs)
+        root = spec.oci.get("root")
+        readonly = isinstance(root, dict) and root.get("readonly") is True
+        return "virtiofs", self._share(Share(f"{spec.id}/rootfs", spec.rootfs, readonly), relative=True)
+
+    def _with_volumes(
+        self, cid: str, oci: dict[str, object], volumes: tuple[Volume, ...]
+    ) -> dict[str, object]:
+        """``oci`` with each volume's mount pointed at its share in the guest."""
+        if not volumes:
+            return oci
+        out = copy.deepcopy(oci)
+        mounts = out.get("mounts")
+        for i, v in enumerate(volumes):
+            if not isinstance(mounts, list) or not 0 <= v.mount < len(mounts):
+                raise SandboxError(f"volume {v.source}: no mount {v.mount} in the container's config")
+            mount = mounts[v.mount]
+            assert isinstance(mount, dict)
+            mount["source"] = self._share(Share(f"{cid}/v{i}", v.source, v.readonly))
+        return out
+
+    def _share(self, share: Share, relative: bool = False) -> str:
+        """Bind ``share`` into the shared directory; its guest path (or relative name)."""
+        if self._shared is None:
+            raise SandboxError(
+                f"cannot share {share.source}: sandbox {self.id} has no shared directory",
+                hint="set SandboxConfig.shared_fs",
+            )
+        self._shared.add(share)
+        return share.name if relative else f"{self._guest_shared}/{share.name}"
 
     def next_stream(self) -> int:
         """A fresh stdio stream number for a process of this sandbox."""
@@ -251,6 +334,9 @@ class Sandbox:
             await asyncio.sleep(0.02)
         if code is None:
             return None
+        if self.shared_failure:
+            how = f"its file server died: {self.shared_failure}"
+            return HypervisorError(f"the VM was stopped ({how})", console_tail=self.console_tail(), how=how)
         how = f"QEMU {describe_exit(code)}"
         return HypervisorError(
             f"the VM stopped unexpectedly ({how})", console_tail=self.console_tail(), how=how

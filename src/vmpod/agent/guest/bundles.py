@@ -10,8 +10,9 @@ import os
 
 from vmpod.agent.guest.errors import AgentFailure
 from vmpod.agent.guest.gproc import run_capture
+from vmpod.agent.guest.shared import shared_path
 from vmpod.agent.guest.users import resolve_user
-from vmpod.agent.protocol import MAX_FILES, RUNTIME_COMMANDS
+from vmpod.agent.protocol import RUNTIME_COMMANDS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
 
 RUNC_ROOT = "/run/runc"
 _ID_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-_DISK_FSTYPES = ("erofs", "ext4")
+_FSTYPES = ("erofs", "ext4", "virtiofs")
+_DIR_FSTYPES = ("virtiofs", "dir")
 
 
 def check_id(cid: str) -> str:
@@ -35,7 +37,7 @@ def bundle_dir(config: AgentConfig, cid: str) -> str:
 def check_fstype(config: AgentConfig, fstype: str) -> None:
     # "dir" (rootfs_serial names a directory) exists for in-process tests only:
     # in the guest it would let the host point a container at any guest path.
-    if fstype not in _DISK_FSTYPES and not (fstype == "dir" and config.allow_dir_rootfs):
+    if fstype not in _FSTYPES and not (fstype == "dir" and config.allow_dir_rootfs):
         raise AgentFailure(f"unsupported rootfs filesystem {fstype!r}", "invalid")
 
 
@@ -57,58 +59,11 @@ def find_disk(serial: str) -> str:
     raise AgentFailure(f"no disk with serial {serial!r}", "not_found")
 
 
-def decode_files(files: dict[str, str]) -> dict[str, bytes]:
-    """Validate CreateContainer.files (names, base64, total size) before anything is mounted."""
-    if not files:
-        return {}
-    import binascii
-
-    if len(files) > 64:
-        raise AgentFailure(f"too many files ({len(files)} > 64)", "invalid")
-    out: dict[str, bytes] = {}
-    total = 0
-    for name, b64 in files.items():
-        if not name or len(name) > 64 or not set(name) <= _ID_OK or name[0] in ".-":
-            raise AgentFailure(f"invalid file name {name!r}", "invalid")
-        try:
-            data = binascii.a2b_base64(b64, strict_mode=True)
-        except (binascii.Error, ValueError):
-            raise AgentFailure(f"file {name!r} is not valid base64", "invalid") from None
-        total += len(data)
-        if total > MAX_FILES:
-            raise AgentFailure(f"files exceed {MAX_FILES} bytes", "invalid")
-        out[name] = data
-    return out
-
-
-def _write_files(bundle: str, files: dict[str, bytes], config: dict[str, object]) -> None:
-    """Write the files into <bundle>/files and point mounts of "files/NAME" at them."""
-    if not files:
-        return
-    base = os.path.join(bundle, "files")
-    os.makedirs(base)
-    for name, data in files.items():
-        fd = os.open(
-            os.path.join(base, name),
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o644,
-        )
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-    mounts = config.get("mounts")
-    if isinstance(mounts, list):
-        fixed = []
-        for m in mounts:
-            src = m.get("source") if isinstance(m, dict) else None
-            if isinstance(src, str) and src.startswith("files/") and src[6:] in files:
-                m = dict(m)
-                m["source"] = os.path.join(base, src[6:])
-            fixed.append(m)
-        config["mounts"] = fixed
-
-
-def rootfs_source(fstype: str, serial: str) -> str:
-    """The device (or, for "dir", the directory) holding the container image."""
+def rootfs_source(config: AgentConfig, fstype: str, serial: str) -> str:
+    """The device holding the container image, or the directory that is its root
+    (virtiofs: below the shared mount; "dir": anywhere, in-process tests only)."""
+    if fstype == "virtiofs":
+        return shared_path(config, serial)
     if fstype != "dir":
         return find_disk(serial)
     if not os.path.isabs(serial) or not os.path.isdir(serial):
@@ -123,17 +78,16 @@ def prepare_bundle(
     source: str,
     fstype: str,
     user: str,
-    files: dict[str, bytes],
 ) -> str:
-    """Make the bundle: rootfs from ``source``, the files, config.json; returns its path."""
+    """Make the bundle (rootfs from ``source``, config.json); returns its path."""
     bundle = bundle_dir(config, cid)
     if os.path.exists(bundle):
         raise AgentFailure(f"container {cid} already exists", "exists")
     os.makedirs(bundle)
-    rootfs = os.path.join(bundle, "rootfs")
-    if fstype == "dir":
-        os.symlink(source, rootfs)
+    if fstype in _DIR_FSTYPES:
+        rootfs = source  # the directory is the root, writes included (runc wants no symlink)
     else:
+        rootfs = os.path.join(bundle, "rootfs")
         _mount_overlay(config, bundle, source, fstype)
     spec = dict(spec)
     root = dict(spec.get("root") or {})  # type: ignore[call-overload]
@@ -144,7 +98,6 @@ def prepare_bundle(
         process = dict(process)
         process["user"] = resolve_user(rootfs, user)
         spec["process"] = process
-    _write_files(bundle, files, spec)
     with open(os.path.join(bundle, "config.json"), "w") as fh:
         json.dump(spec, fh)
     return bundle

@@ -6,7 +6,7 @@ A plain class, not a dataclass: importing dataclasses costs start-up time under 
 from __future__ import annotations
 
 from vmpod.agent.guest.errors import AgentFailure
-from vmpod.agent.protocol import MODULES_DIR
+from vmpod.agent.protocol import MODULES_DIR, SHARED_DIR
 
 
 class AgentConfig:
@@ -27,6 +27,8 @@ class AgentConfig:
         "cgroup_root",
         "allow_dir_rootfs",
         "set_clock",
+        "shared_dir",
+        "shared_premounted",
     )
 
     def __init__(
@@ -40,6 +42,8 @@ class AgentConfig:
         cgroup_root: str = "/sys/fs/cgroup",
         allow_dir_rootfs: bool = False,
         set_clock: bool = True,
+        shared_dir: str = SHARED_DIR,
+        shared_premounted: bool = False,
     ) -> None:
         self.bundles = bundles  # one directory per container
         # OCI runtimes in the guest image; both take runc's command line. crun (C)
@@ -51,6 +55,8 @@ class AgentConfig:
         self.cgroup_root = cgroup_root  # cgroup v2 mount, for stats
         self.allow_dir_rootfs = allow_dir_rootfs
         self.set_clock = set_clock
+        self.shared_dir = shared_dir  # the host's shared directory (virtio-fs) is mounted here
+        self.shared_premounted = shared_premounted  # in-process tests: already there
 
     def runtime_binary(self, name: str) -> str:
         """The path of OCI runtime ``name``; AgentFailure("invalid") if unknown."""

@@ -14,7 +14,7 @@ import sys
 import time
 
 from vmpod.agent import protocol as p
-from vmpod.agent.guest import bundles, gkernel, stats
+from vmpod.agent.guest import bundles, gkernel, shared, stats
 from vmpod.agent.guest.errors import AgentFailure
 from vmpod.agent.guest.gproc import run_capture
 from vmpod.agent.guest.users import resolve_user
@@ -46,6 +46,7 @@ class Handlers:
         self.config, self.procs, self.chan, self._stop = config, procs, chan, stop
         self.containers: dict[str, str] = {}  # id -> OCI runtime name
         self.inits: dict[str, int] = {}  # id -> stream of its init process
+        self.shared_mounted = False
 
     def dispatch(self, payload: bytes) -> None:
         """Answer one REQUEST frame; no request, however bad, stops the agent."""
@@ -127,13 +128,13 @@ class Handlers:
         self.config.runtime_binary(a.runtime)
         bundles.check_id(a.container_id)
         bundles.check_fstype(self.config, a.rootfs_fstype)
-        return self._do_create_container(a, bundles.decode_files(a.files))
+        if a.rootfs_fstype == "virtiofs" and not self.shared_mounted:
+            raise AgentFailure("the shared directory is not mounted", "invalid")
+        return self._do_create_container(a)
 
-    def _do_create_container(self, a: p.CreateContainer, files: dict[str, bytes]) -> p.ContainerCreated:
-        source = bundles.rootfs_source(a.rootfs_fstype, a.rootfs_serial)
-        bundle = bundles.prepare_bundle(
-            self.config, a.container_id, a.spec, source, a.rootfs_fstype, a.user, files
-        )
+    def _do_create_container(self, a: p.CreateContainer) -> p.ContainerCreated:
+        source = bundles.rootfs_source(self.config, a.rootfs_fstype, a.rootfs_serial)
+        bundle = bundles.prepare_bundle(self.config, a.container_id, a.spec, source, a.rootfs_fstype, a.user)
         self.containers[a.container_id] = a.runtime
         return p.ContainerCreated(bundle=bundle)
 
@@ -283,6 +284,16 @@ class Handlers:
 
     def _do_unload_module(self, name: str) -> p.CommandResult:
         return self._run([self.config.busybox, "rmmod", name])
+
+    def _op_mount_shared(self, rid: int, _a: None) -> p.SharedMounted:
+        if self.shared_mounted:
+            raise AgentFailure("the shared directory is already mounted", "exists")
+        return self._do_mount_shared()
+
+    def _do_mount_shared(self) -> p.SharedMounted:
+        shared.mount_shared(self.config)
+        self.shared_mounted = True
+        return p.SharedMounted(path=self.config.shared_dir)
 
     def _op_kernel_log(self, rid: int, a: p.KernelLog) -> p.KernelLogResult:
         return self._do_kernel_log(a.since)

@@ -19,6 +19,9 @@ class Machine:
     accel: str
     cpus: int
     memory_mb: int
+    # Guest RAM a vhost-user backend (virtiofsd) can map: a memfd shared with it.
+    # memfd, not a file: nothing to leak on kill -9, and no tmpfs quota to fit in.
+    shared_memory: bool = False
 
     def args(self) -> list[str]:
         # microvm: virtio-mmio only, no PCI, no firmware option ROMs: fastest boot.
@@ -26,9 +29,22 @@ class Machine:
         # container and cut an idle sandbox's PSS by ~35 MiB.
         accel = "tcg,thread=multi,tb-size=128" if self.accel == "tcg" else "kvm"
         cpu = "max" if self.accel == "tcg" else "host"
+        machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
+        shared: list[str] = []
+        if self.shared_memory:
+            machine += ",memory-backend=mem"
+            shared = [
+                "-object",
+                f"memory-backend-memfd,id=mem,size={self.memory_mb}M,share=on",
+                # microvm's legacy virtio-mmio makes virtiofsd refuse the device
+                # (field notes): modern virtio for every device of this VM
+                "-global",
+                "virtio-mmio.force-legacy=false",
+            ]
         return [
             "-M",
-            "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+            machine,
+            *shared,
             "-accel",
             accel,
             "-cpu",
@@ -97,6 +113,22 @@ class SerialPort:
 
 
 @dataclass(frozen=True)
+class SharedFs:
+    """A vhost-user-fs device served by virtiofsd on ``socket``; the guest mounts ``tag``."""
+
+    socket: Path
+    tag: str
+
+    def args(self) -> list[str]:
+        return [
+            "-chardev",
+            f"socket,id=fs0,path={q(self.socket)}",
+            "-device",
+            f"vhost-user-fs-device,chardev=fs0,tag={q(self.tag)}",
+        ]
+
+
+@dataclass(frozen=True)
 class VsockDevice:
     cid: int
 
@@ -114,15 +146,17 @@ class QmpSocket:
 
 def build_argv(binary: str, cfg: VmConfig) -> list[str]:
     ch = cfg.channel
+    shared = cfg.shared_dir is not None
     devices: list[
-        Machine | KernelBoot | BlockDevice | SerialConsole | SerialPort | VsockDevice | QmpSocket
+        Machine | KernelBoot | BlockDevice | SerialConsole | SerialPort | VsockDevice | QmpSocket | SharedFs
     ] = [
-        Machine(cfg.accel.accel, cfg.cpus, cfg.memory_mb),
+        Machine(cfg.accel.accel, cfg.cpus, cfg.memory_mb, shared_memory=shared),
         KernelBoot(cfg.kernel, cfg.initramfs, cfg.cmdline),
         SerialConsole(cfg.console_log),
         QmpSocket(cfg.qmp_socket),
         *(BlockDevice(i, d) for i, d in enumerate(cfg.disks)),
         SerialPort(cfg.channel_socket, ch.name) if ch.kind == "serial" else VsockDevice(ch.vsock_cid),
+        *([SharedFs(cfg.fs_socket, cfg.shared_tag)] if shared else []),
     ]
     argv = [binary]
     for dev in devices:

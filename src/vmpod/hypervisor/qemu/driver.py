@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -16,16 +15,11 @@ from qemu.qmp.error import QMPError
 from vmpod.errors import HypervisorError
 from vmpod.hypervisor.base import VM_TRANSITIONS, VmConfig, VmState, describe_exit
 from vmpod.hypervisor.qemu.devices import build_argv, find_qemu
+from vmpod.hypervisor.qemu.virtiofsd import Virtiofsd
+from vmpod.proc import die_with_parent
 from vmpod.states import StateMachine
 
 log = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # QEMU must not outlive vmpod, even when vmpod is killed with SIGKILL.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class QemuVm:
@@ -37,6 +31,10 @@ class QemuVm:
         self.argv: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QMPClient | None = None
+        self._fs: Virtiofsd | None = None
+        if config.shared_dir is not None:
+            sd = config.state_dir
+            self._fs = Virtiofsd(config.shared_dir, config.fs_socket, sd / "virtiofsd.log")
         self._sm = StateMachine("the VM", VmState.NEW, VM_TRANSITIONS)
 
     @property
@@ -60,6 +58,13 @@ class QemuVm:
             )
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.argv = build_argv(self.binary, self.config)
+        if self._fs is not None:
+            try:
+                self._fs.start()
+                await self._fs.wait_ready()
+            except BaseException:
+                self.kill()
+                raise
         log.debug("launching %s", " ".join(self.argv))
         errlog = (self.config.state_dir / "qemu.log").open("wb")
         try:
@@ -68,7 +73,7 @@ class QemuVm:
                 stdin=subprocess.DEVNULL,
                 stdout=errlog,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 close_fds=True,
             )
         except OSError as err:
@@ -159,13 +164,15 @@ class QemuVm:
             self._qmp = None
 
     def kill(self) -> None:
-        """Idempotent hard stop by pid; reaps the process."""
+        """Idempotent hard stop by pid; reaps the process (and the file server)."""
         if self._proc is not None and self._proc.poll() is None:
             try:
                 os.kill(self._proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self._proc.wait()
+        if self._fs is not None:
+            self._fs.kill()
         self._sm.to(VmState.STOPPED)
         self._drop_qmp()
 
@@ -185,6 +192,14 @@ class QemuVm:
 
     def console_tail(self, lines: int = 20) -> str:
         return _tail(self.config.console_log, lines)
+
+    def shared_fs_failure(self) -> str | None:
+        if self._fs is None or self._sm.state is not VmState.RUNNING:
+            return None
+        code = self._fs.exit_status()
+        if code is None:
+            return None
+        return f"virtiofsd {describe_exit(code)}: {self._fs.error()}"
 
     def qemu_error(self) -> str:
         text = _tail(self.config.state_dir / "qemu.log", 3)

@@ -1,0 +1,152 @@
+"""The sandbox's shared directory: the host tree its VM sees over virtio-fs.
+
+``<run>/shared/<sandbox id>`` is a mount of its own in a fresh peer group, so a
+bind mount added after boot (a pod's next container, a late volume) reaches the
+file server's mount namespace too. Below it, Kata's layout: one directory per
+container, holding bind mounts of its root filesystem and volumes::
+
+    <cid>/rootfs   <cid>/v1   <cid>/v2 ...
+
+Read-only shares are read-only bind mounts: the guest cannot write through them
+whatever it mounts (virtiofsd 7.2 has no read-only mode). Teardown unmounts
+first and then deletes only the empty directories and empty files it made as
+mount points; it never deletes recursively, so nothing can reach a user's data.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmpod.errors import MountError, SandboxError
+from vmpod.mounts import bind, is_mount_point, make_shared, mounts_below, umount
+
+log = logging.getLogger(__name__)
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+@dataclass(frozen=True)
+class Share:
+    """One host path the guest sees at ``<shared mount>/<name>``."""
+
+    name: str  # relative: "<cid>/rootfs", "<cid>/v3"
+    source: Path
+    readonly: bool = False
+
+
+def _check_name(name: str) -> list[str]:
+    parts = name.split("/")
+    if not all(p and set(p) <= _NAME_OK and p not in (".", "..") for p in parts):
+        raise SandboxError(f"invalid share name {name!r}")
+    return parts
+
+
+class SharedDir:
+    """Owns ``root`` (made by ``make``); ``add`` binds host paths below it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made = False
+
+    def make(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=False)
+        try:
+            make_shared(self.root)
+        except BaseException:
+            self.destroy()
+            raise
+        self.made = True
+
+    def add(self, share: Share) -> None:
+        """Bind ``share.source`` (a directory or a file) at its name."""
+        parts = _check_name(share.name)
+        target = self.root.joinpath(*parts)
+        try:
+            st = os.stat(share.source)
+        except OSError as err:
+            raise SandboxError(f"cannot share {share.source}: {err.strerror}") from err
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise SandboxError(f"cannot share {share.source}: not a directory or regular file")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if stat.S_ISDIR(st.st_mode):
+            target.mkdir()
+        else:
+            target.touch(exist_ok=False)
+        try:
+            bind(share.source, target, readonly=share.readonly)
+        except MountError as err:
+            _remove_point(target)
+            raise SandboxError(f"cannot share {share.source}: {err.message}") from err
+
+    def remove(self, name: str) -> None:
+        """Unmount and drop one share (or a container's whole directory)."""
+        target = self.root.joinpath(*_check_name(name))
+        umount(target)
+        _prune(target)
+
+    def destroy(self) -> None:
+        """Unmount everything below ``root`` and remove what is left; idempotent."""
+        if not self.root.exists():
+            return
+        umount(self.root)
+        if is_mount_point(self.root):
+            log.warning("shared directory %s is still mounted; left in place", self.root)
+            return
+        _prune(self.root)
+
+
+def _remove_point(path: Path) -> None:
+    """Remove an empty mount point made by ``add`` (a directory or an empty file)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        elif path.stat().st_size == 0:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _prune(top: Path) -> None:
+    """Delete ``top``'s tree bottom-up: only empty dirs and empty files, on the
+    same file system as ``top``, and nothing at all below a mount point."""
+    if not top.exists():
+        return
+    mounted = set(mounts_below(top))
+    if mounted:
+        log.warning("not removing %s: still mounted below it (%s)", top, sorted(mounted)[0])
+        return
+    dev = top.lstat().st_dev
+    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+        for name in filenames:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            if st.st_dev == dev and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                p.unlink()
+        for name in dirnames:
+            _rmdir(Path(dirpath, name))
+    _rmdir(top)
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError as err:
+        if err.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+            raise
+        if err.errno == errno.ENOTEMPTY:
+            log.warning("not removing %s: not empty", path)
+
+
+def collect_stale_shares(base: Path, alive: set[str]) -> list[str]:
+    """Tear down shared directories of sandboxes not in ``alive``."""
+    removed = []
+    if base.is_dir():
+        for d in base.iterdir():
+            if d.name not in alive:
+                SharedDir(d).destroy()
+                removed.append(d.name)
+    return removed
