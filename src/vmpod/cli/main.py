@@ -9,6 +9,10 @@ import sys
 import click
 
 from vmpod.cli.common import guard, progress
+from vmpod.cli.lifecycle import run_named
+from vmpod.containers.options import RunRequest, check_volumes, parse_volume, read_env_file
+from vmpod.containers.records import Mount
+from vmpod.errors import ConfigError
 from vmpod.guest.kernel import DEFAULT_KERNEL
 from vmpod.paths import default_paths
 from vmpod.runspec import ProcessOptions
@@ -70,6 +74,17 @@ def cli(verbose: int) -> None:
     metavar="FILE.ko[=PARAMS]",
     help="Load a module built for the guest kernel before the container starts.",
 )
+@click.option("-d", "--detach", is_flag=True, help="Run in the background; print the container id.")
+@click.option("--name", default="", help="Name the container (it stays until vmpod rm).")
+@click.option("--rm", "auto_remove", is_flag=True, help="Remove the container when it exits.")
+@click.option(
+    "-v", "--volume", "volumes", multiple=True, metavar="HOST:CTR[:ro]", help="Bind a host directory."
+)
+@click.option("--env-file", "env_files", multiple=True, metavar="FILE", help="Read NAME=VALUE lines.")
+@click.option("--entrypoint", default=None, help="Replace the image's ENTRYPOINT (and drop its CMD).")
+@click.option("--init", is_flag=True, help="Run an init that reaps zombies (not available yet).")
+@click.option("--log-max-size", default="10m", show_default=True, help="Size of one log file (-d/--name).")
+@click.option("--log-max-files", type=int, default=3, show_default=True, help="Log files kept (-d/--name).")
 def run(
     image: str,
     command: tuple[str, ...],
@@ -90,11 +105,21 @@ def run(
     guest_runtime: str,
     kernel_modules: tuple[str, ...],
     load_modules: tuple[str, ...],
+    detach: bool,
+    name: str,
+    auto_remove: bool,
+    volumes: tuple[str, ...],
+    env_files: tuple[str, ...],
+    entrypoint: str | None,
+    init: bool,
+    log_max_size: str,
+    log_max_files: int,
 ) -> None:
     """Run COMMAND in a container from IMAGE (or --rootfs DIR) inside a new VM.
 
     IMAGE is an OCI image layout directory (DIR[:TAG]) or an OCI / docker-save
-    archive (FILE.tar[:TAG]). The exit status is the container's.
+    archive (FILE.tar[:TAG]). The exit status is the container's. With -d,
+    --name, -v or --entrypoint the container is kept (vmpod ps -a, logs, rm).
     """
     from vmpod.cli.run import RunOptions
     from vmpod.cli.run import run as run_container
@@ -105,6 +130,32 @@ def run(
     if rootfs and image:
         # With --rootfs every positional word is the command.
         command, image = (image, *command), ""
+    if init:
+        guard(_no_init)
+    env = guard(lambda: _env_files(env_files)) + env
+    process = ProcessOptions(
+        args=command, env=env, workdir=workdir, user=user, tty=tty, hostname=hostname, read_only=read_only
+    )
+    if detach or name or volumes or entrypoint is not None:
+        named = RunRequest(
+            image=image,
+            rootfs=rootfs,
+            process=process,
+            name=name,
+            entrypoint=entrypoint,
+            volumes=guard(lambda: _volumes(volumes)),
+            auto_remove=auto_remove,
+            kernel=kernel,
+            accel=accel,
+            guest_runtime=guest_runtime,
+            boot_timeout=boot_timeout,
+            cpus=cpus,
+            memory_mb=memory,
+            log_max_bytes=guard(lambda: _size(log_max_size)),
+            log_keep=log_max_files,
+        )
+        guard(lambda: _named_ok(named, tty, console, kernel_modules, load_modules))
+        sys.exit(guard(lambda: run_named(named, detach=detach, interactive=interactive)))
     opts = RunOptions(
         image=image,
         rootfs=rootfs,
@@ -118,12 +169,53 @@ def run(
         guest_runtime=guest_runtime,
         kernel_modules=kernel_modules,
         load_modules=load_modules,
-        process=ProcessOptions(
-            args=command, env=env, workdir=workdir, user=user, tty=tty, hostname=hostname, read_only=read_only
-        ),
+        process=process,
     )
     status = guard(lambda: asyncio.run(run_container(default_paths(), opts, progress)))
     sys.exit(status)
+
+
+def _no_init() -> None:
+    raise ConfigError(
+        "--init is not supported yet: the guest image has no container init (catatonit or tini) to inject",
+        hint="run a command that reaps its children, or use a shell as PID 1",
+    )
+
+
+def _env_files(files: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(item for f in files for item in read_env_file(f))
+
+
+def _volumes(specs: tuple[str, ...]) -> tuple[Mount, ...]:
+    mounts = tuple(parse_volume(v) for v in specs)
+    check_volumes(mounts)
+    return mounts
+
+
+def _size(raw: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = raw.strip().lower().removesuffix("b")
+    mult = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    if not number.isdigit() or int(number) * mult < 1024:
+        raise ConfigError(f"invalid log size {raw!r}", hint="at least 1k, e.g. 10m")
+    return int(number) * mult
+
+
+def _named_ok(
+    req: RunRequest, tty: bool, console: bool, kernel_modules: tuple[str, ...], load_modules: tuple[str, ...]
+) -> None:
+    """What the -d/--name path cannot do yet: refused, not ignored."""
+    if tty:
+        raise ConfigError(
+            "-t is not supported with -d, --name, -v or --entrypoint yet", hint="use vmpod exec -it"
+        )
+    if console or kernel_modules or load_modules:
+        raise ConfigError(
+            "--console, --kernel-module and --load-module need a plain vmpod run (no -d/--name)"
+        )
+    if req.log_keep < 1:
+        raise ConfigError("--log-max-files must be at least 1")
 
 
 @cli.command()
@@ -164,6 +256,11 @@ cli.add_command(matrix_cmd.matrix)
 from vmpod.cli import images_cmd  # noqa: E402  (commands in their own modules)
 
 images_cmd.register(cli)
+
+
+from vmpod.cli import lifecycle  # noqa: E402  (commands in their own modules)
+
+lifecycle.register(cli)
 
 
 def main() -> None:

@@ -106,6 +106,46 @@ def create(
     )
 
 
+@cli.command("run", context_settings=_CTX)
+@click.argument("container_id")
+@click.option("--bundle", "-b", default=".", help="Bundle directory (config.json).")
+@click.option("--detach", "-d", is_flag=True, help="Return once the container runs.")
+@click.option("--pid-file", default="", help="Write the monitor's pid here.")
+@click.option("--console-socket", default="", help="Unix socket that gets the pty master.")
+@click.option("--no-pivot", is_flag=True, help="Accepted; the guest runtime decides.")
+@click.option("--no-new-keyring", is_flag=True, help="Accepted; the guest runtime decides.")
+@click.option("--preserve-fds", type=int, default=0, help="Not supported (must be 0).")
+@click.option("--keep", is_flag=True, help="Keep the stopped container (do not delete it).")
+def run_(
+    container_id: str,
+    bundle: str,
+    detach: bool,
+    pid_file: str,
+    console_socket: str,
+    no_pivot: bool,
+    no_new_keyring: bool,
+    preserve_fds: int,
+    keep: bool,
+) -> None:
+    """Create and start a container, wait for it and delete it; its exit status is ours."""
+    # Imported here for start-up time: only `run` and `create` need the sandbox stack.
+    from vmpod.runtime.run import run
+
+    if preserve_fds:
+        raise RuntimeCliError("--preserve-fds is not supported by vmpod-runtime")
+    status = run(
+        _store(),
+        container_id,
+        bundle,
+        detach=detach,
+        keep=keep,
+        pid_file=pid_file,
+        console_socket=console_socket,
+        log_opts=(_LOG["path"], _LOG["format"], bool(_LOG["debug"])),
+    )
+    sys.exit(status)
+
+
 @cli.command(context_settings=_CTX)
 @click.argument("container_id")
 def start(container_id: str) -> None:

@@ -9,25 +9,47 @@ control server (control.py) answers the other runtime commands on
 and exits with that status, re-raising the signal when the process died of one.
 QEMU dies with it even on SIGKILL (PDEATHSIG), and a dead monitor reads as
 "stopped".
+
+With an output log (``MonitorArgs.output_log``, how `vmpod run -d` keeps a
+container's output) the container's stdout/stderr go to that rotating file and
+the monitor's own stdio becomes /dev/null, unless the log ``tee``s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from typing import NoReturn
 
+from vmpod.containers.logs import LogSink
 from vmpod.errors import VmpodError
 from vmpod.runtime.exits import exit_like
 from vmpod.runtime.logs import setup_logging
 from vmpod.runtime.session import MonitorArgs, Session
 
+_PENDING_LOG: list[LogSink] = []  # see output_log()
+
+
+@contextlib.contextmanager
+def output_log(sink: LogSink) -> Iterator[None]:
+    """Give the monitors forked in this block (by ``create``) ``sink`` as their
+    ``output_log``: how `vmpod` asks for a log file until ``create`` takes one."""
+    _PENDING_LOG.append(sink)
+    try:
+        yield
+    finally:
+        _PENDING_LOG.remove(sink)
+
 
 def monitor_main(args: MonitorArgs, keep: tuple[int, ...]) -> NoReturn:
     """Entry point in the forked child; never returns."""
     status = 255
+    if _PENDING_LOG and args.output_log is None:
+        args = dataclasses.replace(args, output_log=_PENDING_LOG[-1])
     try:
         os.setsid()
         root = logging.getLogger()
@@ -36,7 +58,8 @@ def monitor_main(args: MonitorArgs, keep: tuple[int, ...]) -> NoReturn:
             h.close()
         _close_fds({0, 1, 2, args.ready_fd, *keep})
         _log_to(args)
-        if args.plan.terminal:  # the pty is the container's stdio, not ours
+        detached = args.output_log is not None and not args.output_log.tee
+        if args.plan.terminal or detached:  # the pty (or the log) is the container's stdio, not ours
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)

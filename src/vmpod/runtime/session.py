@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
+from vmpod.containers.logs import LogSink, RotatingLog
 from vmpod.errors import AgentTimeout, VmpodError
 from vmpod.paths import Paths
 from vmpod.runtime import ipc
@@ -41,7 +42,7 @@ class MonitorArgs:
     store_root: str
     cid: str
     plan: Plan
-    sandbox: SandboxConfig  # resolved by create: assets, accelerator, modules, the disk
+    sandbox: SandboxConfig  # resolved by create: assets, accelerator, modules
     guest_runtime: str
     console_socket: str
     paths: Paths
@@ -49,6 +50,7 @@ class MonitorArgs:
     log_path: str = ""  # --log: the monitor logs there, never to the container's stderr
     log_format: str = "text"
     debug: bool = False
+    output_log: LogSink | None = None  # the container's stdout/stderr go to this file
 
 
 class Session:
@@ -65,6 +67,7 @@ class Session:
         self.state_dir = self.store.dir(args.cid)
         self._boot_task: asyncio.Task[None] | None = None
         self.server: ControlServer | None = None
+        self.output_log: RotatingLog | None = None
 
     @property
     def status(self) -> str:
@@ -119,6 +122,7 @@ class Session:
             pid=os.getpid(),
             monitor_start=proc_start_time(os.getpid()),
             sandbox_dir=str(sandbox.state_dir),
+            shared_dir=str(sandbox.shared_dir or ""),
         )
         self.sandbox = sandbox
         t0 = time.monotonic()
@@ -137,9 +141,10 @@ class Session:
             plan.memory_mb,
         )
         await sandbox.load_modules()
-        disk = a.sandbox.disks[0].path
         self.container = await sandbox.create_container(
-            ContainerSpec(id=a.cid, oci=plan.spec, rootfs=disk, runtime=a.guest_runtime, files=plan.files)
+            ContainerSpec(
+                id=a.cid, oci=plan.spec, rootfs=plan.rootfs, runtime=a.guest_runtime, volumes=plan.volumes
+            )
         )
         if plan.terminal:
             master, self.tty_slave = make_pty()
@@ -195,6 +200,8 @@ class Session:
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=2)
         await self.relay.close()
+        if self.output_log is not None:
+            self.output_log.close()
         with contextlib.suppress(OSError):
             (self.state_dir / "monitor.sock").unlink()
 
@@ -258,13 +265,32 @@ class Session:
             out = self.relay.writer(1, owned=False)
             err = out if same_file(1, 2) else self.relay.writer(2, owned=False)
             stdin_fd, stdin = 0, not is_null(0)
-        proc = await self.container.start(Output(out.write, err.write), stdin=stdin, wait_started=True)
+        output = self._output(Output(out.write, err.write))
+        proc = await self.container.start(output, stdin=stdin, wait_started=True)
         self.persist()
         if stdin:
             self.relay.pump(stdin_fd, proc, eof_closes=self.tty_slave < 0)
         if self.tty_slave >= 0:
             self.relay.watch_size(self.tty_slave, proc)
         self.spawn(self._watch_init(proc, err.write))
+
+    def _output(self, fds: Output) -> Output:
+        """The container's output: its fds, or the log file (or both, ``tee``)."""
+        sink = self.a.output_log
+        if sink is None:
+            return fds
+        self.output_log = log_ = RotatingLog(sink)
+        if not sink.tee:
+            return Output(log_.writer("stdout"), log_.writer("stderr"))
+
+        def both(fd_write: OutputFn, stream: str) -> OutputFn:
+            def write(data: bytes) -> None:
+                fd_write(data)
+                log_.write(stream, data)
+
+            return write
+
+        return Output(both(fds.stdout, "stdout"), both(fds.stderr, "stderr"))
 
     async def _watch_init(self, proc: Process, err: OutputFn) -> None:
         try:
