@@ -134,8 +134,11 @@ def user_ids(tree: Path, user: str) -> dict[str, int]:
 
 
 def _table(tree: Path, path: str) -> list[list[str]]:
-    below = resolve_below(tree, path)  # the image's file, never the host's
-    if not below.exists or not below.path.is_file():
-        return []
-    text = below.path.read_text(errors="replace")
+    try:
+        below = resolve_below(tree, path)  # the image's file, never the host's
+        if not below.exists or not below.path.is_file():
+            return []
+        text = below.path.read_text(errors="replace")
+    except OSError as err:
+        raise ConfigError(f"cannot read the image's {path}: {err.strerror}") from err
     return [line.split(":") + [""] * 4 for line in text.splitlines() if line and not line.startswith("#")]
