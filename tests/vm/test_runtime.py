@@ -25,7 +25,6 @@ from tests.vm.test_runtime_support import (
     assert_runtime_clean,
     fresh_dir,
     make_bundle,
-    runtime_disks,
     runtime_env,
 )
 from vmpod.guest.assets import GuestAssets
@@ -46,12 +45,10 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def rt(paths: Paths, assets: GuestAssets, work: Path) -> Iterator[Runtime]:
     runtime = Runtime(work / "root", runtime_env(paths, work / "runtime.json"), work / "log.json")
-    disks_before = runtime_disks(paths)
     yield runtime
     for cid in runtime("list", "--quiet").stdout.decode().split():
         runtime("delete", "--force", cid)
     assert_runtime_clean(paths, runtime.root)
-    assert runtime_disks(paths) <= disks_before, "rootfs disks left behind"
 
 
 @pytest.fixture
@@ -59,7 +56,7 @@ def clean(rt: Runtime, paths: Paths) -> Iterator[None]:
     """For tests that make their own containers: nothing of theirs may remain."""
     before = set(os.listdir(rt.root)) if rt.root.exists() else set()
     yield
-    after = set(os.listdir(rt.root)) - {".disks.lock"} if rt.root.exists() else set()
+    after = set(os.listdir(rt.root)) if rt.root.exists() else set()
     for cid in after - before:
         rt("delete", "--force", cid)
     assert after <= before, f"left behind: {after - before}"
@@ -425,13 +422,16 @@ def test_failing_create_hook_fails_create_and_cleans_up(
     assert b"does not exist" in rt("state", "hookfail").stderr
 
 
-def test_bind_mounted_files_reach_the_guest_and_volumes_warn(
-    rt: Runtime, busybox: Path, work: Path, clean: None
-) -> None:
+def test_rootfs_and_bind_mounts_are_the_hosts(rt: Runtime, busybox: Path, work: Path, clean: None) -> None:
+    """runc's contract: the bundle rootfs is the container's root, and bind mounts are
+    the host's files, both ways (read-only ones refused on write), of any size."""
     host = fresh_dir(work / "userdata")
     (host / "hosts").write_text("10.1.2.3 myhost\n")
-    (host / "secret").write_bytes(bytes(range(256)))
+    big = bytes(range(256)) * 4096 * 2  # 2 MiB: far beyond one agent message
+    (host / "secret").write_bytes(big)
     (host / "volume").mkdir()
+    (host / "volume" / "old").write_text("from the host\n")
+    (host / "ro").mkdir()
     mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {
@@ -447,25 +447,52 @@ def test_bind_mounted_files_reach_the_guest_and_volumes_warn(
             "options": ["bind", "ro"],
         },
         {"destination": "/data", "type": "bind", "source": str(host / "volume"), "options": ["rbind"]},
+        {"destination": "/ro", "type": "bind", "source": str(host / "ro"), "options": ["rbind", "ro"]},
     ]
     script = (
-        "cat /etc/hosts; md5sum /run/secrets/s | cut -d' ' -f1; "
-        "test -e /data/x && echo has-data; echo >> /run/secrets/s || echo read-only"
+        "cat /etc/hosts; md5sum /run/secrets/s | cut -d' ' -f1; cat /data/old; "
+        "echo from-the-guest > /data/new; echo written > /in-rootfs; "
+        "(echo >> /run/secrets/s) 2>/dev/null || echo secret-ro; "
+        "(touch /ro/x) 2>/dev/null || echo volume-ro; sync"
     )
     bundle = make_bundle(work / "files", busybox, ["sh", "-c", script], mounts=mounts)
     ctr = rt.create("files", bundle, work)
     ctr.wait_created()
     rt("start", "files", check=True)
-    assert ctr.result()["status"] == 0
+    assert ctr.result()["status"] == 0, ctr.output()
     import hashlib
 
     out = ctr.output()[0].splitlines()
-    assert out[0] == "10.1.2.3 myhost"
-    assert out[1] == hashlib.md5(bytes(range(256))).hexdigest()
-    assert out[-1] == "read-only" and "has-data" not in out
-    warnings = [e["msg"] for e in rt.log_entries() if e["level"] == "warning"]
-    assert any("/data" in str(w) and "not supported" in str(w) for w in warnings)
+    assert out == [
+        "10.1.2.3 myhost",
+        hashlib.md5(big).hexdigest(),
+        "from the host",
+        "secret-ro",
+        "volume-ro",
+    ]
+    assert (host / "volume" / "new").read_text() == "from-the-guest\n"
+    assert (bundle / "rootfs" / "in-rootfs").read_text() == "written\n"
+    assert list((host / "ro").iterdir()) == []
     rt("delete", "files", check=True)
+    assert (host / "volume" / "old").exists() and (host / "secret").read_bytes() == big
+
+
+@pytest.mark.parametrize(
+    ("mount", "message"),
+    [
+        ({"destination": "/dev/x", "type": "bind", "source": "/dev/null", "options": ["bind"]}, "devices"),
+        ({"destination": "/x", "type": "bind", "source": "/tmp", "options": ["rbind", "rshared"]}, "rshared"),
+        ({"destination": "/x", "type": "nfs", "source": "srv:/x", "options": []}, "'nfs'"),
+    ],
+)
+def test_mounts_the_vm_cannot_honour_are_refused(
+    rt: Runtime, busybox: Path, work: Path, clean: None, mount: dict[str, object], message: str
+) -> None:
+    bundle = make_bundle(work / "refused", busybox, ["true"], mounts=[mount])
+    res = rt("create", "--bundle", str(bundle), "refused")
+    assert res.returncode != 0
+    assert message in res.stderr.decode(), res.stderr
+    assert not (rt.root / "refused").exists()
 
 
 def test_resources_size_the_vm(rt: Runtime, busybox: Path, work: Path, clean: None) -> None:

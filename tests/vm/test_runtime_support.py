@@ -69,8 +69,12 @@ def wrapper_script(path: Path, env: dict[str, str], *args: str) -> Path:
 def make_bundle(
     where: Path, rootfs: Path, args: list[str], *, terminal: bool = False, **changes: object
 ) -> Path:
-    """A bundle whose config.json points at a shared rootfs (so the disk is cached)."""
+    """A bundle with its own copy of ``rootfs`` (the container's writes land there)."""
     where.mkdir(parents=True, exist_ok=True)
+    own = where / "rootfs"
+    if not own.exists():
+        shutil.copytree(rootfs, own, symlinks=True)
+    rootfs = own
     spec = default_spec()
     process = spec["process"]
     assert isinstance(process, dict)
@@ -234,17 +238,12 @@ def run_text(argv: list[str], input: bytes | None, timeout: float) -> subprocess
     return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(), res.stderr.decode())
 
 
-def runtime_disks(paths: Paths) -> set[Path]:
-    """Root filesystem disks the runtime made (and must remove with their last user)."""
-    return set((paths.images / "disks").glob("*.vmpod-runtime"))
-
-
 def assert_runtime_clean(paths: Paths, root: Path) -> None:
     deadline = time.monotonic() + 5
     while monitor_pids(root) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert monitor_pids(root) == [], "runtime processes left behind"
-    left = [p.name for p in root.iterdir() if p.name != ".disks.lock"] if root.exists() else []
+    left = [p.name for p in root.iterdir()] if root.exists() else []
     assert left == [], f"container state left behind: {left}"
     assert_nothing_left(paths)
 
