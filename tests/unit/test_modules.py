@@ -21,6 +21,9 @@ kernel/fs/erofs/erofs.ko.xz: kernel/lib/libcrc32c.ko.xz kernel/crypto/crc32c-gen
 kernel/lib/libcrc32c.ko.xz: kernel/crypto/crc32c-generic.ko.xz
 kernel/crypto/crc32c-generic.ko.xz:
 kernel/fs/overlayfs/overlay.ko.xz:
+kernel/fs/fuse/virtiofs.ko.xz: {V}/virtio.ko.xz {V}/virtio_ring.ko.xz kernel/fs/fuse/fuse.ko.xz
+kernel/fs/fuse/fuse.ko.xz:
+kernel/fs/fuse/cuse.ko.xz: kernel/fs/fuse/fuse.ko.xz
 kernel/net/9p/9pnet.ko.xz:
 """
 
@@ -67,10 +70,12 @@ def test_dependencies_first_each_once(tmp_path: Path) -> None:
         "libcrc32c",
         "erofs",
         "overlay",
+        "fuse",
+        "virtiofs",
     ]
     assert order[0] == d / f"{V}/virtio.ko.xz"
     assert all(p.is_relative_to(d) for p in order)
-    assert order[-1] == d / "kernel/fs/overlayfs/overlay.ko.xz"
+    assert order[-1] == d / "kernel/fs/fuse/virtiofs.ko.xz"
 
 
 def test_every_dependency_precedes_its_user(tmp_path: Path) -> None:
@@ -89,7 +94,15 @@ def test_every_dependency_precedes_its_user(tmp_path: Path) -> None:
 def test_builtins_are_skipped(tmp_path: Path) -> None:
     builtin = f"{V}/virtio.ko\n{V}/virtio_ring.ko\n{V}/virtio_mmio.ko\nkernel/fs/overlayfs/overlay.ko\n"
     d = moddir(tmp_path, builtin=builtin)
-    assert names(load_order(d)) == ["virtio_blk", "virtio_console", "crc32c_generic", "libcrc32c", "erofs"]
+    assert names(load_order(d)) == [
+        "virtio_blk",
+        "virtio_console",
+        "crc32c_generic",
+        "libcrc32c",
+        "erofs",
+        "fuse",
+        "virtiofs",
+    ]
 
 
 def test_builtin_module_missing_from_dep_is_fine(tmp_path: Path) -> None:
@@ -134,13 +147,17 @@ kernel/drivers/net/dummy.ko.xz:
 
 def test_default_order_is_what_the_guest_boots_with(tmp_path: Path) -> None:
     # With no list, load_order gives what /init insmods: the virtio-mmio transport, the
-    # block and console devices, erofs (guest root) and overlay (container roots), each
-    # after what it needs; the rest of the tree (9p; vsock, which /init adds only for
-    # vmpod.channel=vsock; other drivers) stays out.
+    # block and console devices, erofs (guest root), overlay (container roots) and
+    # virtiofs (the host's shared directory), each after what it needs; the rest of
+    # the tree (9p; cuse; vsock, which /init adds only for vmpod.channel=vsock; other
+    # drivers) stays out.
     d = moddir(tmp_path, dep=DEP + VSOCK_DEP)
     loaded = names(load_order(d))
-    assert {"virtio_mmio", "virtio_blk", "virtio_console", "erofs", "overlay"} <= set(loaded)
-    assert not {"9pnet", "vsock", "vmw_vsock_virtio_transport", "dummy"} & set(loaded)
+    assert {"virtio_mmio", "virtio_blk", "virtio_console", "erofs", "overlay", "fuse", "virtiofs"} <= set(
+        loaded
+    )
+    assert loaded.index("fuse") < loaded.index("virtiofs")
+    assert not {"9pnet", "cuse", "vsock", "vmw_vsock_virtio_transport", "dummy"} & set(loaded)
 
 
 def test_modules_asked_for_skip_those_loaded_at_boot(tmp_path: Path) -> None:

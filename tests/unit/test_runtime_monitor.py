@@ -6,11 +6,25 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.fixtures.fakevm import registered
+from tests.unit.test_mounts import unmount_all
 from tests.unit.test_runtime_session import Monitor
 from vmpod.runtime.monitor import monitor_main
+
+
+@pytest.fixture(autouse=True)
+def no_mounts_left(tmp_path: Path) -> Iterator[None]:
+    """The forked monitor's sandbox shares the rootfs with bind mounts: they go
+    with the monitor (and, should a test fail, at teardown)."""
+    try:
+        yield
+    finally:
+        unmount_all(tmp_path)
 
 
 def fork_monitor(m: Monitor) -> int:
@@ -32,6 +46,7 @@ def test_the_monitor_exits_with_the_status_of_its_container(tmp_path: Path) -> N
         _, wstatus = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(wstatus) == 7
     assert m.store.load("c1").exit_status == 7
+    assert m.shared_dirs() == []
 
 
 def test_a_container_killed_by_a_signal_kills_its_monitor_the_same_way(tmp_path: Path) -> None:
@@ -48,6 +63,7 @@ def test_a_container_killed_by_a_signal_kills_its_monitor_the_same_way(tmp_path:
         _, wstatus = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(wstatus) and os.WTERMSIG(wstatus) == signal.SIGTERM
     assert "level=debug" in log.read_text()
+    assert m.shared_dirs() == []
 
 
 def test_a_monitor_that_cannot_boot_reports_and_exits_255(tmp_path: Path) -> None:

@@ -17,13 +17,14 @@ from typing import TypeVar
 import pytest
 
 from tests.fixtures.fakevm import fake_config, fake_rootfs, registered
+from tests.unit.test_mounts import unmount_all
+from vmpod.mounts import is_mount_point
 from vmpod.paths import Paths
 from vmpod.runtime import ipc
 from vmpod.runtime.bundle import Plan
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.session import MonitorArgs, Session
 from vmpod.runtime.state import ContainerState, Store, now_rfc3339
-from vmpod.sandbox.build import with_rootfs
 
 T = TypeVar("T")
 
@@ -47,7 +48,7 @@ class Monitor:
                 "process": {"args": args, "cwd": "/", "terminal": terminal, "env": ["PATH=/usr/bin:/bin"]},
             },
             rootfs=rootfs,
-            files={},
+            volumes=(),
             cpus=1,
             memory_mb=512,
             kernel="6.1",
@@ -55,14 +56,15 @@ class Monitor:
             hooks={},
             annotations={},
         )
-        paths = Paths(home=tmp / "home", run=tmp / "run")
+        self.paths = paths = Paths(home=tmp / "home", run=tmp / "run")
         r, self.ready_w = os.pipe()
         self.ready_r = os.fdopen(r, "rb")
         self.args = MonitorArgs(
             store_root=str(self.store.root),
             cid="c1",
             plan=plan,
-            sandbox=with_rootfs(fake_config(paths.home), rootfs),
+            # as create makes it: the bundle's rootfs directory is shared with the VM
+            sandbox=fake_config(paths.home, shared_fs=True),
             guest_runtime="runc",
             console_socket=str(self.console),
             paths=paths,
@@ -95,6 +97,10 @@ class Monitor:
             _msg, fds, _flags, _addr = socket.recv_fds(conn, 1024, 1)
         return fds[0]
 
+    def shared_dirs(self) -> list[Path]:
+        """The sandboxes' shared directories on the host (gone with the monitor)."""
+        return list(self.paths.shared.iterdir()) if self.paths.shared.is_dir() else []
+
     def wait(self) -> int | None:
         self.thread.join(20)
         assert not self.thread.is_alive()
@@ -110,13 +116,17 @@ def monitor(tmp_path: Path) -> Iterator[Callable[..., Monitor]]:
         made.append(m)
         return m
 
-    with registered():
-        yield make
-    for m in made:
-        if m.thread.is_alive():
-            m.request(op="destroy")
-            m.wait()
-        m.console_listener.close()
+    try:
+        with registered():
+            yield make
+        for m in made:
+            if m.thread.is_alive():
+                m.request(op="destroy")
+                m.wait()
+            m.console_listener.close()
+            assert not m.shared_dirs(), "a shared directory outlived its monitor"
+    finally:
+        unmount_all(tmp_path)
 
 
 def state(m: Monitor) -> str:
@@ -139,6 +149,8 @@ def test_lifecycle_over_the_control_socket(monitor: Callable[..., Monitor]) -> N
     assert state(m) == "creating"
     m.request(op="created")
     assert state(m) == "created"
+    shared = Path(m.store.load("c1").shared_dir)  # recorded for delete's cleanup
+    assert m.shared_dirs() == [shared] and is_mount_point(shared / "c1" / "rootfs")
     with pytest.raises(RuntimeCliError, match="unknown monitor operation"):
         m.request(op="format")
     m.request(op="start")
@@ -162,7 +174,19 @@ def test_lifecycle_over_the_control_socket(monitor: Callable[..., Monitor]) -> N
     assert m.wait() == 128 + signal.SIGTERM
     st = m.store.load("c1")
     assert (st.status, st.exit_status) == ("stopped", 128 + signal.SIGTERM)
+    assert not shared.exists()
     os.close(master)
+
+
+def test_the_bundle_rootfs_is_shared_and_written_on_the_host(monitor: Callable[..., Monitor]) -> None:
+    m = monitor("sh", "-c", "echo from-the-container > written; exit 3")
+    assert m.start()["ok"] is True
+    m.request(op="created")
+    m.request(op="start")
+    assert m.wait() == 3
+    rootfs = Path(m.store.load("c1").rootfs)
+    assert (rootfs / "written").read_text() == "from-the-container\n"
+    assert m.shared_dirs() == []
 
 
 def test_kill_before_start_and_destroy(monitor: Callable[..., Monitor]) -> None:

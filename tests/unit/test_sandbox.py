@@ -13,8 +13,10 @@ from typing import TypeVar
 import pytest
 
 from tests.fixtures.fakevm import FakeVm, fake_config, fake_rootfs, registered
+from tests.unit.test_mounts import unmount_all
 from vmpod.errors import AgentTimeout, HypervisorError, SandboxError, StateError
 from vmpod.guest.modules import ModuleLoad
+from vmpod.mounts import is_mount_point, mounts_below
 from vmpod.paths import Paths
 from vmpod.sandbox import (
     Container,
@@ -24,6 +26,7 @@ from vmpod.sandbox import (
     Process,
     Sandbox,
     SandboxState,
+    Volume,
 )
 from vmpod.sandbox.build import rootfs_serial, with_rootfs
 
@@ -36,8 +39,11 @@ def run(coro: Coroutine[object, object, T]) -> T:
 
 @pytest.fixture
 def paths(tmp_path: Path) -> Iterator[Paths]:
-    with registered():
-        yield Paths(home=tmp_path / "home", run=tmp_path / "run")
+    try:
+        with registered():
+            yield Paths(home=tmp_path / "home", run=tmp_path / "run")
+    finally:
+        unmount_all(tmp_path)  # shared directories' bind mounts a failed test left
 
 
 @pytest.fixture
@@ -49,22 +55,29 @@ def sandbox(paths: Paths, rootfs: Path, **changes: object) -> Sandbox:
     return Sandbox(paths, with_rootfs(fake_config(paths.home, **changes), rootfs))
 
 
-def spec(cid: str, rootfs: Path, *args: str, tty: bool = False) -> ContainerSpec:
-    return ContainerSpec(
-        id=cid,
-        rootfs=rootfs,
-        oci={
-            "ociVersion": "1.0.2",
-            "root": {"path": "rootfs"},
-            "process": {
-                "args": list(args),
-                "cwd": "/",
-                "terminal": tty,
-                "env": ["PATH=/usr/bin:/bin"],
-                "user": {"uid": 0, "gid": 0},
-            },
+def spec(
+    cid: str,
+    rootfs: Path,
+    *args: str,
+    tty: bool = False,
+    readonly: bool = False,
+    mounts: list[dict[str, object]] | None = None,
+    volumes: tuple[Volume, ...] = (),
+) -> ContainerSpec:
+    oci: dict[str, object] = {
+        "ociVersion": "1.0.2",
+        "root": {"path": "rootfs", "readonly": readonly},
+        "process": {
+            "args": list(args),
+            "cwd": "/",
+            "terminal": tty,
+            "env": ["PATH=/usr/bin:/bin"],
+            "user": {"uid": 0, "gid": 0},
         },
-    )
+    }
+    if mounts is not None:
+        oci["mounts"] = mounts
+    return ContainerSpec(id=cid, rootfs=rootfs, oci=oci, volumes=volumes)
 
 
 def state_of(c: Container) -> ContainerState:
@@ -183,7 +196,7 @@ def test_illegal_states_are_refused_with_the_state_named(paths: Paths, rootfs: P
             c = await sb.create_container(spec("c", rootfs, "true"))
             with pytest.raises(SandboxError, match="already exists"):
                 await sb.create_container(spec("c", rootfs, "true"))
-            with pytest.raises(SandboxError, match="was not attached"):
+            with pytest.raises(SandboxError, match="/elsewhere is neither a directory nor a disk attached"):
                 await sb.create_container(spec("d", Path("/elsewhere"), "true"))
             with pytest.raises(StateError, match="cannot pause"):
                 await c.pause()
@@ -261,3 +274,162 @@ def test_rootfs_serials() -> None:
         (Path("/a"), "ctr-rootfs"),
         (Path("/b"), "ctr-rootfs-1"),
     ]
+
+
+# -- the shared directory (virtio-fs; in the fake VM the agent sees it as it is) --
+
+
+def shared_sandbox(paths: Paths) -> Sandbox:
+    """A sandbox with a shared directory and no disks: root filesystems that are
+    host directories go through the shared directory, as with vmpod-runtime."""
+    return Sandbox(paths, fake_config(paths.home, shared_fs=True))
+
+
+def guest_config(sb: Sandbox, cid: str) -> dict[str, object]:
+    """The config.json the agent wrote for ``cid`` (in the fake VM's state dir)."""
+    config = json.loads((sb.state_dir / "guest" / "bundles" / cid / "config.json").read_text())
+    assert isinstance(config, dict)
+    return config
+
+
+async def run_to_end(c: Container) -> tuple[int, bytes, bytes]:
+    output, out, err = collect()
+    proc = await c.start(output, stdin=False)
+    return (await proc.wait()).status, bytes(out), bytes(err)
+
+
+def test_a_host_directory_rootfs_is_written_on_the_host(paths: Paths, rootfs: Path) -> None:
+    async def scenario() -> None:
+        async with shared_sandbox(paths) as sb:
+            shared = sb.shared_dir
+            assert shared is not None and shared == paths.shared / sb.id and is_mount_point(shared)
+            c = await sb.create_container(
+                spec("c", rootfs, "sh", "-c", "echo hi > from-guest; cat etc/group")
+            )
+            assert is_mount_point(shared / "c" / "rootfs")
+            assert guest_config(sb, "c")["root"] == {"path": f"{shared}/c/rootfs", "readonly": False}
+            status, out, _ = await run_to_end(c)
+            assert (status, out) == (0, b"root:x:0:\nalice:x:1000:\n")
+            ro = await sb.create_container(spec("ro", rootfs, "sh", "-c", "echo x > nope", readonly=True))
+            status, _, err = await run_to_end(ro)
+            assert status != 0 and b"Read-only file system" in err
+        assert (rootfs / "from-guest").read_text() == "hi\n" and not (rootfs / "nope").exists()
+        assert not shared.exists() and mounts_below(paths.run) == []
+        assert (rootfs / "etc/passwd").is_file()  # the user's tree survives the teardown
+
+    run(scenario())
+
+
+def test_volumes_point_at_the_guest_shared_path(paths: Paths, rootfs: Path, tmp_path: Path) -> None:
+    vol, hosts = tmp_path / "vol", tmp_path / "hosts"
+    vol.mkdir()
+    (vol / "in.txt").write_text("volume data\n")
+    hosts.write_text("127.0.0.1 localhost\n")
+    mounts: list[dict[str, object]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/data", "type": "bind", "source": str(vol), "options": ["rbind"]},
+        {"destination": "/etc/hosts", "type": "bind", "source": str(hosts), "options": ["bind", "ro"]},
+    ]
+    volumes = (Volume(1, vol), Volume(2, hosts, readonly=True))
+
+    async def scenario() -> None:
+        async with shared_sandbox(paths) as sb:
+            shared = sb.shared_dir
+            assert shared is not None
+            script = f"cat {shared}/c/v0/in.txt; echo out > {shared}/c/v0/out.txt; echo x > {shared}/c/v1"
+            s = spec("c", rootfs, "sh", "-c", script, mounts=mounts, volumes=volumes)
+            c = await sb.create_container(s)
+            guest = guest_config(sb, "c")["mounts"]
+            assert isinstance(guest, list)
+            assert [m["source"] for m in guest] == ["proc", f"{shared}/c/v0", f"{shared}/c/v1"]
+            assert [m["destination"] for m in guest] == ["/proc", "/data", "/etc/hosts"]
+            assert s.oci["mounts"] == mounts and mounts[1]["source"] == str(vol)  # the spec is not changed
+            status, out, err = await run_to_end(c)
+            assert status != 0 and out == b"volume data\n" and b"Read-only file system" in err
+        assert (vol / "out.txt").read_text() == "out\n"
+        assert hosts.read_text() == "127.0.0.1 localhost\n"
+        assert not shared.exists() and mounts_below(paths.run) == []
+        assert (vol / "in.txt").read_text() == "volume data\n"
+
+    run(scenario())
+
+
+def test_volumes_that_cannot_be_shared_leave_nothing(paths: Paths, rootfs: Path, tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    mounts: list[dict[str, object]] = [{"destination": "/data", "type": "bind", "source": str(vol)}]
+
+    async def scenario() -> None:
+        async with shared_sandbox(paths) as sb:
+            assert sb.shared_dir is not None
+            for bad, message in (
+                ((Volume(0, vol), Volume(3, vol)), "volume .*vol: no mount 3 in the container's config"),
+                ((Volume(0, tmp_path / "missing"),), "cannot share .*missing: No such file"),
+                ((Volume(0, Path("/dev/null")),), "not a directory or regular file"),
+            ):
+                with pytest.raises(SandboxError, match=message):
+                    await sb.create_container(spec("c", rootfs, "true", mounts=mounts, volumes=bad))
+                assert "c" not in sb.containers
+                assert not (sb.shared_dir / "c").exists() and mounts_below(sb.shared_dir) == [sb.shared_dir]
+            with pytest.raises(SandboxError, match="volume .*: no mount 0"):
+                await sb.create_container(spec("c", rootfs, "true", volumes=(Volume(0, vol),)))
+            c = await sb.create_container(spec("c", rootfs, "true", mounts=mounts, volumes=(Volume(0, vol),)))
+            assert (await run_to_end(c))[0] == 0
+
+    run(scenario())
+
+
+def test_without_a_shared_directory_nothing_is_shared(paths: Paths, rootfs: Path, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with sandbox(paths, rootfs) as sb:
+            assert sb.shared_dir is None
+            vol = (Volume(0, tmp_path),)
+            mounts: list[dict[str, object]] = [{"destination": "/d", "type": "bind", "source": "/x"}]
+            with pytest.raises(
+                SandboxError, match="sandbox .* has no shared directory .set SandboxConfig.shared_fs"
+            ):
+                await sb.create_container(spec("c", rootfs, "true", mounts=mounts, volumes=vol))
+        async with Sandbox(paths, fake_config(paths.home, rootfs_fstype="erofs")) as sb:
+            with pytest.raises(
+                SandboxError, match=f"cannot share {rootfs}: sandbox .* has no shared directory"
+            ):
+                await sb.create_container(spec("c", rootfs, "true"))
+        assert not paths.shared.exists() or list(paths.shared.iterdir()) == []
+
+    run(scenario())
+
+
+def test_a_dead_file_server_stops_the_vm_and_is_named(paths: Paths, rootfs: Path) -> None:
+    async def scenario() -> None:
+        async with shared_sandbox(paths) as sb:
+            c = await sb.create_container(spec("c", rootfs, "sleep", "30"))
+            proc = await c.start(collect()[0], stdin=False)
+            vm = FakeVm.launched[-1]
+            assert vm.shared_fs_failure() is None
+            vm.fs_failure = "virtiofsd exited with status 1: fuse: session lost"
+            with pytest.raises(
+                HypervisorError, match="was stopped .its file server died: virtiofsd exited"
+            ) as exc:
+                await proc.wait()
+            assert exc.value.details["how"].startswith("its file server died")
+            assert not sb.alive and sb.shared_failure == vm.fs_failure
+            assert vm.shared_fs_failure() is None  # stopped: nothing to report any more
+            shared = sb.shared_dir
+        assert shared is not None and not shared.exists()
+        assert (rootfs / "etc/passwd").is_file()
+
+    run(scenario())
+
+
+def test_a_killed_shared_sandbox_leaves_no_mount(paths: Paths, rootfs: Path) -> None:
+    async def scenario() -> None:
+        sb = shared_sandbox(paths)
+        await sb.start()
+        c = await sb.create_container(spec("c", rootfs, "sleep", "30"))
+        await c.start(collect()[0], stdin=False)
+        await sb.kill()
+        assert sb.state is SandboxState.STOPPED and mounts_below(paths.run) == []
+        assert sb.shared_dir is not None and not sb.shared_dir.exists()
+        assert sorted(p.name for p in rootfs.iterdir()) == ["etc", "tmp"]
+
+    run(scenario())
