@@ -46,6 +46,7 @@ def agent_config(tmp: Path, **over: object) -> AgentConfig:
         "cgroup_root": cgroup2_root(),
         "allow_dir_rootfs": True,
         "set_clock": False,
+        "shared_dir": str(tmp / "shared"),  # (never the host's /run/vmpod)
     }
     values.update(over)
     return AgentConfig(**values)  # type: ignore[arg-type]

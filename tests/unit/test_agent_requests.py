@@ -58,15 +58,9 @@ def _spec() -> dict[str, object]:
             {"container_id": "c", "spec": {}, "rootfs_serial": "x", "runtime": "youki"},
             "invalid",
         ),
-        (
+        (  # before mount_shared
             "create_container",
-            {
-                "container_id": "c",
-                "spec": {},
-                "rootfs_serial": "x",
-                "rootfs_fstype": "dir",
-                "files": {"../x": "aA=="},
-            },
+            {"container_id": "c", "spec": {}, "rootfs_serial": "c/rootfs", "rootfs_fstype": "virtiofs"},
             "invalid",
         ),
         (
@@ -121,7 +115,7 @@ def test_process_requests_are_checked(agent: InProcessAgent, tmp_path: Path) -> 
     assert agent.exit_event(1).status == 0
 
 
-def test_create_twice_and_bad_files(agent: InProcessAgent, tmp_path: Path) -> None:
+def test_create_twice_and_the_removed_files_field(agent: InProcessAgent, tmp_path: Path) -> None:
     create(agent, tmp_path, "c1", ["true"])
     kind, _ = agent.refused(
         "create_container",
@@ -133,19 +127,19 @@ def test_create_twice_and_bad_files(agent: InProcessAgent, tmp_path: Path) -> No
         },
     )
     assert kind == "exists"
-    # (MAX_FILES is more than a MAX_JSON request can carry: bundle tests check that limit)
-    for files in ({"x": "not base64!"}, {f"f{i}": "" for i in range(65)}):
-        kind, _ = agent.refused(
-            "create_container",
-            {
-                "container_id": "c2",
-                "spec": _spec(),
-                "rootfs_serial": str(tmp_path),
-                "rootfs_fstype": "dir",
-                "files": files,
-            },
-        )
-        assert kind == "invalid"
+    # small host files travel as volumes now: a host still sending files is told so
+    refused = agent.refused(
+        "create_container",
+        {
+            "container_id": "c2",
+            "spec": _spec(),
+            "rootfs_serial": str(tmp_path),
+            "rootfs_fstype": "dir",
+            "files": {"hosts": "aGVsbG8K"},
+        },
+    )
+    assert refused == ("invalid", "CreateContainer: unknown fields ['files']")
+    assert not (tmp_path / "bundles" / "c2").exists()
 
 
 def test_directory_rootfs_only_when_the_config_allows_it(tmp_path: Path) -> None:

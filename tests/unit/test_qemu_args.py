@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -16,7 +17,12 @@ QEMU = "/usr/bin/qemu-system-x86_64"
 
 
 def config(
-    state: Path, *, accel: str = "tcg", disks: tuple[Disk, ...] = (), channel: HostChannel | None = None
+    state: Path,
+    *,
+    accel: str = "tcg",
+    disks: tuple[Disk, ...] = (),
+    channel: HostChannel | None = None,
+    shared_dir: Path | None = None,
 ) -> VmConfig:
     return VmConfig(
         kernel=Path("/k/vmlinux"),
@@ -28,6 +34,7 @@ def config(
         disks=disks,
         state_dir=state,
         channel=channel if channel is not None else HostChannel(),
+        shared_dir=shared_dir,
     )
 
 
@@ -165,3 +172,27 @@ def test_find_qemu_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert devices.find_qemu() is None  # not executable
     exe.chmod(0o755)
     assert devices.find_qemu() == str(exe)
+
+
+def test_a_shared_directory_needs_shared_memory_and_modern_virtio(tmp_path: Path) -> None:
+    state = tmp_path / "vm,1"
+    argv = build_argv(
+        QEMU, dataclasses.replace(config(state, shared_dir=tmp_path / "shared"), shared_tag="vmpod")
+    )
+    assert values(argv, "-M") == ["microvm,x-option-roms=off,isa-serial=on,rtc=on,memory-backend=mem"]
+    # guest RAM virtiofsd can map: a shared memfd, as big as the VM's memory
+    assert values(argv, "-object") == ["memory-backend-memfd,id=mem,size=512M,share=on"]
+    assert values(argv, "-m") == ["512M"]
+    assert values(argv, "-global") == ["virtio-mmio.force-legacy=false"]
+    fs_chardev = f"socket,id=fs0,path={q(str(state / 'fs.sock'))}"
+    assert fs_chardev in values(argv, "-chardev") and ",," in fs_chardev  # the comma escaped
+    assert "vhost-user-fs-device,chardev=fs0,tag=vmpod" in values(argv, "-device")
+    # the shared directory itself is virtiofsd's business: it is not on QEMU's command line
+    assert not any(str(tmp_path / "shared") in a for a in argv)
+
+
+def test_no_shared_directory_no_virtio_fs(tmp_path: Path) -> None:
+    argv = build_argv(QEMU, config(tmp_path))
+    assert values(argv, "-object") == [] and values(argv, "-global") == []
+    assert not any("memory-backend" in a or "vhost-user-fs" in a or "force-legacy" in a for a in argv)
+    assert not any(a.startswith("socket,id=fs0") for a in values(argv, "-chardev"))

@@ -363,24 +363,23 @@ def test_list_features_spec(tmp_path: Path) -> None:
     assert b"vmpod-runtime version" in rt(tmp_path, "--version").stdout
 
 
-def test_runtime_made_disks_go_with_their_last_user(tmp_path: Path) -> None:
-    from vmpod.runtime.lifecycle import disk_marker, drop_disk
+def test_delete_unmounts_the_shared_directory_a_dead_monitor_left(tmp_path: Path) -> None:
+    from tests.unit.test_mounts import unmount_all
+    from vmpod.sandbox.share import Share, SharedDir
 
-    store = Store(tmp_path / "root")
-    disk = tmp_path / "d.erofs"
-    disk.write_bytes(b"x")
-    for cid in ("a", "b"):
-        _, lock, mon = store.begin(_state(cid, disk=str(disk)))
+    data = tmp_path / "bundle" / "rootfs"
+    data.mkdir(parents=True)
+    (data / "written-by-the-container").write_text("keep me\n")
+    shared = SharedDir(tmp_path / "run" / "shared" / "sb1")
+    try:
+        shared.make()
+        shared.add(Share("dead/rootfs", data))
+        store = Store(tmp_path / "root")
+        _, lock, mon = store.begin(_state("dead", shared_dir=str(shared.root)))
         os.close(lock)
-        os.close(mon)
-    drop_disk(store, store.load("a"))
-    assert disk.exists()  # not made by the runtime: a plain cache entry
-    disk_marker(disk).touch()
-    drop_disk(store, store.load("a"))
-    assert disk.exists()  # "b" still uses it
-    store.remove("a")
-    with store.disks_lock():
-        drop_disk(store, store.load("b"), mine=False)
-    assert disk.exists()  # a same-id container counts as a user
-    drop_disk(store, store.load("b"))
-    assert not disk.exists() and not disk_marker(disk).exists()
+        os.close(mon)  # the monitor died without its teardown
+        assert rt(store.root, "delete", "dead").returncode == 0
+        assert not shared.root.exists() and not (store.root / "dead").exists()
+        assert (data / "written-by-the-container").read_text() == "keep me\n"
+    finally:
+        unmount_all(tmp_path)
