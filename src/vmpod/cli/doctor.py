@@ -11,7 +11,7 @@ import click
 
 from vmpod.guest.assets import assets_state
 from vmpod.guest.kernel import load_cached
-from vmpod.hypervisor import vmm_binary
+from vmpod.hypervisor import file_server_binary, vmm_binary
 from vmpod.hypervisor.accel import choose_accel
 from vmpod.paths import Paths
 
@@ -32,6 +32,8 @@ _KERNEL_FEATURES = (
     "CONFIG_VIRTIO_CONSOLE",
     "CONFIG_EROFS_FS",
     "CONFIG_OVERLAY_FS",
+    "CONFIG_FUSE_FS",
+    "CONFIG_VIRTIO_FS",
     "CONFIG_CGROUPS",
     "CONFIG_PID_NS",
     "CONFIG_DEVTMPFS",
@@ -55,6 +57,16 @@ def checks(paths: Paths, kernel: str, accel: str) -> list[Check]:
             "qemu",
             qemu is not None,
             qemu or "qemu-system-x86_64 not on PATH (apt-get install qemu-system-x86)",
+        )
+    )
+    fsd = file_server_binary("qemu")
+    out.append(
+        Check(
+            "virtiofsd",
+            fsd is not None,
+            f"{fsd}: volumes and vmpod-runtime root filesystems over virtio-fs"
+            if fsd
+            else "missing: volumes and vmpod-runtime need it (apt-get install qemu-system-common)",
         )
     )
     choice = choose_accel(accel)

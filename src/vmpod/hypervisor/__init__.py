@@ -30,6 +30,15 @@ def vmm_binary(name: str = "qemu") -> str | None:
     return find_qemu()
 
 
+def file_server_binary(name: str = "qemu") -> str | None:
+    """Where the virtio-fs server hypervisor ``name`` uses is, if installed."""
+    if name != "qemu":
+        raise ConfigError(f"unknown hypervisor {name!r}")
+    from vmpod.hypervisor.qemu.virtiofsd import find_virtiofsd
+
+    return find_virtiofsd()
+
+
 def create_vm(name: str, config: VmConfig) -> Hypervisor:
     """A not yet launched VM of hypervisor ``name`` (``HYPERVISORS``)."""
     factory = HYPERVISORS.get(name)
