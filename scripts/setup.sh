@@ -6,8 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" != 0 ]; then
-    echo "setup.sh: run as root (sudo ./scripts/setup.sh)" >&2
-    exit 1
+    exec ./scripts/as-root "$PWD/scripts/setup.sh" "$@"  # through sudo
 fi
 
 APT_PACKAGES=(

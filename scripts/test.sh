@@ -20,6 +20,9 @@
 # logs (tests/vm/conftest.py), and the run's files are kept (the path is printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+    exec ./scripts/as-root env ${VMPOD_SKIP_SETUP:+VMPOD_SKIP_SETUP=1} "$PWD/scripts/test.sh" "$@"
+fi
 
 stage=all
 case "${1:-}" in
