@@ -60,12 +60,18 @@ def make_shared(path: Path) -> None:
 
 
 def umount(target: Path) -> None:
-    """Lazy recursive unmount of ``target`` and everything below it; absent is fine."""
-    for point in reversed(mounts_below(target)):
-        if _libc.umount2(os.fsencode(point), MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            if err not in (errno.EINVAL, errno.ENOENT):
-                raise MountError(f"unmount {point}: {os.strerror(err)}", errno=err)
+    """Lazy recursive unmount of ``target`` and everything below it, however many
+    times a point was mounted over; absent is fine."""
+    for _ in range(64):  # one layer of every stacked point per round
+        points = mounts_below(target)
+        if not points:
+            return
+        for point in reversed(points):
+            if _libc.umount2(os.fsencode(point), MNT_DETACH) != 0:
+                err = ctypes.get_errno()
+                if err not in (errno.EINVAL, errno.ENOENT):
+                    raise MountError(f"unmount {point}: {os.strerror(err)}", errno=err)
+    raise MountError(f"unmount {target}: still mounted after 64 rounds")
 
 
 def _unescape(field: str) -> str:

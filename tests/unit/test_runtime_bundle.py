@@ -202,10 +202,7 @@ def test_a_command_bind_mounted_as_a_file_is_found(bundle: Path, tmp_path: Path)
     spec["mounts"] = [
         {"destination": "/run/podman-init", "type": "bind", "source": str(init), "options": ["bind", "ro"]}
     ]
-    try:
-        plan = translate(spec, bundle, "c", CFG)
-    except RuntimeCliError as err:
-        pytest.xfail(f"bug: check_executable ignores file bind mounts: {err}")
+    plan = translate(spec, bundle, "c", CFG)
     assert plan.volumes == (Volume(0, init, readonly=True),)
 
 

@@ -277,8 +277,7 @@ class _MountPlan:
         m["type"] = "bind"
         self.volumes.append(Volume(len(self.out), src, readonly="ro" in options))
         self.out.append(m)
-        if stat.S_ISDIR(st.st_mode):
-            self.dir_dests.append(dest)
+        self.dir_dests.append(dest)  # the command may come from it (podman --init)
 
 
 _SYSFS_BIND: dict[str, object] = {

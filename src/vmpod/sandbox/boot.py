@@ -71,21 +71,21 @@ def collect_stale(paths: Paths) -> list[str]:
 
     A live owner holds the flock on ``lock``; its QEMU died with it (PDEATHSIG).
     """
-    removed: list[str] = []
-    alive: set[str] = set()
-    for d in paths.sandboxes.iterdir() if paths.sandboxes.is_dir() else ():
+
+    def alive(name: str) -> bool:
         try:
-            if is_locked(d / "lock"):
-                alive.add(d.name)
-                continue
+            return is_locked(paths.sandboxes / name / "lock")
         except OSError:
-            pass  # no lock file: half-created, the owner is gone too
-        removed.append(d.name)
-    # shared directories first: unmounted, never deleted through a mount; made
-    # only after their sandbox's lock is taken, so a live one is in ``alive``
+            return False  # no lock file: half-created, the owner is gone too
+
+    # shared directories first: unmounted, never deleted through a mount; one is
+    # made only after its sandbox holds the lock, so a live one reads alive
     collect_stale_shares(paths.shared, alive)
-    for name in removed:
-        shutil.rmtree(paths.sandboxes / name, ignore_errors=True)
+    removed: list[str] = []
+    for d in paths.sandboxes.iterdir() if paths.sandboxes.is_dir() else ():
+        if not alive(d.name):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
     return removed
 
 

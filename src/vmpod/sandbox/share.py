@@ -9,8 +9,8 @@ container, holding bind mounts of its root filesystem and volumes::
 
 Read-only shares are read-only bind mounts: the guest cannot write through them
 whatever it mounts (virtiofsd 7.2 has no read-only mode). Teardown unmounts
-first and then deletes only the empty directories and empty files it made as
-mount points; it never deletes recursively, so nothing can reach a user's data.
+first and deletes the tree only once nothing is mounted below it, on its own
+file system and without following symlinks, so nothing can reach a user's data.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +73,13 @@ class SharedDir:
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             raise SandboxError(f"cannot share {share.source}: not a directory or regular file")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if stat.S_ISDIR(st.st_mode):
-            target.mkdir()
-        else:
-            target.touch(exist_ok=False)
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                target.mkdir()
+            else:
+                target.touch(exist_ok=False)
+        except FileExistsError:
+            raise SandboxError(f"cannot share {share.source}: {share.name} is shared already") from None
         try:
             bind(share.source, target, readonly=share.readonly)
         except MountError as err:
@@ -104,49 +108,57 @@ def _remove_point(path: Path) -> None:
     try:
         if path.is_dir() and not path.is_symlink():
             path.rmdir()
-        elif path.stat().st_size == 0:
+        else:
             path.unlink()
     except FileNotFoundError:
         pass
 
 
 def _prune(top: Path) -> None:
-    """Delete ``top``'s tree bottom-up: only empty dirs and empty files, on the
-    same file system as ``top``, and nothing at all below a mount point."""
+    """Delete ``top``'s tree once nothing is mounted below it. What is left there is
+    ours or the guest's scratch (mount points, files a guest made beside its
+    shares), never user data: that was only reachable through the bind mounts.
+    Stays on ``top``'s file system and never follows a symlink."""
     if not top.exists():
         return
-    mounted = set(mounts_below(top))
+    mounted = mounts_below(top)
     if mounted:
-        log.warning("not removing %s: still mounted below it (%s)", top, sorted(mounted)[0])
+        log.warning("not removing %s: still mounted below it (%s)", top, mounted[0])
         return
     dev = top.lstat().st_dev
     for dirpath, dirnames, filenames in os.walk(top, topdown=False):
-        for name in filenames:
-            p = Path(dirpath, name)
-            st = p.lstat()
-            if st.st_dev == dev and stat.S_ISREG(st.st_mode) and st.st_size == 0:
-                p.unlink()
-        for name in dirnames:
-            _rmdir(Path(dirpath, name))
-    _rmdir(top)
+        for name in (*filenames, *dirnames):
+            _remove_entry(Path(dirpath, name), dev)
+    _remove_entry(top, dev)
 
 
-def _rmdir(path: Path) -> None:
+def _remove_entry(path: Path, dev: int) -> None:
     try:
-        path.rmdir()
+        st = path.lstat()
+        if st.st_dev != dev:
+            log.warning("not removing %s: on another file system", path)
+        elif stat.S_ISDIR(st.st_mode):
+            path.rmdir()
+        else:
+            path.unlink()  # files, and symlinks themselves (never their targets)
+    except FileNotFoundError:
+        pass
     except OSError as err:
-        if err.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+        if err.errno != errno.ENOTEMPTY:
             raise
-        if err.errno == errno.ENOTEMPTY:
-            log.warning("not removing %s: not empty", path)
+        log.warning("not removing %s: not empty", path)
 
 
-def collect_stale_shares(base: Path, alive: set[str]) -> list[str]:
-    """Tear down shared directories of sandboxes not in ``alive``."""
+def collect_stale_shares(base: Path, alive: Callable[[str], bool]) -> list[str]:
+    """Tear down the shared directories of sandboxes for which ``alive(name)`` is
+    false, asked at that moment (a sandbox may have started meanwhile)."""
     removed = []
     if base.is_dir():
         for d in base.iterdir():
-            if d.name not in alive:
-                SharedDir(d).destroy()
+            if not alive(d.name):
+                if d.is_dir() and not d.is_symlink():
+                    SharedDir(d).destroy()
+                else:
+                    d.unlink()
                 removed.append(d.name)
     return removed

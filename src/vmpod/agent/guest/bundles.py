@@ -103,6 +103,13 @@ def prepare_bundle(
     return bundle
 
 
+def root_path(bundle: str) -> str:
+    """The container's root directory, as the bundle's config.json says."""
+    with open(os.path.join(bundle, "config.json")) as fh:
+        spec = json.load(fh)
+    return str(spec["root"]["path"])
+
+
 def _mount_overlay(config: AgentConfig, bundle: str, device: str, fstype: str) -> None:
     """Mount the disk read-only under a tmpfs-backed overlay at <bundle>/rootfs."""
     lower, rw, rootfs = (os.path.join(bundle, d) for d in ("lower", "rw", "rootfs"))

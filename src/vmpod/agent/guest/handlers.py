@@ -178,7 +178,7 @@ class Handlers:
         bundle = bundles.bundle_dir(self.config, cid)
         process = dict(a.process)
         if a.user:
-            process["user"] = resolve_user(f"{bundle}/rootfs", a.user)
+            process["user"] = resolve_user(bundles.root_path(bundle), a.user)
         spec_file = f"{bundle}/exec-{a.stream}.json"
         with open(spec_file, "w") as fh:
             json.dump(process, fh)
