@@ -17,6 +17,7 @@ APT_PACKAGES=(
     kmod cpio            # depmod for kernel modules, the initramfs archive
     lz4 xz-utils zstd    # kernel and layer decompressors
     python3-venv
+    catatonit            # `vmpod run --init` (a static init bind-mounted as PID 1)
     # tests and integrations
     docker-registry skopeo              # a real OCI registry on loopback, pushes
     podman containerd runc              # real clients of vmpod-runtime; runc to compare

@@ -4,6 +4,7 @@ the matrix; vmpod-runtime takes its config from the bundle instead."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from vmpod.errors import ConfigError
@@ -86,6 +87,9 @@ class ProcessOptions:
     # All capabilities and the guest's devices (like `docker run --privileged`):
     # privileged inside the VM, which stays the isolation boundary.
     privileged: bool = False
+    # --init: catatonit from the host, bind-mounted read-only, runs as PID 1 and
+    # reaps zombies (as podman --init does; it is static, so any image can run it)
+    init: bool = False
 
 
 def command(image: ImageConfig, args: tuple[str, ...]) -> tuple[str, ...]:
@@ -109,6 +113,18 @@ def merge_env(image: ImageConfig, extra: tuple[str, ...], tty: bool, hostname: s
     return [f"{k}={v}" for k, v in env.items()]
 
 
+INIT_PATH = "/run/vmpod-init"  # where --init's binary appears in the container
+INIT_BINARIES = ("/usr/bin/catatonit", "/usr/libexec/podman/catatonit")
+
+
+def init_binary() -> str:
+    """The host's catatonit (for --init)."""
+    for cand in INIT_BINARIES:
+        if os.access(cand, os.X_OK):
+            return cand
+    raise ConfigError("--init needs catatonit on the host", hint="apt-get install catatonit")
+
+
 def user_of(image: ImageConfig, opts: ProcessOptions) -> str:
     return opts.user or image.user
 
@@ -127,7 +143,7 @@ def build_spec(image: ImageConfig, opts: ProcessOptions) -> dict[str, object]:
         "process": {
             "terminal": opts.tty,
             "user": {"uid": 0, "gid": 0},
-            "args": list(command(image, opts.args)),
+            "args": [*((INIT_PATH, "--") if opts.init else ()), *command(image, opts.args)],
             "env": merge_env(image, opts.env, opts.tty, opts.hostname),
             "cwd": workdir,
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
@@ -161,6 +177,12 @@ def build_spec(image: ImageConfig, opts: ProcessOptions) -> dict[str, object]:
         process = spec["process"]
         assert isinstance(process, dict)
         process["noNewPrivileges"] = False
+    if opts.init:
+        mounts = spec["mounts"]
+        assert isinstance(mounts, list)
+        mounts.append(
+            {"destination": INIT_PATH, "type": "bind", "source": init_binary(), "options": ["bind", "ro"]}
+        )
     return spec
 
 

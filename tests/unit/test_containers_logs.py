@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vmpod.containers.logs import LogSink, RotatingLog, follow, read, rotated
+from vmpod.runtime.outputlog import LogSink, RotatingLog, follow, read, rotated
 
 
 def test_lines_keep_their_stream_and_split_at_newlines(tmp_path: Path) -> None:

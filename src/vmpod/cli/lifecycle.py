@@ -18,13 +18,13 @@ import click
 
 from vmpod.cli.common import guard, guarded, progress
 from vmpod.containers import copy as cp_
-from vmpod.containers import logs as logs_
 from vmpod.containers import rootfs
 from vmpod.containers.manager import Manager, View
 from vmpod.containers.options import RunRequest, user_ids
 from vmpod.containers.records import ContainerError
 from vmpod.errors import ConfigError
 from vmpod.paths import default_paths
+from vmpod.runtime import outputlog as logs_
 
 _CTX = {"help_option_names": ["-h", "--help"]}
 

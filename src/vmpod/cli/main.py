@@ -82,7 +82,7 @@ def cli(verbose: int) -> None:
 )
 @click.option("--env-file", "env_files", multiple=True, metavar="FILE", help="Read NAME=VALUE lines.")
 @click.option("--entrypoint", default=None, help="Replace the image's ENTRYPOINT (and drop its CMD).")
-@click.option("--init", is_flag=True, help="Run an init that reaps zombies (not available yet).")
+@click.option("--init", is_flag=True, help="Run catatonit as PID 1: it forwards signals and reaps zombies.")
 @click.option("--log-max-size", default="10m", show_default=True, help="Size of one log file (-d/--name).")
 @click.option("--log-max-files", type=int, default=3, show_default=True, help="Log files kept (-d/--name).")
 def run(
@@ -130,13 +130,19 @@ def run(
     if rootfs and image:
         # With --rootfs every positional word is the command.
         command, image = (image, *command), ""
-    if init:
-        guard(_no_init)
     env = guard(lambda: _env_files(env_files)) + env
     process = ProcessOptions(
-        args=command, env=env, workdir=workdir, user=user, tty=tty, hostname=hostname, read_only=read_only
+        args=command,
+        env=env,
+        workdir=workdir,
+        user=user,
+        tty=tty,
+        hostname=hostname,
+        read_only=read_only,
+        init=init,
     )
-    if detach or name or volumes or entrypoint is not None:
+    # a volume, or --init's binary, is a host path shared with the VM: the managed path
+    if detach or name or volumes or init or entrypoint is not None:
         named = RunRequest(
             image=image,
             rootfs=rootfs,
@@ -173,13 +179,6 @@ def run(
     )
     status = guard(lambda: asyncio.run(run_container(default_paths(), opts, progress)))
     sys.exit(status)
-
-
-def _no_init() -> None:
-    raise ConfigError(
-        "--init is not supported yet: the guest image has no container init (catatonit or tini) to inject",
-        hint="run a command that reaps its children, or use a shell as PID 1",
-    )
 
 
 def _env_files(files: tuple[str, ...]) -> tuple[str, ...]:

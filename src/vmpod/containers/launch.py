@@ -3,8 +3,8 @@ vmpod-runtime ``create`` + ``start`` (the runtime's functions, its monitor).
 
 The bundle (``<record>/bundle/config.json``) names the overlay's merged
 directory as ``root.path`` and the volumes as bind mounts; the VM's kernel,
-accelerator and guest runtime reach ``create`` through a per-container runtime
-config (``VMPOD_RUNTIME_CONFIG``). Imported only by commands that boot VMs.
+accelerator and guest runtime are kept in a per-container runtime config
+(``<record>/runtime.json``) that ``create`` is given on every start. Imported only by commands that boot VMs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from vmpod.guest.progress import Progress, silent
 from vmpod.images import resolve_image, resolve_rootfs
 from vmpod.runspec import build_spec
 from vmpod.runtime import ipc, lifecycle
-from vmpod.runtime.monitor import output_log
+from vmpod.runtime.config import load_config
 from vmpod.runtime.state import now_rfc3339
 from vmpod.sandbox.build import check_resources
 
@@ -117,8 +117,10 @@ def start_container(m: Manager, rec: Record, *, foreground: bool = False, intera
     if m.store.dir(rec.id).exists():  # an ended VM's runtime state: replaced
         lifecycle.delete(m.store, rec.id, force=True)
     sink = m.log_sink(rec, tee=foreground)
-    with _env("VMPOD_RUNTIME_CONFIG", str(d / "runtime.json")), output_log(sink), _stdin(interactive):
-        create(m.store, rec.id, str(d / "bundle"), "", "", (str(d / "monitor.log"), "text", False))
+    cfg = load_config(str(d / "runtime.json"))  # the VM settings it was made with
+    with _stdin(interactive):
+        log_opts = (str(d / "monitor.log"), "text", False)
+        create(m.store, rec.id, str(d / "bundle"), "", "", log_opts, cfg=cfg, output_log=sink)
     m.records.update(rec.id, started=now_rfc3339(), finished="", exit_code=None)
     lifecycle.start(m.store, rec.id)
     return m.store.load(rec.id).pid
@@ -180,19 +182,6 @@ def reap_when_done(m: Manager, rec: Record) -> None:
             m.remove(rec.id, force=True)
     finally:
         os._exit(0)
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 @contextlib.contextmanager

@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vmpod.containers import rootfs
-from vmpod.containers.logs import DEFAULT_KEEP, DEFAULT_MAX_BYTES, LogSink
 from vmpod.containers.records import ContainerError, NoSuchContainer, Record, Records
 from vmpod.paths import Paths
 from vmpod.runtime import ipc, lifecycle
 from vmpod.runtime.errors import NotFound, RuntimeCliError
+from vmpod.runtime.outputlog import DEFAULT_KEEP, DEFAULT_MAX_BYTES, LogSink
 from vmpod.runtime.state import CREATED, CREATING, PAUSED, RUNNING, STOPPED, Store, now_rfc3339
 
 STOP_TIMEOUT = 10.0

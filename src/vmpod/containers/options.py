@@ -6,12 +6,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmpod.containers.logs import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 from vmpod.containers.records import Mount
 from vmpod.errors import ConfigError
 from vmpod.fsutil import resolve_below
 from vmpod.guest.kernel import DEFAULT_KERNEL
 from vmpod.runspec import ProcessOptions
+from vmpod.runtime.outputlog import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ from pathlib import Path
 from vmpod.paths import default_paths
 from vmpod.runtime import ipc
 from vmpod.runtime.bundle import load_spec, translate
-from vmpod.runtime.config import load_config
+from vmpod.runtime.config import RuntimeConfig, load_config
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import run_hooks, run_hooks_warn
 from vmpod.runtime.lifecycle import cleanup, destroy, sock_path, write_pid_file
 from vmpod.runtime.monitor import monitor_main
+from vmpod.runtime.outputlog import LogSink
 from vmpod.runtime.session import MonitorArgs
 from vmpod.runtime.state import CREATING, STOPPED, ContainerState, Store, check_id, now_rfc3339
 from vmpod.sandbox import SandboxSpec, prepare
@@ -37,11 +38,17 @@ def create(
     pid_file: str,
     console_socket: str,
     log_opts: LogOpts = ("", "text", False),
+    *,
+    cfg: RuntimeConfig | None = None,
+    output_log: LogSink | None = None,
 ) -> None:
+    """runc's create. ``cfg``: the runtime's configuration (default: its config
+    file); ``output_log``: the container's stdout/stderr go to that rotating log
+    instead of the stdio ``create`` was given (`vmpod run -d`)."""
     check_id(cid)
     if (store.dir(cid) / "state.json").exists():
         raise RuntimeCliError("container with given ID already exists")
-    cfg = load_config()
+    cfg = cfg or load_config()
     bundle_dir = Path(bundle).absolute()
     plan = translate(load_spec(bundle_dir), bundle_dir, cid, cfg)
     if plan.terminal and not console_socket:
@@ -83,6 +90,7 @@ def create(
             console_socket=console_socket,
             paths=paths,
             ready_fd=-1,
+            output_log=output_log,
             log_path=log_opts[0],
             log_format=log_opts[1],
             debug=log_opts[2],

@@ -19,37 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
-from collections.abc import Iterator
 from typing import NoReturn
 
-from vmpod.containers.logs import LogSink
 from vmpod.errors import VmpodError
 from vmpod.runtime.exits import exit_like
 from vmpod.runtime.logs import setup_logging
 from vmpod.runtime.session import MonitorArgs, Session
 
-_PENDING_LOG: list[LogSink] = []  # see output_log()
-
-
-@contextlib.contextmanager
-def output_log(sink: LogSink) -> Iterator[None]:
-    """Give the monitors forked in this block (by ``create``) ``sink`` as their
-    ``output_log``: how `vmpod` asks for a log file until ``create`` takes one."""
-    _PENDING_LOG.append(sink)
-    try:
-        yield
-    finally:
-        _PENDING_LOG.remove(sink)
-
 
 def monitor_main(args: MonitorArgs, keep: tuple[int, ...]) -> NoReturn:
     """Entry point in the forked child; never returns."""
     status = 255
-    if _PENDING_LOG and args.output_log is None:
-        args = dataclasses.replace(args, output_log=_PENDING_LOG[-1])
     try:
         os.setsid()
         root = logging.getLogger()

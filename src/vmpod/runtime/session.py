@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
-from vmpod.containers.logs import LogSink, RotatingLog
 from vmpod.errors import AgentTimeout, VmpodError
 from vmpod.paths import Paths
 from vmpod.runtime import ipc
@@ -25,6 +24,7 @@ from vmpod.runtime.config import config_path
 from vmpod.runtime.control import ControlServer, Msg
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.execs import ExecSession
+from vmpod.runtime.outputlog import LogSink, RotatingLog
 from vmpod.runtime.rules import require
 from vmpod.runtime.state import CREATING, STOPPED, Store, proc_start_time
 from vmpod.sandbox import Container, ContainerSpec, ContainerState, Output, Process, Sandbox, SandboxConfig
