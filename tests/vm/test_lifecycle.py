@@ -132,7 +132,10 @@ def test_killed_monitor_then_ps_rm_and_runtime_run(
 def test_init_reaps_zombies_and_rm_leaves_nothing(vm_factory: VmFactory, busybox: Path) -> None:
     vmpod = vm_factory()
     # the orphaned grandchild's parent exits at once: PID 1 must reap it
-    script = "(sleep 0.3 &); sleep 1.5; cat /proc/1/cmdline | tr '\\0' ' '; echo; ps -o stat,comm | grep -c '^Z' || true"
+    script = (
+        "(sleep 0.3 &); sleep 1.5; cat /proc/1/cmdline | tr '\\0' ' '; echo; "
+        "ps -o stat,comm | grep -c '^Z' || true"
+    )
     r = vmpod.run("--rm", "--init", "--rootfs", str(busybox), "--", "sh", "-c", script)
     assert r.returncode == 0, r.err
     first, zombies = r.out.splitlines()
