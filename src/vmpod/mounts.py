@@ -27,7 +27,7 @@ MNT_DETACH = 0x2
 _KEEP_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": 0x8}
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
@@ -51,12 +51,21 @@ def bind(source: Path, target: Path, *, readonly: bool = False) -> None:
             raise
 
 
-def make_shared(path: Path) -> None:
-    """``path`` becomes a mount of its own in a new peer group: mounts made below it
-    later reach namespaces that copied it as slaves (virtiofsd's)."""
-    _mount(str(path), path, None, MS_BIND, "bind")
-    _mount(None, path, None, MS_PRIVATE, "make private")
-    _mount(None, path, None, MS_SHARED, "make shared")
+def make_shared_tmpfs(path: Path, size: str, inodes: int) -> None:
+    """A small tmpfs on ``path`` in a new peer group of its own: mounts made below it
+    later reach namespaces that copied it as slaves (virtiofsd's), and whatever
+    else is written there is bounded (``size`` like "1m", ``inodes`` files)."""
+    opts = f"size={size},nr_inodes={inodes},mode=0755"
+    src = b"vmpod-shared"
+    if _libc.mount(src, os.fsencode(path), b"tmpfs", MS_NOSUID | MS_NODEV, opts.encode()) != 0:
+        err = ctypes.get_errno()
+        raise MountError(f"mount tmpfs on {path}: {os.strerror(err)}", errno=err)
+    try:
+        _mount(None, path, None, MS_PRIVATE, "make private")
+        _mount(None, path, None, MS_SHARED, "make shared")
+    except BaseException:
+        umount(path)
+        raise
 
 
 def umount(target: Path) -> None:

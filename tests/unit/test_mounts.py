@@ -191,11 +191,14 @@ def test_umount_removes_stacked_mounts_too(tmp: Path) -> None:
     assert mounts.mounts_below(d) == []
 
 
-def test_make_shared_starts_a_peer_group_of_its_own(tmp: Path) -> None:
+def test_make_shared_tmpfs_starts_a_bounded_peer_group_of_its_own(tmp: Path) -> None:
     d = tmp / "shared"
     d.mkdir()
-    mounts.make_shared(d)
+    mounts.make_shared_tmpfs(d, "64k", 64)
     assert mounts.is_mount_point(d)
+    with pytest.raises(OSError):  # bounded: a hostile guest cannot fill the host's /run
+        (d / "big").write_bytes(b"x" * (128 * 1024))
+    (d / "big").unlink()
     [tag] = [f for f in optional_fields(d) if f.startswith("shared:")]
     (d / "late").mkdir()
     other = tmp / "other"

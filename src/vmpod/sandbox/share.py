@@ -1,8 +1,9 @@
 """The sandbox's shared directory: the host tree its VM sees over virtio-fs.
 
-``<run>/shared/<sandbox id>`` is a mount of its own in a fresh peer group, so a
-bind mount added after boot (a pod's next container, a late volume) reaches the
-file server's mount namespace too. Below it, Kata's layout: one directory per
+``<run>/shared/<sandbox id>`` is a small tmpfs of its own in a fresh peer group,
+so a bind mount added after boot (a pod's next container, a late volume) reaches
+the file server's mount namespace too, and what a guest writes beside its shares
+is bounded (1 MiB) and gone with the unmount. Below it, Kata's layout: one directory per
 container, holding bind mounts of its root filesystem and volumes::
 
     <cid>/rootfs   <cid>/v1   <cid>/v2 ...
@@ -24,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmpod.errors import MountError, SandboxError
-from vmpod.mounts import bind, is_mount_point, make_shared, mounts_below, umount
+from vmpod.mounts import bind, is_mount_point, make_shared_tmpfs, mounts_below, umount
 
 log = logging.getLogger(__name__)
+SCRATCH_SIZE, SCRATCH_INODES = "1m", 4096  # the shared root's own files: mount points
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -56,7 +58,8 @@ class SharedDir:
     def make(self) -> None:
         self.root.mkdir(parents=True, exist_ok=False)
         try:
-            make_shared(self.root)
+            # the guest can write beside its shares: a bounded scratch, not /run
+            make_shared_tmpfs(self.root, SCRATCH_SIZE, SCRATCH_INODES)
         except BaseException:
             self.destroy()
             raise
