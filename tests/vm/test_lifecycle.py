@@ -143,3 +143,25 @@ def test_init_reaps_zombies_and_rm_leaves_nothing(vm_factory: VmFactory, busybox
     assert zombies == "0", r.out
     assert _states(vmpod) == {}
     assert not qemu_pids(str(vmpod.paths.run))
+
+
+def test_nested_file_and_symlinked_volumes(vm_factory: VmFactory, busybox: Path, tmp_path: Path) -> None:
+    vmpod = vm_factory()
+    outer, inner, real = tmp_path / "outer", tmp_path / "inner", tmp_path / "real"
+    for d in (outer, inner, real):
+        d.mkdir()
+    (tmp_path / "conf").write_text("setting=1\n")
+    (tmp_path / "link").symlink_to(real)  # the kernel's bind follows it, as docker's does
+    script = "echo in > /data/sub/f; echo out > /data/f; cat /etc/app.conf; echo via-link > /l/f"
+    r = vmpod.run(
+        "--rm",
+        *("-v", f"{inner}:/data/sub"),  # given first: still mounted on top of /data
+        *("-v", f"{outer}:/data"),
+        *("-v", f"{tmp_path / 'conf'}:/etc/app.conf:ro"),
+        *("-v", f"{tmp_path / 'link'}:/l"),
+        *("--rootfs", str(busybox), "--", "sh", "-c", script),
+    )
+    assert (r.returncode, r.out) == (0, "setting=1\n"), r.err
+    assert (inner / "f").read_text() == "in\n" and (outer / "f").read_text() == "out\n"
+    assert (real / "f").read_text() == "via-link\n"
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "conf").read_text() == "setting=1\n"

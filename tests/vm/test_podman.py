@@ -208,6 +208,8 @@ def test_volumes_read_write_read_only_and_named(podman: Podman, tmp_path: Path) 
     res = podman("run", "--rm", "-v", f"{data}:/data:ro", *ULIMITS, IMAGE, "sh", "-c", "echo no > /data/no")
     assert res.returncode != 0 and "Read-only file system" in res.stderr
     assert not (data / "no").exists()
+    res = podman("run", "--rm", "--read-only", *ULIMITS, IMAGE, "sh", "-c", "touch /etc/x")
+    assert res.returncode != 0 and "Read-only file system" in res.stderr
     assert podman("volume", "create", "vmpodvol").returncode == 0
     try:
         res = podman("run", "--rm", "-v", "vmpodvol:/v", *ULIMITS, IMAGE, "sh", "-c", "echo named > /v/f")

@@ -82,7 +82,8 @@ def _write_bundle(
     spec["process"]["user"] = user  # type: ignore[index]
     mounts = spec["mounts"]
     assert isinstance(mounts, list)
-    for v in rec.mounts:
+    # parents before children, as docker does: -v /b:/data/sub -v /a:/data keeps both
+    for v in sorted(rec.mounts, key=lambda v: v.destination.rstrip("/").count("/")):
         opts = ["rbind", "ro" if v.readonly else "rw"]
         mounts.append({"destination": v.destination, "type": "bind", "source": v.source, "options": opts})
     resources: dict[str, object] = {"cpu": {"quota": req.cpus * 100000, "period": 100000}}
