@@ -1,0 +1,1 @@
+"""Host-side networking: CNI attachment, netns/tap/tc wiring of a pod's network into its VM."""
