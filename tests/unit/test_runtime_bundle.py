@@ -122,6 +122,8 @@ def test_podman_like_config_is_translated_for_the_guest(bundle: Path, tmp_path: 
     assert isinstance(linux, dict)
     assert linux["namespaces"] == [{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}]
     assert linux["sysctl"] == {"kernel.msgmax": "8192"}
+    assert any("net.ipv4.ping_group_range" in w for w in plan.warnings)
+    assert plan.netns == "/run/netns/x"
     assert linux["cgroupsPath"] == "/vmpod/abc"
     assert "mountLabel" not in linux
     assert linux["resources"] == {
@@ -421,3 +423,16 @@ def test_load_spec_errors(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("[]")
     with pytest.raises(RuntimeCliError, match="not a JSON object"):
         load_spec(tmp_path)
+
+
+def test_network_namespace_without_a_path_is_loopback_only(bundle: Path) -> None:
+    spec = _spec(bundle)
+    spec["linux"] = {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}]}
+    assert translate(spec, bundle, "c", CFG).netns == ""
+
+
+def test_the_hosts_network_is_refused(bundle: Path) -> None:
+    spec = _spec(bundle)
+    spec["linux"] = {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
+    with pytest.raises(RuntimeCliError, match="cannot share the host's"):
+        translate(spec, bundle, "c", CFG)

@@ -5,9 +5,14 @@ What changes on the way into the VM (the Kata model):
 - ``root.path`` (a host directory) is shared with the VM over virtio-fs and is
   the container's root as it is: writes land in the bundle's rootfs on the host
   (read-only on the host side too with ``root.readonly``).
-- The ``network`` namespace and every namespace ``path`` are dropped: the
-  container shares the VM's network, and host namespaces mean nothing inside.
-  ``net.*`` sysctls, which need a private network namespace, are dropped too.
+- The ``network`` namespace's ``path`` (the engine's pod namespace) is wired
+  into the VM: each interface becomes a NIC with the same MAC, MTU, addresses
+  and routes (``Plan.netns``); without a path the VM has loopback only. The
+  container shares the VM's network, as containers of a pod share its
+  namespace. No network namespace at all means the host's network, which a VM
+  cannot share: refused. Other namespace paths mean nothing inside and are
+  dropped; ``net.*`` sysctls are dropped with a warning (they would need the
+  container's own network namespace, and it has the VM's).
 - Bind mounts of host directories and regular files (volumes, podman's
   /etc/hosts, resolv.conf, secrets) are shared over virtio-fs too, read-only
   ones read-only on the host side; a bind-mounted /dev/shm becomes a guest
@@ -62,6 +67,7 @@ class Plan:
     annotations: dict[str, str]
     warnings: tuple[str, ...] = field(default=())
     kernel_modules: tuple[str, ...] = ()  # NAME[=params], from org.vmpod.kernel_modules
+    netns: str = ""  # the engine's network namespace to wire into the VM ("": loopback only)
 
 
 def load_spec(bundle: Path) -> dict[str, object]:
@@ -117,6 +123,7 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
     guest["mounts"] = mounts
     linux = _obj(spec.get("linux"), "linux")
     resources = _obj(linux.get("resources"), "linux.resources")
+    netns = _netns(linux)
     if linux:
         guest_linux = _linux(linux, cid, warnings)
         guest["linux"] = guest_linux
@@ -147,6 +154,7 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
         hooks=hooks,
         annotations=annotations,
         warnings=tuple(warnings),
+        netns=netns,
         kernel_modules=tuple(
             m.strip() for m in annotations.get(ANNOTATION_MODULES, "").split(";") if m.strip()
         ),
@@ -287,6 +295,22 @@ _SYSFS_BIND: dict[str, object] = {
 }
 
 
+def _netns(linux: dict[str, object]) -> str:
+    """The network namespace path to wire in ("" for a new, empty namespace)."""
+    for ns in _list(linux.get("namespaces"), "linux.namespaces"):
+        ns = _obj(ns, "linux.namespaces[]")
+        if ns.get("type") == "network":
+            path = ns.get("path") or ""
+            if not isinstance(path, str):
+                raise RuntimeCliError("config.json: linux.namespaces[].path must be a string")
+            return path
+    raise RuntimeCliError(
+        "the container asks for the host's network (no network namespace in config.json): "
+        "a VM has its own network stack and cannot share the host's "
+        "(use a bridge network, or --network none)"
+    )
+
+
 def _linux(linux: dict[str, object], cid: str, warnings: list[str]) -> dict[str, object]:
     """linux, with host namespaces, host cgroup paths and host-only settings removed."""
     out = {k: v for k, v in linux.items() if k not in ("mountLabel", "intelRdt")}
@@ -300,6 +324,9 @@ def _linux(linux: dict[str, object], cid: str, warnings: list[str]) -> dict[str,
     sysctl = _obj(linux.get("sysctl"), "linux.sysctl")
     if sysctl:  # net.* sysctls need a private network namespace (podman sets one by default)
         out["sysctl"] = {k: v for k, v in sysctl.items() if not k.startswith("net.")}
+        dropped = sorted(k for k in sysctl if k.startswith("net."))
+        if dropped:
+            warnings.append(f"sysctls {', '.join(dropped)} dropped: the container shares its VM's network")
     out["cgroupsPath"] = f"/vmpod/{cid}"
     resources = _obj(linux.get("resources"), "linux.resources")
     if resources:

@@ -69,6 +69,7 @@ def create(
             boot_timeout=cfg.boot_timeout,
             kernel_modules=plan.kernel_modules,
             shared_fs=True,
+            netns=plan.netns,
         ),
     )
     st = ContainerState(

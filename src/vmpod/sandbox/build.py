@@ -39,6 +39,7 @@ class SandboxSpec:
     agent_channel: str = "auto"  # auto | serial | vsock
     hypervisor: str = "qemu"
     shared_fs: bool = False  # virtio-fs: volumes, host-directory root filesystems
+    netns: str = ""  # a network namespace whose interfaces become the VM's NICs
 
 
 def check_resources(cpus: int, memory_mb: int) -> None:
@@ -69,6 +70,7 @@ def prepare(paths: Paths, spec: SandboxSpec, progress: Progress = silent) -> San
         modules=tuple(modules),
         hypervisor=spec.hypervisor,
         shared_fs=spec.shared_fs,
+        netns=spec.netns,
     )
     return with_rootfs(config, *spec.rootfs)
 

@@ -40,6 +40,10 @@ class SandboxConfig:
     # A host directory shared with the VM over virtio-fs (with its file server):
     # needed for volumes and for root filesystems that are host directories.
     shared_fs: bool = False
+    # A network namespace (the engine's pod namespace, or one vmpod made with CNI):
+    # each of its interfaces is mirrored to a tap and becomes a NIC of the VM with
+    # the same MAC, MTU, addresses and routes. "": the VM has loopback only.
+    netns: str = ""
 
 
 @dataclass(frozen=True)
