@@ -16,6 +16,14 @@ esac
 for m in $mods; do
     $B insmod "/lib/modules/$m.ko" || fail "insmod $m failed"
 done
+# The NIC driver only where the VM has a virtio-net device (id 1): no cost elsewhere.
+net=
+for d in /sys/bus/virtio/devices/*/device; do
+    [ -r "$d" ] && read -r id <"$d" && [ "$id" = 0x0001 ] && net=$($B cat /etc/modules.net)
+done
+for m in $net; do
+    $B insmod "/lib/modules/$m.ko" || fail "insmod $m failed"
+done
 # Find the guest root by its virtio serial: virtio-mmio probe order is not stable.
 root=
 for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from vmpod.errors import AssetError
 from vmpod.guest.kernel import Kernel
-from vmpod.guest.modules import BOOT_MODULES, VSOCK_MODULES, load_order, module_name, read_module
+from vmpod.guest.modules import (
+    BOOT_MODULES,
+    NET_MODULES,
+    VSOCK_MODULES,
+    load_order,
+    module_name,
+    read_module,
+)
 from vmpod.paths import Paths
 from vmpod.proc import run
 
@@ -29,7 +36,7 @@ def init_script() -> bytes:
 def initramfs_key(kernel: Kernel, busybox: Path) -> str:
     """Inputs that decide the initramfs content."""
     h = hashlib.sha256()
-    modules = [p.name for p in load_order(kernel.modules_dir, BOOT_MODULES + VSOCK_MODULES)]
+    modules = [p.name for p in load_order(kernel.modules_dir, BOOT_MODULES + VSOCK_MODULES + NET_MODULES)]
     for part in (FORMAT, kernel.release, kernel.version, ",".join(modules)):
         h.update(part.encode() + b"\0")
     h.update(init_script())
@@ -110,8 +117,10 @@ def _stage(stage: Path, kernel: Kernel, busybox: Path) -> None:
         ) from err
     boot = _install(stage, load_order(kernel.modules_dir, BOOT_MODULES))
     vsock = [m for m in _install(stage, load_order(kernel.modules_dir, VSOCK_MODULES)) if m not in boot]
+    net = [m for m in _install(stage, load_order(kernel.modules_dir, NET_MODULES)) if m not in boot]
     (stage / "etc/modules.load").write_text("\n".join(boot) + "\n")
     (stage / "etc/modules.vsock").write_text("\n".join(vsock) + "\n")
+    (stage / "etc/modules.net").write_text("\n".join(net) + "\n")
 
 
 def _install(stage: Path, paths: list[Path]) -> list[str]:

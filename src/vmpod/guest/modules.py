@@ -17,6 +17,8 @@ from vmpod.proc import run
 BOOT_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "erofs", "overlay", "virtiofs")
 # loaded by /init only with vmpod.channel=vsock (hosts with vhost-vsock)
 VSOCK_MODULES = ("vmw_vsock_virtio_transport",)
+# loaded by /init only in a VM that has a virtio-net device (a NIC)
+NET_MODULES = ("virtio_net",)
 
 
 def module_name(relpath: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from dataclasses import dataclass, field
 from enum import Enum
@@ -52,6 +53,37 @@ class HostChannel:
             raise ValueError(f"vsock guest CID must be >= 3, not {self.vsock_cid}")
 
 
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A virtio-net NIC whose backend is an open tap file descriptor.
+
+    The caller owns ``fd``: it must stay open until ``launch`` returns (QEMU
+    inherits it under the same number) and the caller closes its own copy after
+    that — QEMU's copy keeps the tap attached for the life of the VM. Whether the
+    tap carries virtio-net headers is decided when the tap is opened
+    (IFF_VNET_HDR): QEMU probes the fd and refuses ``vnet_hdr=`` next to ``fd=``.
+    ``mtu`` is told to the guest driver (virtio-net ``host_mtu``); ``mac`` is the
+    guest's address, lower-case.
+    """
+
+    fd: int
+    mac: str
+    mtu: int = 1500
+
+    def __post_init__(self) -> None:
+        if self.fd < 0:
+            raise ValueError(f"invalid tap fd {self.fd}")
+        mac = self.mac.lower()
+        if not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+            raise ValueError(f"invalid NIC MAC address {self.mac!r} (need a unicast xx:xx:xx:xx:xx:xx)")
+        object.__setattr__(self, "mac", mac)
+        if not 68 <= self.mtu <= 65535:
+            raise ValueError(f"invalid NIC MTU {self.mtu} (68..65535)")
+
+
 @dataclass(frozen=True)
 class VmConfig:
     kernel: Path
@@ -67,6 +99,8 @@ class VmConfig:
     # server lives and dies with the VM. None: no shared directory.
     shared_dir: Path | None = None
     shared_tag: str = "shared"
+    # virtio-net NICs on tap fds the caller opened (and closes after launch).
+    nics: tuple[Nic, ...] = ()
 
     @property
     def channel_socket(self) -> Path:

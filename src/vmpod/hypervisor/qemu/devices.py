@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmpod.hypervisor.base import Disk, VmConfig
+from vmpod.hypervisor.base import Disk, Nic, VmConfig
 
 
 def q(value: object) -> str:
@@ -87,6 +87,23 @@ class BlockDevice:
 
 
 @dataclass(frozen=True)
+class NetDevice:
+    """virtio-net on a tap the caller opened; QEMU inherits ``nic.fd`` (see ``Nic``)."""
+
+    index: int
+    nic: Nic
+
+    def args(self) -> list[str]:
+        node = f"net{self.index}"
+        return [
+            "-netdev",
+            f"tap,id={node},fd={self.nic.fd}",
+            "-device",
+            f"virtio-net-device,netdev={node},mac={self.nic.mac},host_mtu={self.nic.mtu}",
+        ]
+
+
+@dataclass(frozen=True)
 class SerialConsole:
     log: Path
 
@@ -148,7 +165,15 @@ def build_argv(binary: str, cfg: VmConfig) -> list[str]:
     ch = cfg.channel
     shared = cfg.shared_dir is not None
     devices: list[
-        Machine | KernelBoot | BlockDevice | SerialConsole | SerialPort | VsockDevice | QmpSocket | SharedFs
+        Machine
+        | KernelBoot
+        | BlockDevice
+        | SerialConsole
+        | SerialPort
+        | VsockDevice
+        | QmpSocket
+        | SharedFs
+        | NetDevice
     ] = [
         Machine(cfg.accel.accel, cfg.cpus, cfg.memory_mb, shared_memory=shared),
         KernelBoot(cfg.kernel, cfg.initramfs, cfg.cmdline),
@@ -157,6 +182,7 @@ def build_argv(binary: str, cfg: VmConfig) -> list[str]:
         *(BlockDevice(i, d) for i, d in enumerate(cfg.disks)),
         SerialPort(cfg.channel_socket, ch.name) if ch.kind == "serial" else VsockDevice(ch.vsock_cid),
         *([SharedFs(cfg.fs_socket, cfg.shared_tag)] if shared else []),
+        *(NetDevice(i, n) for i, n in enumerate(cfg.nics)),
     ]
     argv = [binary]
     for dev in devices:

@@ -58,6 +58,11 @@ class QemuVm:
             )
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.argv = build_argv(self.binary, self.config)
+        try:
+            _check_nic_fds(self.config)
+        except HypervisorError:
+            self._sm.to(VmState.STOPPED)
+            raise
         if self._fs is not None:
             try:
                 self._fs.start()
@@ -75,6 +80,9 @@ class QemuVm:
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,
                 close_fds=True,
+                # the NICs' taps, under the same numbers; the caller keeps (and
+                # closes) its own copies: see Nic
+                pass_fds=tuple(n.fd for n in self.config.nics),
             )
         except OSError as err:
             self._sm.to(VmState.STOPPED)
@@ -204,6 +212,20 @@ class QemuVm:
     def qemu_error(self) -> str:
         text = _tail(self.config.state_dir / "qemu.log", 3)
         return text.replace("\n", " ") or "no error output"
+
+
+def _check_nic_fds(config: VmConfig) -> None:
+    """Every NIC's fd is open, distinct and not stdio (which QEMU's own replaces)."""
+    seen: set[int] = set()
+    for i, nic in enumerate(config.nics):
+        what = f"NIC {i} ({nic.mac})"
+        if nic.fd < 3 or nic.fd in seen:
+            raise HypervisorError(f"{what}: tap fd {nic.fd} is stdio or used twice")
+        seen.add(nic.fd)
+        try:
+            os.fstat(nic.fd)
+        except OSError as err:
+            raise HypervisorError(f"{what}: tap fd {nic.fd} is not open: {err.strerror}") from err
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
