@@ -86,3 +86,7 @@ class SandboxError(VmpodError):
 
 class StateError(VmpodError):
     """An operation that the object's current state does not allow (state named)."""
+
+
+class NetworkError(VmpodError):
+    """A pod network namespace that cannot be inspected, wired to a tap or torn down."""
