@@ -31,7 +31,7 @@ from vmpod.errors import NetworkError
 from vmpod.network.model import Address, Route, TapLink
 from vmpod.network.netns import inspect, netlink_socket, open_netns, run_in_netns
 from vmpod.network.rtnl import Rtnl, create_named_netns, named_netns, remove_named_netns
-from vmpod.network.tap import WiredNetwork, open_tap, teardown, wire
+from vmpod.network.tap import open_tap, teardown, wire
 
 T = TypeVar("T")
 PREFIX = "vmpodtest-"
@@ -355,6 +355,6 @@ def test_wire_leaves_no_namespace_link_or_thread_behind(make_pod: Callable[..., 
     before = host_leftovers()
     threads = threading.active_count()
     pod = make_pod()
-    WiredNetwork.teardown(wire(pod.netns))
+    wire(pod.netns).teardown()
     assert threading.active_count() == threads
     assert host_leftovers() - before == {pod.netns.name, pod.peer_netns.name}  # the fixture's only

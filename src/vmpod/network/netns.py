@@ -115,9 +115,12 @@ def run_in_netns(netns_fd: int | None, fn: Callable[[], T]) -> T:
             try:
                 result.append(fn())
             finally:
-                # The thread ends right after; going home anyway keeps any
-                # thread-local cleanup (and a debugger) in the process's namespace.
-                _setns(home)
+                # The thread ends right after, so a failure here harms nobody; going
+                # home anyway keeps thread-exit cleanup in the process's namespace.
+                try:
+                    _setns(home)
+                except OSError as err:
+                    log.debug("network: netns thread could not go back: %s", err)
         except BaseException as err:
             failure.append(err)
         finally:

@@ -104,12 +104,9 @@ class Rtnl:
     """
 
     def __init__(self, fileno: int) -> None:
-        # IPRoute takes ownership of the descriptor and closes it in close().
-        try:
-            self._ipr = IPRoute(fileno=fileno)
-        except BaseException:
-            socket.close(fileno)
-            raise
+        # IPRoute takes ownership of the descriptor and closes it in close(). If it
+        # fails it may own it already: better a leaked fd than closing it twice.
+        self._ipr = IPRoute(fileno=fileno)
 
     def close(self) -> None:
         self._ipr.close()
