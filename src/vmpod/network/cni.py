@@ -443,6 +443,7 @@ def _plugin_error(kind: str, command: str, stdout: bytes, stderr: bytes, returnc
     text = f"CNI plugin {kind} {command} failed: {msg}"
     if details and details not in msg:
         text += f": {details}"
+    text = "; ".join(line.strip() for line in text.splitlines() if line.strip())  # one line
     return NetworkError(text, plugin=kind, command=command, code=code, stderr=tail(stderr))
 
 
@@ -580,6 +581,8 @@ def attach(
                 f"network namespace {attachment.netns} exists already",
                 hint=f"a container whose id starts {container_id[:12]} runs, or `ip netns del {name}`",
             )
+        for plugin in network.plugins:  # all there before anything is made
+            _find_plugin(str(plugin["type"]), attachment.cni_path)
         check_subnets_free(network)
         others = load_attachments(state_dir)
         for mapping in ports:
@@ -625,18 +628,24 @@ def attach(
 
 def detach(attachment: Attachment, *, timeout: float = PLUGIN_TIMEOUT) -> None:
     """DEL for every plugin (reverse order), then the netns and the record go. Works
-    when the netns is gone already; a DEL that fails keeps the record (and netns)
-    for a retry and raises NetworkError."""
+    when the netns is gone already, and does nothing the second time. A DEL that
+    fails keeps the record (and netns) for a retry and raises NetworkError."""
     with _locked(attachment.state_file.parent):
+        if not attachment.state_file.exists():
+            log.debug("%s is detached already", attachment.container_id)
+            return
         remade = False
         try:
             remade = _remake_netns(attachment)
         except (OSError, NetworkError) as err:
             log.warning("cannot re-make %s for DEL (%s); DEL without it", attachment.netns, err)
         failures = _del_chain(attachment, attachment.network.plugins, timeout)
+        if failures and remade:
+            # e.g. an earlier DEL removed the masquerade rule already: as the spec has it
+            _remove_netns(attachment.netns)
+            log.info("DEL with a re-made netns failed (%s); DEL without it", failures[0])
+            failures = _del_chain(attachment, attachment.network.plugins, timeout)
         if failures:
-            if remade:
-                _remove_netns(attachment.netns)
             raise NetworkError(
                 f"cannot detach {attachment.container_id} from {attachment.network.name}: {failures[0]}",
                 hint="the record is kept: the next detach or collection retries",
