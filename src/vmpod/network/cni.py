@@ -18,8 +18,8 @@ Lifecycle, all in one place:
 - ``attach`` writes the attachment record (``<state_dir>/<id>.json``) *before* it
   creates anything, so that a vmpod killed half way is cleaned up later by
   ``collect_stale``; the record keeps the exact conflist and port mappings the ADD
-  used, and the ADD's result, which DEL gets back as ``prevResult`` (the spec's
-  cached result).
+  used, and the ADD's result (updated after every plugin), which DEL gets back as
+  ``prevResult`` (the spec's cached result).
 - A failed ADD runs DEL for the plugins already run (the failed one included:
   DEL must tolerate what ADD never made), deletes the netns and the record.
 - ``detach`` runs DEL in reverse order, then deletes the netns and the record. The
@@ -603,9 +603,10 @@ def attach(
             for plugin in network.plugins:
                 started.append(plugin)
                 prev = _exec_plugin(attachment, plugin, "ADD", prev, timeout)
-            assert prev is not None
-            attachment = replace(attachment, result=parse_result(prev, "chain"))
-            _save(attachment)
+                # recorded after every plugin: a vmpod killed in the chain leaves the
+                # addresses that the next plugins' DEL need (firewall finds its rules by them)
+                attachment = replace(attachment, result=parse_result(prev, "chain"))
+                _save(attachment)
         except BaseException as err:
             partial = replace(attachment, result=parse_result(prev, "chain") if prev is not None else None)
             failures = _del_chain(partial, started, timeout)
