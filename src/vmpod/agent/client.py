@@ -197,6 +197,9 @@ class AgentClient:
     async def mount_shared(self) -> p.SharedMounted:
         return await self._typed(p.SharedMounted, "mount_shared", None, timeout=30)
 
+    async def configure_network(self, args: p.ConfigureNetwork) -> p.NetworkConfigured:
+        return await self._typed(p.NetworkConfigured, "configure_network", args, timeout=30)
+
     def attach(self, stream: int, sink: ProcessSink) -> None:
         self._sinks[stream] = sink
 

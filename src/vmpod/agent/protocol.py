@@ -138,18 +138,26 @@ def _check(value: object, typ: str, where: str) -> object:
         if not isinstance(value, dict):
             raise ProtocolViolation(f"{where}: expected an object")
         return dict(value)
+    if typ in _NESTED:  # a message inside a message (a JSON object)
+        if not isinstance(value, dict):
+            raise ProtocolViolation(f"{where}: expected an object")
+        return decode(_NESTED[typ], value)
     raise TypeError(f"unsupported field type {typ}")
 
 
 class Message:
     """A frozen, typed record: fields come from the class annotations (strings,
-    checked by ``_check``); class attributes give defaults."""
+    checked by ``_check``); class attributes give defaults. A field may hold
+    messages of a class marked ``nested = True`` (e.g. ``tuple[NetRoute, ...]``)."""
 
     __slots__ = ()
     _fields: tuple[tuple[str, str], ...] = ()
+    nested = False
 
     def __init_subclass__(cls) -> None:
         cls._fields = tuple(cls.__dict__.get("__annotations__", {}).items())
+        if cls.__dict__.get("nested"):
+            _NESTED[cls.__name__] = cls
 
     def __init__(self, **values: object) -> None:
         for name, _typ in self._fields:
@@ -195,12 +203,22 @@ def decode(cls: type[M], obj: dict[str, object]) -> M:
         raise ProtocolViolation(f"{cls.__name__}: {err}") from None
 
 
+_NESTED: dict[str, type[Message]] = {}  # field types that are messages, by class name
+
+
 def encode(msg: Message) -> dict[str, object]:
     out: dict[str, object] = {}
     for name, _typ in msg._fields:
-        v = getattr(msg, name)
-        out[name] = list(v) if isinstance(v, tuple) else v
+        out[name] = _plain(getattr(msg, name))
     return out
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Message):
+        return encode(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 class Hello(Message):
@@ -393,6 +411,42 @@ class SharedMounted(Message):
     path: str  # where the guest sees the host's shared directory
 
 
+class NetInterface(Message):
+    """One NIC of the VM, found by its MAC; brought up with these addresses."""
+
+    nested = True
+    mac: str  # xx:xx:xx:xx:xx:xx, the virtio-net device's (the pod veth's) address
+    mtu: int = 1500
+    addresses: tuple[str, ...] = ()  # "address/prefix", IPv4 or IPv6
+    name: str = ""  # rename the interface to this ("": keep the kernel's name)
+
+
+class NetRoute(Message):
+    """A route out of the NIC whose MAC is ``mac``; applied in the order given
+    (a gateway outside every prefix needs its own on-link route first)."""
+
+    nested = True
+    dest: str  # a network, "10.0.0.0/8"; "0.0.0.0/0" or "::/0" is the default route
+    mac: str
+    gateway: str = ""  # "": on-link (no gateway)
+    metric: int = 0  # 0: the kernel's default
+
+
+class ConfigureNetwork(Message):
+    """Bring up ``lo`` and the VM's NICs, then add the routes (once per VM)."""
+
+    interfaces: tuple[NetInterface, ...]
+    routes: tuple[NetRoute, ...] = ()
+    hostname: str = ""  # "": leave the guest's hostname alone
+
+
+class NetworkConfigured(Message):
+    names: tuple[str, ...]  # the guest's name for each interface, in order
+
+
+MAX_NICS = 8
+MAX_ADDRESSES = 16  # per interface
+MAX_ROUTES = 64
 MODULES_DIR = "/run/vmpod/modules"  # where /init leaves host-provided modules
 MAX_OUTPUT = 32 * 1024
 SHARED_DIR = "/run/vmpod/shared"  # where the agent mounts the host's shared directory
@@ -417,4 +471,5 @@ OPS: dict[str, tuple[type[Message] | None, type[Message]]] = {
     "kernel_log": (KernelLog, KernelLogResult),
     "stats": (GetStats, ContainerStats),
     "mount_shared": (None, SharedMounted),  # the host's shared directory (virtio-fs)
+    "configure_network": (ConfigureNetwork, NetworkConfigured),
 }

@@ -29,6 +29,8 @@ class AgentConfig:
         "set_clock",
         "shared_dir",
         "shared_premounted",
+        "net_sys",
+        "net_sysctl",
     )
 
     def __init__(
@@ -44,19 +46,23 @@ class AgentConfig:
         set_clock: bool = True,
         shared_dir: str = SHARED_DIR,
         shared_premounted: bool = False,
+        net_sys: str = "/sys/class/net",
+        net_sysctl: str = "/proc/sys/net",
     ) -> None:
         self.bundles = bundles  # one directory per container
         # OCI runtimes in the guest image; both take runc's command line. crun (C)
         # starts ~0.5 s faster than runc (Go) under TCG.
         self.runtimes = dict(runtimes or {"runc": "/usr/bin/runc", "crun": "/usr/bin/crun"})
         self.runc_root = runc_root  # the runtimes' --root state directory
-        self.busybox = busybox  # mount, insmod, rmmod, poweroff
+        self.busybox = busybox  # mount, insmod, rmmod, poweroff, ip, hostname
         self.modules_dir = modules_dir  # load_module only takes paths under it
         self.cgroup_root = cgroup_root  # cgroup v2 mount, for stats
         self.allow_dir_rootfs = allow_dir_rootfs
         self.set_clock = set_clock
         self.shared_dir = shared_dir  # the host's shared directory (virtio-fs) is mounted here
         self.shared_premounted = shared_premounted  # in-process tests: already there
+        self.net_sys = net_sys  # network interfaces (NICs found by their MAC here)
+        self.net_sysctl = net_sysctl  # per-interface settings (IPv6 duplicate address detection)
 
     def runtime_binary(self, name: str) -> str:
         """The path of OCI runtime ``name``; AgentFailure("invalid") if unknown."""

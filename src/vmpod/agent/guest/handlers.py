@@ -14,7 +14,7 @@ import sys
 import time
 
 from vmpod.agent import protocol as p
-from vmpod.agent.guest import bundles, gkernel, shared, stats
+from vmpod.agent.guest import bundles, gkernel, network, shared, stats
 from vmpod.agent.guest.errors import AgentFailure
 from vmpod.agent.guest.gproc import run_capture
 from vmpod.agent.guest.users import resolve_user
@@ -47,6 +47,7 @@ class Handlers:
         self.containers: dict[str, str] = {}  # id -> OCI runtime name
         self.inits: dict[str, int] = {}  # id -> stream of its init process
         self.shared_mounted = False
+        self.network_configured = False
 
     def dispatch(self, payload: bytes) -> None:
         """Answer one REQUEST frame; no request, however bad, stops the agent."""
@@ -294,6 +295,19 @@ class Handlers:
         shared.mount_shared(self.config)
         self.shared_mounted = True
         return p.SharedMounted(path=self.config.shared_dir)
+
+    # -- network -----------------------------------------------------------------
+    def _op_configure_network(self, rid: int, a: p.ConfigureNetwork) -> p.NetworkConfigured:
+        plan = network.check(a)
+        if self.network_configured:
+            raise AgentFailure("the network is already configured", "exists")
+        return self._do_configure_network(plan)
+
+    def _do_configure_network(self, plan: network.Plan) -> p.NetworkConfigured:
+        # once per VM, even after a failure: a half-applied configuration is not
+        # undone, and the same request would only meet what it already added
+        self.network_configured = True
+        return p.NetworkConfigured(names=tuple(network.configure(self.config, plan)))
 
     def _op_kernel_log(self, rid: int, a: p.KernelLog) -> p.KernelLogResult:
         return self._do_kernel_log(a.since)
