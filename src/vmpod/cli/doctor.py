@@ -34,6 +34,7 @@ _KERNEL_FEATURES = (
     "CONFIG_OVERLAY_FS",
     "CONFIG_FUSE_FS",
     "CONFIG_VIRTIO_FS",
+    "CONFIG_VIRTIO_NET",
     "CONFIG_CGROUPS",
     "CONFIG_PID_NS",
     "CONFIG_DEVTMPFS",
@@ -123,6 +124,9 @@ def checks(paths: Paths, kernel: str, accel: str) -> list[Check]:
                 + (f"missing {', '.join(missing)}" if missing else "required features present"),
             )
         )
+    from vmpod.network.doctor import host_checks  # pyroute2: only when asked
+
+    out += [Check(c.name, c.ok, c.detail, c.required) for c in host_checks()]
     return out
 
 

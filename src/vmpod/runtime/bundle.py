@@ -11,8 +11,8 @@ What changes on the way into the VM (the Kata model):
   container shares the VM's network, as containers of a pod share its
   namespace. No network namespace at all means the host's network, which a VM
   cannot share: refused. Other namespace paths mean nothing inside and are
-  dropped; ``net.*`` sysctls are dropped with a warning (they would need the
-  container's own network namespace, and it has the VM's).
+  dropped; ``net.*`` sysctls are set on the VM's network by the agent (the
+  pod's, shared by its containers, as the engine sets them on the pod's).
 - Bind mounts of host directories and regular files (volumes, podman's
   /etc/hosts, resolv.conf, secrets) are shared over virtio-fs too, read-only
   ones read-only on the host side; a bind-mounted /dev/shm becomes a guest
@@ -321,12 +321,7 @@ def _linux(linux: dict[str, object], cid: str, warnings: list[str]) -> dict[str,
             continue  # the container shares the VM's network (Kata model)
         namespaces.append({"type": ns.get("type")})  # host namespace paths mean nothing here
     out["namespaces"] = namespaces
-    sysctl = _obj(linux.get("sysctl"), "linux.sysctl")
-    if sysctl:  # net.* sysctls need a private network namespace (podman sets one by default)
-        out["sysctl"] = {k: v for k, v in sysctl.items() if not k.startswith("net.")}
-        dropped = sorted(k for k in sysctl if k.startswith("net."))
-        if dropped:
-            warnings.append(f"sysctls {', '.join(dropped)} dropped: the container shares its VM's network")
+    _obj(linux.get("sysctl"), "linux.sysctl")  # net.* ones: set on the VM's network by the agent
     out["cgroupsPath"] = f"/vmpod/{cid}"
     resources = _obj(linux.get("resources"), "linux.resources")
     if resources:

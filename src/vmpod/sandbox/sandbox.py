@@ -14,8 +14,11 @@ import copy
 import logging
 import secrets
 import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmpod.agent import protocol as p
 from vmpod.agent.client import AgentClient
@@ -23,7 +26,7 @@ from vmpod.errors import AgentError, AgentTimeout, HypervisorError, SandboxError
 from vmpod.guest.initramfs import with_modules
 from vmpod.guest.modules import ModuleLoad, read_module
 from vmpod.hypervisor import create_vm
-from vmpod.hypervisor.base import Disk, Hypervisor, VmConfig, describe_exit
+from vmpod.hypervisor.base import Disk, Hypervisor, Nic, VmConfig, describe_exit
 from vmpod.paths import Paths
 from vmpod.sandbox.boot import StateDir, agent_channel, console_line, kernel_cmdline
 from vmpod.sandbox.config import (
@@ -36,6 +39,9 @@ from vmpod.sandbox.config import (
 from vmpod.sandbox.container import Container
 from vmpod.sandbox.share import Share, SharedDir
 from vmpod.states import StateMachine
+
+if TYPE_CHECKING:
+    from vmpod.network.tap import WiredNetwork
 
 log = logging.getLogger(__name__)
 ROOT_SERIAL = "vmpod-root"
@@ -63,6 +69,7 @@ class Sandbox:
         self._guest_shared = ""  # where the guest mounted it
         self._watch: asyncio.Task[None] | None = None
         self.shared_failure: str | None = None  # why the shared file system is gone
+        self._net: WiredNetwork | None = None  # the pod namespace's taps, mirrored
 
     @property
     def state(self) -> SandboxState:
@@ -91,14 +98,27 @@ class Sandbox:
         self._dir.make()
         if self._shared is not None:
             self._shared.make()
+        if self.config.netns:
+            from vmpod.network.tap import wire  # pyroute2 costs ~0.1 s: only when used
+
+            # pyroute2 runs an asyncio loop of its own: keep it off ours
+            self._net = await asyncio.to_thread(wire, self.config.netns)
+            for skipped in self._net.plan.skipped:
+                log.warning("network: %s not wired into the VM: %s", skipped.name, skipped.reason)
         vm_config = self._vm_config()
         self._vm = create_vm(self.config.hypervisor, vm_config)
-        await self._vm.launch()
+        try:
+            await self._vm.launch()
+        finally:
+            if self._net is not None:
+                self._net.close_fds()  # QEMU holds the taps now: they live as long as it
         await self._connect(vm_config)
         await self._agent.set_clock(p.SetClock(epoch_ns=time.time_ns()))
         if self._shared is not None:
             self._guest_shared = (await self._agent.mount_shared()).path
             self._watch = asyncio.create_task(self._watch_shared())
+        if self._net is not None:
+            await self._agent.configure_network(guest_network(self._net))
         self._sm.to(_S.RUNNING)
 
     def _vm_config(self) -> VmConfig:
@@ -123,6 +143,7 @@ class Sandbox:
             channel=channel,
             shared_dir=self._shared.root if self._shared else None,
             shared_tag=p.SHARED_FS_TAG,
+            nics=tuple(Nic(w.fd, w.mac, w.mtu) for w in (self._net.interfaces if self._net else ())),
         )
 
     async def _connect(self, vm_config: VmConfig) -> None:
@@ -195,6 +216,8 @@ class Sandbox:
             self._vm.kill()
         for c in self.containers.values():
             c.stopped(128 + signal.SIGKILL)  # its processes died with the VM
+        if self._net is not None:
+            _off_loop(self._net.teardown, "network teardown")
         try:
             if self._shared is not None:
                 self._shared.destroy()
@@ -344,3 +367,44 @@ class Sandbox:
 
     def console_tail(self, lines: int = 20) -> str:
         return self._vm.console_tail(lines) if self._vm else ""
+
+
+def guest_network(net: WiredNetwork) -> p.ConfigureNetwork:
+    """The pod namespace's interfaces and routes, as the guest replays them on its
+    NICs (found by MAC: each NIC has its veth's)."""
+    return p.ConfigureNetwork(
+        interfaces=tuple(
+            p.NetInterface(mac=w.mac, mtu=w.mtu, addresses=tuple(str(a) for a in w.addresses), name=w.name)
+            for w in net.interfaces
+        ),
+        routes=tuple(
+            p.NetRoute(
+                dest=str(r.destination),
+                mac=w.mac,
+                gateway=str(r.gateway) if r.gateway is not None else "",
+                metric=r.metric or 0,
+            )
+            for w in net.interfaces
+            for r in w.routes
+        ),
+    )
+
+
+def _off_loop(fn: Callable[[], None], what: str) -> None:
+    """Run ``fn`` in a thread of its own and wait: pyroute2 (networking) runs an
+    asyncio loop of its own, which cannot run inside the caller's."""
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            fn()
+        except BaseException as err:  # reported below, in the caller's thread
+            errors.append(err)
+
+    t = threading.Thread(target=call, name=what)
+    t.start()
+    t.join()
+    for err in errors:
+        if not isinstance(err, VmpodError):
+            raise err
+        log.warning("%s: %s", what, err)

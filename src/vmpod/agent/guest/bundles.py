@@ -93,6 +93,7 @@ def prepare_bundle(
     root = dict(spec.get("root") or {})  # type: ignore[call-overload]
     root["path"] = rootfs
     spec["root"] = root
+    _apply_net_sysctls(config, spec)
     process = spec.get("process")
     if isinstance(process, dict) and user:
         process = dict(process)
@@ -101,6 +102,34 @@ def prepare_bundle(
     with open(os.path.join(bundle, "config.json"), "w") as fh:
         json.dump(spec, fh)
     return bundle
+
+
+_SYSCTL_OK = set("abcdefghijklmnopqrstuvwxyz0123456789_-.")
+
+
+def _apply_net_sysctls(config: AgentConfig, spec: dict[str, object]) -> None:
+    """net.* sysctls belong to a network namespace, and the container shares the
+    VM's (the pod's): set them there, as the engine set them on the pod's, and
+    leave the rest to the runtime (which refuses net.* without a namespace)."""
+    linux = spec.get("linux")
+    sysctl = linux.get("sysctl") if isinstance(linux, dict) else None
+    if not isinstance(linux, dict) or not isinstance(sysctl, dict):
+        return
+    net = {k: v for k, v in sysctl.items() if isinstance(k, str) and k.startswith("net.")}
+    for key, value in net.items():
+        parts = key.split(".")
+        if not set(key) <= _SYSCTL_OK or "" in parts or ".." in parts or len(key) > 128:
+            raise AgentFailure(f"invalid sysctl name {key!r}", "invalid")
+        if not isinstance(value, str) or "\n" in value or len(value) > 256:
+            raise AgentFailure(f"invalid value for sysctl {key}", "invalid")
+        try:
+            with open(os.path.join(config.net_sysctl, *parts[1:]), "w") as fh:
+                fh.write(value)
+        except OSError as err:
+            raise AgentFailure(f"sysctl {key}={value}: {err.strerror}") from None
+    linux = dict(linux)
+    linux["sysctl"] = {k: v for k, v in sysctl.items() if k not in net}
+    spec["linux"] = linux
 
 
 def root_path(bundle: str) -> str:

@@ -229,9 +229,11 @@ class ProcessTable:
 
     def _answer_started(self) -> None:
         for pr in self.procs.values():
-            if pr.start_waiters and (pr.status is not None or os.path.exists(pr.pid_file)):
+            ran = os.path.exists(pr.pid_file)  # the runtime wrote it: the process ran
+            if pr.start_waiters and (pr.status is not None or ran):
+                # a fast command may have ended already: it still started
                 for rid in pr.start_waiters:
-                    self.chan.respond(rid, p.ProcessStarted(pid=pr.pid, started=pr.status is None))
+                    self.chan.respond(rid, p.ProcessStarted(pid=pr.pid, started=ran or pr.status is None))
                 pr.start_waiters = []
 
     def _finish(self, pr: Proc) -> None:
