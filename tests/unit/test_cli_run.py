@@ -47,6 +47,7 @@ def rootfs(tmp_path: Path) -> Path:
 
 def opts(rootfs: Path, *args: str, **kw: object) -> RunOptions:
     process = ProcessOptions(args=args, env=("PATH=/usr/bin:/bin",), tty=bool(kw.pop("tty", False)))
+    kw.setdefault("network", "none")  # the fake VM has no NICs (networking: tests/vm)
     return RunOptions(image="", rootfs=str(rootfs), process=process, **kw)  # type: ignore[arg-type]
 
 

@@ -228,6 +228,11 @@ def leftovers(paths: Paths) -> list[str]:
         found.append(f"shared directories left behind: {shared}")
     if mounts := mounts_under(paths.run, paths.home):
         found.append(f"mounts left behind: {mounts}")
+    cni = paths.run / "cni"
+    if cni.is_dir() and (attached := sorted(p.stem for p in cni.glob("*.json"))):
+        found.append(f"network attachments left behind: {attached}")
+    if cni.is_dir() and (leases := sorted(p.name for p in cni.glob("ipam/*/*") if p.name[0].isdigit())):
+        found.append(f"IP leases left behind: {leases}")
     if paths.tmp.exists() and (tmp := sorted(p.name for p in paths.tmp.iterdir())):
         found.append(f"temp dirs left behind in {paths.tmp}: {tmp}")
     return found
@@ -281,7 +286,14 @@ class VmpodRunner:
     ) -> None:
         self.paths = paths
         self.run_args = run_args
-        self.env = {**os.environ, "VMPOD_HOME": str(paths.home), "VMPOD_RUN": str(paths.run), **(env or {})}
+        self.env = {
+            **os.environ,
+            "VMPOD_HOME": str(paths.home),
+            "VMPOD_RUN": str(paths.run),
+            # the test's own CNI config (its lease directory lives in its run dir)
+            "VMPOD_CNI_CONF_DIR": str(paths.home / "net.d"),
+            **(env or {}),
+        }
         self.started: list[subprocess.Popen[bytes]] = []
 
     def __call__(

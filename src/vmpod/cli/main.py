@@ -83,6 +83,20 @@ def cli(verbose: int) -> None:
 @click.option("--env-file", "env_files", multiple=True, metavar="FILE", help="Read NAME=VALUE lines.")
 @click.option("--entrypoint", default=None, help="Replace the image's ENTRYPOINT (and drop its CMD).")
 @click.option("--init", is_flag=True, help="Run catatonit as PID 1: it forwards signals and reaps zombies.")
+@click.option(
+    "--network",
+    default="bridge",
+    show_default=True,
+    metavar="bridge|none",
+    help="bridge: vmpod's CNI network (NAT to the host); none: loopback only.",
+)
+@click.option(
+    "-p",
+    "--publish",
+    multiple=True,
+    metavar="[IP:]HOSTPORT:CTRPORT[/tcp|udp]",
+    help="Publish a container port on the host (bridge network).",
+)
 @click.option("--log-max-size", default="10m", show_default=True, help="Size of one log file (-d/--name).")
 @click.option("--log-max-files", type=int, default=3, show_default=True, help="Log files kept (-d/--name).")
 def run(
@@ -112,6 +126,8 @@ def run(
     env_files: tuple[str, ...],
     entrypoint: str | None,
     init: bool,
+    network: str,
+    publish: tuple[str, ...],
     log_max_size: str,
     log_max_files: int,
 ) -> None:
@@ -131,6 +147,9 @@ def run(
         # With --rootfs every positional word is the command.
         command, image = (image, *command), ""
     env = guard(lambda: _env_files(env_files)) + env
+    from vmpod.containers.network import parse_network
+
+    network, ports = guard(lambda: parse_network(network, publish))
     process = ProcessOptions(
         args=command,
         env=env,
@@ -159,6 +178,8 @@ def run(
             memory_mb=memory,
             log_max_bytes=guard(lambda: _size(log_max_size)),
             log_keep=log_max_files,
+            network=network,
+            ports=ports,
         )
         guard(lambda: _named_ok(named, tty, console, kernel_modules, load_modules))
         sys.exit(guard(lambda: run_named(named, detach=detach, interactive=interactive)))
@@ -176,6 +197,8 @@ def run(
         kernel_modules=kernel_modules,
         load_modules=load_modules,
         process=process,
+        network=network,
+        ports=ports,
     )
     status = guard(lambda: asyncio.run(run_container(default_paths(), opts, progress)))
     sys.exit(status)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from vmpod.containers import network as net
 from vmpod.errors import ConfigError
 from vmpod.guest.kernel import DEFAULT_KERNEL
 from vmpod.guest.progress import Progress
 from vmpod.images import ImageSource, resolve_image, resolve_rootfs
+from vmpod.network.ports import PortMapping
 from vmpod.paths import Paths
 from vmpod.runspec import ProcessOptions, build_spec, user_of
-from vmpod.sandbox import ContainerSpec, Output, Sandbox, SandboxSpec, prepare
+from vmpod.sandbox import ContainerSpec, Output, Sandbox, SandboxConfig, SandboxSpec, prepare
 from vmpod.sandbox.attach import STOP_SIGNALS, Relay, SignalForwarder, raw_terminal
 from vmpod.sandbox.build import check_resources
 from vmpod.storage.erofs import rootfs_disk
@@ -39,6 +45,8 @@ class RunOptions:
     guest_runtime: str = "runc"
     kernel_modules: tuple[str, ...] = ()  # NAME[=params] from the kernel's own tree
     load_modules: tuple[str, ...] = ()  # FILE.ko[=params] built elsewhere
+    network: str = "bridge"  # bridge (CNI, like docker's default) | none (loopback only)
+    ports: tuple[PortMapping, ...] = ()  # -p, on the bridge network
 
 
 def resolve_source(opts: RunOptions, progress: Progress) -> ImageSource:
@@ -73,7 +81,30 @@ async def run(paths: Paths, opts: RunOptions, progress: Progress) -> int:
         ),
         progress,
     )
-    async with Sandbox(paths, config) as sandbox:
+    sandbox_id = secrets.token_hex(6)
+    if opts.network == "none":
+        return await _run_in(paths, config, sandbox_id, disk, oci, source, opts, t0)
+    with net.owned(paths, sandbox_id):  # our attachment: no other vmpod collects it
+        # (pyroute2, under CNI's netns handling, runs an asyncio loop of its own)
+        attachment = await asyncio.to_thread(net.attach, paths, sandbox_id, opts.ports)
+        try:
+            config = dataclasses.replace(config, netns=str(attachment.netns))
+            return await _run_in(paths, config, sandbox_id, disk, oci, source, opts, t0)
+        finally:
+            await asyncio.to_thread(net.detach, paths, sandbox_id)
+
+
+async def _run_in(
+    paths: Paths,
+    config: SandboxConfig,
+    sandbox_id: str,
+    disk: Path,
+    oci: dict[str, object],
+    source: ImageSource,
+    opts: RunOptions,
+    t0: float,
+) -> int:
+    async with Sandbox(paths, config, sandbox_id) as sandbox:
         log.info("sandbox %s: agent ready after %.2fs", sandbox.id, time.monotonic() - t0)
         await sandbox.load_modules()
         container = await sandbox.create_container(

@@ -16,6 +16,7 @@ import os
 import signal
 from collections.abc import Iterator
 
+from vmpod.containers import network as net
 from vmpod.containers import rootfs
 from vmpod.containers.manager import Manager
 from vmpod.containers.options import RunRequest, make_sources, user_ids
@@ -62,6 +63,8 @@ def make_container(m: Manager, req: RunRequest, progress: Progress = silent) -> 
         auto_remove=req.auto_remove,
         log_max_bytes=req.log_max_bytes,
         log_keep=req.log_keep,
+        network=req.network,
+        ports=req.ports,
     )
     d = m.records.add(rec)
     try:
@@ -92,6 +95,14 @@ def _write_bundle(
     linux = spec["linux"]
     assert isinstance(linux, dict)
     linux["resources"] = {**linux.get("resources", {}), **resources}
+    # the VM's network: the namespace start's CNI attachment makes (vmpod-runtime
+    # wires it in), or a new, empty one (loopback only)
+    netns = (
+        {"type": "network", "path": net.netns_path(rec.id)}
+        if rec.network == "bridge"
+        else {"type": "network"}
+    )
+    linux["namespaces"] = [*linux["namespaces"], netns]
     atomic_write(bundle / "config.json", json.dumps(spec, indent=1).encode(), mode=0o600)
     runtime_cfg = {
         "kernel": req.kernel,
@@ -119,9 +130,15 @@ def start_container(m: Manager, rec: Record, *, foreground: bool = False, intera
         lifecycle.delete(m.store, rec.id, force=True)
     sink = m.log_sink(rec, tee=foreground)
     cfg = load_config(str(d / "runtime.json"))  # the VM settings it was made with
-    with _stdin(interactive):
-        log_opts = (str(d / "monitor.log"), "text", False)
-        create(m.store, rec.id, str(d / "bundle"), "", "", log_opts, cfg=cfg, output_log=sink)
+    if rec.network == "bridge":
+        net.attach(m.paths, rec.id, rec.ports)  # (a previous run's is released first)
+    try:
+        with _stdin(interactive):
+            log_opts = (str(d / "monitor.log"), "text", False)
+            create(m.store, rec.id, str(d / "bundle"), "", "", log_opts, cfg=cfg, output_log=sink)
+    except BaseException:
+        net.detach(m.paths, rec.id)
+        raise
     m.records.update(rec.id, started=now_rfc3339(), finished="", exit_code=None)
     lifecycle.start(m.store, rec.id)
     return m.store.load(rec.id).pid

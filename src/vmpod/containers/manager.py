@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from vmpod.containers import network as net
 from vmpod.containers import rootfs
 from vmpod.containers.records import ContainerError, NoSuchContainer, Record, Records
 from vmpod.paths import Paths
@@ -167,6 +168,7 @@ class Manager:
         lifecycle.delete(self.store, rec.id, force=True)
         if self.store.dir(rec.id).exists():
             raise ContainerError(f"the runtime state of {rec.name} could not be removed")
+        net.detach(self.paths, rec.id)  # its namespace, lease, published ports
         rootfs.unmount(self.overlay(rec))
         d = self.dir(rec)
         trash = d.with_name(f".trash-{rec.id}")

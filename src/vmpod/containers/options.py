@@ -10,6 +10,7 @@ from vmpod.containers.records import Mount
 from vmpod.errors import ConfigError
 from vmpod.fsutil import resolve_below
 from vmpod.guest.kernel import DEFAULT_KERNEL
+from vmpod.network.ports import PortMapping
 from vmpod.runspec import ProcessOptions
 from vmpod.runtime.outputlog import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 
@@ -33,6 +34,8 @@ class RunRequest:
     memory_mb: int = 512
     log_max_bytes: int = DEFAULT_MAX_BYTES
     log_keep: int = DEFAULT_KEEP
+    network: str = "bridge"  # bridge | none
+    ports: tuple[PortMapping, ...] = ()
 
 
 _VOLUME_HINT = "use -v /HOST/DIR:/CONTAINER/DIR[:ro|rw]"

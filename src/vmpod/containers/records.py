@@ -23,6 +23,7 @@ from typing import Any
 
 from vmpod.errors import ConfigError, VmpodError
 from vmpod.fsutil import LockTimeout, atomic_write, lock_file
+from vmpod.network.ports import PortMapping
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")  # docker's rule, length capped
 ID_LEN = 64
@@ -64,13 +65,15 @@ class Record:
     started: str = ""
     finished: str = ""
     exit_code: int | None = None
+    network: str = "none"  # bridge: a CNI attachment while the container exists
+    ports: tuple[PortMapping, ...] = ()
 
     @property
     def short_id(self) -> str:
         return self.id[:SHORT]
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        return {**asdict(self), "ports": [p.to_json() for p in self.ports]}
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Record:
@@ -78,6 +81,7 @@ class Record:
         values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
         values["command"] = tuple(values.get("command") or ())
         values["mounts"] = tuple(Mount(**m) for m in values.get("mounts") or ())
+        values["ports"] = tuple(PortMapping.from_json(p) for p in values.get("ports") or ())
         return cls(**values)
 
 

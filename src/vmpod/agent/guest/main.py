@@ -18,6 +18,7 @@ def main() -> None:
     os.umask(0o022)
     os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
     config = AgentConfig()
+    _loopback_up()
     try:
         Agent(guest_channel(), config).serve()
     except BaseException as err:  # PID 1 exiting panics the kernel: say why first
@@ -28,6 +29,23 @@ def main() -> None:
         os.sync()
         os.execv(config.busybox, [config.busybox, "poweroff", "-f"])
     _idle()
+
+
+def _loopback_up() -> None:
+    """``lo`` up, as every container (even with no network) expects; an ioctl, not
+    a busybox run (~15 ms under TCG)."""
+    import fcntl
+    import socket
+    import struct
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            req = struct.pack("16sH14x", b"lo", 0)
+            flags = struct.unpack("16sH14x", fcntl.ioctl(s, siocgifflags, req))[1]
+            fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+    except OSError as err:
+        log(f"cannot bring lo up: {err}")
 
 
 def _idle() -> None:

@@ -1,0 +1,126 @@
+"""`vmpod run --network bridge|none -p`: the VM on vmpod's CNI bridge network, real
+plugins and real traffic on loopback only; nothing left behind (netns, leases,
+iptables rules, attachments)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm.conftest import VmFactory, VmpodRunner
+
+SUBNET = "10.89.0."
+
+
+def _netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith("vmpod-")}
+
+
+def _rules() -> list[str]:
+    out = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if SUBNET in line and "-A" in line]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def vmpod(vm_factory: VmFactory) -> Iterator[VmpodRunner]:
+    netns, rules = _netns(), _rules()
+    runner = vm_factory()
+    yield runner
+    assert _netns() == netns, "network namespaces left behind"
+    assert _rules() == rules, "iptables rules left behind"
+
+
+def _get(url: str, timeout: float = 60) -> bytes:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                data: bytes = resp.read()
+                return data
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def test_bridge_by_default_with_an_address_and_a_route(vmpod: VmpodRunner, busybox: Path) -> None:
+    r = vmpod.run("--rootfs", str(busybox), "--", "sh", "-c", "ip -4 -o addr show eth0; ip route")
+    assert r.returncode == 0, r.err
+    assert f"inet {SUBNET}" in r.out and f"default via {SUBNET}1" in r.out, r.out
+
+
+def test_published_port_serves_the_host(vmpod: VmpodRunner, busybox: Path, tmp_path: Path) -> None:
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("hello through the VM\n")
+    big = bytes(range(256)) * (20 * 4096)  # 20 MiB
+    (www / "big").write_bytes(big)
+    port = _free_port()
+    r = vmpod.run(
+        "-d",
+        "--name",
+        "web",
+        *("-p", f"127.0.0.1:{port}:8080", "-v", f"{www}:/www:ro"),
+        *("--rootfs", str(busybox), "--", "httpd", "-f", "-p", "8080", "-h", "/www"),
+    )
+    assert r.returncode == 0, r.err
+    try:
+        assert _get(f"http://127.0.0.1:{port}/index.html") == b"hello through the VM\n"
+        got = _get(f"http://127.0.0.1:{port}/big")
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(big).hexdigest()
+        # the port is taken while the container exists: a second one is refused clearly
+        r = vmpod.run("-p", f"127.0.0.1:{port}:80", "--rootfs", str(busybox), "--", "true")
+        assert r.returncode != 0 and f"{port}" in r.err, r.err
+    finally:
+        assert vmpod("rm", "-f", "web").returncode == 0
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def test_none_has_loopback_only_and_host_is_refused(vmpod: VmpodRunner, busybox: Path) -> None:
+    r = vmpod.run("--network", "none", "--rootfs", str(busybox), "--", "ip", "-o", "link")
+    assert r.returncode == 0, r.err
+    links = [line.split(":")[1].strip() for line in r.out.splitlines()]
+    assert links == ["lo"] and "UP" in r.out
+    r = vmpod.run("--network", "host", "--rootfs", str(busybox), "--", "true")
+    assert r.returncode == 125 and "cannot share the host's" in r.err
+    r = vmpod.run("--network", "none", "-p", "8080:80", "--rootfs", str(busybox), "--", "true")
+    assert r.returncode == 125 and "-p needs a network" in r.err
+    r = vmpod.run("-p", "99999:80", "--rootfs", str(busybox), "--", "true")
+    assert r.returncode == 125 and "99999" in r.err
+
+
+def test_a_killed_vmpod_leaves_an_attachment_the_next_run_collects(vmpod: VmpodRunner, busybox: Path) -> None:
+    proc = vmpod.popen(
+        "run",
+        "--rootfs",
+        str(busybox),
+        "--",
+        "sh",
+        "-c",
+        "echo up; sleep 600",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"up\n"
+    proc.kill()  # SIGKILL: no detach ran
+    proc.wait()
+    assert list((vmpod.paths.run / "cni").glob("*.json")), "the attachment should still be recorded"
+    r = vmpod.run("--network", "bridge", "--rootfs", str(busybox), "--", "true")
+    assert r.returncode == 0, r.err
+    assert not list((vmpod.paths.run / "cni").glob("*.json"))
