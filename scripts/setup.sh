@@ -18,6 +18,7 @@ APT_PACKAGES=(
     lz4 xz-utils zstd    # kernel and layer decompressors
     python3-venv
     catatonit            # `vmpod run --init` (a static init bind-mounted as PID 1)
+    containernetworking-plugins iptables  # `vmpod run --network bridge` (CNI), podman's networks
     # tests and integrations
     docker-registry skopeo              # a real OCI registry on loopback, pushes
     podman containerd runc              # real clients of vmpod-runtime; runc to compare
