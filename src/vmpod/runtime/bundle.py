@@ -68,6 +68,7 @@ class Plan:
     warnings: tuple[str, ...] = field(default=())
     kernel_modules: tuple[str, ...] = ()  # NAME[=params], from org.vmpod.kernel_modules
     netns: str = ""  # the engine's network namespace to wire into the VM ("": loopback only)
+    pod: str = ""  # the pod's first (sandbox/infra) container, whose VM this one joins
 
 
 def load_spec(bundle: Path) -> dict[str, object]:
@@ -155,6 +156,7 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
         annotations=annotations,
         warnings=tuple(warnings),
         netns=netns,
+        pod=pod_sandbox(annotations),
         kernel_modules=tuple(
             m.strip() for m in annotations.get(ANNOTATION_MODULES, "").split(";") if m.strip()
         ),
@@ -293,6 +295,22 @@ _SYSFS_BIND: dict[str, object] = {
     "source": "/sys",
     "options": ["rbind", "nosuid", "noexec", "nodev", "ro"],
 }
+
+
+# (container-type annotation, its value for a pod member, sandbox-id annotation)
+POD_ANNOTATIONS = (
+    ("io.kubernetes.cri.container-type", "container", "io.kubernetes.cri.sandbox-id"),  # CRI
+    ("io.kubernetes.cri-o.ContainerType", "container", "io.kubernetes.cri-o.SandboxID"),  # CRI-O, podman
+)
+
+
+def pod_sandbox(annotations: dict[str, str]) -> str:
+    """The sandbox (infra) container a pod member belongs to, as engines annotate
+    it; "" for a sandbox container or a container of its own."""
+    for kind, member, sandbox in POD_ANNOTATIONS:
+        if annotations.get(kind) == member and annotations.get(sandbox):
+            return annotations[sandbox]
+    return ""
 
 
 def _netns(linux: dict[str, object]) -> str:

@@ -12,15 +12,18 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from vmpod.paths import default_paths
 from vmpod.runtime import ipc
-from vmpod.runtime.bundle import load_spec, translate
+from vmpod.runtime.bundle import Plan, load_spec, translate
 from vmpod.runtime.config import RuntimeConfig, load_config
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import run_hooks, run_hooks_warn
 from vmpod.runtime.lifecycle import cleanup, destroy, sock_path, write_pid_file
+from vmpod.runtime.member import MemberArgs, member_main, pod_of
 from vmpod.runtime.monitor import monitor_main
 from vmpod.runtime.outputlog import LogSink
 from vmpod.runtime.session import MonitorArgs
@@ -57,6 +60,10 @@ def create(
         raise RuntimeCliError("cannot use console socket if runc will not detach or allocate tty")
     for warning in plan.warnings:
         log.warning("%s", warning)
+    pod = pod_of(store, plan)
+    if pod:
+        _create_member(store, cid, bundle_dir, plan, pod, pid_file, console_socket, log_opts)
+        return
     paths = default_paths()
     # resolved before anything is made: an unknown kernel or module fails `create` itself
     sandbox = prepare(
@@ -102,21 +109,78 @@ def create(
         os.close(lock)
 
 
+def _create_member(
+    store: Store,
+    cid: str,
+    bundle_dir: Path,
+    plan: Plan,
+    pod: str,
+    pid_file: str,
+    console_socket: str,
+    log_opts: LogOpts,
+) -> None:
+    """A pod member: its container joins the pod's VM; its own monitor process
+    (member.py) is the pid the engine waits for."""
+    log.debug("container %s joins pod %s", cid, pod)
+    st = ContainerState(
+        id=cid,
+        bundle=str(bundle_dir),
+        rootfs=str(plan.rootfs),
+        created=now_rfc3339(),
+        annotations=plan.annotations,
+        hooks=plan.hooks,
+    )
+    _, lock, mon_lock = store.begin(st)
+    try:
+        args = MemberArgs(
+            store_root=str(store.root),
+            cid=cid,
+            bundle=str(bundle_dir),
+            pod=pod,
+            console_socket=console_socket,
+            ready_fd=-1,
+            log_path=log_opts[0],
+            log_format=log_opts[1],
+            debug=log_opts[2],
+        )
+        pid = _fork(
+            store,
+            cid,
+            lock,
+            mon_lock,
+            lambda w: member_main(dataclasses.replace(args, ready_fd=w), (mon_lock,)),
+        )
+        _created(store, cid, pid, pid_file)
+    finally:
+        os.close(lock)
+
+
 def _fork_monitor(store: Store, args: MonitorArgs, lock: int, mon_lock: int) -> int:
     """Fork the monitor and wait until its container is ready (or failed)."""
+    return _fork(
+        store,
+        args.cid,
+        lock,
+        mon_lock,
+        lambda w: monitor_main(dataclasses.replace(args, ready_fd=w), (mon_lock,)),
+    )
+
+
+def _fork(store: Store, cid: str, lock: int, mon_lock: int, child: Callable[[int], NoReturn]) -> int:
+    """Fork ``child`` (a monitor: keeps our stdio, never returns; it reports on the
+    fd it is given) and wait until its container is ready (or failed)."""
     r, w = os.pipe2(os.O_CLOEXEC)
-    args = dataclasses.replace(args, ready_fd=w)
     pid = os.fork()
-    if pid == 0:  # the monitor: keeps our stdio, never returns
+    if pid == 0:
         os.close(r)
         os.close(lock)
-        monitor_main(args, keep=(mon_lock,))
+        child(w)
     os.close(w)
     os.close(mon_lock)
     reply = _read_ready(r)
     if not reply.get("ok"):
-        destroy(store, store.load(args.cid))
-        cleanup(store, store.load(args.cid))
+        destroy(store, store.load(cid))
+        cleanup(store, store.load(cid))
         raise RuntimeCliError(str(reply.get("error") or "the monitor failed"))
     return pid
 

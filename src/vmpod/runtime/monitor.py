@@ -34,12 +34,9 @@ def monitor_main(args: MonitorArgs, keep: tuple[int, ...]) -> NoReturn:
     status = 255
     try:
         os.setsid()
-        root = logging.getLogger()
-        for h in list(root.handlers):
-            root.removeHandler(h)
-            h.close()
-        _close_fds({0, 1, 2, args.ready_fd, *keep})
-        _log_to(args)
+        drop_log_handlers()
+        close_fds({0, 1, 2, args.ready_fd, *keep})
+        log_to(args.log_path, args.log_format, args.debug)
         detached = args.output_log is not None and not args.output_log.tee
         if args.plan.terminal or detached:  # the pty (or the log) is the container's stdio, not ours
             null = os.open(os.devnull, os.O_RDWR)
@@ -53,16 +50,25 @@ def monitor_main(args: MonitorArgs, keep: tuple[int, ...]) -> NoReturn:
     exit_like(status)
 
 
-def _log_to(args: MonitorArgs) -> None:
-    if args.log_path:
-        setup_logging(args.log_path, args.log_format, args.debug)
-        logging.getLogger("vmpod").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+def log_to(path: str, fmt: str, debug: bool) -> None:
+    """The monitor logs to --log (never to the container's stderr), or nowhere."""
+    if path:
+        setup_logging(path, fmt, debug)
+        logging.getLogger("vmpod").setLevel(logging.DEBUG if debug else logging.WARNING)
     else:
         logging.getLogger().addHandler(logging.NullHandler())
         logging.lastResort = None
 
 
-def _close_fds(keep: set[int]) -> None:
+def drop_log_handlers() -> None:
+    """The parent's log handlers (their files are about to be closed)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+
+
+def close_fds(keep: set[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd not in keep:

@@ -2,19 +2,29 @@
 start it with the stdio ``create`` was given (or a pty handed to
 --console-socket), signal and query it, and tear everything down when its
 process ends. The status it persists is the one ``rules`` checks commands against.
+
+Pods: the first container's monitor owns the sandbox (the VM) and listens on
+``pod.sock`` in its state dir; a later container of the pod (member.py) joins
+there, handing over its stdio, and gets a session of its own in this process,
+with its own ``monitor.sock``, in the same VM. The VM ends with the first
+container (the pod's infra container, which engines stop last); its members end
+with it as SIGKILLed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 
 from vmpod.errors import AgentTimeout, VmpodError
 from vmpod.paths import Paths
@@ -54,8 +64,15 @@ class MonitorArgs:
 
 
 class Session:
-    def __init__(self, args: MonitorArgs) -> None:
+    def __init__(
+        self, args: MonitorArgs, *, pod: Sandbox | None = None, stdio: tuple[int, int, int] = (0, 1, 2)
+    ) -> None:
+        """``pod``: join that running sandbox instead of booting one (a pod member,
+        whose ``stdio`` came from its own monitor process)."""
         self.a = args
+        self.pod = pod
+        self.stdio = stdio
+        self.members: dict[str, Session] = {}  # the pod's other containers (first container only)
         self.store = Store(args.store_root)
         self.sandbox: Sandbox | None = None
         self.container: Container | None = None
@@ -68,6 +85,7 @@ class Session:
         self._boot_task: asyncio.Task[None] | None = None
         self.server: ControlServer | None = None
         self.output_log: RotatingLog | None = None
+        self.pod_server: socket.socket | None = None
 
     @property
     def status(self) -> str:
@@ -141,6 +159,19 @@ class Session:
             plan.memory_mb,
         )
         await sandbox.load_modules()
+        await self._create_in(sandbox)
+        self.pod_server = ipc.listen_unix(self.state_dir / "pod.sock")
+        self.spawn(self._serve_joins(self.pod_server))
+
+    async def join(self) -> None:
+        """A pod member: its container in the pod's running sandbox."""
+        assert self.pod is not None
+        self.done = asyncio.get_running_loop().create_future()
+        self.sandbox = self.pod
+        await self._create_in(self.pod)
+
+    async def _create_in(self, sandbox: Sandbox) -> None:
+        a, plan = self.a, self.a.plan
         self.container = await sandbox.create_container(
             ContainerSpec(
                 id=a.cid, oci=plan.spec, rootfs=plan.rootfs, runtime=a.guest_runtime, volumes=plan.volumes
@@ -183,6 +214,10 @@ class Session:
             self.persist(exit_status=status)
 
     async def _teardown(self) -> None:
+        for member in list(self.members.values()):  # they die with the VM
+            member.finish(128 + signal.SIGKILL)
+        if self.pod is not None:
+            await self._leave()
         execs = self.container.execs if self.container else ()
         if execs:  # exec'd processes die with the init's pid namespace: let them report
             # (gathered with their errors: a lost channel is no news here, and an
@@ -191,8 +226,8 @@ class Session:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiting, EXEC_GRACE)
         with contextlib.suppress(Exception):
-            if self.sandbox is not None:
-                await self.sandbox.kill()  # nothing to save: the writable layer is guest RAM
+            if self.sandbox is not None and self.pod is None:
+                await self.sandbox.kill()  # the container's writes are on the host already
         if self.server is not None:
             await self.server.drain(timeout=2)
         for task in list(self.tasks):
@@ -200,10 +235,102 @@ class Session:
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=2)
         await self.relay.close()
+        if self.pod is not None:
+            for fd in set(self.stdio):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.stdio = (-1, -1, -1)
         if self.output_log is not None:
             self.output_log.close()
         with contextlib.suppress(OSError):
             (self.state_dir / "monitor.sock").unlink()
+        if self.pod_server is not None:
+            self.pod_server.close()
+            with contextlib.suppress(OSError):
+                (self.state_dir / "pod.sock").unlink()
+
+    async def _leave(self) -> None:
+        """A member's end: its processes go, the pod's VM stays."""
+        assert self.pod is not None and self.container is not None
+        if self.container.state in (ContainerState.RUNNING, ContainerState.PAUSED):
+            with contextlib.suppress(VmpodError):
+                await self.container.kill(signal.SIGKILL, all_processes=True)
+                init = self.container.init
+                if init is not None:
+                    await asyncio.wait_for(init.wait(), 10)
+        try:
+            self.pod.forget_container(self.a.cid)
+        except VmpodError as err:
+            log.warning("pod member %s: %s", self.a.cid, err)
+
+    # -- pod members (first container only) -------------------------------------------
+    async def _serve_joins(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(sock)
+            self.spawn(self._join(ipc.Conn(conn)))
+
+    async def _join(self, conn: ipc.Conn) -> None:
+        """One member, from its join to its exit: the member's monitor process waits
+        on this connection for the status it exits with."""
+        fds: list[int] = []
+        member: Session | None = None
+        try:
+            got = await conn.recv()
+            if got is None:
+                return
+            msg, fds = got
+            member = self._member(msg, fds)
+            fds = []  # the member's session owns them now
+            self.members[member.a.cid] = member
+            await member.join()
+            await conn.send({"ok": True})
+            done = member.done
+            assert done is not None
+            # its monitor dies: EOF on the connection
+            closed: asyncio.Future[object] = asyncio.ensure_future(conn.recv())
+            ended: asyncio.Future[object] = asyncio.ensure_future(asyncio.shield(done))
+            await asyncio.wait([ended, closed], return_when=asyncio.FIRST_COMPLETED)
+            ended.cancel()
+            if not done.done():
+                member.finish(128 + signal.SIGKILL)
+            closed.cancel()
+            status = await done
+            await member._teardown()
+            await conn.send({"event": "exit", "status": status})
+        except (VmpodError, ValueError, OSError, KeyError, TypeError) as err:
+            log.error("pod member: %s", err)
+            with contextlib.suppress(OSError):
+                await conn.send({"ok": False, "error": str(err)})
+            if member is not None:
+                await member._teardown()
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if member is not None:
+                self.members.pop(member.a.cid, None)
+            conn.close()
+
+    def _member(self, msg: Msg, fds: list[int]) -> Session:
+        """The session of the member ``msg`` describes (its bundle, read here)."""
+        from vmpod.runtime.bundle import load_spec, translate
+        from vmpod.runtime.config import load_config
+
+        cid, bundle, console = msg.get("cid"), msg.get("bundle"), msg.get("console_socket") or ""
+        if not isinstance(cid, str) or not isinstance(bundle, str) or not isinstance(console, str):
+            raise RuntimeCliError("invalid join request")
+        if len(fds) != 3:
+            raise RuntimeCliError("a pod member must hand over its stdin, stdout and stderr")
+        if self.sandbox is None or self.status == STOPPED:
+            raise RuntimeCliError(f"the pod's sandbox ({self.a.cid}) is not running")
+        path = Path(bundle)
+        plan = translate(load_spec(path), path, cid, load_config())
+        args = dataclasses.replace(
+            self.a, cid=cid, plan=plan, console_socket=console, ready_fd=-1, output_log=None
+        )
+        return Session(args, pod=self.sandbox, stdio=(fds[0], fds[1], fds[2]))
 
     def _on_signal(self, sig: int) -> None:
         log.debug("monitor got signal %d", sig)
@@ -262,9 +389,10 @@ class Session:
             out = err = self.relay.writer(os.dup(self.tty_slave), owned=True)
             stdin_fd, stdin = self.tty_slave, True
         else:
-            out = self.relay.writer(1, owned=False)
-            err = out if same_file(1, 2) else self.relay.writer(2, owned=False)
-            stdin_fd, stdin = 0, not is_null(0)
+            i, o, e = self.stdio  # (a member's came over its join: closed at teardown)
+            out = self.relay.writer(o, owned=False)
+            err = out if same_file(o, e) else self.relay.writer(e, owned=False)
+            stdin_fd, stdin = i, not is_null(i)
         output = self._output(Output(out.write, err.write))
         proc = await self.container.start(output, stdin=stdin, wait_started=True)
         self.persist()

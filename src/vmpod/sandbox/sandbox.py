@@ -32,6 +32,7 @@ from vmpod.sandbox.boot import StateDir, agent_channel, console_line, kernel_cmd
 from vmpod.sandbox.config import (
     SANDBOX_TRANSITIONS,
     ContainerSpec,
+    ContainerState,
     SandboxConfig,
     SandboxState,
     Volume,
@@ -307,6 +308,18 @@ class Sandbox:
             )
         self._shared.add(share)
         return share.name if relative else f"{self._guest_shared}/{share.name}"
+
+    def forget_container(self, cid: str) -> None:
+        """Drop an ended container of this (still running) sandbox: its shares are
+        unmounted on the host; its id may be used again."""
+        c = self.containers.get(cid)
+        if c is None:
+            return
+        if c.state not in (ContainerState.STOPPED, ContainerState.CREATED, ContainerState.NEW):
+            raise SandboxError(f"container {cid} still runs in sandbox {self.id}")
+        del self.containers[cid]
+        if self._shared is not None and self.state is _S.RUNNING:
+            self._shared.remove(cid)
 
     def next_stream(self) -> int:
         """A fresh stdio stream number for a process of this sandbox."""

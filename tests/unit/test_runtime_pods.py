@@ -1,0 +1,75 @@
+"""Which pod a container joins: engines' annotations, or a monitor's netns path."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from vmpod.runtime.bundle import Plan, pod_sandbox
+from vmpod.runtime.errors import RuntimeCliError
+from vmpod.runtime.member import pod_of
+from vmpod.runtime.state import ContainerState, Store
+
+PLAN = Plan(
+    spec={},
+    rootfs=Path("/"),
+    volumes=(),
+    cpus=1,
+    memory_mb=512,
+    kernel="6.1",
+    terminal=False,
+    hooks={},
+    annotations={},
+)
+
+
+@pytest.mark.parametrize(
+    ("annotations", "pod"),
+    [
+        ({}, ""),
+        ({"io.kubernetes.cri-o.ContainerType": "container", "io.kubernetes.cri-o.SandboxID": "inf"}, "inf"),
+        ({"io.kubernetes.cri-o.ContainerType": "sandbox", "io.kubernetes.cri-o.SandboxID": "inf"}, ""),
+        ({"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "sb"}, "sb"),
+        ({"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "sb"}, ""),
+        ({"io.kubernetes.cri.container-type": "container"}, ""),  # no id: a pod of its own
+    ],
+)
+def test_pod_annotations(annotations: dict[str, str], pod: str) -> None:
+    assert pod_sandbox(annotations) == pod
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "root")
+
+
+def _running_infra(store: Store, cid: str, pid: int) -> list[int]:
+    _, lock, mon = store.begin(ContainerState(id=cid, bundle="/b", rootfs="/r", created="now"))
+    store.update(cid, pid=pid)
+    (store.dir(cid) / "pod.sock").touch()
+    return [lock, mon]  # the monitor lock held: the infra's monitor "lives"
+
+
+def test_a_member_joins_a_running_pod(store: Store) -> None:
+    fds = _running_infra(store, "infra", 4242)
+    try:
+        assert pod_of(store, dataclasses.replace(PLAN, pod="infra")) == "infra"
+        # podman's members have the infra monitor's netns path and no annotation needed
+        assert pod_of(store, dataclasses.replace(PLAN, netns="/proc/4242/ns/net")) == "infra"
+        assert pod_of(store, dataclasses.replace(PLAN, netns="/proc/999/ns/net")) == ""
+        assert pod_of(store, dataclasses.replace(PLAN, netns="/run/netns/x")) == ""
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_pod_that_is_not_running_is_a_clear_error(store: Store) -> None:
+    with pytest.raises(RuntimeCliError, match="not a vmpod-runtime container"):
+        pod_of(store, dataclasses.replace(PLAN, pod="nosuch"))
+    for fd in _running_infra(store, "dead", 4243):
+        os.close(fd)  # its monitor is gone
+    with pytest.raises(RuntimeCliError, match="not running"):
+        pod_of(store, dataclasses.replace(PLAN, pod="dead"))
