@@ -5,6 +5,7 @@ iptables rules, attachments)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import subprocess
 import time
@@ -124,3 +125,34 @@ def test_a_killed_vmpod_leaves_an_attachment_the_next_run_collects(vmpod: VmpodR
     r = vmpod.run("--network", "bridge", "--rootfs", str(busybox), "--", "true")
     assert r.returncode == 0, r.err
     assert not list((vmpod.paths.run / "cni").glob("*.json"))
+
+
+def test_vmpod_pod_is_one_vm_with_published_ports(vmpod: VmpodRunner, busybox: Path) -> None:
+    port = _free_port()
+    r = vmpod("pod", "create", "-p", f"127.0.0.1:{port}:8080", "shop")
+    assert r.returncode == 0, r.err
+    try:
+        script = "cat /proc/sys/kernel/random/boot_id > /tmp/i; httpd -f -p 8080 -h /tmp"
+        r = vmpod.run(
+            "-d", "--pod", "shop", "--name", "srv", "--rootfs", str(busybox), "--", "sh", "-c", script
+        )
+        assert r.returncode == 0, r.err
+        served = _get(f"http://127.0.0.1:{port}/i").decode().strip()
+        r = vmpod.run(
+            *("--pod", "shop", "--rootfs", str(busybox), "--"),
+            *("sh", "-c", "cat /proc/sys/kernel/random/boot_id; wget -q -O- 127.0.0.1:8080/i"),
+        )
+        assert r.returncode == 0, r.err
+        assert r.out.split() == [served, served], "one VM: one boot id, localhost shared"
+        r = vmpod("pod", "ls", "--format", "json")
+        [pod] = json.loads(r.out)
+        assert pod["name"] == "shop" and pod["status"] == "running" and "srv" in pod["containers"]
+        r = vmpod.run("--pod", "shop", "-p", "9:9", "--rootfs", str(busybox), "--", "true")
+        assert r.returncode == 125 and "publish ports on the pod" in r.err
+        r = vmpod("pod", "rm", "shop")
+        assert r.returncode == 125 and "srv" in r.err and "-f" in r.err
+    finally:
+        assert vmpod("pod", "rm", "-f", "shop").returncode == 0
+    assert vmpod("ps", "-aq").out == ""
+    r = vmpod.run("--pod", "shop", "--rootfs", str(busybox), "--", "true")
+    assert r.returncode == 125 and "no such pod" in r.err

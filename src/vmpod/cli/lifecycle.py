@@ -18,12 +18,14 @@ import click
 
 from vmpod.cli.common import guard, guarded, progress
 from vmpod.containers import copy as cp_
-from vmpod.containers import rootfs
+from vmpod.containers import pods, rootfs
 from vmpod.containers.manager import Manager, View
 from vmpod.containers.options import RunRequest, user_ids
 from vmpod.containers.records import ContainerError
 from vmpod.errors import ConfigError
+from vmpod.guest.kernel import DEFAULT_KERNEL
 from vmpod.paths import default_paths
+from vmpod.runspec import ProcessOptions
 from vmpod.runtime import outputlog as logs_
 
 _CTX = {"help_option_names": ["-h", "--help"]}
@@ -49,6 +51,8 @@ def run_named(req: RunRequest, *, detach: bool, interactive: bool) -> int:
     from vmpod.containers.launch import make_container, reap_when_done, start_container, wait_foreground
 
     m = manager()
+    if req.pod:
+        pods.check_member(m, req)
     rec = make_container(m, req, progress)
     try:
         pid = start_container(m, rec, foreground=not detach, interactive=interactive)
@@ -269,7 +273,80 @@ def inspect(names: tuple[str, ...]) -> None:
     click.echo(json.dumps([m.inspect(n) for n in names], indent=2))
 
 
+@click.group(context_settings=_CTX)
+def pod() -> None:
+    """Pods: several containers in one VM, sharing its network (vmpod run --pod)."""
+
+
+@pod.command("create", context_settings=_CTX)
+@click.argument("name")
+@click.option("-p", "--publish", multiple=True, metavar="[IP:]HOSTPORT:CTRPORT[/tcp|udp]")
+@click.option("--network", default="bridge", show_default=True, metavar="bridge|none")
+@click.option("--kernel", default=DEFAULT_KERNEL, show_default=True)
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True)
+@click.option("--cpus", type=int, default=1, show_default=True, help="vCPUs of the pod's VM.")
+@click.option("--memory", type=int, default=512, show_default=True, help="The pod's VM memory in MiB.")
+@guarded
+def pod_create(
+    name: str, publish: tuple[str, ...], network: str, kernel: str, accel: str, cpus: int, memory: int
+) -> None:
+    """Create a pod and start its VM; prints the infra container's id."""
+    from vmpod.containers.network import parse_network
+
+    mode, ports = parse_network(network, publish)
+    template = RunRequest(
+        image="",
+        rootfs="",
+        process=ProcessOptions(),
+        kernel=kernel,
+        accel=accel,
+        cpus=cpus,
+        memory_mb=memory,
+        network=mode,
+        ports=ports,
+    )
+    click.echo(pods.create(manager(), name, template, progress).id)
+
+
+@pod.command("ls", context_settings=_CTX)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@guarded
+def pod_ls(fmt: str) -> None:
+    """List pods."""
+    m = manager()
+    rows = [
+        {
+            "name": p.name,
+            "id": p.infra.id,
+            "status": m.view(p.infra).state,
+            "containers": [r.name for r in p.members],
+            "ports": [str(x) for x in p.infra.ports],
+        }
+        for p in pods.pods(m)
+    ]
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"{'POD ID':<14}{'NAME':<20}{'STATUS':<10}{'CONTAINERS':<30}PORTS")
+    for r in rows:
+        members = ",".join(r["containers"]) or "-"
+        ports = ",".join(r["ports"]) or "-"
+        click.echo(f"{str(r['id'])[:12]:<14}{r['name']!s:<20}{r['status']!s:<10}{members:<30}{ports}")
+
+
+@pod.command("rm", context_settings=_CTX)
+@click.option("-f", "--force", is_flag=True, help="Also pods whose containers run.")
+@click.argument("names", nargs=-1, required=True)
+@guarded
+def pod_rm(force: bool, names: tuple[str, ...]) -> None:
+    """Remove pods: their containers, then the VM and the network."""
+    m = manager()
+    for name in names:
+        pods.remove(m, name, force)
+        click.echo(name)
+
+
 def register(cli: click.Group) -> None:
-    for cmd in (ps, start, stop, kill, rm, logs, cp, inspect):
+    for cmd in (ps, start, stop, kill, rm, logs, cp, inspect, pod):
         cli.add_command(cmd)
     cli.add_command(exec_, "exec")

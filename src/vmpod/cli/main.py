@@ -97,6 +97,7 @@ def cli(verbose: int) -> None:
     metavar="[IP:]HOSTPORT:CTRPORT[/tcp|udp]",
     help="Publish a container port on the host (bridge network).",
 )
+@click.option("--pod", default="", help="Run in this pod's VM (vmpod pod create), sharing its network.")
 @click.option("--log-max-size", default="10m", show_default=True, help="Size of one log file (-d/--name).")
 @click.option("--log-max-files", type=int, default=3, show_default=True, help="Log files kept (-d/--name).")
 def run(
@@ -128,6 +129,7 @@ def run(
     init: bool,
     network: str,
     publish: tuple[str, ...],
+    pod: str,
     log_max_size: str,
     log_max_files: int,
 ) -> None:
@@ -161,7 +163,7 @@ def run(
         init=init,
     )
     # a volume, or --init's binary, is a host path shared with the VM: the managed path
-    if detach or name or volumes or init or entrypoint is not None:
+    if detach or name or volumes or init or pod or entrypoint is not None:
         named = RunRequest(
             image=image,
             rootfs=rootfs,
@@ -180,6 +182,7 @@ def run(
             log_keep=log_max_files,
             network=network,
             ports=ports,
+            pod=pod,
         )
         guard(lambda: _named_ok(named, tty, console, kernel_modules, load_modules))
         sys.exit(guard(lambda: run_named(named, detach=detach, interactive=interactive)))

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from vmpod.containers import network as net
 from vmpod.containers import rootfs
 from vmpod.containers.manager import Manager
-from vmpod.containers.options import RunRequest, make_sources, user_ids
+from vmpod.containers.options import RunRequest, make_sources, pod_infra_name, user_ids
 from vmpod.containers.records import ContainerError, Record, check_name, default_name, new_id
 from vmpod.errors import ConfigError
 from vmpod.fsutil import atomic_write, lock_file
@@ -63,8 +63,10 @@ def make_container(m: Manager, req: RunRequest, progress: Progress = silent) -> 
         auto_remove=req.auto_remove,
         log_max_bytes=req.log_max_bytes,
         log_keep=req.log_keep,
-        network=req.network,
+        network="pod" if req.pod and not req.pod_infra else req.network,
         ports=req.ports,
+        pod=req.pod,
+        pod_infra=req.pod_infra,
     )
     d = m.records.add(rec)
     try:
@@ -103,6 +105,11 @@ def _write_bundle(
         else {"type": "network"}
     )
     linux["namespaces"] = [*linux["namespaces"], netns]
+    if rec.pod and not rec.pod_infra:  # joins the infra's VM (vmpod-runtime reads CRI-O's annotations)
+        spec["annotations"] = {
+            "io.kubernetes.cri-o.ContainerType": "container",
+            "io.kubernetes.cri-o.SandboxID": m.records.resolve(pod_infra_name(rec.pod)).id,
+        }
     atomic_write(bundle / "config.json", json.dumps(spec, indent=1).encode(), mode=0o600)
     runtime_cfg = {
         "kernel": req.kernel,

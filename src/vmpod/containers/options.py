@@ -34,8 +34,15 @@ class RunRequest:
     memory_mb: int = 512
     log_max_bytes: int = DEFAULT_MAX_BYTES
     log_keep: int = DEFAULT_KEEP
-    network: str = "bridge"  # bridge | none
+    network: str = "bridge"  # bridge | none (a pod member: the pod's)
     ports: tuple[PortMapping, ...] = ()
+    pod: str = ""  # join this pod's VM (`vmpod run --pod`)
+    pod_infra: bool = False  # the pod's infra container (`vmpod pod create`)
+
+
+def pod_infra_name(pod: str) -> str:
+    """The name of a pod's infra container (it holds the pod's VM)."""
+    return f"{pod}-infra"
 
 
 _VOLUME_HINT = "use -v /HOST/DIR:/CONTAINER/DIR[:ro|rw]"

@@ -65,8 +65,10 @@ class Record:
     started: str = ""
     finished: str = ""
     exit_code: int | None = None
-    network: str = "none"  # bridge: a CNI attachment while the container exists
+    network: str = "none"  # bridge: a CNI attachment while the container exists; pod: the pod's
     ports: tuple[PortMapping, ...] = ()
+    pod: str = ""  # the pod it belongs to (its name)
+    pod_infra: bool = False  # the pod's first container: it holds the VM and the network
 
     @property
     def short_id(self) -> str:

@@ -62,7 +62,7 @@ def create(
         log.warning("%s", warning)
     pod = pod_of(store, plan)
     if pod:
-        _create_member(store, cid, bundle_dir, plan, pod, pid_file, console_socket, log_opts)
+        _create_member(store, cid, bundle_dir, plan, pod, pid_file, console_socket, log_opts, output_log)
         return
     paths = default_paths()
     # resolved before anything is made: an unknown kernel or module fails `create` itself
@@ -118,6 +118,7 @@ def _create_member(
     pid_file: str,
     console_socket: str,
     log_opts: LogOpts,
+    output_log: LogSink | None,
 ) -> None:
     """A pod member: its container joins the pod's VM; its own monitor process
     (member.py) is the pid the engine waits for."""
@@ -139,6 +140,7 @@ def _create_member(
             pod=pod,
             console_socket=console_socket,
             ready_fd=-1,
+            output_log=output_log,
             log_path=log_opts[0],
             log_format=log_opts[1],
             debug=log_opts[2],

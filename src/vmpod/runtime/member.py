@@ -12,6 +12,7 @@ SIGKILLed if the pod's monitor goes away first: the VM went with it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from vmpod.runtime.bundle import Plan
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.exits import exit_like
 from vmpod.runtime.monitor import close_fds, drop_log_handlers, log_to
+from vmpod.runtime.outputlog import LogSink
 from vmpod.runtime.session import MONITOR_SIGNALS
 from vmpod.runtime.state import Store, proc_start_time
 
@@ -42,6 +44,7 @@ class MemberArgs:
     pod: str  # the pod's first container (its monitor owns the VM)
     console_socket: str
     ready_fd: int
+    output_log: LogSink | None = None  # the member's output goes there (`vmpod run -d`)
     log_path: str = ""
     log_format: str = "text"
     debug: bool = False
@@ -83,6 +86,8 @@ def member_main(args: MemberArgs, keep: tuple[int, ...]) -> NoReturn:
         drop_log_handlers()
         close_fds({0, 1, 2, args.ready_fd, *keep})
         log_to(args.log_path, args.log_format, args.debug)
+        if args.output_log is not None and not args.output_log.tee:
+            _null_stdio()  # the log is the container's output: hold no caller's pipe
         status = _serve(args)
     except BaseException as err:  # the monitor must always exit with a status
         log.error("pod member monitor failed: %s", err, exc_info=not isinstance(err, VmpodError))
@@ -100,6 +105,7 @@ def _serve(args: MemberArgs) -> int:
             "cid": args.cid,
             "bundle": args.bundle,
             "console_socket": args.console_socket,
+            "output_log": dataclasses.asdict(args.output_log) if args.output_log else None,
         }
         client.send(msg, fds=[0, 1, 2])
         reply = client.recv()
@@ -108,10 +114,7 @@ def _serve(args: MemberArgs) -> int:
     _ready(args.ready_fd, reply if not reply.get("ok") else {"ok": True, "pid": os.getpid()})
     if not reply.get("ok"):
         return 255
-    null = os.open(os.devnull, os.O_RDWR)  # our stdio is the pod monitor's to use now
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
+    _null_stdio()  # our stdio is the pod monitor's to use now
     sock = store.dir(args.cid) / "monitor.sock"
 
     def forward(sig: int, _frame: FrameType | None) -> None:
@@ -126,6 +129,13 @@ def _serve(args: MemberArgs) -> int:
         return 128 + signal.SIGKILL  # the pod's monitor (and its VM) went away
     status = event.get("status")
     return status if isinstance(status, int) else 255
+
+
+def _null_stdio() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _ready(fd: int, msg: dict[str, object]) -> None:

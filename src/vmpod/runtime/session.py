@@ -319,6 +319,8 @@ class Session:
         from vmpod.runtime.config import load_config
 
         cid, bundle, console = msg.get("cid"), msg.get("bundle"), msg.get("console_socket") or ""
+        sink = msg.get("output_log")
+        output_log = LogSink(**sink) if isinstance(sink, dict) else None
         if not isinstance(cid, str) or not isinstance(bundle, str) or not isinstance(console, str):
             raise RuntimeCliError("invalid join request")
         if len(fds) != 3:
@@ -328,7 +330,7 @@ class Session:
         path = Path(bundle)
         plan = translate(load_spec(path), path, cid, load_config())
         args = dataclasses.replace(
-            self.a, cid=cid, plan=plan, console_socket=console, ready_fd=-1, output_log=None
+            self.a, cid=cid, plan=plan, console_socket=console, ready_fd=-1, output_log=output_log
         )
         return Session(args, pod=self.sandbox, stdio=(fds[0], fds[1], fds[2]))
 
