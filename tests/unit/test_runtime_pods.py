@@ -73,3 +73,25 @@ def test_a_pod_that_is_not_running_is_a_clear_error(store: Store) -> None:
         os.close(fd)  # its monitor is gone
     with pytest.raises(RuntimeCliError, match="not running"):
         pod_of(store, dataclasses.replace(PLAN, pod="dead"))
+
+
+def test_shared_namespaces_and_the_guests_join() -> None:
+    from vmpod.agent.guest.bundles import join_namespaces
+    from vmpod.runtime.bundle import _shared_namespaces
+
+    linux: dict[str, object] = {
+        "namespaces": [
+            {"type": "pid"},
+            {"type": "ipc", "path": "/proc/7/ns/ipc"},
+            {"type": "uts", "path": "/proc/7/ns/uts"},
+            {"type": "network", "path": "/proc/7/ns/net"},
+            {"type": "mount"},
+        ]
+    }
+    assert _shared_namespaces(linux) == ("ipc", "uts")
+    spec: dict[str, object] = {"linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}]}}
+    joined = join_namespaces(spec, {"ipc": "/proc/42/ns/ipc"})
+    assert joined["linux"] == {  # the member's ipc is the pod's; the rest stay its own
+        "namespaces": [{"type": "pid"}, {"type": "uts"}, {"type": "ipc", "path": "/proc/42/ns/ipc"}]
+    }
+    assert join_namespaces(spec, {}) is spec

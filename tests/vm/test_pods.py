@@ -30,20 +30,26 @@ def test_a_pod_is_one_vm(podman: Podman, paths: Paths) -> None:  # noqa: F811
     before = set(_vms(paths))
     assert podman("pod", "create", "--name", "vmpodpod").returncode == 0
     try:
-        script = f"{BOOT_ID} > /tmp/boot; echo served > /tmp/index.html; httpd -f -p 8080 -h /tmp"
+        script = (
+            f"{BOOT_ID} > /tmp/boot; echo served > /tmp/index.html; readlink /proc/self/ns/ipc > /tmp/ipc; "
+            "readlink /proc/self/ns/uts > /tmp/uts; httpd -f -p 8080 -h /tmp"
+        )
         res = podman("run", "-d", "--pod", "vmpodpod", "--name", "srv", *ULIMITS, IMAGE, "sh", "-c", script)
         assert res.returncode == 0, res.stderr
         assert len(set(_vms(paths)) - before) == 1, "the pod and its first member share one VM"
         client = (
             f"{BOOT_ID}; for i in $(seq 50); do wget -q -O- http://127.0.0.1:8080/boot && break; "
             "sleep 0.2; done; wget -q -O- http://127.0.0.1:8080/index.html; "
-            "test -e /tmp/boot || echo own-rootfs"
+            "test -e /tmp/boot || echo own-rootfs; "
+            "[ $(wget -q -O- 127.0.0.1:8080/ipc) = $(readlink /proc/self/ns/ipc) ] && echo same-ipc; "
+            "[ $(wget -q -O- 127.0.0.1:8080/uts) = $(readlink /proc/self/ns/uts) ] && echo same-uts"
         )
         res = podman("run", "--rm", "--pod", "vmpodpod", *ULIMITS, IMAGE, "sh", "-c", client)
         assert res.returncode == 0, res.stderr
-        mine, theirs, served, own = res.stdout.split()
+        mine, theirs, served, own, *shared = res.stdout.split()
         assert mine == theirs, "both containers see the same guest kernel boot"
         assert (served, own) == ("served", "own-rootfs")
+        assert shared == ["same-ipc", "same-uts"], "the pod's members share its IPC and UTS namespaces"
         assert len(set(_vms(paths)) - before) == 1
         # a member gets its own processes: the server is not in the client's pid namespace
         res = podman("exec", "srv", "sh", "-c", "ps -o comm | grep -c httpd")

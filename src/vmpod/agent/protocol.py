@@ -277,6 +277,9 @@ class CreateContainer(Message):
     rootfs_fstype: str = "erofs"  # erofs, ext4 or virtiofs ("dir" only in in-process tests)
     user: str = ""  # "name", "uid" or "uid:gid", resolved in the rootfs
     runtime: str = "runc"  # OCI runtime in the guest: "runc" or "crun"
+    # namespace type ("ipc", "uts") -> the running container whose namespace it
+    # joins (a pod's members share the first container's, as in the engine's pod)
+    join_namespaces: dict[str, str] = {}
 
 
 class ContainerCreated(Message):

@@ -69,6 +69,7 @@ class Plan:
     kernel_modules: tuple[str, ...] = ()  # NAME[=params], from org.vmpod.kernel_modules
     netns: str = ""  # the engine's network namespace to wire into the VM ("": loopback only)
     pod: str = ""  # the pod's first (sandbox/infra) container, whose VM this one joins
+    shared_namespaces: tuple[str, ...] = ()  # ipc/uts given as paths: a pod member shares the pod's
 
 
 def load_spec(bundle: Path) -> dict[str, object]:
@@ -157,6 +158,7 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
         warnings=tuple(warnings),
         netns=netns,
         pod=pod_sandbox(annotations),
+        shared_namespaces=_shared_namespaces(linux),
         kernel_modules=tuple(
             m.strip() for m in annotations.get(ANNOTATION_MODULES, "").split(";") if m.strip()
         ),
@@ -311,6 +313,17 @@ def pod_sandbox(annotations: dict[str, str]) -> str:
         if annotations.get(kind) == member and annotations.get(sandbox):
             return annotations[sandbox]
     return ""
+
+
+def _shared_namespaces(linux: dict[str, object]) -> tuple[str, ...]:
+    """The ipc/uts namespaces the engine asks to join (by path): for a pod member,
+    its pod's (the guest joins the first container's)."""
+    out = []
+    for ns in _list(linux.get("namespaces"), "linux.namespaces"):
+        ns = _obj(ns, "linux.namespaces[]")
+        if ns.get("type") in ("ipc", "uts") and ns.get("path"):
+            out.append(str(ns["type"]))
+    return tuple(out)
 
 
 def _netns(linux: dict[str, object]) -> str:

@@ -71,6 +71,7 @@ class Session:
         whose ``stdio`` came from its own monitor process)."""
         self.a = args
         self.pod = pod
+        self.pod_id = ""  # a member: the pod's first container (its namespaces are shared)
         self.stdio = stdio
         self.members: dict[str, Session] = {}  # the pod's other containers (first container only)
         self.store = Store(args.store_root)
@@ -174,7 +175,12 @@ class Session:
         a, plan = self.a, self.a.plan
         self.container = await sandbox.create_container(
             ContainerSpec(
-                id=a.cid, oci=plan.spec, rootfs=plan.rootfs, runtime=a.guest_runtime, volumes=plan.volumes
+                id=a.cid,
+                oci=plan.spec,
+                rootfs=plan.rootfs,
+                runtime=a.guest_runtime,
+                volumes=plan.volumes,
+                join_namespaces=tuple((ns, self.pod_id) for ns in plan.shared_namespaces if self.pod_id),
             )
         )
         if plan.terminal:
@@ -332,7 +338,9 @@ class Session:
         args = dataclasses.replace(
             self.a, cid=cid, plan=plan, console_socket=console, ready_fd=-1, output_log=output_log
         )
-        return Session(args, pod=self.sandbox, stdio=(fds[0], fds[1], fds[2]))
+        member = Session(args, pod=self.sandbox, stdio=(fds[0], fds[1], fds[2]))
+        member.pod_id = self.a.cid
+        return member
 
     def _on_signal(self, sig: int) -> None:
         log.debug("monitor got signal %d", sig)

@@ -73,6 +73,9 @@ class ContainerSpec:
     user: str = ""  # resolved against the image's /etc/passwd in the guest
     runtime: str = "runc"  # OCI runtime inside the guest: runc or crun
     volumes: tuple[Volume, ...] = ()
+    # (namespace type, container id): join that running container's ipc/uts
+    # namespace, as a pod's members share its infra container's
+    join_namespaces: tuple[tuple[str, str], ...] = ()
 
 
 class SandboxState(Enum):

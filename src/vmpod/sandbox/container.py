@@ -63,6 +63,7 @@ class Container:
                 runtime=s.runtime,
                 rootfs_fstype=self._rootfs[0],
                 rootfs_serial=self._rootfs[1],
+                join_namespaces=dict(s.join_namespaces),
             )
         )
         self._sm.to(ContainerState.CREATED)

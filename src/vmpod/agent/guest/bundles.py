@@ -132,6 +132,21 @@ def _apply_net_sysctls(config: AgentConfig, spec: dict[str, object]) -> None:
     spec["linux"] = linux
 
 
+JOINABLE_NAMESPACES = ("ipc", "uts")
+
+
+def join_namespaces(spec: dict[str, object], paths: dict[str, str]) -> dict[str, object]:
+    """``spec`` with the namespaces of ``paths``' types joined (path set)."""
+    if not paths:
+        return spec
+    linux = dict(spec.get("linux") or {})  # type: ignore[call-overload]
+    kept = [
+        ns for ns in linux.get("namespaces") or [] if not (isinstance(ns, dict) and ns.get("type") in paths)
+    ]
+    linux["namespaces"] = [*kept, *({"type": t, "path": path} for t, path in paths.items())]
+    return {**spec, "linux": linux}
+
+
 def root_path(bundle: str) -> str:
     """The container's root directory, as the bundle's config.json says."""
     with open(os.path.join(bundle, "config.json")) as fh:

@@ -135,9 +135,29 @@ class Handlers:
 
     def _do_create_container(self, a: p.CreateContainer) -> p.ContainerCreated:
         source = bundles.rootfs_source(self.config, a.rootfs_fstype, a.rootfs_serial)
-        bundle = bundles.prepare_bundle(self.config, a.container_id, a.spec, source, a.rootfs_fstype, a.user)
+        spec = bundles.join_namespaces(a.spec, self._namespace_paths(a.join_namespaces))
+        bundle = bundles.prepare_bundle(self.config, a.container_id, spec, source, a.rootfs_fstype, a.user)
         self.containers[a.container_id] = a.runtime
         return p.ContainerCreated(bundle=bundle)
+
+    def _namespace_paths(self, join: dict[str, str]) -> dict[str, str]:
+        """ns type -> /proc/<init pid>/ns/<type> of the running container named."""
+        out = {}
+        for ns, cid in join.items():
+            if ns not in bundles.JOINABLE_NAMESPACES:
+                raise AgentFailure(f"cannot join a {ns!r} namespace", "invalid")
+            stream = self.inits.get(self._known(cid))
+            pr = self.procs.procs.get(stream or 0)
+            why = f"container {cid} does not run: its {ns} namespace cannot be joined"
+            if pr is None or pr.status is not None:
+                raise AgentFailure(why)
+            try:
+                with open(pr.pid_file) as fh:
+                    pid = int(fh.read(32))
+            except (OSError, ValueError):
+                raise AgentFailure(why) from None
+            out[ns] = f"/proc/{pid}/ns/{ns}"
+        return out
 
     def _op_start_container(self, rid: int, a: p.StartContainer) -> p.ProcessStarted | None:
         cid = self._known(a.container_id)
