@@ -499,7 +499,7 @@ def test_resources_size_the_vm(rt: Runtime, busybox: Path, work: Path, clean: No
     cpus = min(2, os.cpu_count() or 1)
     linux = {
         "resources": {"cpu": {"quota": 100000 * cpus, "period": 100000}, "memory": {"limit": 1 << 30}},
-        "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")],
+        "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")],
     }
     script = "nproc; grep MemTotal /proc/meminfo; cat /sys/fs/cgroup/memory.max"
     bundle = make_bundle(work / "sized", busybox, ["sh", "-c", script], linux=linux)
