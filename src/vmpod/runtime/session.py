@@ -257,7 +257,9 @@ class Session:
 
     async def _leave(self) -> None:
         """A member's end: its processes go, the pod's VM stays."""
-        assert self.pod is not None and self.container is not None
+        assert self.pod is not None
+        if self.container is None:  # its join failed before the container was made
+            return
         if self.container.state in (ContainerState.RUNNING, ContainerState.PAUSED):
             with contextlib.suppress(VmpodError):
                 await self.container.kill(signal.SIGKILL, all_processes=True)
