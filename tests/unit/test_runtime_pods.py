@@ -95,3 +95,19 @@ def test_shared_namespaces_and_the_guests_join() -> None:
         "namespaces": [{"type": "pid"}, {"type": "uts"}, {"type": "ipc", "path": "/proc/42/ns/ipc"}]
     }
     assert join_namespaces(spec, {}) is spec
+
+
+def test_a_pod_vm_is_sized_for_the_pod() -> None:
+    from vmpod.runtime.bundle import pod_resources, vm_size
+
+    ann = {
+        "io.kubernetes.cri.container-type": "sandbox",
+        "io.kubernetes.cri.sandbox-cpu-quota": "200000",
+        "io.kubernetes.cri.sandbox-cpu-period": "100000",
+        "io.kubernetes.cri.sandbox-memory": str(768 << 20),
+    }
+    res = pod_resources(ann)
+    assert res == {"cpu": {"quota": 200000, "period": 100000}, "memory": {"limit": 768 << 20}}
+    assert vm_size(res, host_cpus=4, host_mb=8192) == (2, 768 + 256)
+    assert pod_resources({"io.kubernetes.cri.sandbox-cpu-period": "100000"}) == {}
+    assert pod_resources({"io.kubernetes.cri.sandbox-memory": "0"}) == {}

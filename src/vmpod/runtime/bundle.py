@@ -138,7 +138,8 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
                 for m in mounts
             ]
     check_executable(rootfs, process, dir_dests)
-    cpus, memory_mb = vm_size(resources, warnings)
+    # a pod's VM is sized for the whole pod when the engine says what that is
+    cpus, memory_mb = vm_size(pod_resources(annotations) or resources, warnings)
     size = len(json.dumps(guest, separators=(",", ":")))
     if size > MAX_CONFIG_BYTES:
         raise RuntimeCliError(
@@ -304,6 +305,29 @@ POD_ANNOTATIONS = (
     ("io.kubernetes.cri.container-type", "container", "io.kubernetes.cri.sandbox-id"),  # CRI
     ("io.kubernetes.cri-o.ContainerType", "container", "io.kubernetes.cri-o.SandboxID"),  # CRI-O, podman
 )
+
+
+# what kubelet (via containerd's CRI) computes for a whole pod, on its sandbox container
+SANDBOX_RESOURCES = {
+    "io.kubernetes.cri.sandbox-cpu-quota": ("cpu", "quota"),
+    "io.kubernetes.cri.sandbox-cpu-period": ("cpu", "period"),
+    "io.kubernetes.cri.sandbox-cpu-shares": ("cpu", "shares"),
+    "io.kubernetes.cri.sandbox-memory": ("memory", "limit"),
+}
+
+
+def pod_resources(annotations: dict[str, str]) -> dict[str, object]:
+    """The pod's resources (the sum of its containers'), as CRI annotates its
+    sandbox container, in linux.resources' shape; {} without them. microvm has no
+    hotplug, so the VM is sized for the pod when its first container boots it."""
+    out: dict[str, dict[str, object]] = {}
+    for key, (group, field_) in SANDBOX_RESOURCES.items():
+        raw = annotations.get(key, "")
+        if raw.isdigit() and int(raw) > 0:
+            out.setdefault(group, {})[field_] = int(raw)
+    if "quota" not in out.get("cpu", {}):
+        out.get("cpu", {}).pop("period", None)  # a period alone sizes nothing
+    return {k: v for k, v in out.items() if v}
 
 
 def pod_sandbox(annotations: dict[str, str]) -> str:
