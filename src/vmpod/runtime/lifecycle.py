@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vmpod.fsutil import atomic_write, is_locked
 from vmpod.runtime import ipc
-from vmpod.runtime.errors import RuntimeCliError
+from vmpod.runtime.errors import NotFound, RuntimeCliError
 from vmpod.runtime.hooks import HookError, run_hooks, run_hooks_warn
 from vmpod.runtime.rules import require
 from vmpod.runtime.state import (
@@ -62,12 +62,17 @@ def delete(store: Store, cid: str, force: bool) -> None:
             store.remove(cid)
             return
         raise
-    with store.lock(cid):
-        st = store.load(cid)
-        if not force:
-            require("delete", store.status(st), cid)
-        destroy(store, st)
-        cleanup(store, st)
+    try:
+        with store.lock(cid):
+            st = store.load(cid)
+            if not force:
+                require("delete", store.status(st), cid)
+            destroy(store, st)
+            cleanup(store, st)
+    except NotFound:
+        if force:  # a concurrent delete won the race: the container is gone, as asked
+            return
+        raise
     run_hooks_warn(st.hooks, "poststop", st.oci(STOPPED))
 
 
