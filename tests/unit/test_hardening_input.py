@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -10,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from vmpod.runtime import lifecycle
-from vmpod.runtime.errors import NotFound
+from vmpod.runtime.bundle import load_spec
+from vmpod.runtime.config import load_config
+from vmpod.runtime.errors import NotFound, RuntimeCliError
 from vmpod.runtime.state import ContainerState, Store
+from vmpod.runtime.validate import json_depth, parse_json
 
 
 def _state(cid: str) -> ContainerState:
@@ -49,3 +54,41 @@ def test_delete_without_force_of_a_vanished_container_still_fails(tmp_path: Path
     store = Store(tmp_path / "root")
     with pytest.raises(NotFound):
         lifecycle.delete(store, "gone", force=False)
+
+
+# -- defect 11: deeply nested JSON ---------------------------------------------------
+
+RUNTIME = [sys.executable, "-c", "from vmpod.runtime.cli import main; main()"]
+
+
+def _deep(levels: int) -> str:
+    return '{"ociVersion": "1.0.2", "x": ' + "[" * levels + "]" * levels + "}"
+
+
+@pytest.mark.parametrize("levels", [100, 100_000])
+def test_deeply_nested_config_json_is_one_clear_line(tmp_path: Path, levels: int) -> None:
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "config.json").write_text(_deep(levels))
+    with pytest.raises(RuntimeCliError, match="nested too deeply"):
+        load_spec(bundle)
+    res = subprocess.run(
+        [*RUNTIME, "--root", str(tmp_path / "root"), "create", "--bundle", str(bundle), "c1"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert res.returncode == 1
+    assert b"Traceback" not in res.stderr and b"nested too deeply" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_deeply_nested_runtime_json_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "runtime.json"
+    path.write_text('{"kernels": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(RuntimeCliError, match="nested too deeply"):
+        load_config(str(path))
+
+
+def test_ordinary_nesting_is_accepted() -> None:
+    assert parse_json('{"a": [{"b": [1]}]}') == {"a": [{"b": [1]}]}
+    assert json_depth([[[]]]) == 3 and json_depth(1) == 0

@@ -41,6 +41,7 @@ from vmpod.fsutil import meminfo, resolve_below
 from vmpod.runtime.config import ANNOTATION_KERNEL, ANNOTATION_MODULES, KNOWN_ANNOTATIONS, RuntimeConfig
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS, validate_hooks
+from vmpod.runtime.validate import parse_json
 from vmpod.sandbox.config import MAX_CONFIG_BYTES, Volume
 
 MEMORY_OVERHEAD_MB = 256  # guest kernel, agent and page cache on top of the limit
@@ -77,7 +78,7 @@ def load_spec(bundle: Path) -> dict[str, object]:
         raise RuntimeCliError(f"bundle {bundle}: no such directory")
     path = bundle / "config.json"
     try:
-        data = json.loads(path.read_text())
+        data = parse_json(path.read_text())
     except FileNotFoundError:
         raise RuntimeCliError(f"open {path}: no such file or directory") from None
     except (OSError, UnicodeDecodeError) as err:

@@ -20,12 +20,12 @@ with defaults.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, fields
 
 from vmpod.guest.kernel import DEFAULT_KERNEL
 from vmpod.runtime.errors import RuntimeCliError
+from vmpod.runtime.validate import parse_json
 
 CONFIG_PATH = "/etc/vmpod/runtime.json"
 ANNOTATION_KERNEL = "org.vmpod.kernel"
@@ -54,7 +54,7 @@ def load_config(path: str | None = None) -> RuntimeConfig:
     path = path or config_path()
     try:
         with open(path) as fh:
-            data = json.load(fh)
+            data = parse_json(fh.read())
     except FileNotFoundError:
         return RuntimeConfig()
     except (OSError, ValueError) as err:

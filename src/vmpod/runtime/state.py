@@ -149,7 +149,7 @@ class Store:
             data = json.loads((self.dir(cid) / "state.json").read_text())
         except FileNotFoundError:
             raise NotFound() from None
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise RuntimeCliError(f"cannot read the state of container {cid}: {err}") from err
         return ContainerState.from_json(data)
 
