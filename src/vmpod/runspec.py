@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from vmpod.errors import ConfigError
 from vmpod.images import ImageConfig
+from vmpod.sandbox.build import check_config_size
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # docker's default capability set
@@ -183,6 +184,7 @@ def build_spec(image: ImageConfig, opts: ProcessOptions) -> dict[str, object]:
         mounts.append(
             {"destination": INIT_PATH, "type": "bind", "source": init_binary(), "options": ["bind", "ro"]}
         )
+    check_config_size(spec)  # huge argv or environment: refused here, not after the boot
     return spec
 
 

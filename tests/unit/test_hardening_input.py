@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -11,12 +12,20 @@ from pathlib import Path
 
 import pytest
 
+from vmpod.cli import run as run_mod
+from vmpod.cli.run import RunOptions
+from vmpod.errors import ConfigError
+from vmpod.guest.progress import silent
+from vmpod.paths import Paths
+from vmpod.runspec import ProcessOptions
 from vmpod.runtime import lifecycle
 from vmpod.runtime.bundle import load_spec
 from vmpod.runtime.config import load_config
 from vmpod.runtime.errors import NotFound, RuntimeCliError
 from vmpod.runtime.state import ContainerState, Store
 from vmpod.runtime.validate import json_depth, parse_json
+from vmpod.sandbox.build import check_config_size
+from vmpod.sandbox.config import MAX_CONFIG_BYTES
 
 
 def _state(cid: str) -> ContainerState:
@@ -92,3 +101,40 @@ def test_deeply_nested_runtime_json_is_refused(tmp_path: Path) -> None:
 def test_ordinary_nesting_is_accepted() -> None:
     assert parse_json('{"a": [{"b": [1]}]}') == {"a": [{"b": [1]}]}
     assert json_depth([[[]]]) == 3 and json_depth(1) == 0
+
+
+# -- defect 4: huge argv or environment ------------------------------------------------
+
+
+@pytest.fixture
+def no_boot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vmpod run` fails the test if it gets as far as building a disk or a VM."""
+
+    def boot(*a: object, **k: object) -> object:
+        raise AssertionError("vmpod run got past its checks")
+
+    monkeypatch.setattr(run_mod, "rootfs_disk", boot)
+    monkeypatch.setattr(run_mod, "prepare", boot)
+
+
+@pytest.mark.parametrize(
+    "process",
+    [
+        ProcessOptions(args=tuple(f"arg{i}" for i in range(100_000))),
+        ProcessOptions(args=("true",), env=tuple(f"VAR{i}=value{i}" for i in range(10_000))),
+    ],
+    ids=["100k-args", "10k-env"],
+)
+def test_huge_argv_or_env_is_refused_before_boot(
+    tmp_path: Path, no_boot: None, process: ProcessOptions
+) -> None:
+    (tmp_path / "rootfs").mkdir()
+    opts = RunOptions(image="", rootfs=str(tmp_path / "rootfs"), process=process, network="none")
+    with pytest.raises(ConfigError, match=f"too large for the agent channel \\(limit {MAX_CONFIG_BYTES}\\)"):
+        asyncio.run(run_mod.run(Paths(home=tmp_path / "home", run=tmp_path / "run"), opts, silent))
+
+
+def test_config_size_check_counts_escaped_bytes() -> None:
+    check_config_size({"env": ["x" * (MAX_CONFIG_BYTES - 100)]})
+    with pytest.raises(ConfigError):  # each non-ASCII character travels as \\uXXXX
+        check_config_size({"env": ["\u00e9" * (MAX_CONFIG_BYTES // 3)]})

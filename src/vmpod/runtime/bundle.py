@@ -30,19 +30,20 @@ What changes on the way into the VM (the Kata model):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmpod.errors import ConfigError
 from vmpod.fsutil import meminfo, resolve_below
 from vmpod.runtime.config import ANNOTATION_KERNEL, ANNOTATION_MODULES, KNOWN_ANNOTATIONS, RuntimeConfig
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS, validate_hooks
 from vmpod.runtime.validate import parse_json
-from vmpod.sandbox.config import MAX_CONFIG_BYTES, Volume
+from vmpod.sandbox.build import check_config_size
+from vmpod.sandbox.config import Volume
 
 MEMORY_OVERHEAD_MB = 256  # guest kernel, agent and page cache on top of the limit
 MIN_MEMORY_MB = 512
@@ -141,12 +142,10 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
     check_executable(rootfs, process, dir_dests)
     # a pod's VM is sized for the whole pod when the engine says what that is
     cpus, memory_mb = vm_size(pod_resources(annotations) or resources, warnings)
-    size = len(json.dumps(guest, separators=(",", ":")))
-    if size > MAX_CONFIG_BYTES:
-        raise RuntimeCliError(
-            f"config.json takes {size} bytes in the VM: too large for the agent channel "
-            f"(limit {MAX_CONFIG_BYTES})"
-        )
+    try:
+        check_config_size(guest, "config.json")
+    except ConfigError as err:
+        raise RuntimeCliError(err.message) from None
     return Plan(
         spec=guest,
         rootfs=rootfs,

@@ -5,7 +5,9 @@ chosen, guest assets built or found, kernel modules planned — before anything 
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from vmpod.guest.progress import Progress, silent
 from vmpod.hypervisor.accel import choose_accel
 from vmpod.hypervisor.base import Disk
 from vmpod.paths import Paths
-from vmpod.sandbox.config import SandboxConfig
+from vmpod.sandbox.config import MAX_CONFIG_BYTES, SandboxConfig
 
 log = logging.getLogger(__name__)
 MIN_MEMORY_MB = 128
@@ -47,6 +49,18 @@ def check_resources(cpus: int, memory_mb: int) -> None:
     if cpus < 1 or memory_mb < MIN_MEMORY_MB:
         raise ConfigError(
             f"the VM needs at least 1 CPU and {MIN_MEMORY_MB} MiB", hint="raise --cpus / --memory"
+        )
+
+
+def check_config_size(oci: Mapping[str, object], what: str = "the container's configuration") -> None:
+    """Refuse an OCI config too large for the one agent message that carries it
+    (huge argv or environment): front ends call it before anything boots."""
+    size = len(json.dumps(oci, separators=(",", ":")))  # as the agent channel encodes it
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{what} takes {size} bytes in the VM: too large for the agent channel "
+            f"(limit {MAX_CONFIG_BYTES})",
+            hint="pass fewer or shorter arguments and environment variables",
         )
 
 
