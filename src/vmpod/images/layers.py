@@ -8,6 +8,12 @@ is never followed: whatever exists there is removed first and new files are
 created with ``O_EXCL | O_NOFOLLOW``. OCI whiteouts (``.wh.NAME``,
 ``.wh..wh..opq``) are applied against lower layers.
 
+Regular files are written sparsely: runs of zeros (GNU/pax sparse members read
+as zeros, or zeros stored in the tar) become holes, so a tiny layer holding a
+huge sparse file does not fill the disk. The total size of regular files an
+applier writes (their apparent size, holes included) is capped per image:
+``VMPOD_MAX_IMAGE_BYTES`` (bytes, or with a K/M/G/T suffix), 16 GiB by default.
+
 The checks are path based (lstat per component), which is sound because the
 root is a fresh private directory nobody else writes to while we unpack;
 never unpack into a tree a running guest can modify (e.g. a live 9p share).
@@ -29,12 +35,17 @@ from functools import partial
 from pathlib import Path
 from typing import IO
 
-from vmpod.errors import ImageError, UnsafeLayerError
+from vmpod.errors import ConfigError, ImageError, UnsafeLayerError
 from vmpod.fsutil import Below, resolve_below
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _CHUNK = 1 << 20
+_HOLE = 64 << 10  # the smallest run of zeros written as a hole
+_ZEROS = bytes(_HOLE)
+MAX_IMAGE_ENV = "VMPOD_MAX_IMAGE_BYTES"
+DEFAULT_MAX_IMAGE_BYTES = 16 << 30
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 Opener = Callable[[], "IO[bytes] | None"]
 
@@ -47,8 +58,10 @@ class LayerApplier:
     root) nor bumps the recorded mtimes.
     """
 
-    def __init__(self, root: Path, *, whiteouts: bool = True) -> None:
+    def __init__(self, root: Path, *, whiteouts: bool = True, max_bytes: int | None = None) -> None:
         self._root = os.path.abspath(root)
+        self.max_bytes = max_image_bytes() if max_bytes is None else max_bytes
+        self.written = 0  # apparent bytes of regular files so far, over all layers
         self._whiteouts = whiteouts
         self._is_root = os.geteuid() == 0
         self._dir_meta: dict[str, tuple[int, int]] = {}  # path -> (mode, mtime_ns)
@@ -199,15 +212,20 @@ class LayerApplier:
             self._set_owner_times(path, info, mode=info.mode)
 
     def _write_file(self, path: str, info: tarfile.TarInfo, data: Opener) -> None:
+        self.written += max(0, info.size)
+        if self.written > self.max_bytes:
+            raise ImageError(
+                f"{self.label}: entry {info.name!r}: the image unpacks to more than {_human(self.max_bytes)}",
+                hint=f"set {MAX_IMAGE_ENV} to allow larger images",
+            )
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(path, flags, 0o600)
-        with os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb", buffering=0):
             src = data()
             if src is None:
                 raise ImageError(f"{self.label}: cannot read content of {info.name!r}")
             with src:
-                shutil.copyfileobj(src, out, _CHUNK)
-            out.flush()
+                _copy_sparse(src, fd, info.size)
             if self._is_root:
                 os.fchown(fd, info.uid, info.gid)  # before chmod: chown clears setuid bits
             os.fchmod(fd, info.mode & 0o7777)
@@ -344,6 +362,55 @@ def copy_tree(applier: LayerApplier, src: Path) -> None:
         raise
     except OSError as err:
         raise ImageError(f"cannot copy root filesystem {src}: {err}") from err
+
+
+def max_image_bytes() -> int:
+    """The per-image cap on unpacked bytes: ``VMPOD_MAX_IMAGE_BYTES`` or 16 GiB."""
+    raw = os.environ.get(MAX_IMAGE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_BYTES
+    text = raw.upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    number = text[: len(text) - len(unit)].strip()
+    if not number.isdigit() or int(number) <= 0:
+        raise ConfigError(
+            f"{MAX_IMAGE_ENV}={raw!r} is not a size", hint="give bytes or a size such as 16G or 512M"
+        )
+    return int(number) * _UNITS[unit]
+
+
+def _human(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]} {unit}iB"
+    return f"{n} bytes"
+
+
+def _copy_sparse(src: IO[bytes], fd: int, limit: int) -> None:
+    """Copy ``src`` to ``fd`` leaving holes for runs of zeros.
+
+    Reads at most ``limit`` bytes (the size the header declared and the cap
+    counted), as tar does with a file that grows while it is copied.
+    """
+    pos = 0
+    while pos < limit:
+        chunk = src.read(min(_CHUNK, limit - pos))
+        if not chunk:
+            break
+        view = memoryview(chunk)
+        for off in range(0, len(view), _HOLE):
+            block = view[off : off + _HOLE]
+            if block == _ZEROS[: len(block)]:
+                continue  # a hole: the file is extended by ftruncate below
+            _pwrite_all(fd, block, pos + off)
+        pos += len(chunk)
+    os.ftruncate(fd, pos)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 def _mtime_ns(info: tarfile.TarInfo) -> int:
