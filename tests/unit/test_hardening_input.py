@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -14,14 +15,17 @@ import pytest
 
 from vmpod.cli import run as run_mod
 from vmpod.cli.run import RunOptions
-from vmpod.errors import ConfigError
+from vmpod.errors import ConfigError, ImageError
 from vmpod.guest.progress import silent
+from vmpod.images import source
+from vmpod.images.source import pseudo_fs, resolve_rootfs
 from vmpod.paths import Paths
 from vmpod.runspec import ProcessOptions
 from vmpod.runtime import lifecycle
-from vmpod.runtime.bundle import load_spec
-from vmpod.runtime.config import load_config
+from vmpod.runtime.bundle import load_spec, translate
+from vmpod.runtime.config import RuntimeConfig, load_config
 from vmpod.runtime.errors import NotFound, RuntimeCliError
+from vmpod.runtime.specgen import default_spec
 from vmpod.runtime.state import ContainerState, Store
 from vmpod.runtime.validate import json_depth, parse_json
 from vmpod.sandbox.build import check_config_size
@@ -138,3 +142,55 @@ def test_config_size_check_counts_escaped_bytes() -> None:
     check_config_size({"env": ["x" * (MAX_CONFIG_BYTES - 100)]})
     with pytest.raises(ConfigError):  # each non-ASCII character travels as \\uXXXX
         check_config_size({"env": ["\u00e9" * (MAX_CONFIG_BYTES // 3)]})
+
+
+# -- defect 6: the host's / or a pseudo filesystem as a rootfs -------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/proc", "/sys", "/proc/self", "/sys/fs/cgroup", "/dev"])
+def test_host_root_and_pseudo_filesystems_are_no_rootfs(path: str) -> None:
+    if path == "/dev" and os.stat("/dev").st_dev == os.stat("/").st_dev:
+        pytest.skip("/dev is no mount of its own here")
+    with pytest.raises(ImageError, match="host's"):
+        resolve_rootfs(path)
+
+
+def test_ordinary_directories_are_rootfs(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    assert resolve_rootfs(tmp_path).kind == "rootfs-dir"
+    assert pseudo_fs(tmp_path) == "" and pseudo_fs("/proc") == "proc"
+
+
+def test_vmpod_runtime_refuses_the_host_root_as_root_path(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    spec = default_spec()
+    spec["root"] = {"path": "/"}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(RuntimeCliError, match="root.path: rootfs '/' is the host's root directory"):
+        translate(load_spec(bundle), bundle, "c1", RuntimeConfig())
+    spec["root"] = {"path": "/proc"}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(RuntimeCliError, match="host's proc filesystem"):
+        translate(load_spec(bundle), bundle, "c1", RuntimeConfig())
+
+
+def test_the_digest_walk_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(20):
+        (tmp_path / f"f{i}").touch()
+    monkeypatch.setattr(source, "MAX_ROOTFS_ENTRIES", 10)
+    with pytest.raises(ImageError, match="more than 10 entries"):
+        source.rootfs_digest(tmp_path)
+
+
+def test_the_digest_walk_refuses_a_mounted_proc(tmp_path: Path) -> None:
+    (tmp_path / "proc").mkdir()
+    try:
+        subprocess.run(["mount", "-t", "proc", "proc", str(tmp_path / "proc")], check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("cannot mount proc here")
+    try:
+        with pytest.raises(ImageError, match="proc mounted on"):
+            resolve_rootfs(tmp_path)
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "proc")], check=False)

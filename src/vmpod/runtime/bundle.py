@@ -36,8 +36,9 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmpod.errors import ConfigError
+from vmpod.errors import ConfigError, ImageError
 from vmpod.fsutil import meminfo, resolve_below
+from vmpod.images.source import check_rootfs_dir
 from vmpod.runtime.config import ANNOTATION_KERNEL, ANNOTATION_MODULES, KNOWN_ANNOTATIONS, RuntimeConfig
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS, validate_hooks
@@ -198,6 +199,10 @@ def _rootfs(root: dict[str, object], bundle: Path) -> Path:
     rootfs = (bundle / root_path).resolve()
     if not rootfs.is_dir():
         raise RuntimeCliError(f"rootfs ({rootfs}) does not exist")
+    try:
+        check_rootfs_dir(rootfs)  # not the host's / or /proc, shared into the VM
+    except ImageError as err:
+        raise RuntimeCliError(f"config.json: root.path: {err.message}") from None
     return rootfs
 
 
