@@ -10,6 +10,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import stat
 import tempfile
 import time
@@ -136,6 +137,97 @@ def is_locked(path: StrPath) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+# -- owned temporary directories --------------------------------------------------
+
+OWNER_LOCK = ".vmpod-owner.lock"  # inside an owned temp dir, flocked while its owner lives
+_NEW_LOCK = ".vmpod-owner.new"  # the lock file before it is locked: never collected
+
+
+@contextlib.contextmanager
+def owned_tmpdir(parent: StrPath, prefix: str) -> Iterator[Path]:
+    """A fresh directory under ``parent``, removed when the block ends, that a
+    later :func:`collect_stale_tmp` removes if its owner died (even by SIGKILL).
+
+    Ownership is an exclusive flock on ``OWNER_LOCK`` inside the directory, held
+    until the directory is gone. The lock file is locked under another name and
+    then renamed, so a collector never sees an owner file that is not locked yet.
+    Stale directories under ``parent`` are collected first.
+    """
+    base = Path(parent)
+    base.mkdir(parents=True, exist_ok=True)
+    collect_stale_tmp(base)
+    path = Path(tempfile.mkdtemp(dir=base, prefix=prefix))
+    fd = -1
+    try:
+        fd = lock_file(path / _NEW_LOCK)
+        os.rename(path / _NEW_LOCK, path / OWNER_LOCK)
+        yield path
+    finally:
+        _remove_owned(path, fd)
+
+
+def _remove_owned(path: Path, fd: int) -> None:
+    """Remove an owned dir: its content, then the lock (so it stays collectable)."""
+    try:
+        with os.scandir(path) as entries:
+            names = [e.name for e in entries if e.name != OWNER_LOCK]
+        for name in names:
+            _remove_path(path / name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path / OWNER_LOCK)
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _remove_path(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, onerror=_chmod_retry)
+    else:
+        os.unlink(path)
+
+
+def _chmod_retry(func: object, path: str, _exc: object) -> None:
+    """rmtree as a non-root owner: an unpacked read-only dir blocks its children."""
+    with contextlib.suppress(OSError):
+        os.chmod(os.path.dirname(path), 0o700)
+        if callable(func):
+            func(path)
+
+
+def collect_stale_tmp(parent: StrPath) -> list[Path]:
+    """Remove the owned temp dirs under ``parent`` whose owner is gone; returns them.
+
+    Only directories made by :func:`owned_tmpdir` (an ``OWNER_LOCK`` inside) are
+    candidates; anything else is left alone, since it may be in use by code that
+    does not take the lock. Errors on one directory do not stop the others.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        path = Path(entry.path)
+        try:
+            if not (path / OWNER_LOCK).exists() or is_locked(path / OWNER_LOCK):
+                continue
+            _remove_owned(path, -1)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
 
 
 # -- paths below a root ----------------------------------------------------------

@@ -7,13 +7,16 @@ import dataclasses
 import io
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from vmpod.errors import ConfigError, ImageError
+from vmpod.fsutil import collect_stale_tmp, owned_tmpdir
 from vmpod.images import ImageSource
 from vmpod.images.layers import LayerApplier, apply_tar, max_image_bytes
 from vmpod.images.source import ImageConfig
@@ -179,3 +182,88 @@ def test_erofs_image_keeps_holes(tmp_path: Path) -> None:
         assert f.read(4) == b"head"
         f.seek(HOLE - 4)
         assert f.read() == b"tail"
+
+
+# -- defect 8: temp unpack dirs of a killed vmpod ---------------------------------
+
+_SLOW_UNPACK = """
+import dataclasses, sys, time
+from pathlib import Path
+from vmpod.cli.common import guard
+from vmpod.images import ImageSource
+from vmpod.images.source import ImageConfig
+from vmpod.paths import Paths
+from vmpod.storage.erofs import rootfs_disk
+
+@dataclasses.dataclass(frozen=True)
+class Slow(ImageSource):
+    def unpack(self, dest: Path) -> None:
+        (dest / "partial").write_bytes(b"x" * 4096)
+        print(dest, flush=True)
+        time.sleep(60)
+
+paths = Paths(home=Path(sys.argv[1]), run=Path(sys.argv[1]) / "run")
+src = Slow(ref="slow:latest", kind="oci-layout", digest="sha256:" + "cd" * 32, config=ImageConfig())
+guard(lambda: rootfs_disk(paths, src))
+"""
+
+
+def _start_slow_unpack(home: Path) -> tuple[subprocess.Popen[str], Path]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_UNPACK, str(home)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    assert line, proc.stderr.read() if proc.stderr else ""
+    return proc, Path(line)
+
+
+def test_sigkill_during_unpack_is_collected_at_next_start(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proc, dest = _start_slow_unpack(home)
+    paths = Paths(home=home, run=home / "run")
+    try:
+        assert dest.is_file() is False and (dest / "partial").is_file()
+        assert collect_stale_tmp(paths.tmp) == []  # its owner lives: kept
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert (dest / "partial").is_file()  # SIGKILL: no cleanup ran
+    # the next start (any image build, even a cache hit) removes it
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    (rootfs / "hello").write_text("hi\n")
+    source = ImageSource(
+        ref=str(rootfs),
+        kind="rootfs-dir",
+        digest="sha256:" + "ef" * 32,
+        config=ImageConfig(),
+        rootfs_dir=rootfs,
+    )
+    rootfs_disk(paths, source)
+    assert list(paths.tmp.iterdir()) == []
+
+
+def test_collector_leaves_foreign_and_live_dirs(tmp_path: Path) -> None:
+    (tmp_path / "foreign").mkdir()  # made by code that takes no owner lock
+    with owned_tmpdir(tmp_path, "live-") as live:
+        (live / "sub").mkdir()
+        (live / "sub" / "f").write_text("x")
+        assert collect_stale_tmp(tmp_path) == []
+        assert live.is_dir()
+    assert not live.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["foreign"]
+
+
+def test_sigterm_during_unpack_exits_143_with_message_and_cleans_up(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proc, dest = _start_slow_unpack(home)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err  # was -15: killed with no message
+    assert err.strip() == "vmpod: terminated"
+    assert not dest.parent.exists()
+    assert list((home / "tmp").iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -37,15 +38,50 @@ def fail(err: VmpodError) -> int:
     return err.exit_code
 
 
+class Terminated(SystemExit):
+    """SIGTERM arrived: unwinds the stack like Ctrl-C, so ``finally`` blocks clean up
+    (temp dirs, VMs), then vmpod exits 143 as a process killed by SIGTERM would."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _on_sigterm(_sig: int, _frame: object) -> None:
+    raise Terminated
+
+
 def guard(fn: Callable[[], T]) -> T:
-    """Run a command body; VmpodError becomes one line and the error's exit code."""
+    """Run a command body; VmpodError becomes one line and the error's exit code.
+
+    While it runs, SIGTERM (with its default action) raises :class:`Terminated`
+    instead of killing vmpod on the spot: cleanup runs and vmpod says so. Code that
+    installs its own handler (signal forwarding to a running container) wins.
+    """
+    old = _install_sigterm()
     try:
         return fn()
     except VmpodError as err:
         sys.exit(fail(err))
+    except Terminated:
+        click.echo("vmpod: terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         click.echo("vmpod: interrupted", err=True)
         sys.exit(130)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _install_sigterm() -> signal.Handlers | None:
+    """Install the SIGTERM handler if SIGTERM has its default action; returns that."""
+    try:
+        if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+            return None
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+    return signal.SIG_DFL
 
 
 def guarded(fn: Callable[P, T]) -> Callable[P, T]:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from vmpod.errors import ImageError
+from vmpod.fsutil import collect_stale_tmp, owned_tmpdir
 from vmpod.guest.progress import Progress, silent
 from vmpod.images import ImageSource
 from vmpod.paths import Paths
@@ -43,14 +43,15 @@ def has_holes(root: Path) -> bool:
 
 def rootfs_disk(paths: Paths, source: ImageSource, progress: Progress = silent) -> Path:
     """Path of the erofs image holding ``source``'s root filesystem (built once)."""
+    collect_stale_tmp(paths.tmp)  # what a killed vmpod left, on every start
     key = hashlib.sha256(source.digest.encode()).hexdigest()[:32]
     final = paths.images / "disks" / f"{key}.erofs"
     if final.is_file():
         os.utime(final)  # recency, for a future cache pruner
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    paths.tmp.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="rootfs-") as tmp:
+    # Owned: if vmpod is killed mid-unpack, the next image build removes it.
+    with owned_tmpdir(paths.tmp, "rootfs-") as tmp:
         src = source.rootfs_dir
         if src is None:
             progress(f"unpacking image {source.ref}")
