@@ -17,7 +17,13 @@ _PR_SET_PDEATHSIG = 1
 
 def die_with_parent() -> None:
     """preexec_fn: the child gets SIGKILL when its parent dies, even by SIGKILL
-    (QEMU and virtiofsd must never outlive the process that owns the VM)."""
+    (QEMU and virtiofsd must never outlive the process that owns the VM).
+
+    Helpers also get ``start_new_session=True`` (setsid runs before this, and
+    PDEATHSIG survives it): the user's terminal and job control signal vmpod's
+    process group — Ctrl-C sends SIGINT to the whole foreground group, shells
+    and systemd signal groups too — and a helper in that group would die before
+    vmpod could forward the signal to the container. Only vmpod stops helpers."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 

@@ -79,6 +79,7 @@ class QemuVm:
                 stdout=errlog,
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,
+                start_new_session=True,  # no group signal from the user's terminal (see die_with_parent)
                 close_fds=True,
                 # the NICs' taps, under the same numbers; the caller keeps (and
                 # closes) its own copies: see Nic

@@ -76,6 +76,7 @@ class Virtiofsd:
                     stdout=errlog,
                     stderr=subprocess.STDOUT,
                     preexec_fn=die_with_parent,
+                    start_new_session=True,  # no group signal from the user's terminal (see die_with_parent)
                     close_fds=True,
                 )
             except OSError as err:

@@ -1,0 +1,45 @@
+"""`vmpod run` under hostile use (issue 10: defects 1, 2, 3 and 9): group signals
+from a terminal, a reader that goes away, a closed stdout, a flooded console."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.vm.conftest import VmpodRunner, qemu_pids, virtiofsd_pids
+
+
+def _wait_no_helpers(vmpod: VmpodRunner, timeout: float = 10) -> list[int]:
+    run_dir = str(vmpod.paths.run)
+    deadline = time.monotonic() + timeout
+    while (left := qemu_pids(run_dir) + virtiofsd_pids(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def test_ctrl_c_to_the_foreground_group_reaches_the_container(vmpod: VmpodRunner, busybox: Path) -> None:
+    """A terminal's ^C signals the whole foreground process group: vmpod (its own
+    session here, as a shell's job) must forward it, and QEMU must not get it."""
+    proc = vmpod.popen(
+        "run",
+        "--rootfs",
+        str(busybox),
+        "--",
+        "sh",
+        "-c",
+        'trap "echo got-int; exit 3" INT; echo up; sleep 600 & wait',
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"up\n"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err.decode()
+    assert b"got-int" in out, err.decode()
+    assert not _wait_no_helpers(vmpod)
