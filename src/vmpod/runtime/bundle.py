@@ -42,7 +42,7 @@ from vmpod.images.source import check_rootfs_dir
 from vmpod.runtime.config import ANNOTATION_KERNEL, ANNOTATION_MODULES, KNOWN_ANNOTATIONS, RuntimeConfig
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS, validate_hooks
-from vmpod.runtime.validate import parse_json
+from vmpod.runtime.validate import parse_json, validate_linux, validate_process
 from vmpod.sandbox.build import check_config_size
 from vmpod.sandbox.config import Volume
 
@@ -115,6 +115,7 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
     root = _obj(spec.get("root"), "root")
     rootfs = _rootfs(root, bundle)
     process = _process(spec)
+    validate_process(process, warnings)
     terminal = bool(process.get("terminal", False))
     hooks = validate_hooks(spec.get("hooks"))
     annotations = _annotations(spec.get("annotations"))
@@ -127,6 +128,7 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
     mounts, volumes, dir_dests = _mounts(spec.get("mounts"), bundle)
     guest["mounts"] = mounts
     linux = _obj(spec.get("linux"), "linux")
+    validate_linux(linux)  # types, rlimit and namespace names, namespace files: as runc
     resources = _obj(linux.get("resources"), "linux.resources")
     netns = _netns(linux)
     if linux:
