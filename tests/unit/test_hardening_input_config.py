@@ -70,6 +70,7 @@ REFUSED = [
     (_set("process.rlimits", [{"type": "RLIMIT_TEST", "hard": 1, "soft": 1}]), "unknown rlimit type"),
     (_set("process.rlimits", [{"type": "RLIMIT_NOFILE", "hard": -1, "soft": 1}]), "hard must be between"),
     (_set("process.rlimits", [{"type": "RLIMIT_NOFILE", "hard": 1}]), "soft must be specified"),
+    (_set("process.rlimits", [{"type": "RLIMIT_NOFILE", "hard": 1, "soft": 2}]), "soft limit .* exceeds"),
     (_set("process.rlimits", {"type": "RLIMIT_NOFILE"}), "process.rlimits must be a list"),
     (
         _set("process.rlimits", [{"type": "RLIMIT_CORE", "hard": 1, "soft": 1}] * 2),

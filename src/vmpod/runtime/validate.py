@@ -172,6 +172,10 @@ def validate_process(process: dict[str, object], warnings: list[str]) -> None:
             raise RuntimeCliError(f"config.json: {what}: unknown rlimit type {kind!r}")
         if kind in seen:
             raise RuntimeCliError(f"config.json: {what}: duplicate rlimit type {kind!r}")
+        soft, hard = rlimit["soft"], rlimit["hard"]
+        assert isinstance(soft, int) and isinstance(hard, int)  # checked above
+        if soft > hard:
+            raise RuntimeCliError(f"config.json: {what}: the soft limit of {kind} exceeds its hard limit")
         seen.add(kind)
     caps = process.get("capabilities")
     if caps is not None:
