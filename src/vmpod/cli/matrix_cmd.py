@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from vmpod.matrix.run import KernelResult
+    from vmpod.paths import Paths
 
 _VM_MEMORY_MB = 512
 
@@ -45,7 +47,9 @@ def default_jobs() -> int:
     help="Shell script run in a container in each VM with the module loaded.",
 )
 @click.option("--image", default="", help="Image for the test container (default: busybox).")
-@click.option("--jobs", type=int, default=0, help="Kernels in parallel (default: cores/memory).")
+@click.option(
+    "--jobs", type=click.IntRange(min=0), default=0, help="Kernels in parallel (default: cores/memory)."
+)
 @click.option("--junit", type=click.Path(path_type=Path), help="Write JUnit XML here.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write JSON here.")
 @click.option(
@@ -55,8 +59,8 @@ def default_jobs() -> int:
     show_default=True,
     help="Per-kernel logs (build, load, test, dmesg, console).",
 )
-@click.option("--boot-timeout", type=float, default=90.0, show_default=True)
-@click.option("--test-timeout", type=float, default=300.0, show_default=True)
+@click.option("--boot-timeout", type=click.FloatRange(min=0, min_open=True), default=90.0, show_default=True)
+@click.option("--test-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True)
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto")
 @guarded
 def matrix(
@@ -78,6 +82,32 @@ def matrix(
     kernel log with an oops, BUG, WARN, lockup or panic).
     """
     # imported here: rich and the matrix machinery would slow every `vmpod run`
+    from vmpod.matrix.run import logs_lock, read_script
+    from vmpod.paths import default_paths
+
+    names = _check_args(kernels, module_src, test_script)
+    script = read_script(test_script)  # before any download or build: a bad script fails fast
+    opts = _Options(
+        module_src, image, jobs, junit, json_out, logs.resolve(), boot_timeout, test_timeout, accel
+    )
+    with logs_lock(opts.logs):  # before kernels are fetched: a second matrix fails fast
+        _run(default_paths(), names, script, opts)
+
+
+@dataclass(frozen=True)
+class _Options:
+    module_src: Path
+    image: str
+    jobs: int
+    junit: Path | None
+    json_out: Path | None
+    logs: Path
+    boot_timeout: float
+    test_timeout: float
+    accel: str
+
+
+def _run(paths: Paths, names: list[str], script: str, opts: _Options) -> None:
     from rich.console import Console
 
     from vmpod.guest.assets import ensure_assets
@@ -86,40 +116,40 @@ def matrix(
     from vmpod.images import resolve_image, resolve_rootfs
     from vmpod.matrix.image import busybox_rootfs
     from vmpod.matrix.report import ProgressView
-    from vmpod.matrix.run import KernelTarget, MatrixConfig, read_script, run_matrix
-    from vmpod.paths import default_paths
+    from vmpod.matrix.run import KernelTarget, MatrixConfig, dedupe_targets, run_matrix
     from vmpod.storage.erofs import rootfs_disk
 
-    names = _check_args(kernels, module_src, test_script)
-    paths = default_paths()
-    choice = choose_accel(accel)
+    choice = choose_accel(opts.accel)
     targets: list[KernelTarget] = []
     for name in names:
         assets = ensure_assets(paths, name, progress)
         progress(f"headers of {assets.kernel.release}")
         targets.append(KernelTarget(name, assets, ensure_headers(paths, assets.kernel)))
-    if image:
-        source = resolve_image(image)
+    targets, notes = dedupe_targets(targets)
+    for note in notes:
+        click.echo(f"vmpod: note: {note}", err=True)
+    if opts.image:
+        source = resolve_image(opts.image)
     else:
         source = resolve_rootfs(busybox_rootfs(paths, targets[0].assets.tree / "bin/busybox"))
     cfg = MatrixConfig(
-        module_src=module_src.resolve(),
-        test_script=read_script(test_script),
+        module_src=opts.module_src.resolve(),
+        test_script=script,
         image_disk=rootfs_disk(paths, source, progress),
         image_config=source.config,
-        logs=logs.resolve(),
+        logs=opts.logs,
         accel=choice,
-        jobs=jobs or default_jobs(),
+        jobs=opts.jobs or default_jobs(),
         memory_mb=_VM_MEMORY_MB,
-        boot_timeout=boot_timeout,
-        test_timeout=test_timeout,
+        boot_timeout=opts.boot_timeout,
+        test_timeout=opts.test_timeout,
     )
     # Off a terminal (CI logs) rich would wrap the table at 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     progress(f"{len(targets)} kernels, {cfg.jobs} at a time, accel {choice.accel}")
     with ProgressView([t.name for t in targets], console) as view:
         results = asyncio.run(run_matrix(paths, cfg, targets, view.update))
-    _report(console, results, junit, json_out, cfg.logs)
+    _report(console, results, opts.junit, opts.json_out, cfg.logs)
     failed = [r.kernel for r in results if not r.passed]
     if failed:
         click.echo(f"vmpod: {len(failed)} of {len(results)} kernels failed: {', '.join(failed)}", err=True)
@@ -145,11 +175,14 @@ def _report(
     console: Console, results: list[KernelResult], junit: Path | None, json_out: Path | None, logs: Path
 ) -> None:
     # imported here, like the rest of the matrix machinery (start-up time of `vmpod`)
+    from rich.markup import escape
+
     from vmpod.matrix.report import results_table, write_json, write_junit
 
-    console.print(results_table(results))
+    # Machine reports first: whatever happens to the table, CI gets its files.
     if junit:
         write_junit(results, junit)
     if json_out:
         write_json(results, json_out)
-    console.print(f"logs: {logs}")
+    console.print(results_table(results))
+    console.print(escape(f"logs: {logs}"), highlight=False)

@@ -4,12 +4,15 @@ run the test in a container, judge the kernel log, unload; kernels in parallel."
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmpod.errors import VmpodError
+from vmpod.errors import ConfigError, VmpodError
+from vmpod.fsutil import LockTimeout, lock_file
 from vmpod.guest.assets import GuestAssets
 from vmpod.guest.modules import ModuleLoad
 from vmpod.hypervisor.accel import AccelChoice
@@ -22,6 +25,9 @@ from vmpod.sandbox import ContainerSpec, Output, Sandbox, SandboxConfig, Sandbox
 
 MAX_SCRIPT = 48 * 1024
 STEPS = ("build", "boot", "load", "test", "unload")
+MAX_TEST_OUTPUT = 8 << 20  # bytes of a test's output kept (the start), plus a tail
+TEST_OUTPUT_TAIL = 64 << 10  # the last bytes, kept after the cap: the failure line
+LOCK_NAME = ".vmpod-matrix.lock"
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class KernelResult:
     detail: str = ""  # first reason of failure
     seconds: float = 0.0
     logs: Path = Path()
+    notes: tuple[str, ...] = ()  # what the report should know (e.g. output truncated)
 
     @property
     def passed(self) -> bool:
@@ -72,7 +79,97 @@ async def run_matrix(
     # Separate slots for builds and VMs: a kernel's build overlaps the VMs of
     # others instead of holding a VM slot while the compiler runs.
     slots = _Slots(asyncio.Semaphore(max(1, cfg.jobs)), asyncio.Semaphore(max(1, cfg.jobs)))
-    return list(await asyncio.gather(*(run_kernel(paths, cfg, t, progress, slots) for t in targets)))
+    with logs_lock(cfg.logs):
+        return list(await asyncio.gather(*(run_kernel(paths, cfg, t, progress, slots) for t in targets)))
+
+
+@contextlib.contextmanager
+def logs_lock(logs: Path) -> Iterator[None]:
+    """Hold the matrix lock of the log directory: two matrices writing the same
+    per-kernel build dirs would report each other's half-built trees as failures."""
+    logs = logs.resolve()
+    if logs in _HELD:  # the CLI took it before downloading kernels; run_matrix again
+        yield
+        return
+    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = lock_file(logs / LOCK_NAME)
+    except LockTimeout:
+        raise ConfigError(
+            f"another vmpod matrix runs with its logs in {logs}",
+            hint="wait for it, or give this one its own --logs directory",
+        ) from None
+    _HELD.add(logs)
+    try:
+        yield
+    finally:
+        _HELD.discard(logs)
+        os.close(fd)
+
+
+_HELD: set[Path] = set()  # log dirs this process holds the matrix lock of
+
+
+def dedupe_targets(targets: list[KernelTarget]) -> tuple[list[KernelTarget], list[str]]:
+    """Drop kernels that resolve to one already in the list; notes say which."""
+    seen: dict[Path, str] = {}
+    kept: list[KernelTarget] = []
+    notes: list[str] = []
+    for t in targets:
+        key = t.assets.kernel.root.resolve()
+        if key in seen:
+            notes.append(
+                f"kernel {t.name!r} is the same kernel as {seen[key]!r} "
+                f"({t.assets.kernel.release}): running it once"
+            )
+            continue
+        seen[key] = t.name
+        kept.append(t)
+    return kept, notes
+
+
+class CappedOutput:
+    """A test's stdout and stderr: the first ``cap`` bytes, then only a tail.
+
+    A test printing without end cannot grow vmpod's memory or test.log past
+    ``cap`` + ``tail`` bytes; :attr:`dropped` counts what was left out.
+    """
+
+    def __init__(self, cap: int = MAX_TEST_OUTPUT, tail: int = TEST_OUTPUT_TAIL) -> None:
+        self.cap, self.tail_size = cap, tail
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+
+    def write(self, data: bytes) -> None:
+        room = self.cap - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if not data:
+            return
+        self.tail += data
+        extra = len(self.tail) - self.tail_size
+        if extra > 0:
+            del self.tail[:extra]
+            self.dropped += extra
+
+    def note(self) -> str:
+        if not self.dropped:
+            return ""
+        return (
+            f"test output truncated: {self.dropped} bytes dropped after the first "
+            f"{self.cap >> 20} MiB (the last {self.tail_size >> 10} KiB are kept)"
+        )
+
+    def getvalue(self) -> bytes:
+        if not self.dropped:
+            return bytes(self.head + self.tail)
+        return bytes(self.head) + f"\n[vmpod: {self.note()}]\n".encode() + bytes(self.tail)
+
+    def last_line(self) -> str:
+        text = bytes(self.tail or self.head).decode(errors="replace").strip().splitlines()
+        return text[-1][:160] if text else ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +187,7 @@ class _Run:
         self.detail = ""
         self.dmesg = "-"
         self.findings: tuple[str, ...] = ()
+        self.notes: list[str] = []
         self.t0 = time.monotonic()
 
     def step(self, name: str, state: str, detail: str = "") -> None:
@@ -122,6 +220,7 @@ class _Run:
             detail=self.detail,
             seconds=time.monotonic() - self.t0,
             logs=self.logs,
+            notes=tuple(self.notes),
         )
 
 
@@ -221,21 +320,30 @@ async def _test(sandbox: Sandbox, cfg: MatrixConfig, run: _Run) -> None:
         ),
     )
     container = await sandbox.create_container(ContainerSpec(id="test", oci=spec, rootfs=cfg.image_disk))
-    out = bytearray()
-    proc = await container.start(Output(out.extend, out.extend), stdin=False)
+    out = CappedOutput()
+    proc = await container.start(Output(out.write, out.write), stdin=False)
     try:
         event = await asyncio.wait_for(proc.wait(), cfg.test_timeout)
     except TimeoutError:
         await proc.signal(9)
-        (logs / "test.log").write_bytes(bytes(out))
+        _note_output(run, out)
+        (logs / "test.log").write_bytes(out.getvalue())
         step("test", "fail", f"test: timed out after {cfg.test_timeout:g}s")
         return
-    (logs / "test.log").write_bytes(bytes(out) + (f"\n{event.message}".encode() if event.message else b""))
+    _note_output(run, out)
+    (logs / "test.log").write_bytes(
+        out.getvalue() + (f"\n{event.message}".encode() if event.message else b"")
+    )
     if event.status == 0:
         step("test", "pass")
     else:
-        tail = bytes(out).decode(errors="replace").strip().splitlines()
-        step("test", "fail", f"test: exit {event.status}" + (f": {tail[-1][:160]}" if tail else ""))
+        last = out.last_line()
+        step("test", "fail", f"test: exit {event.status}" + (f": {last}" if last else ""))
+
+
+def _note_output(run: _Run, out: CappedOutput) -> None:
+    if out.dropped:
+        run.notes.append(out.note())
 
 
 async def _unload(sandbox: Sandbox, mods: list[ModuleLoad], run: _Run) -> None:
@@ -254,10 +362,22 @@ async def _unload(sandbox: Sandbox, mods: list[ModuleLoad], run: _Run) -> None:
 
 
 def read_script(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read test script {path}: {err.strerror or err}") from err
     if len(data) > MAX_SCRIPT:
         raise VmpodError(
             f"test script {path} is larger than {MAX_SCRIPT // 1024} KiB",
             hint="keep the test script small; put data in the image",
         )
-    return data.decode()
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"test script {path} is not UTF-8 text (byte {err.start})",
+            hint="save it as UTF-8; binary data belongs in the image",
+        ) from None
+    if "\0" in text:
+        raise ConfigError(f"test script {path} contains a NUL byte", hint="a shell script is text")
+    return text
