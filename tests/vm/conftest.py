@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import itertools
 import os
 import re
@@ -204,6 +205,11 @@ def qemu_pids(marker: str) -> list[int]:
     return pids_where(lambda argv: "qemu-system" in " ".join(argv) and below in " ".join(argv))
 
 
+def netns_prefix(paths: Paths) -> str:
+    """The network namespace name prefix of a test's vmpod (unique per run dir)."""
+    return "vmpodt" + hashlib.sha256(str(paths.run).encode()).hexdigest()[:6] + "-"
+
+
 def virtiofsd_pids(marker: str) -> list[int]:
     """virtiofsd processes serving a directory below ``marker`` (a run dir)."""
     below = _below(marker)
@@ -291,7 +297,9 @@ class VmpodRunner:
             "VMPOD_HOME": str(paths.home),
             "VMPOD_RUN": str(paths.run),
             # the test's own CNI config (its lease directory lives in its run dir)
+            # and network namespace names (vmpodt<N>-…)
             "VMPOD_CNI_CONF_DIR": str(paths.home / "net.d"),
+            "VMPOD_CNI_NETNS_PREFIX": netns_prefix(paths),
             **(env or {}),
         }
         self.started: list[subprocess.Popen[bytes]] = []

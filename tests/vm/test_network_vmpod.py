@@ -5,6 +5,7 @@ iptables rules, attachments)."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import socket
 import subprocess
@@ -15,19 +16,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import VmFactory, VmpodRunner
+from tests.vm.conftest import VmFactory, VmpodRunner, netns_prefix
+from vmpod.network import cni
 
-SUBNET = "10.89.0."
+
+def _subnet(runner: VmpodRunner) -> str:
+    """The test's own /24 (other vmpods may run meanwhile): "10.253.N." """
+    n = int(hashlib.sha256(str(runner.paths.run).encode()).hexdigest()[:4], 16) % 250 + 1
+    return f"10.253.{n}."
 
 
-def _netns() -> set[str]:
+def _netns(prefix: str) -> set[str]:
+    """This test's network namespaces (others' vmpods may run meanwhile)."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.startswith("vmpod-")}
+    return {line.split()[0] for line in out.splitlines() if line.startswith(prefix)}
 
 
-def _rules() -> list[str]:
+def _rules(subnet: str) -> list[str]:
     out = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if SUBNET in line and "-A" in line]
+    return [line for line in out.splitlines() if subnet in line and "-A" in line]
 
 
 def _free_port() -> int:
@@ -38,11 +45,24 @@ def _free_port() -> int:
 
 @pytest.fixture
 def vmpod(vm_factory: VmFactory) -> Iterator[VmpodRunner]:
-    netns, rules = _netns(), _rules()
     runner = vm_factory()
-    yield runner
-    assert _netns() == netns, "network namespaces left behind"
-    assert _rules() == rules, "iptables rules left behind"
+    prefix, subnet = netns_prefix(runner.paths), _subnet(runner)
+    # the test's own vmpod network: its subnet and bridge tell its rules apart
+    bridge = prefix.rstrip("-")[:15]
+    network = cni.BridgeNetwork(
+        data_dir=runner.paths.run / "cni" / "ipam",
+        bridge=bridge,
+        subnet=ipaddress.IPv4Network(subnet + "0/24"),
+    )
+    conf = runner.paths.home / "net.d"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / cni.CONF_NAME).write_text(json.dumps(network.conflist()))
+    try:
+        yield runner
+        assert _netns(prefix) == set(), "network namespaces left behind"
+        assert _rules(subnet) == [], "iptables rules left behind"
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
 
 
 def _get(url: str, timeout: float = 60) -> bytes:
@@ -61,7 +81,7 @@ def _get(url: str, timeout: float = 60) -> bytes:
 def test_bridge_by_default_with_an_address_and_a_route(vmpod: VmpodRunner, busybox: Path) -> None:
     r = vmpod.run("--rootfs", str(busybox), "--", "sh", "-c", "ip -4 -o addr show eth0; ip route")
     assert r.returncode == 0, r.err
-    assert f"inet {SUBNET}" in r.out and f"default via {SUBNET}1" in r.out, r.out
+    assert f"inet {_subnet(vmpod)}" in r.out and f"default via {_subnet(vmpod)}1" in r.out, r.out
 
 
 def test_published_port_serves_the_host(vmpod: VmpodRunner, busybox: Path, tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ CNI_PATH: tuple[Path, ...] = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
 CNI_VERSIONS = ("0.4.0", "1.0.0")
 IFNAME = "eth0"
 NETNS_DIR = Path("/run/netns")  # where `ip netns` (and pyroute2) keep named namespaces
-NETNS_PREFIX = "vmpod-"
+NETNS_PREFIX_ENV = "VMPOD_CNI_NETNS_PREFIX"  # tests tell their namespaces apart by it
 # One plugin call: host-local waits for its lease lock, portmap/firewall for the
 # xtables lock (iptables -w); seconds on a busy host, never minutes.
 PLUGIN_TIMEOUT = 60.0
@@ -329,7 +329,7 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def netns_name(container_id: str) -> str:
-    return NETNS_PREFIX + container_id[:12]
+    return os.environ.get(NETNS_PREFIX_ENV, "vmpod-") + container_id[:12]
 
 
 # -- plugin execution ---------------------------------------------------------------
