@@ -3,13 +3,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
+from tests.unit.test_cli_run import opts
+from tests.unit.test_cli_run import paths as cli_paths  # noqa: F401 (fixture)
+from tests.unit.test_cli_run import rootfs as cli_rootfs  # noqa: F401 (fixture)
 from tests.unit.test_qemu_driver import Fleet, fleet, run  # noqa: F401 (fixture)
 from tests.unit.test_qemu_virtiofs import shared_vm, source  # noqa: F401 (fixture)
+from vmpod.cli.run import run as run_cli
+from vmpod.guest.progress import silent
+from vmpod.paths import Paths
+from vmpod.sandbox.attach import FdWriter, on_reader_gone
 
 # -- 1: helpers are out of the user's process group ------------------------------------
 
@@ -41,3 +51,58 @@ def test_qemu_and_virtiofsd_run_in_their_own_session(
             assert "PPid:\t" + str(os.getpid()) in status
     finally:
         vm.kill()
+
+
+# -- 2: the reader of our output goes away -----------------------------------------------
+
+
+def test_reader_gone_stops_the_container_with_sigpipe_status(
+    cli_paths: Paths,  # noqa: F811
+    cli_rootfs: Path,  # noqa: F811
+) -> None:
+    """`vmpod run IMAGE -- yes | head -1`: once the reader closes the pipe, the
+    container is killed and vmpod ends as a process killed by SIGPIPE would."""
+    r, w = os.pipe()
+    saved = os.dup(1)
+    os.dup2(w, 1)
+    os.close(w)
+    forever = opts(cli_rootfs, "sh", "-c", "while :; do echo y; done")
+
+    async def scenario() -> int:
+        task = asyncio.ensure_future(run_cli(cli_paths, forever, silent))
+        assert await asyncio.get_running_loop().run_in_executor(None, os.read, r, 2) == b"y\n"
+        os.close(r)  # head -1 has its line
+        return await asyncio.wait_for(task, 20)
+
+    try:
+        status = asyncio.run(scenario())
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    assert status == 128 + signal.SIGPIPE == 141
+    assert list((cli_paths.run / "sandboxes").iterdir()) == []
+
+
+def test_writer_reports_epipe_once_to_its_owner() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    errors: list[int | None] = []
+    writer = FdWriter(w, owned=True, on_broken=lambda err: errors.append(err.errno))
+    for _ in range(3):
+        writer.write(b"x")
+    writer.close()
+    assert writer.broken and errors == [errno.EPIPE]
+
+
+def test_on_reader_gone_resolves_only_for_epipe() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        broken = on_reader_gone(gone)
+        broken(OSError(errno.EBADF, "bad fd"))
+        await asyncio.sleep(0.01)
+        before = gone.done()
+        await asyncio.get_running_loop().run_in_executor(None, broken, OSError(errno.EPIPE, "pipe"))
+        await asyncio.wait_for(gone, 2)
+        return before, gone.done()
+
+    assert asyncio.run(scenario()) == (False, True)

@@ -43,3 +43,30 @@ def test_ctrl_c_to_the_foreground_group_reaches_the_container(vmpod: VmpodRunner
     assert proc.returncode == 3, err.decode()
     assert b"got-int" in out, err.decode()
     assert not _wait_no_helpers(vmpod)
+
+
+def test_yes_into_a_closed_pipe_ends_like_sigpipe(vmpod: VmpodRunner, busybox: Path) -> None:
+    """`vmpod run IMAGE -- yes | head -1`: the reader closes the pipe; vmpod stops
+    the container and exits 141 (128+SIGPIPE) instead of running the VM forever."""
+    proc = vmpod.popen(
+        "run",
+        "--rootfs",
+        str(busybox),
+        "--",
+        "yes",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == b"y\n"
+    proc.stdout.close()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # (the fixture reaps it and its VM)
+        raise
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 141, err
+    assert not err.strip(), err  # silent, as a shell is about SIGPIPE
+    assert not _wait_no_helpers(vmpod)

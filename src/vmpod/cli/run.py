@@ -8,26 +8,30 @@ import dataclasses
 import logging
 import os
 import secrets
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmpod.containers import network as net
-from vmpod.errors import ConfigError
+from vmpod.errors import ConfigError, VmpodError
 from vmpod.guest.kernel import DEFAULT_KERNEL
 from vmpod.guest.progress import Progress
 from vmpod.images import ImageSource, resolve_image, resolve_rootfs
 from vmpod.network.ports import PortMapping
 from vmpod.paths import Paths
 from vmpod.runspec import ProcessOptions, build_spec, user_of
-from vmpod.sandbox import ContainerSpec, Output, Sandbox, SandboxConfig, SandboxSpec, prepare
-from vmpod.sandbox.attach import STOP_SIGNALS, Relay, SignalForwarder, raw_terminal
+from vmpod.sandbox import ContainerSpec, Exit, Output, Process, Sandbox, SandboxConfig, SandboxSpec, prepare
+from vmpod.sandbox.attach import STOP_SIGNALS, Relay, SignalForwarder, on_reader_gone, raw_terminal
 from vmpod.sandbox.build import check_resources
 from vmpod.storage.erofs import rootfs_disk
 
 log = logging.getLogger(__name__)
 STOP_GRACE = 5.0  # seconds between the forwarded signal and SIGKILL
+# A process whose output's reader went away dies of SIGPIPE; a shell reports 128+13.
+SIGPIPE_STATUS = 128 + signal.SIGPIPE
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,10 @@ async def _run_in(
         )
         tty = opts.process.tty
         relay = Relay()
-        output = Output(relay.writer(1, owned=False).write, relay.writer(2, owned=False).write)
+        reader_gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        gone = on_reader_gone(reader_gone)
+        out, err = (relay.writer(fd, owned=False, on_broken=gone) for fd in (1, 2))
+        output = Output(out.write, err.write)
         raw = raw_terminal(0) if tty and opts.interactive else contextlib.nullcontext()
         try:
             with raw:
@@ -128,9 +135,38 @@ async def _run_in(
                         relay.watch_size(1 if os.isatty(1) else 0, proc)
                     if opts.interactive:
                         relay.pump(0, proc)
-                    exit_ = await proc.wait()
+                    exit_ = await _wait_unless_reader_gone(proc, reader_gone)
         finally:
             await relay.close()
+    if reader_gone.done():
+        # output the container wrote could not be delivered: end as the process
+        # writing it would have, silently, like `yes | head -1`
+        return SIGPIPE_STATUS
     if exit_.message:
         print(f"vmpod: {exit_.message}", file=sys.stderr)
     return exit_.status
+
+
+async def _wait_unless_reader_gone(proc: Process, reader_gone: asyncio.Future[None]) -> Exit:
+    """The process's exit; if our stdout's (or stderr's) reader goes away first,
+    kill the process, as SIGPIPE would kill a writer on the host: its output has
+    nowhere to go, and it must not run (a VM at full speed) forever."""
+    wait = asyncio.ensure_future(proc.wait())
+    try:
+        either: set[asyncio.Future[Any]] = {wait, reader_gone}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        wait.cancel()
+        raise
+    if wait.done():
+        return wait.result()
+    log.debug("the reader of the container's output went away: stopping the container")
+    with contextlib.suppress(VmpodError):
+        # not SIGPIPE: a container's PID 1 without a handler ignores it
+        await proc.signal(signal.SIGKILL)
+    try:
+        return await asyncio.wait_for(wait, STOP_GRACE)
+    except (TimeoutError, VmpodError) as err:
+        # the sandbox's teardown stops the VM either way
+        log.debug("container not stopped after its reader went away: %s", err)
+        return Exit(SIGPIPE_STATUS)

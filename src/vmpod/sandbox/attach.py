@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "SignalForwarder",
     "is_null",
     "make_pty",
+    "on_reader_gone",
     "pump_input",
     "raw_terminal",
     "same_file",
@@ -54,11 +56,14 @@ class FdWriter:
     """Ordered, blocking writes to ``fd`` from a thread; ``close`` flushes first.
 
     A reader that went away (EPIPE) or an unusable fd drops further output;
-    ``broken`` tells."""
+    ``broken`` tells, and ``on_broken`` (called once, from the writer thread, with
+    the error) lets the owner react: ``vmpod run`` stops its container on EPIPE as
+    a process would die of SIGPIPE."""
 
-    def __init__(self, fd: int, *, owned: bool) -> None:
+    def __init__(self, fd: int, *, owned: bool, on_broken: Callable[[OSError], None] | None = None) -> None:
         self.fd, self.owned = fd, owned
         self.broken = False
+        self._on_broken = on_broken
         self._q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"out-{fd}", daemon=True)
         self._thread.start()
@@ -77,8 +82,10 @@ class FdWriter:
                     continue
                 except BlockingIOError:
                     select.select([], [self.fd], [], 1.0)
-                except OSError:
+                except OSError as err:
                     self.broken = True
+                    if self._on_broken is not None:
+                        self._on_broken(err)
         if self.owned:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -265,6 +272,24 @@ class SignalForwarder:
             log.debug("signal %d not forwarded: %s", sig, err)
 
 
+def on_reader_gone(gone: asyncio.Future[None]) -> Callable[[OSError], None]:
+    """An ``on_broken`` for writers that resolves ``gone`` (in its loop) when the
+    fd's reader went away (EPIPE); other write errors just drop output."""
+    loop = gone.get_loop()
+
+    def resolve() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    def broken(err: OSError) -> None:
+        if err.errno == errno.EPIPE:
+            # a writer still flushing after the loop closed: nobody waits any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(resolve)
+
+    return broken
+
+
 class Relay:
     """The tasks that serve one attached process (stdin pump, size watch); ``close``
     ends them and flushes the writers, in that order."""
@@ -273,8 +298,8 @@ class Relay:
         self.writers: list[FdWriter] = []
         self.tasks: list[asyncio.Task[None]] = []
 
-    def writer(self, fd: int, *, owned: bool) -> FdWriter:
-        w = FdWriter(fd, owned=owned)
+    def writer(self, fd: int, *, owned: bool, on_broken: Callable[[OSError], None] | None = None) -> FdWriter:
+        w = FdWriter(fd, owned=owned, on_broken=on_broken)
         self.writers.append(w)
         return w
 
