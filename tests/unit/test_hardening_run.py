@@ -7,6 +7,8 @@ import asyncio
 import errno
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,53 @@ def test_on_reader_gone_resolves_only_for_epipe() -> None:
         return before, gone.done()
 
     assert asyncio.run(scenario()) == (False, True)
+
+
+# -- 3: closed stdio fds at start-up -------------------------------------------------------
+
+_PROBE = """
+import os, socket, sys
+{setup}
+s = socket.socket()
+links = [os.readlink(f"/proc/self/fd/{{fd}}") for fd in (0, 1, 2)]
+print(s.fileno(), *links, sorted(closed), sys.stdout is not None, file=sys.stderr)
+"""
+
+
+def _probe(setup: str, redirect: str) -> list[str]:
+    """Run ``setup`` in a Python whose std fds ``redirect`` closed; what it saw."""
+    code = _PROBE.format(setup=setup)
+    r = subprocess.run(
+        ["sh", "-c", f'exec "$@" {redirect}', "sh", sys.executable, "-c", code],
+        stderr=subprocess.PIPE,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stderr.decode().split()
+
+
+def test_reserve_stdio_fills_closed_fds_with_dev_null() -> None:
+    setup = "from vmpod.stdio import reserve_stdio\nclosed = reserve_stdio()"
+    sock, fd0, fd1, fd2, *rest = _probe(setup, ">&- <&-")
+    assert int(sock) >= 3  # the next fd opened is not a std one
+    assert (fd0, fd1) == ("/dev/null", "/dev/null") and fd2.startswith("pipe:")
+    assert rest == ["[0,", "1]", "True"]
+
+
+@pytest.mark.parametrize(
+    "module, entry",
+    [("vmpod.cli.main", "m.cli = lambda **k: None"), ("vmpod.runtime.cli", "m.cli = Cli()")],
+)
+def test_both_clis_reserve_stdio_before_anything_else(module: str, entry: str) -> None:
+    """`vmpod … >&-` and `vmpod-runtime … >&-`: the entry point reserves fd 1 before
+    its command runs (which opens event loops and sockets)."""
+    setup = (
+        f"import {module} as m\nfrom vmpod.stdio import closed_at_start\n"
+        "class Cli:\n    def main(self, **kw): pass\n"
+        f"{entry}\n"
+        "try:\n    m.main()\nexcept SystemExit:\n    pass\n"
+        "closed = closed_at_start()"
+    )
+    sock, _, fd1, *_ = _probe(setup, ">&-")
+    assert fd1 == "/dev/null" and int(sock) >= 3

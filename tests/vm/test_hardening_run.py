@@ -9,7 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.vm.conftest import VmpodRunner, qemu_pids, virtiofsd_pids
+import pytest
+
+from tests.vm.conftest import VMPOD, VmpodRunner, qemu_pids, virtiofsd_pids
 
 
 def _wait_no_helpers(vmpod: VmpodRunner, timeout: float = 10) -> list[int]:
@@ -70,3 +72,23 @@ def test_yes_into_a_closed_pipe_ends_like_sigpipe(vmpod: VmpodRunner, busybox: P
     assert proc.returncode == 141, err
     assert not err.strip(), err  # silent, as a shell is about SIGPIPE
     assert not _wait_no_helpers(vmpod)
+
+
+@pytest.mark.parametrize("redirect", [">&-", ">&- <&-"])
+def test_closed_stdout(vmpod: VmpodRunner, busybox: Path, redirect: str) -> None:
+    """`vmpod run … >&-` (and with stdin closed too): the run works (its effects may be the point, as with
+    docker), its status is the container's, stderr still shows, and vmpod says the
+    output is discarded instead of blaming the agent channel or saying nothing."""
+    proc = subprocess.run(
+        ["sh", "-c", f'exec "$@" {redirect}', "sh", *VMPOD, "run", "--rootfs", str(busybox), "--"]
+        + ["sh", "-c", "echo to-nowhere; echo to-stderr >&2; exit 7"],
+        stderr=subprocess.PIPE,
+        env=vmpod.env,
+        timeout=180,
+        check=False,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 7, err
+    assert "to-stderr" in err and "to-nowhere" not in err
+    assert "stdout is closed: the container's output is discarded" in err
+    assert "agent" not in err.lower()

@@ -16,6 +16,7 @@ from vmpod.errors import ConfigError
 from vmpod.guest.kernel import DEFAULT_KERNEL
 from vmpod.paths import default_paths
 from vmpod.runspec import ProcessOptions
+from vmpod.stdio import reserve_stdio
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -289,4 +290,5 @@ lifecycle.register(cli)
 
 
 def main() -> None:
+    reserve_stdio()  # first: a closed fd 1 must not become the event loop's (see vmpod.stdio)
     cli(prog_name="vmpod")

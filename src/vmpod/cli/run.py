@@ -26,6 +26,7 @@ from vmpod.runspec import ProcessOptions, build_spec, user_of
 from vmpod.sandbox import ContainerSpec, Exit, Output, Process, Sandbox, SandboxConfig, SandboxSpec, prepare
 from vmpod.sandbox.attach import STOP_SIGNALS, Relay, SignalForwarder, on_reader_gone, raw_terminal
 from vmpod.sandbox.build import check_resources
+from vmpod.stdio import closed_at_start
 from vmpod.storage.erofs import rootfs_disk
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,10 @@ async def _run_in(
             )
         )
         tty = opts.process.tty
+        if 1 in closed_at_start():
+            # as docker does, the run goes on (its effects may be the point), but
+            # not silently: the user closed the fd, so the output is dropped
+            print("vmpod: stdout is closed: the container's output is discarded", file=sys.stderr)
         relay = Relay()
         reader_gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         gone = on_reader_gone(reader_gone)

@@ -21,6 +21,7 @@ from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.logs import setup_logging
 from vmpod.runtime.rules import require
 from vmpod.runtime.state import DEFAULT_ROOT, Store
+from vmpod.stdio import reserve_stdio
 
 log = logging.getLogger("vmpod")
 _LOG: dict[str, str] = {"path": "", "format": "text", "debug": ""}
@@ -391,6 +392,7 @@ _register_exec()
 
 
 def main() -> None:
+    reserve_stdio()  # first: a closed fd 1 must not become a socket's (see vmpod.stdio)
     try:
         cli.main(prog_name="vmpod-runtime", standalone_mode=False)
     except click.exceptions.Exit as exc:
