@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from tests.unit.test_qemu_driver import Fleet, fleet, run  # noqa: F401 (fixture
 from tests.unit.test_qemu_virtiofs import shared_vm, source  # noqa: F401 (fixture)
 from vmpod.cli.run import run as run_cli
 from vmpod.guest.progress import silent
+from vmpod.hypervisor.qemu.console import ConsoleDrain, ConsoleFiles
 from vmpod.paths import Paths
 from vmpod.sandbox.attach import FdWriter, on_reader_gone
 
@@ -158,3 +160,48 @@ def test_both_clis_reserve_stdio_before_anything_else(module: str, entry: str) -
     )
     sock, _, fd1, *_ = _probe(setup, ">&-")
     assert fd1 == "/dev/null" and int(sock) >= 3
+
+
+# -- 9: the guest's console log is capped --------------------------------------------------
+
+
+def test_console_drain_caps_the_log_and_keeps_the_tail(tmp_path: Path) -> None:
+    """30 MB through the console pipe (a flooding guest) leaves at most the cap on
+    disk, and the tail — what boot-failure messages quote — is the latest output."""
+    files = ConsoleFiles(tmp_path / "console.log", cap=64 * 1024)
+    drain = ConsoleDrain(files)
+    wfd = drain.open()
+    line = b"x" * 99 + b"\n"
+    with os.fdopen(os.dup(wfd), "wb") as guest:
+        drain.spawned()  # as after QEMU's start: the guest's end is the only one
+        for _ in range(30 * 1024 * 1024 // len(line)):
+            guest.write(line)
+        guest.write(b"Kernel panic - not syncing: the last words\n")
+    drain.close()
+    on_disk = files.path.stat().st_size + files.previous.stat().st_size
+    assert on_disk <= files.cap
+    assert files.tail(3).splitlines() == ["x" * 99, "x" * 99, "Kernel panic - not syncing: the last words"]
+
+
+def test_console_tail_reaches_across_the_rotation(tmp_path: Path) -> None:
+    files = ConsoleFiles(tmp_path / "console.log", cap=64)
+    files.previous.write_bytes(b"old 1\nold 2\n")
+    files.path.write_bytes(b"new 1\n")
+    assert files.tail(2) == "old 2\nnew 1"
+    assert ConsoleFiles(tmp_path / "none.log").tail(5) == ""
+
+
+def test_qemu_writes_its_console_through_the_capped_drain(fleet: Fleet) -> None:  # noqa: F811
+    """QEMU gets a pipe (never a file it grows itself); the tail still works."""
+    vm = fleet.vm()
+    run(vm.launch())
+    try:
+        console = [a for a in vm.argv if a.startswith("file,id=console,")]
+        assert console and "path=/dev/fd/" in console[0], vm.argv
+        deadline = time.monotonic() + 3
+        while not vm.console_tail() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert vm.console_tail()  # the fake's boot line, through the pipe
+    finally:
+        vm.kill()
+    assert vm.console_tail()  # kept after the VM is gone

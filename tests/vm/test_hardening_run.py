@@ -3,6 +3,7 @@ from a terminal, a reader that goes away, a closed stdout, a flooded console."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,6 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.vm.conftest import VMPOD, VmpodRunner, qemu_pids, virtiofsd_pids
+from vmpod.guest.assets import GuestAssets
+from vmpod.hypervisor.qemu import console
+from vmpod.images import resolve_rootfs
+from vmpod.paths import Paths
+from vmpod.runspec import ProcessOptions, build_spec
+from vmpod.sandbox import ContainerSpec, Output, Sandbox, SandboxSpec, prepare
+from vmpod.storage.erofs import rootfs_disk
 
 
 def _wait_no_helpers(vmpod: VmpodRunner, timeout: float = 10) -> list[int]:
@@ -92,3 +100,47 @@ def test_closed_stdout(vmpod: VmpodRunner, busybox: Path, redirect: str) -> None
     assert "to-stderr" in err and "to-nowhere" not in err
     assert "stdout is closed: the container's output is discarded" in err
     assert "agent" not in err.lower()
+
+
+def test_a_flooded_console_stays_under_the_cap(paths: Paths, assets: GuestAssets, busybox: Path) -> None:
+    """A privileged container writes 30 MB to the guest's serial console: the host's
+    console log stays under the cap (it lives in /run, RAM on most hosts) and its
+    tail is the latest output, for error messages."""
+    mb = 30
+    script = (
+        f"yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c {mb * 1024 * 1024} > /dev/ttyS0"
+        " && echo flood-done > /dev/ttyS0"
+    )
+    disk = rootfs_disk(paths, resolve_rootfs(busybox))
+    oci = build_spec(
+        resolve_rootfs(busybox).config, ProcessOptions(args=("sh", "-c", script), privileged=True)
+    )
+
+    async def scenario() -> tuple[int, int, str]:
+        sandbox = Sandbox(paths, prepare(paths, SandboxSpec(rootfs=(disk,))))
+        async with sandbox:
+            container = await sandbox.create_container(ContainerSpec(id="flood", oci=oci, rootfs=disk))
+            proc = await container.start(Output(lambda _b: None, lambda _b: None), stdin=False)
+            exit_ = await asyncio.wait_for(proc.wait(), 400)
+            log = sandbox.state_dir / "console.log"
+            on_disk = sum(p.stat().st_size for p in (log, log.with_name("console.log.1")) if p.exists())
+            # the drain may trail the guest by a pipe's worth
+            deadline = time.monotonic() + 10
+            while "flood-done" not in sandbox.console_tail(3) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            return exit_.status, on_disk, sandbox.console_tail(3)
+
+    status, on_disk, tail = asyncio.run(scenario())
+    assert status == 0
+    assert console.DEFAULT_CAP // 2 <= on_disk <= console.DEFAULT_CAP < mb * 1024 * 1024, on_disk
+    assert "flood-done" in tail
+
+
+def test_boot_failure_still_quotes_the_console_tail(vmpod: VmpodRunner, busybox: Path) -> None:
+    """The console now reaches its log through a pipe: a boot that fails still
+    shows the guest's last console lines in the error."""
+    r = vmpod.run("--console", "--boot-timeout", "1.5", "--rootfs", str(busybox), "--", "true")
+    assert r.returncode == 125, r.err
+    assert "guest console" in r.err, r.err
+    quoted = r.err.split("guest console", 1)[1].strip().splitlines()
+    assert len(quoted) >= 3, r.err

@@ -105,6 +105,9 @@ class NetDevice:
 
 @dataclass(frozen=True)
 class SerialConsole:
+    """The guest's console (ttyS0) into ``log``: in vmpod a pipe's /dev/fd path,
+    drained into a capped log (see console.py), never a file QEMU grows itself."""
+
     log: Path
 
     def args(self) -> list[str]:
@@ -161,7 +164,9 @@ class QmpSocket:
         return ["-qmp", f"unix:{q(self.socket)},server=on,wait=off"]
 
 
-def build_argv(binary: str, cfg: VmConfig) -> list[str]:
+def build_argv(binary: str, cfg: VmConfig, console: Path | None = None) -> list[str]:
+    """QEMU's argv for ``cfg``; ``console`` is where the serial console goes
+    (default: ``cfg.console_log`` itself)."""
     ch = cfg.channel
     shared = cfg.shared_dir is not None
     devices: list[
@@ -177,7 +182,7 @@ def build_argv(binary: str, cfg: VmConfig) -> list[str]:
     ] = [
         Machine(cfg.accel.accel, cfg.cpus, cfg.memory_mb, shared_memory=shared),
         KernelBoot(cfg.kernel, cfg.initramfs, cfg.cmdline),
-        SerialConsole(cfg.console_log),
+        SerialConsole(console or cfg.console_log),
         QmpSocket(cfg.qmp_socket),
         *(BlockDevice(i, d) for i, d in enumerate(cfg.disks)),
         SerialPort(cfg.channel_socket, ch.name) if ch.kind == "serial" else VsockDevice(ch.vsock_cid),

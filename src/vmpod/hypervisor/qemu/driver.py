@@ -8,12 +8,14 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from vmpod.errors import HypervisorError
 from vmpod.hypervisor.base import VM_TRANSITIONS, VmConfig, VmState, describe_exit
+from vmpod.hypervisor.qemu.console import ConsoleDrain, ConsoleFiles
 from vmpod.hypervisor.qemu.devices import build_argv, find_qemu
 from vmpod.hypervisor.qemu.virtiofsd import Virtiofsd
 from vmpod.proc import die_with_parent
@@ -36,6 +38,9 @@ class QemuVm:
             sd = config.state_dir
             self._fs = Virtiofsd(config.shared_dir, config.fs_socket, sd / "virtiofsd.log")
         self._sm = StateMachine("the VM", VmState.NEW, VM_TRANSITIONS)
+        # the console goes through a pipe into a capped log (see console.py)
+        self._console_files = ConsoleFiles(config.console_log)
+        self._console = ConsoleDrain(self._console_files)
 
     @property
     def state(self) -> VmState:
@@ -70,6 +75,8 @@ class QemuVm:
             except BaseException:
                 self.kill()
                 raise
+        console_fd = self._console.open()
+        self.argv = build_argv(self.binary, self.config, console=Path(f"/dev/fd/{console_fd}"))
         log.debug("launching %s", " ".join(self.argv))
         errlog = (self.config.state_dir / "qemu.log").open("wb")
         try:
@@ -83,13 +90,18 @@ class QemuVm:
                 close_fds=True,
                 # the NICs' taps, under the same numbers; the caller keeps (and
                 # closes) its own copies: see Nic
-                pass_fds=tuple(n.fd for n in self.config.nics),
+                # and the console pipe's write end, which QEMU opens by path
+                pass_fds=(*(n.fd for n in self.config.nics), console_fd),
             )
         except OSError as err:
+            self._console.close()
+            if self._fs is not None:
+                self._fs.kill()
             self._sm.to(VmState.STOPPED)
             raise HypervisorError(f"cannot start QEMU: {err}", argv=self.argv) from err
         finally:
             errlog.close()
+            self._console.spawned()  # QEMU's exit must be the drain's EOF
         self._sm.to(VmState.RUNNING)
         try:
             await self._connect_qmp()
@@ -180,6 +192,7 @@ class QemuVm:
             except ProcessLookupError:
                 pass
             self._proc.wait()
+        self._console.close()  # QEMU is gone: the rest of the pipe, then EOF
         if self._fs is not None:
             self._fs.kill()
         self._sm.to(VmState.STOPPED)
@@ -200,7 +213,7 @@ class QemuVm:
         task.add_done_callback(_BACKGROUND.discard)
 
     def console_tail(self, lines: int = 20) -> str:
-        return _tail(self.config.console_log, lines)
+        return self._console_files.tail(lines)
 
     def shared_fs_failure(self) -> str | None:
         if self._fs is None or self._sm.state is not VmState.RUNNING:
