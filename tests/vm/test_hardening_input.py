@@ -43,11 +43,6 @@ def test_concurrent_forced_deletes_all_succeed(rt: Runtime, busybox: Path, work:
     assert rt("state", "race").returncode == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="start exits 0 when the guest runtime fails: Container.start(wait_started=True) ignores "
-    "ProcessStarted.started=False (sandbox/container.py, runtime/session.py: not this fix's files)",
-)
 def test_start_fails_with_the_guest_runtimes_message(rt: Runtime, busybox: Path, work: Path) -> None:
     # well-typed, so create takes it; runc fails in the guest before the process runs
     # (a NOFILE limit past the kernel's nr_open)

@@ -407,6 +407,12 @@ class Session:
             stdin_fd, stdin = i, not is_null(i)
         output = self._output(Output(out.write, err.write))
         proc = await self.container.start(output, stdin=stdin, wait_started=True)
+        if not proc.started:
+            # runc's start fails when the process cannot run: so does ours, with
+            # the guest runtime's message (the container is stopped, as runc's is)
+            ex = await proc.wait()
+            self.finish(ex.status)
+            raise RuntimeCliError(ex.message or f"the container's process did not start (status {ex.status})")
         self.persist()
         if stdin:
             self.relay.pump(stdin_fd, proc, eof_closes=self.tty_slave < 0)

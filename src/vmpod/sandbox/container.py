@@ -82,10 +82,11 @@ class Container:
         """
         self._sm.require("start the container", ContainerState.CREATED)
         stream, sink = self._process(output)
-        await self._agent.start_container(
+        started = await self._agent.start_container(
             p.StartContainer(container_id=self.id, stream=stream, stdin=stdin, wait_started=wait_started)
         )
         self.init = Process(self._agent, stream, sink, self._explain)
+        self.init.started = started.started
         self._sm.to(ContainerState.RUNNING)
         self.init.add_done_callback(self._init_ended)
         return self.init

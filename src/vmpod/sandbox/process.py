@@ -42,6 +42,9 @@ class Process:
         self.stream = stream
         self._sink = sink
         self._explain = explain
+        # False when the guest runtime failed before the process ran (its exit then
+        # carries the runtime's message); known for a start that waited for it
+        self.started = True
 
     @property
     def done(self) -> bool:
