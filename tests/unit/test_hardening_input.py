@@ -19,6 +19,7 @@ from vmpod.errors import ConfigError, ImageError
 from vmpod.guest.progress import silent
 from vmpod.images import source
 from vmpod.images.source import pseudo_fs, resolve_rootfs
+from vmpod.jsonsafe import json_depth, parse_json
 from vmpod.paths import Paths
 from vmpod.runspec import ProcessOptions
 from vmpod.runtime import lifecycle
@@ -27,7 +28,6 @@ from vmpod.runtime.config import RuntimeConfig, load_config
 from vmpod.runtime.errors import NotFound, RuntimeCliError
 from vmpod.runtime.specgen import default_spec
 from vmpod.runtime.state import ContainerState, Store
-from vmpod.runtime.validate import json_depth, parse_json
 from vmpod.sandbox.build import check_config_size
 from vmpod.sandbox.config import MAX_CONFIG_BYTES
 

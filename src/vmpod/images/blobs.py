@@ -9,13 +9,13 @@ Every blob is checked against the digest its descriptor names.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import tarfile
 from pathlib import Path
 from typing import IO, Any, Self
 
+from vmpod import jsonsafe
 from vmpod.errors import ImageError
 
 MAX_JSON_BYTES = 4 << 20  # index, manifest and config documents are small; refuse huge ones
@@ -56,7 +56,7 @@ def verify_bytes(data: bytes, digest: str, size: int, where: str) -> None:
 
 def parse_json(data: bytes, where: str) -> Any:
     try:
-        return json.loads(data)
+        return jsonsafe.parse_json(data)
     except (ValueError, UnicodeDecodeError) as err:
         raise ImageError(f"{where} is not valid JSON: {err}") from err
 

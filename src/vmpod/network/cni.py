@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from vmpod.errors import ConfigError, NetworkError
+from vmpod.jsonsafe import parse_json
 from vmpod.network import rtnl
 from vmpod.network.cniresult import CniResult, parse_result
 from vmpod.network.netns import netlink_socket, open_netns
@@ -194,7 +195,7 @@ def parse_network(data: Any, path: Path) -> Network:
 
 def load_network(path: Path) -> Network:
     try:
-        data = json.loads(path.read_bytes())
+        data = parse_json(path.read_bytes())
     except FileNotFoundError as err:
         raise ConfigError(f"no CNI network config at {path}") from err
     except (OSError, ValueError) as err:
@@ -286,7 +287,7 @@ class Attachment:
 
 def load_attachment(path: Path) -> Attachment:
     try:
-        data = json.loads(path.read_bytes())
+        data = parse_json(path.read_bytes())
         result = parse_result(data["result"], "(recorded)") if data.get("result") is not None else None
         return Attachment(
             container_id=str(data["container_id"]),
@@ -349,7 +350,7 @@ def _find_plugin(kind: str, cni_path: Sequence[Path]) -> Path:
 def _plugin_error(kind: str, command: str, stdout: bytes, stderr: bytes, returncode: int) -> NetworkError:
     """The spec's error object ({code, msg, details}) as one line naming the plugin."""
     try:
-        err = json.loads(stdout)
+        err = parse_json(stdout)
         msg = str(err["msg"])
         code = err.get("code")
         details = str(err.get("details") or "")
@@ -411,7 +412,7 @@ def _exec_plugin(
     if command != "ADD":
         return None
     try:
-        result = json.loads(proc.stdout)
+        result = parse_json(proc.stdout)
     except ValueError as err:
         raise NetworkError(f"CNI plugin {kind} ADD printed no JSON result: {tail(proc.stdout, 200)}") from err
     parse_result(result, kind)

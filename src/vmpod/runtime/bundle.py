@@ -39,10 +39,11 @@ from pathlib import Path
 from vmpod.errors import ConfigError, ImageError
 from vmpod.fsutil import meminfo, resolve_below
 from vmpod.images.source import check_rootfs_dir
+from vmpod.jsonsafe import parse_json
 from vmpod.runtime.config import ANNOTATION_KERNEL, ANNOTATION_MODULES, KNOWN_ANNOTATIONS, RuntimeConfig
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import HOOK_KINDS, validate_hooks
-from vmpod.runtime.validate import parse_json, validate_linux, validate_process
+from vmpod.runtime.validate import validate_linux, validate_process
 from vmpod.sandbox.build import check_config_size
 from vmpod.sandbox.config import Volume
 

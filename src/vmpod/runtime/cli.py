@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from vmpod.errors import VmpodError
+from vmpod.jsonsafe import parse_json
 from vmpod.runtime import ipc, lifecycle
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.logs import setup_logging
@@ -292,7 +293,7 @@ def update(
     if resources_file:
         text = sys.stdin.read() if resources_file == "-" else Path(resources_file).read_text()
         try:
-            loaded = json.loads(text)
+            loaded = parse_json(text)
         except ValueError as err:
             raise RuntimeCliError(f"invalid resources JSON: {err}") from err
         if not isinstance(loaded, dict):

@@ -24,8 +24,8 @@ import os
 from dataclasses import dataclass, fields
 
 from vmpod.guest.kernel import DEFAULT_KERNEL
+from vmpod.jsonsafe import parse_json
 from vmpod.runtime.errors import RuntimeCliError
-from vmpod.runtime.validate import parse_json
 
 CONFIG_PATH = "/etc/vmpod/runtime.json"
 ANNOTATION_KERNEL = "org.vmpod.kernel"

@@ -10,7 +10,6 @@ process's status, because podman's exec conmon waits for exactly that pid.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -19,6 +18,7 @@ from typing import NoReturn
 
 import click
 
+from vmpod.jsonsafe import parse_json
 from vmpod.runtime import ipc
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.exits import exit_like
@@ -43,7 +43,7 @@ def build_process(
     if not args:
         raise RuntimeCliError("exec args cannot be empty")
     try:
-        spec = json.loads((Path(bundle) / "config.json").read_text())
+        spec = parse_json((Path(bundle) / "config.json").read_text())
         base = dict(spec.get("process") or {})
     except (OSError, ValueError):
         base = {"cwd": "/", "env": [], "user": {"uid": 0, "gid": 0}}
@@ -76,7 +76,7 @@ def build_process(
 
 def _load_process(path: str) -> dict[str, object]:
     try:
-        obj = json.loads(Path(path).read_text())
+        obj = parse_json(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise RuntimeCliError(f"cannot read process file {path}: {err}") from err
     if not isinstance(obj, dict) or not obj.get("args"):
