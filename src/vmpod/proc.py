@@ -8,6 +8,7 @@ import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from vmpod.errors import CommandError
 
@@ -33,6 +34,24 @@ def tail(text: str | bytes, limit: int = _TAIL) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     return text[-limit:].strip()
+
+
+def spawn_vm_helper(
+    argv: list[str], log: IO[bytes], pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """Start a process that serves a VM (QEMU, virtiofsd): stdin closed, output
+    to ``log``, in a session of its own (no group signal from the user's
+    terminal) and killed with its owner (``die_with_parent``)."""
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,
+        start_new_session=True,
+        close_fds=True,
+        pass_fds=pass_fds,
+    )
 
 
 def run(

@@ -25,7 +25,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -36,8 +35,8 @@ from pathlib import Path
 import pytest
 
 from tests.vm.conftest import leftovers, pids_where
-from tests.vm.test_podman import IMAGE, ULIMITS, Podman
-from tests.vm.test_runtime_support import assert_runtime_clean, monitor_pids, runtime_env, wrapper_script
+from tests.vm.test_podman import IMAGE, ULIMITS, Podman, private_podman
+from tests.vm.test_runtime_support import monitor_pids
 from vmpod.guest.assets import GuestAssets
 from vmpod.paths import Paths
 
@@ -63,37 +62,10 @@ class NetPodman(Podman):
 def podman(
     paths: Paths, assets: GuestAssets, busybox: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[NetPodman]:
-    if shutil.which("podman") is None or shutil.which("conmon") is None:
-        pytest.skip("podman/conmon not installed")
     if shutil.which("iptables-save") is None:
         pytest.skip("iptables-save not installed (the teardown checks need it)")
-    tmp = tmp_path_factory.mktemp("podman-net")
-    rt_root = tmp / "rtroot"
-    env = runtime_env(paths, tmp / "runtime.json")
-    wrapper = wrapper_script(tmp / "vmpod-runtime", env, "--root", str(rt_root))
-    p = NetPodman(
-        [
-            "podman",
-            "--root",
-            str(tmp / "root"),
-            "--runroot",
-            str(tmp / "runroot"),
-            "--runtime",
-            str(wrapper),
-            "--events-backend",
-            "file",
-            "--cgroup-manager",
-            "cgroupfs",
-        ],
-        rt_root,
-    )
-    with tarfile.open(tmp / "rootfs.tar", "w") as tar:
-        tar.add(busybox, arcname=".")
-    p.ok("import", str(tmp / "rootfs.tar"), IMAGE)
-    yield p
-    p("rm", "--all", "--force", "--time", "0")
-    p("rmi", "--all", "--force")
-    assert_runtime_clean(paths, rt_root)
+    with private_podman(paths, busybox, tmp_path_factory.mktemp("podman-net")) as (base, rt_root):
+        yield NetPodman(base, rt_root)
 
 
 # -- the test's own network and the checks after it ---------------------------------------

@@ -8,6 +8,7 @@ even with runc).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pty
@@ -46,40 +47,38 @@ class Podman:
         return run_text([*self.base, *args], input, timeout)
 
 
-@pytest.fixture(scope="module")
-def podman(
-    paths: Paths, assets: GuestAssets, busybox: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Podman]:
+@contextlib.contextmanager
+def private_podman(paths: Paths, busybox: Path, tmp: Path) -> Iterator[tuple[list[str], Path]]:
+    """podman's argv on a private store in ``tmp`` with vmpod-runtime (its state in
+    the returned root) and the busybox image imported; everything removed after."""
     if shutil.which("podman") is None or shutil.which("conmon") is None:
         pytest.skip("podman/conmon not installed")
-    tmp = tmp_path_factory.mktemp("podman")
     rt_root = tmp / "rtroot"
     env = runtime_env(paths, tmp / "runtime.json")
     # podman passes no --root to a runtime it does not know: ours keeps the test's state apart
     wrapper = wrapper_script(tmp / "vmpod-runtime", env, "--root", str(rt_root))
-    p = Podman(
-        [
-            "podman",
-            "--root",
-            str(tmp / "root"),
-            "--runroot",
-            str(tmp / "runroot"),
-            "--runtime",
-            str(wrapper),
-            "--events-backend",
-            "file",
-            "--cgroup-manager",
-            "cgroupfs",
-        ]
-    )
+    base = [
+        "podman",
+        *("--root", str(tmp / "root"), "--runroot", str(tmp / "runroot")),
+        *("--runtime", str(wrapper), "--events-backend", "file", "--cgroup-manager", "cgroupfs"),
+    ]
+    p = Podman(base)
     with tarfile.open(tmp / "rootfs.tar", "w") as tar:
         tar.add(busybox, arcname=".")
     res = p("import", str(tmp / "rootfs.tar"), IMAGE)
     assert res.returncode == 0, res.stderr
-    yield p
+    yield base, rt_root
     p("rm", "--all", "--force", "--time", "0")
     p("rmi", "--all", "--force")
     assert_runtime_clean(paths, rt_root)
+
+
+@pytest.fixture(scope="module")
+def podman(
+    paths: Paths, assets: GuestAssets, busybox: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Podman]:
+    with private_podman(paths, busybox, tmp_path_factory.mktemp("podman")) as (base, _):
+        yield Podman(base)
 
 
 def test_run_rm_output_and_exit_status(podman: Podman) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 from collections.abc import Iterator
+from types import FrameType
 
 from vmpod.containers import network as net
 from vmpod.containers import rootfs
@@ -28,6 +29,7 @@ from vmpod.images import resolve_image, resolve_rootfs
 from vmpod.runspec import build_spec
 from vmpod.runtime import ipc, lifecycle
 from vmpod.runtime.config import load_config
+from vmpod.runtime.run import wait_forwarding
 from vmpod.runtime.state import now_rfc3339
 from vmpod.sandbox.build import check_resources
 
@@ -170,7 +172,7 @@ def wait_foreground(m: Manager, rec: Record, pid: int) -> int:
     goes to the container, a second one kills it. Returns the container's status."""
     count = 0
 
-    def forward(sig: int, _frame: object) -> None:
+    def forward(sig: int, _frame: FrameType | None) -> None:
         nonlocal count
         count += 1
         if count == 1:
@@ -181,14 +183,7 @@ def wait_foreground(m: Manager, rec: Record, pid: int) -> int:
                 msg = {"op": "kill", "signal": int(signal.SIGKILL), "all": True}
                 ipc.request(m.store.dir(rec.id) / "monitor.sock", msg, timeout=5)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        _, wstatus = os.waitpid(pid, 0)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    code = os.waitstatus_to_exitcode(wstatus)
-    return 128 - code if code < 0 else code
+    return wait_forwarding(pid, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP), forward)
 
 
 def reap_when_done(m: Manager, rec: Record) -> None:

@@ -79,34 +79,28 @@ def create(
             netns=plan.netns,
         ),
     )
-    st = ContainerState(
-        id=cid,
-        bundle=str(bundle_dir),
-        rootfs=str(plan.rootfs),
-        created=now_rfc3339(),
-        annotations=plan.annotations,
-        hooks=plan.hooks,
+    args = MonitorArgs(
+        store_root=str(store.root),
+        cid=cid,
+        plan=plan,
+        sandbox=sandbox,
+        guest_runtime=cfg.guest_runtime,
+        console_socket=console_socket,
+        paths=paths,
+        ready_fd=-1,
+        output_log=output_log,
+        log_path=log_opts[0],
+        log_format=log_opts[1],
+        debug=log_opts[2],
     )
-    _, lock, mon_lock = store.begin(st)
-    try:
-        args = MonitorArgs(
-            store_root=str(store.root),
-            cid=cid,
-            plan=plan,
-            sandbox=sandbox,
-            guest_runtime=cfg.guest_runtime,
-            console_socket=console_socket,
-            paths=paths,
-            ready_fd=-1,
-            output_log=output_log,
-            log_path=log_opts[0],
-            log_format=log_opts[1],
-            debug=log_opts[2],
-        )
-        pid = _fork_monitor(store, args, lock, mon_lock)
-        _created(store, cid, pid, pid_file)
-    finally:
-        os.close(lock)
+    _launch(
+        store,
+        cid,
+        bundle_dir,
+        plan,
+        pid_file,
+        lambda w, mon: monitor_main(dataclasses.replace(args, ready_fd=w), (mon,)),
+    )
 
 
 def _create_member(
@@ -123,6 +117,39 @@ def _create_member(
     """A pod member: its container joins the pod's VM; its own monitor process
     (member.py) is the pid the engine waits for."""
     log.debug("container %s joins pod %s", cid, pod)
+    args = MemberArgs(
+        store_root=str(store.root),
+        cid=cid,
+        bundle=str(bundle_dir),
+        pod=pod,
+        console_socket=console_socket,
+        ready_fd=-1,
+        output_log=output_log,
+        log_path=log_opts[0],
+        log_format=log_opts[1],
+        debug=log_opts[2],
+    )
+    _launch(
+        store,
+        cid,
+        bundle_dir,
+        plan,
+        pid_file,
+        lambda w, mon: member_main(dataclasses.replace(args, ready_fd=w), (mon,)),
+    )
+
+
+def _launch(
+    store: Store,
+    cid: str,
+    bundle_dir: Path,
+    plan: Plan,
+    pid_file: str,
+    monitor: Callable[[int, int], NoReturn],
+) -> None:
+    """Record the container, fork its monitor (``monitor(ready_fd, monitor_lock)``:
+    keeps our stdio, never returns), wait until it is ready (or failed), then run
+    the create hooks and write the pid file."""
     st = ContainerState(
         id=cid,
         bundle=str(bundle_dir),
@@ -133,58 +160,22 @@ def _create_member(
     )
     _, lock, mon_lock = store.begin(st)
     try:
-        args = MemberArgs(
-            store_root=str(store.root),
-            cid=cid,
-            bundle=str(bundle_dir),
-            pod=pod,
-            console_socket=console_socket,
-            ready_fd=-1,
-            output_log=output_log,
-            log_path=log_opts[0],
-            log_format=log_opts[1],
-            debug=log_opts[2],
-        )
-        pid = _fork(
-            store,
-            cid,
-            lock,
-            mon_lock,
-            lambda w: member_main(dataclasses.replace(args, ready_fd=w), (mon_lock,)),
-        )
+        r, w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.close(lock)
+            monitor(w, mon_lock)
+        os.close(w)
+        os.close(mon_lock)
+        reply = _read_ready(r)
+        if not reply.get("ok"):
+            destroy(store, store.load(cid))
+            cleanup(store, store.load(cid))
+            raise RuntimeCliError(str(reply.get("error") or "the monitor failed"))
         _created(store, cid, pid, pid_file)
     finally:
         os.close(lock)
-
-
-def _fork_monitor(store: Store, args: MonitorArgs, lock: int, mon_lock: int) -> int:
-    """Fork the monitor and wait until its container is ready (or failed)."""
-    return _fork(
-        store,
-        args.cid,
-        lock,
-        mon_lock,
-        lambda w: monitor_main(dataclasses.replace(args, ready_fd=w), (mon_lock,)),
-    )
-
-
-def _fork(store: Store, cid: str, lock: int, mon_lock: int, child: Callable[[int], NoReturn]) -> int:
-    """Fork ``child`` (a monitor: keeps our stdio, never returns; it reports on the
-    fd it is given) and wait until its container is ready (or failed)."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        os.close(lock)
-        child(w)
-    os.close(w)
-    os.close(mon_lock)
-    reply = _read_ready(r)
-    if not reply.get("ok"):
-        destroy(store, store.load(cid))
-        cleanup(store, store.load(cid))
-        raise RuntimeCliError(str(reply.get("error") or "the monitor failed"))
-    return pid
 
 
 def _created(store: Store, cid: str, pid: int, pid_file: str) -> None:

@@ -27,7 +27,7 @@ from vmpod.runtime import ipc
 from vmpod.runtime.bundle import Plan
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.exits import exit_like
-from vmpod.runtime.monitor import close_fds, drop_log_handlers, log_to
+from vmpod.runtime.monitor import become_monitor, null_stdio
 from vmpod.runtime.outputlog import LogSink
 from vmpod.runtime.session import MONITOR_SIGNALS
 from vmpod.runtime.state import Store, proc_start_time
@@ -82,12 +82,9 @@ def member_main(args: MemberArgs, keep: tuple[int, ...]) -> NoReturn:
     """Entry point in the forked child; never returns."""
     status = 255
     try:
-        os.setsid()
-        drop_log_handlers()
-        close_fds({0, 1, 2, args.ready_fd, *keep})
-        log_to(args.log_path, args.log_format, args.debug)
+        become_monitor({args.ready_fd, *keep}, args.log_path, args.log_format, args.debug)
         if args.output_log is not None and not args.output_log.tee:
-            _null_stdio()  # the log is the container's output: hold no caller's pipe
+            null_stdio()  # the log is the container's output: hold no caller's pipe
         status = _serve(args)
     except BaseException as err:  # the monitor must always exit with a status
         log.error("pod member monitor failed: %s", err, exc_info=not isinstance(err, VmpodError))
@@ -114,7 +111,7 @@ def _serve(args: MemberArgs) -> int:
     _ready(args.ready_fd, reply if not reply.get("ok") else {"ok": True, "pid": os.getpid()})
     if not reply.get("ok"):
         return 255
-    _null_stdio()  # our stdio is the pod monitor's to use now
+    null_stdio()  # our stdio is the pod monitor's to use now
     sock = store.dir(args.cid) / "monitor.sock"
 
     def forward(sig: int, _frame: FrameType | None) -> None:
@@ -129,13 +126,6 @@ def _serve(args: MemberArgs) -> int:
         return 128 + signal.SIGKILL  # the pod's monitor (and its VM) went away
     status = event.get("status")
     return status if isinstance(status, int) else 255
-
-
-def _null_stdio() -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
 
 
 def _ready(fd: int, msg: dict[str, object]) -> None:

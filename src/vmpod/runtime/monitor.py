@@ -33,21 +33,32 @@ def monitor_main(args: MonitorArgs, keep: tuple[int, ...]) -> NoReturn:
     """Entry point in the forked child; never returns."""
     status = 255
     try:
-        os.setsid()
-        drop_log_handlers()
-        close_fds({0, 1, 2, args.ready_fd, *keep})
-        log_to(args.log_path, args.log_format, args.debug)
+        become_monitor({args.ready_fd, *keep}, args.log_path, args.log_format, args.debug)
         detached = args.output_log is not None and not args.output_log.tee
         if args.plan.terminal or detached:  # the pty (or the log) is the container's stdio, not ours
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.close(null)
+            null_stdio()
         status = asyncio.run(Session(args).run())
     except BaseException as err:  # the monitor must always exit with a status
         logging.getLogger(__name__).error("monitor failed: %s", err, exc_info=not isinstance(err, VmpodError))
     logging.shutdown()
     exit_like(status)
+
+
+def become_monitor(keep: set[int], log_path: str, log_format: str, debug: bool) -> None:
+    """A forked monitor's first steps: its own session, none of the parent's fds
+    but stdio and ``keep``, and its log (--log, never the container's stderr)."""
+    os.setsid()
+    drop_log_handlers()
+    close_fds({0, 1, 2, *keep})
+    log_to(log_path, log_format, debug)
+
+
+def null_stdio() -> None:
+    """/dev/null as fds 0-2: the monitor holds none of its caller's pipes."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def log_to(path: str, fmt: str, debug: bool) -> None:

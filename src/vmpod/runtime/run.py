@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Callable, Iterable
+from types import FrameType
 
 from vmpod.runtime import lifecycle
 from vmpod.runtime.create import LogOpts, create
@@ -51,12 +53,20 @@ def run(
 def wait_child(pid: int, start_time: int) -> int:
     """Wait for the monitor (our child), passing on the signals a container gets."""
 
-    def forward(sig: int, _frame: object) -> None:
+    def forward(sig: int, _frame: FrameType | None) -> None:
         if proc_start_time(pid) == start_time:  # never a reused pid
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
-    old = {s: signal.signal(s, forward) for s in FORWARDED}
+    return wait_forwarding(pid, FORWARDED, forward)
+
+
+def wait_forwarding(
+    pid: int, signals: Iterable[int], forward: Callable[[int, FrameType | None], None]
+) -> int:
+    """Wait for our child ``pid`` with ``forward`` handling ``signals`` meanwhile;
+    its status, 128+N when it died of signal N (as a shell reports it)."""
+    old = {s: signal.signal(s, forward) for s in signals}
     try:
         _, wstatus = os.waitpid(pid, 0)
     finally:

@@ -18,7 +18,7 @@ from vmpod.hypervisor.base import VM_TRANSITIONS, VmConfig, VmState, describe_ex
 from vmpod.hypervisor.qemu.console import ConsoleDrain, ConsoleFiles
 from vmpod.hypervisor.qemu.devices import build_argv, find_qemu
 from vmpod.hypervisor.qemu.virtiofsd import Virtiofsd
-from vmpod.proc import die_with_parent
+from vmpod.proc import spawn_vm_helper
 from vmpod.states import StateMachine
 
 log = logging.getLogger(__name__)
@@ -80,14 +80,9 @@ class QemuVm:
         log.debug("launching %s", " ".join(self.argv))
         errlog = (self.config.state_dir / "qemu.log").open("wb")
         try:
-            self._proc = subprocess.Popen(
+            self._proc = spawn_vm_helper(
                 self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=errlog,
-                stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
-                start_new_session=True,  # no group signal from the user's terminal (see die_with_parent)
-                close_fds=True,
+                errlog,
                 # the NICs' taps, under the same numbers; the caller keeps (and
                 # closes) its own copies: see Nic
                 # and the console pipe's write end, which QEMU opens by path

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from vmpod.errors import HypervisorError
-from vmpod.proc import die_with_parent
+from vmpod.proc import spawn_vm_helper
 
 DEFAULT_BINARY = "/usr/lib/qemu/virtiofsd"  # Debian 12: shipped with qemu-system-common
 BINARY_ENV = "VMPOD_VIRTIOFSD"
@@ -70,15 +70,7 @@ class Virtiofsd:
         self.socket.unlink(missing_ok=True)
         with self.log.open("ab") as errlog:
             try:
-                self._proc = subprocess.Popen(
-                    self.argv(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=errlog,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=die_with_parent,
-                    start_new_session=True,  # no group signal from the user's terminal (see die_with_parent)
-                    close_fds=True,
-                )
+                self._proc = spawn_vm_helper(self.argv(), errlog)
             except OSError as err:
                 raise HypervisorError(f"cannot start virtiofsd: {err}", argv=self.argv()) from err
 
