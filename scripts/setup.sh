@@ -23,6 +23,7 @@ APT_PACKAGES=(
     docker-registry skopeo              # a real OCI registry on loopback, pushes
     podman containerd runc              # real clients of vmpod-runtime; runc to compare
     gcc make libc6-dev dwarves          # out-of-tree kernel module builds (pahole: 6.12)
+    bubblewrap                          # the sandbox `vmpod matrix` builds modules in
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()
