@@ -22,12 +22,12 @@ from vmpod.errors import ConfigError
 from vmpod.fsutil import locked
 from vmpod.hypervisor.accel import AccelChoice
 from vmpod.images.source import ImageConfig
-from vmpod.matrix import report
+from vmpod.matrix import capped, report
 from vmpod.matrix import run as mrun
 from vmpod.matrix.report import ProgressView, results_table, write_json, write_junit
+from vmpod.matrix.capped import CappedOutput
 from vmpod.matrix.run import (
     LOCK_NAME,
-    CappedOutput,
     KernelResult,
     KernelTarget,
     MatrixConfig,
@@ -151,7 +151,7 @@ def test_unbounded_test_output_is_capped_and_reported(tmp_path: Path) -> None:
     run = mrun._Run(target, tmp_path, lambda *_: None)
     asyncio.run(mrun._test(_Sandbox(), cfg, run))  # type: ignore[arg-type]
     log = (tmp_path / "test.log").stat().st_size
-    assert log < mrun.MAX_TEST_OUTPUT + mrun.TEST_OUTPUT_TAIL + 4096  # was 40 MiB
+    assert log < capped.MAX_TEST_OUTPUT + capped.TEST_OUTPUT_TAIL + 4096  # was 40 MiB
     result = run.result()
     assert result.detail == "test: exit 1: [/red] the end"
     assert len(result.notes) == 1 and "test output truncated" in result.notes[0]

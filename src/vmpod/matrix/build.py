@@ -1,16 +1,44 @@
-"""Out-of-tree module builds against one kernel's headers (kbuild ``M=``)."""
+"""Out-of-tree module builds against one kernel's headers (kbuild ``M=``), in a
+bubblewrap sandbox.
+
+A module's Makefile is foreign code (a pull request the matrix tests in CI). It
+runs as uid/gid 65534 with no capabilities and no_new_privs, in its own mount,
+pid, ipc, uts, net and cgroup namespaces: the toolchain (/usr) and the headers
+are read-only, /tmp is private, and only the build dir is writable. Killing
+bwrap ends its pid namespace, so nothing the Makefile left in the background
+outlives the build (or holds the log pipe).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmpod.errors import ConfigError
+from vmpod.matrix.capped import CappedOutput
+
 BUILD_TIMEOUT = 600.0
-_LOG_LIMIT = 1 << 20
+SANDBOX_ID = 65534  # nobody/nogroup: owns nothing on the host
+_LOG_HEAD = 512 << 10  # the first errors are what the report shows
+_LOG_TAIL = 512 << 10
+_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/tmp",
+    "LC_ALL": "C",  # first_error() reads gcc's English ": error:"
+    "TMPDIR": "/tmp",
+}
+# Host files the toolchain reads besides /usr (awk etc. are alternatives links).
+_ETC = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d")
+_READ_ONLY_HINT = (
+    "vmpod: the build tried to write outside its build dir; the headers and the "
+    "toolchain are read-only in the build sandbox (see build.log)"
+)
 
 
 @dataclass(frozen=True)
@@ -21,12 +49,64 @@ class BuildResult:
     seconds: float
 
 
-async def build_module(src: Path, headers: Path, work: Path) -> BuildResult:
-    """Copy ``src`` into ``work`` and run ``make -C headers M=work modules``.
+def require_bwrap() -> str:
+    """bwrap's path, or the one-line error that says how to get it."""
+    found = shutil.which("bwrap")
+    if found is None:
+        raise ConfigError(
+            "vmpod matrix builds modules in a bubblewrap sandbox, and bwrap is not installed",
+            hint="apt-get install bubblewrap",
+        )
+    return found
 
-    A compiler error is this kernel's build failure, not an error of the run.
-    """
-    t0 = time.monotonic()
+
+def headers_root(headers: Path) -> Path:
+    """The tree to mount for ``headers``: Debian's kbuild dir includes its
+    ``-common`` sibling and links into ``usr/lib/linux-kbuild-*``, so a cached
+    ``PREFIX/usr/src/linux-headers-REL`` needs all of PREFIX."""
+    headers = headers.resolve()
+    if headers.parent.name == "src" and headers.parent.parent.name == "usr":
+        prefix = headers.parent.parent.parent
+        if prefix != Path("/"):  # the host's /usr is mounted anyway
+            return prefix
+    return headers
+
+
+def sandbox_argv(bwrap: str, argv: list[str], *, work: Path, headers: Path) -> list[str]:
+    """``argv`` inside bubblewrap: see the module docstring for what it may touch."""
+    out = [bwrap, "--die-with-parent", "--new-session"]
+    out += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try"]
+    out += ["--hostname", "vmpod-build"]
+    out += ["--ro-bind", "/usr", "/usr"]
+    for link in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        top = Path("/", link)
+        if top.is_symlink():  # merged /usr: /lib -> usr/lib
+            out += ["--symlink", os.readlink(top), str(top)]
+        elif top.is_dir():
+            out += ["--ro-bind", str(top), str(top)]
+    etc = [Path(p) for p in _ETC if os.path.exists(p)]
+    top = headers_root(headers)
+    out += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
+    # bwrap makes missing parents 0700: uid 65534 could not reach the mounts.
+    for d in sorted({str(d) for p in (*etc, top, work) for d in p.parents if str(d) not in ("/", "/tmp")}):
+        out += ["--perms", "0755", "--dir", d]
+    for path in etc:
+        out += ["--ro-bind", str(path), str(path)]
+    out += ["--ro-bind", str(top), str(top)]
+    out += ["--bind", str(work), str(work), "--chdir", str(work)]
+    out += ["--clearenv"] + [x for k, v in _ENV.items() for x in ("--setenv", k, v)]
+    if os.geteuid() == 0:
+        # bwrap needs root to mount; setpriv then leaves uid 0 for good (the
+        # kernel clears every capability on that change) before the Makefile runs.
+        out += ["--", "setpriv", f"--reuid={SANDBOX_ID}", f"--regid={SANDBOX_ID}", "--clear-groups"]
+        out += ["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+    else:
+        out[1:1] = ["--unshare-user", "--uid", str(SANDBOX_ID), "--gid", str(SANDBOX_ID)]
+        out += ["--"]
+    return out + argv
+
+
+def _prepare(src: Path, work: Path) -> None:
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(
@@ -35,25 +115,68 @@ async def build_module(src: Path, headers: Path, work: Path) -> BuildResult:
         symlinks=True,
         ignore=shutil.ignore_patterns("*.ko", "*.o", "*.mod*", ".*.cmd", "Module.symvers"),
     )
+    if os.geteuid() == 0:
+        for path in (work, *work.rglob("*")):
+            os.chown(path, SANDBOX_ID, SANDBOX_ID, follow_symlinks=False)
+
+
+async def build_module(
+    src: Path, headers: Path, work: Path, *, timeout: float = BUILD_TIMEOUT, sandbox: bool = True
+) -> BuildResult:
+    """Copy ``src`` into ``work`` and run ``make -C headers M=work modules`` in the sandbox.
+
+    A compiler error is this kernel's build failure, not an error of the run.
+    ``sandbox=False`` is for bench/matrix_ratio.py's measurement of its cost only.
+    """
+    bwrap = require_bwrap() if sandbox else ""
+    t0 = time.monotonic()
+    _prepare(src, work)
     argv = ["make", "-C", str(headers), f"M={work}", f"-j{os.cpu_count() or 1}", "modules"]
+    full = sandbox_argv(bwrap, argv, work=work, headers=headers) if sandbox else argv
     proc = await asyncio.create_subprocess_exec(
-        *argv,
+        *full,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
     )
+    out = CappedOutput(_LOG_HEAD, _LOG_TAIL, what="build output")
+    assert proc.stdout is not None
+    reader = asyncio.ensure_future(_drain(proc.stdout, out))
+    timed_out = False
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), BUILD_TIMEOUT)
+        await asyncio.wait_for(proc.wait(), timeout)
     except TimeoutError:
-        proc.kill()
+        timed_out = True
+    finally:
+        _kill(proc)
         await proc.wait()
-        return BuildResult(False, (), f"build timed out after {BUILD_TIMEOUT:g}s", time.monotonic() - t0)
-    log = " ".join(argv) + "\n" + out[-_LOG_LIMIT:].decode(errors="replace")
+    # Everything in the sandbox died with bwrap; without it (bench only) a
+    # leftover may hold the pipe: read what is there, never wait for it.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(reader), 2.0)
+    reader.cancel()
+    log = " ".join(argv) + "\n" + out.getvalue().decode(errors="replace")
+    if timed_out:
+        return BuildResult(False, (), log + f"\nbuild timed out after {timeout:g}s", time.monotonic() - t0)
     modules = tuple(sorted(work.rglob("*.ko")))
     ok = proc.returncode == 0 and bool(modules)
     if proc.returncode == 0 and not modules:
         log += "\nvmpod: the build produced no .ko file (is obj-m set in Kbuild/Makefile?)"
+    if not ok and "Read-only file system" in log:
+        log += "\n" + _READ_ONLY_HINT
     return BuildResult(ok, modules, log, time.monotonic() - t0)
+
+
+async def _drain(stream: asyncio.StreamReader, out: CappedOutput) -> None:
+    while chunk := await stream.read(65536):
+        out.write(chunk)
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    """End bwrap's whole process group; its pid namespace goes with it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def first_error(log: str, work: Path | None = None) -> str:

@@ -18,6 +18,7 @@ from vmpod.guest.modules import ModuleLoad
 from vmpod.hypervisor.accel import AccelChoice
 from vmpod.images import ImageConfig
 from vmpod.matrix.build import build_module, first_error
+from vmpod.matrix.capped import CappedOutput
 from vmpod.matrix.verdict import judge
 from vmpod.paths import Paths
 from vmpod.runspec import ProcessOptions, build_spec
@@ -25,8 +26,6 @@ from vmpod.sandbox import ContainerSpec, Output, Sandbox, SandboxConfig, Sandbox
 
 MAX_SCRIPT = 48 * 1024
 STEPS = ("build", "boot", "load", "test", "unload")
-MAX_TEST_OUTPUT = 8 << 20  # bytes of a test's output kept (the start), plus a tail
-TEST_OUTPUT_TAIL = 64 << 10  # the last bytes, kept after the cap: the failure line
 LOCK_NAME = ".vmpod-matrix.lock"
 
 
@@ -126,50 +125,6 @@ def dedupe_targets(targets: list[KernelTarget]) -> tuple[list[KernelTarget], lis
         seen[key] = t.name
         kept.append(t)
     return kept, notes
-
-
-class CappedOutput:
-    """A test's stdout and stderr: the first ``cap`` bytes, then only a tail.
-
-    A test printing without end cannot grow vmpod's memory or test.log past
-    ``cap`` + ``tail`` bytes; :attr:`dropped` counts what was left out.
-    """
-
-    def __init__(self, cap: int = MAX_TEST_OUTPUT, tail: int = TEST_OUTPUT_TAIL) -> None:
-        self.cap, self.tail_size = cap, tail
-        self.head = bytearray()
-        self.tail = bytearray()
-        self.dropped = 0
-
-    def write(self, data: bytes) -> None:
-        room = self.cap - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-            data = data[room:]
-        if not data:
-            return
-        self.tail += data
-        extra = len(self.tail) - self.tail_size
-        if extra > 0:
-            del self.tail[:extra]
-            self.dropped += extra
-
-    def note(self) -> str:
-        if not self.dropped:
-            return ""
-        return (
-            f"test output truncated: {self.dropped} bytes dropped after the first "
-            f"{self.cap >> 20} MiB (the last {self.tail_size >> 10} KiB are kept)"
-        )
-
-    def getvalue(self) -> bytes:
-        if not self.dropped:
-            return bytes(self.head + self.tail)
-        return bytes(self.head) + f"\n[vmpod: {self.note()}]\n".encode() + bytes(self.tail)
-
-    def last_line(self) -> str:
-        text = bytes(self.tail or self.head).decode(errors="replace").strip().splitlines()
-        return text[-1][:160] if text else ""
 
 
 @dataclass(frozen=True)
