@@ -23,7 +23,9 @@ What changes on the way into the VM (the Kata model):
 - ``linux.resources`` sizes the VM (vCPUs from the CPU quota, cpuset or shares;
   memory = limit + MEMORY_OVERHEAD_MB, at least MIN_MEMORY_MB) and is passed to
   the guest runtime too, minus host-specific parts (cpuset numbers, blkio,
-  hugetlb, network, rdma). ``cgroupsPath`` becomes /vmpod/<id> in the guest.
+  hugetlb, network, rdma). ``cgroupsPath`` becomes /vmpod/<id> in the guest;
+  on the host it is where the VM's cgroup is made, with the limits plus the
+  VM's cost (runtime/cgroups.py).
 - Hooks run on the host (see ``hooks``); AppArmor/SELinux labels are dropped
   (the guest has neither).
 """
@@ -74,6 +76,9 @@ class Plan:
     netns: str = ""  # the engine's network namespace to wire into the VM ("": loopback only)
     pod: str = ""  # the pod's first (sandbox/infra) container, whose VM this one joins
     shared_namespaces: tuple[str, ...] = ()  # ipc/uts given as paths: a pod member shares the pod's
+    cgroups_path: str = ""  # the engine's linux.cgroupsPath: the host cgroup (runtime/cgroups.py)
+    # what the VM is sized from (the pod's resources, else the container's): the host cgroup's limits
+    host_resources: dict[str, object] = field(default_factory=dict)
 
 
 def load_spec(bundle: Path) -> dict[str, object]:
@@ -145,7 +150,11 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
             ]
     check_executable(rootfs, process, dir_dests)
     # a pod's VM is sized for the whole pod when the engine says what that is
-    cpus, memory_mb = vm_size(pod_resources(annotations) or resources, warnings)
+    sized_by = pod_resources(annotations) or resources
+    cpus, memory_mb = vm_size(sized_by, warnings)
+    cgroups_path = linux.get("cgroupsPath") or ""
+    if not isinstance(cgroups_path, str):
+        raise RuntimeCliError("config.json: linux.cgroupsPath must be a string")
     try:
         check_config_size(guest, "config.json")
     except ConfigError as err:
@@ -164,6 +173,8 @@ def translate(spec: dict[str, object], bundle: Path, cid: str, cfg: RuntimeConfi
         netns=netns,
         pod=pod_sandbox(annotations),
         shared_namespaces=_shared_namespaces(linux),
+        cgroups_path=cgroups_path,
+        host_resources=sized_by,
         kernel_modules=tuple(
             m.strip() for m in annotations.get(ANNOTATION_MODULES, "").split(";") if m.strip()
         ),

@@ -19,6 +19,7 @@ from typing import NoReturn
 from vmpod.paths import default_paths
 from vmpod.runtime import ipc
 from vmpod.runtime.bundle import Plan, load_spec, translate
+from vmpod.runtime.cgroups import HostCgroup, host_limits
 from vmpod.runtime.config import RuntimeConfig, load_config
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.hooks import run_hooks, run_hooks_warn
@@ -61,8 +62,15 @@ def create(
     for warning in plan.warnings:
         log.warning("%s", warning)
     pod = pod_of(store, plan)
+    # where the engine asked for the cgroup (a bad or unusable cgroupsPath fails here);
+    # a pod member holds no VM: its cgroup holds only its own monitor process
+    host_cgroup = HostCgroup.plan(
+        plan.cgroups_path, host_limits(plan.host_resources, plan.memory_mb, vm=not pod)
+    )
     if pod:
-        _create_member(store, cid, bundle_dir, plan, pod, pid_file, console_socket, log_opts, output_log)
+        _create_member(
+            store, cid, bundle_dir, plan, pod, pid_file, console_socket, log_opts, output_log, host_cgroup
+        )
         return
     paths = default_paths()
     # resolved before anything is made: an unknown kernel or module fails `create` itself
@@ -92,6 +100,7 @@ def create(
         log_path=log_opts[0],
         log_format=log_opts[1],
         debug=log_opts[2],
+        host_cgroup=host_cgroup,
     )
     _launch(
         store,
@@ -113,6 +122,7 @@ def _create_member(
     console_socket: str,
     log_opts: LogOpts,
     output_log: LogSink | None,
+    host_cgroup: HostCgroup | None,
 ) -> None:
     """A pod member: its container joins the pod's VM; its own monitor process
     (member.py) is the pid the engine waits for."""
@@ -128,6 +138,7 @@ def _create_member(
         log_path=log_opts[0],
         log_format=log_opts[1],
         debug=log_opts[2],
+        host_cgroup=host_cgroup,
     )
     _launch(
         store,

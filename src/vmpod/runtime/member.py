@@ -25,6 +25,7 @@ from typing import NoReturn
 from vmpod.errors import VmpodError
 from vmpod.runtime import ipc
 from vmpod.runtime.bundle import Plan
+from vmpod.runtime.cgroups import HostCgroup
 from vmpod.runtime.errors import RuntimeCliError
 from vmpod.runtime.exits import exit_like
 from vmpod.runtime.monitor import become_monitor, null_stdio
@@ -48,6 +49,9 @@ class MemberArgs:
     log_path: str = ""
     log_format: str = "text"
     debug: bool = False
+    # the member's own cgroup on the host: its monitor process only (the VM is in the
+    # pod's first container's), so the engine's accounting paths exist, as with Kata
+    host_cgroup: HostCgroup | None = None
 
 
 def pod_of(store: Store, plan: Plan) -> str:
@@ -95,6 +99,22 @@ def member_main(args: MemberArgs, keep: tuple[int, ...]) -> NoReturn:
 def _serve(args: MemberArgs) -> int:
     store = Store(args.store_root)
     store.update(args.cid, pid=os.getpid(), monitor_start=proc_start_time(os.getpid()))
+    cg = args.host_cgroup
+    try:
+        if cg is not None:
+            try:
+                cg.setup(store.dir(args.cid))
+                cg.enter()
+            except RuntimeCliError as err:
+                _ready(args.ready_fd, {"ok": False, "error": str(err)})
+                return 255
+        return _member(args, store)
+    finally:
+        if cg is not None:
+            cg.leave(store.dir(args.cid))
+
+
+def _member(args: MemberArgs, store: Store) -> int:
     try:
         client = ipc.Client(store.dir(args.pod) / "pod.sock", timeout=None)
         msg: dict[str, object] = {

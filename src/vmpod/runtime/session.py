@@ -30,6 +30,7 @@ from vmpod.errors import AgentTimeout, VmpodError
 from vmpod.paths import Paths
 from vmpod.runtime import ipc
 from vmpod.runtime.bundle import Plan
+from vmpod.runtime.cgroups import HostCgroup
 from vmpod.runtime.config import config_path
 from vmpod.runtime.control import ControlServer, Msg
 from vmpod.runtime.errors import RuntimeCliError
@@ -61,6 +62,7 @@ class MonitorArgs:
     log_format: str = "text"
     debug: bool = False
     output_log: LogSink | None = None  # the container's stdout/stderr go to this file
+    host_cgroup: HostCgroup | None = None  # the VM's cgroup on the host (the first container's)
 
 
 class Session:
@@ -135,6 +137,10 @@ class Session:
 
     async def _boot(self) -> None:
         a, plan = self.a, self.a.plan
+        if a.host_cgroup is not None:
+            # before QEMU and virtiofsd start: they and all their threads are born in it
+            a.host_cgroup.setup(self.state_dir)
+            a.host_cgroup.enter()
         sandbox = Sandbox(a.paths, a.sandbox)
         self.store.update(
             a.cid,
@@ -254,6 +260,8 @@ class Session:
             self.pod_server.close()
             with contextlib.suppress(OSError):
                 (self.state_dir / "pod.sock").unlink()
+        if self.a.host_cgroup is not None and self.pod is None:  # the VM is gone: its cgroup goes
+            self.a.host_cgroup.leave(self.state_dir)
 
     async def _leave(self) -> None:
         """A member's end: its processes go, the pod's VM stays."""
@@ -338,7 +346,13 @@ class Session:
         path = Path(bundle)
         plan = translate(load_spec(path), path, cid, load_config())
         args = dataclasses.replace(
-            self.a, cid=cid, plan=plan, console_socket=console, ready_fd=-1, output_log=output_log
+            self.a,
+            cid=cid,
+            plan=plan,
+            console_socket=console,
+            ready_fd=-1,
+            output_log=output_log,
+            host_cgroup=None,  # its own monitor process holds its cgroup (member.py)
         )
         member = Session(args, pod=self.sandbox, stdio=(fds[0], fds[1], fds[2]))
         member.pod_id = self.a.cid
