@@ -82,10 +82,12 @@ def matrix(
     kernel log with an oops, BUG, WARN, lockup or panic).
     """
     # imported here: rich and the matrix machinery would slow every `vmpod run`
+    from vmpod.matrix.build import require_bwrap
     from vmpod.matrix.run import logs_lock, read_script
     from vmpod.paths import default_paths
 
     names = _check_args(kernels, module_src, test_script)
+    require_bwrap()  # builds run in its sandbox: say so before any download
     script = read_script(test_script)  # before any download or build: a bad script fails fast
     opts = _Options(
         module_src, image, jobs, junit, json_out, logs.resolve(), boot_timeout, test_timeout, accel

@@ -13,7 +13,9 @@ class CappedOutput:
     ``cap`` + ``tail`` bytes; :attr:`dropped` counts what was left out.
     """
 
-    def __init__(self, cap: int = MAX_TEST_OUTPUT, tail: int = TEST_OUTPUT_TAIL, what: str = "test output") -> None:
+    def __init__(
+        self, cap: int = MAX_TEST_OUTPUT, tail: int = TEST_OUTPUT_TAIL, what: str = "test output"
+    ) -> None:
         self.cap, self.tail_size, self.what = cap, tail, what
         self.head = bytearray()
         self.tail = bytearray()
