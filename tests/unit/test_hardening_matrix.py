@@ -24,8 +24,8 @@ from vmpod.hypervisor.accel import AccelChoice
 from vmpod.images.source import ImageConfig
 from vmpod.matrix import capped, report
 from vmpod.matrix import run as mrun
-from vmpod.matrix.report import ProgressView, results_table, write_json, write_junit
 from vmpod.matrix.capped import CappedOutput
+from vmpod.matrix.report import ProgressView, results_table, write_json, write_junit
 from vmpod.matrix.run import (
     LOCK_NAME,
     KernelResult,
