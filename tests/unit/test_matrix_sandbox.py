@@ -15,7 +15,6 @@ import pytest
 from vmpod.errors import ConfigError
 from vmpod.guest.headers import headers_dir
 from vmpod.guest.kernel import load_cached
-from vmpod.matrix import build
 from vmpod.matrix.build import SANDBOX_ID, build_module, require_bwrap
 from vmpod.paths import default_paths
 
@@ -105,7 +104,7 @@ def test_background_processes_die_with_the_build(tmp_path: Path, finish: str) ->
 
 
 def test_missing_bwrap_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(build.shutil, "which", lambda _name: None)
+    monkeypatch.setattr("vmpod.matrix.build.shutil.which", lambda _name: None)
     with pytest.raises(ConfigError) as err:
         require_bwrap()
     assert str(err.value).endswith("(apt-get install bubblewrap)")
@@ -152,7 +151,7 @@ def test_cli_refuses_without_bwrap_before_fetching(tmp_path: Path, monkeypatch: 
         raise AssertionError("fetched a kernel")
 
     monkeypatch.setattr("vmpod.guest.assets.ensure_assets", no_fetch)
-    monkeypatch.setattr(build.shutil, "which", lambda _name: None)
+    monkeypatch.setattr("vmpod.matrix.build.shutil.which", lambda _name: None)
     src, _ = _module(tmp_path, "all:\n")
     test = tmp_path / "t.sh"
     test.write_text("true\n")
