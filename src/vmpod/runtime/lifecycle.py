@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vmpod.fsutil import atomic_write, is_locked
 from vmpod.runtime import ipc
+from vmpod.runtime.cgroups import remove_recorded
 from vmpod.runtime.errors import NotFound, RuntimeCliError
 from vmpod.runtime.hooks import HookError, run_hooks, run_hooks_warn
 from vmpod.runtime.rules import require
@@ -100,6 +101,7 @@ def cleanup(store: Store, st: ContainerState) -> None:
         SharedDir(Path(st.shared_dir)).destroy()
     if st.sandbox_dir:
         _remove_unlocked(Path(st.sandbox_dir))
+    remove_recorded(store.dir(st.id))  # the host cgroup a killed monitor could not remove
     store.remove(st.id)
 
 
