@@ -19,12 +19,13 @@ from vmpod import jsonsafe
 from vmpod.errors import ImageError
 
 MAX_JSON_BYTES = 4 << 20  # index, manifest and config documents are small; refuse huge ones
-_DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
 def check_digest_format(digest: str, where: str) -> str:
     """Return ``digest`` if it is a well-formed sha256/sha512 digest, else raise."""
-    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+    # fullmatch: with match, "$" would also accept a trailing newline
+    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
         raise ImageError(
             f"{where}: invalid or unsupported digest {digest!r}",
             hint="only sha256 and sha512 digests are supported",

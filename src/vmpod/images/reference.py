@@ -26,6 +26,11 @@ _DOMAIN_RE = re.compile(_DOMAIN)
 _TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
 
 
+def is_registry_name(text: str) -> bool:
+    """True if ``text`` is a registry host[:port] as references spell it."""
+    return bool(_DOMAIN_RE.fullmatch(text))
+
+
 @dataclass(frozen=True)
 class Reference:
     """``registry/repository[:tag][@digest]``, normalised like docker does."""

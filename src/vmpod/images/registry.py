@@ -1,45 +1,53 @@
-"""OCI distribution registry client: auth, manifests and verified blobs.
+"""OCI distribution registry client on skopeo: manifests, configs and verified blobs.
 
-Standard library only (urllib): a pull needs a handful of GETs, and the
-distribution API's auth dance (401 → token → retry) is small enough to keep
-in view. Plain HTTP is used for loopback registries and with ``insecure``;
-everything else is HTTPS verified against the system CAs. Every document is
-size-limited and time-limited, every blob checked against its digest and
-size while it streams, and credentials never follow redirects (blob
-downloads are often redirected to object storage).
+skopeo does the network part (auth dance, redirects, mirrors and insecure
+registries from registries.conf, per-registry auth.json, policy.json); vmpod
+keeps its own checks on everything that lands: documents are size-capped
+while skopeo's output is read, every manifest and config is verified against
+the digest it was asked by, and every layer is streamed through a digest and
+size check before it reaches the store. Limits no tool sets for us are set
+here: an overall pull deadline (``VMPOD_PULL_TIMEOUT``), the declared size of
+an image against ``VMPOD_MAX_IMAGE_BYTES`` and the free space, and what skopeo
+may write for one layer (its declared size).
+
+Plain HTTP (``--src-tls-verify=false``) is used for loopback registries and
+with ``insecure``; everything else is HTTPS verified against the system CAs.
+Credentials are written to a private auth file naming only the reference's
+registry, so skopeo offers them to nobody else.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import http.client
 import ipaddress
-import json
-import re
-import socket
-import ssl
-import time
-import urllib.error
+import os
+import tempfile
 import urllib.parse
-import urllib.request
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import IO, Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
 
-from vmpod.errors import ImageError
-from vmpod.images.blobs import MAX_JSON_BYTES, parse_json, verify_bytes
-from vmpod.images.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Document
-from vmpod.images.reference import Reference
+from vmpod.errors import ConfigError, ImageError
+from vmpod.fsutil import owned_tmpdir
+from vmpod.images.blobs import MAX_JSON_BYTES, blob_location, parse_json, verify_bytes
+from vmpod.images.layers import max_image_bytes
+from vmpod.images.oci import Descriptor, Document, manifest_blobs
+from vmpod.images.reference import Reference, is_registry_name
+from vmpod.images.skopeo import (
+    Access,
+    Deadline,
+    SkopeoTimeout,
+    Watcher,
+    explain,
+    pull_timeout,
+    run_skopeo,
+    write_authfile,
+)
 
-ACCEPT = ", ".join(sorted(MANIFEST_TYPES | INDEX_TYPES))
 _CHUNK = 1 << 20
-_ERROR_BODY_LIMIT = 64 << 10
-_DOC_DEADLINE = 60.0  # seconds for a whole manifest/config/token document
-
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_SCHEME_RE = re.compile(rf"[\s,]*({_TOKEN})")
-_PARAM_RE = re.compile(rf'[\s,]*({_TOKEN})\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)')
+_SLACK = 64 << 20  # free space kept beyond what a layer declares
+AUTH_ENV = "REGISTRY_AUTH"
 
 
 def is_loopback(registry: str) -> bool:
@@ -53,29 +61,23 @@ def is_loopback(registry: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class Challenge:
-    """One ``WWW-Authenticate`` challenge: scheme (lower case) and its parameters."""
+def env_creds(registry: str) -> tuple[str, str] | None:
+    """Credentials from ``REGISTRY_AUTH=REGISTRY=USER:PASSWORD`` if they are for ``registry``.
 
-    scheme: str
-    params: Mapping[str, str] = field(default_factory=dict)
-
-
-def parse_challenges(values: list[str]) -> list[Challenge]:
-    """Parse ``WWW-Authenticate`` header values (several challenges may share one)."""
-    out = []
-    for value in values:
-        pos = 0
-        while (scheme := _SCHEME_RE.match(value, pos)) is not None:
-            pos, params = scheme.end(), {}
-            while (param := _PARAM_RE.match(value, pos)) is not None:
-                raw = param.group(2)
-                if raw.startswith('"'):
-                    raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
-                params[param.group(1).lower()] = raw
-                pos = param.end()
-            out.append(Challenge(scheme.group(1).lower(), params))
-    return out
+    Unscoped ``USER:PASSWORD`` is refused: it would go to whichever registry a
+    reference (or a redirect) names.
+    """
+    value = os.environ.get(AUTH_ENV, "")
+    if not value:
+        return None
+    scope, sep, creds = value.partition("=")
+    user, colon, password = creds.partition(":")
+    if not sep or not colon or not user or not is_registry_name(scope):
+        raise ConfigError(
+            f"{AUTH_ENV} must name the registry it is for",
+            hint=f"set {AUTH_ENV}=REGISTRY=USER:PASSWORD, e.g. reg.example:5000=alice:secret",
+        )
+    return (user, password) if scope == registry else None
 
 
 def copy_verified(src: IO[bytes], dst: IO[bytes], digest: str, size: int, where: str) -> int:
@@ -102,25 +104,14 @@ def copy_verified(src: IO[bytes], dst: IO[bytes], digest: str, size: int, where:
     return total
 
 
-class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, but never from https down to plain http."""
-
-    def __init__(self, allow_http: bool) -> None:
-        self._allow_http = allow_http
-
-    def redirect_request(
-        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: Any, newurl: str
-    ) -> urllib.request.Request | None:
-        if not self._allow_http and not newurl.lower().startswith("https:"):
-            raise ImageError(
-                f"registry redirected {req.full_url} to insecure {newurl}",
-                hint="refusing to leave HTTPS; use --insecure to allow it",
-            )
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
 class RegistryClient:
-    """GETs against one repository of one registry, with token/basic auth on demand."""
+    """Reads one repository of one registry through skopeo, under one pull deadline.
+
+    ``timeout`` bounds each document fetch (manifest, config); the whole pull,
+    layers included, is bounded by ``VMPOD_PULL_TIMEOUT`` from construction on.
+    ``work_dir`` holds skopeo's temporary layouts (default: the system temp
+    dir); on the store's file system a killed pull's leftovers are collected.
+    """
 
     def __init__(
         self,
@@ -129,38 +120,36 @@ class RegistryClient:
         insecure: bool = False,
         creds: tuple[str, str] | None = None,
         timeout: float = 30.0,
+        work_dir: Path | None = None,
     ) -> None:
         self.ref = ref
         self.timeout = timeout
-        self._plain = insecure or is_loopback(ref.registry)
-        self._base = f"{'http' if self._plain else 'https'}://{ref.host}/v2/{ref.repository}"
-        self._creds = creds
-        self._auth = ""  # the Authorization header value once a challenge was answered
-        handlers: list[urllib.request.BaseHandler] = [
-            urllib.request.HTTPSHandler(context=ssl.create_default_context()),
-            _RedirectHandler(self._plain),
-        ]
-        if is_loopback(ref.registry):
-            handlers.append(urllib.request.ProxyHandler({}))  # never proxy loopback
-        self._opener = urllib.request.build_opener(*handlers)
+        self.deadline = Deadline(pull_timeout())
+        self.access = Access(
+            ref.registry, tls_verify=not (insecure or is_loopback(ref.registry)), creds=creds
+        )
+        self._work_dir = work_dir or Path(tempfile.gettempdir()) / f"vmpod-pull-{os.getuid()}"
+        # manifest digest -> (config, layers), for the manifests fetched so far
+        self._manifests: dict[str, tuple[Descriptor, list[Descriptor]]] = {}
+
+    # -- documents ---------------------------------------------------------------
 
     def manifest(self, reference: str, *, digest: str = "", size: int = -1) -> Document:
         """Fetch a manifest by tag or digest; by digest it must match (and ``size``)."""
         label = f"{self.ref.name}@{reference}" if ":" in reference else f"{self.ref.name}:{reference}"
-        with self._get(f"/manifests/{reference}", ACCEPT, label, kind="manifest") as resp:
-            data = self._read_doc(resp, f"manifest of {label}")
-            content_type = resp.headers.get_content_type()
-            announced = resp.headers.get("Docker-Content-Digest", "")
         where = f"manifest of {label}"
+        data = self._document(["inspect", "--raw"], reference, where, label, kind="manifest")
         if digest:
             verify_bytes(data, digest, size, where)
-        actual = f"sha256:{hashlib.sha256(data).hexdigest()}"
-        if announced.startswith("sha256:") and announced != actual and not digest:
-            raise ImageError(
-                f"{where}: digest mismatch (registry says {announced}, content is {actual})",
-                hint="the registry sent corrupt data",
-            )
-        return Document(digest or actual, content_type, data)
+        # The digest is always the content's own: a registry's Docker-Content-Digest is never trusted.
+        actual = digest or f"sha256:{hashlib.sha256(data).hexdigest()}"
+        doc = parse_json(data, where)
+        media = str(doc.get("mediaType") or "") if isinstance(doc, dict) else ""
+        if isinstance(doc, dict) and "layers" in doc and "config" in doc:
+            config, layers = manifest_blobs(doc, f"manifest {actual} of {self.ref.name}")
+            self._check_declared(config, layers, label)
+            self._manifests[actual] = (config, layers)
+        return Document(actual, media, data)
 
     def blob_bytes(self, blob: Descriptor) -> bytes:
         """A small blob (the image config), verified and size-limited."""
@@ -170,187 +159,183 @@ class RegistryClient:
                 f"{where} is larger than {MAX_JSON_BYTES} bytes",
                 hint="this does not look like an image config",
             )
-        with self._get(f"/blobs/{blob.digest}", "*/*", f"{self.ref.name}@{blob.digest}") as resp:
-            data = self._read_doc(resp, where)
+        manifest = next((d for d, (config, _) in self._manifests.items() if config == blob), "")
+        if not manifest:
+            raise ImageError(f"{where}: fetch its manifest first")
+        data = self._document(
+            ["inspect", "--raw", "--config"], manifest, where, f"{self.ref.name}@{blob.digest}", kind="blob"
+        )
         verify_bytes(data, blob.digest, blob.size, where)
         return data
 
+    def _document(self, args: list[str], reference: str, where: str, label: str, *, kind: str) -> bytes:
+        sep = "@" if ":" in reference else ":"
+        image = f"docker://{self.ref.host}/{self.ref.repository}{sep}{reference}"
+
+        def too_big() -> ImageError:
+            return ImageError(
+                f"{where} is larger than {MAX_JSON_BYTES} bytes",
+                hint="this does not look like an image document",
+            )
+
+        with self._auth_args("--authfile") as auth:
+            return self._run(
+                [
+                    *args,
+                    "--retry-times=0",
+                    f"--tls-verify={str(self.access.tls_verify).lower()}",
+                    *auth,
+                    image,
+                ],
+                timeout=min(self.timeout, self.deadline.left()),
+                limit=MAX_JSON_BYTES,
+                too_much=too_big,
+                label=label,
+                kind=kind,
+            )
+
+    # -- layers ------------------------------------------------------------------
+
     def download(self, blob: Descriptor, dst: IO[bytes]) -> int:
-        """Stream a blob into ``dst``, verifying size and digest as it goes."""
+        """Copy a layer with skopeo and stream it into ``dst``, verifying size and digest."""
         where = f"blob {blob.digest} of {self.ref.name}"
-        with self._get(f"/blobs/{blob.digest}", "*/*", f"{self.ref.name}@{blob.digest}") as resp:
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) != blob.size:
-                raise ImageError(
-                    f"{where}: registry announces {length} bytes, descriptor size is {blob.size}",
-                    hint="the registry or the manifest is corrupt",
+        manifest = next((d for d, (_, layers) in self._manifests.items() if blob in layers), "")
+        if not manifest:
+            raise ImageError(f"{where}: not a layer of a fetched manifest")
+        _check_space(dst, blob.size, where)
+        with owned_tmpdir(self._work_dir, ".pull-") as tmp:
+            _check_space_at(tmp, blob.size, where)
+            layout = tmp / "layout"
+            # Every other blob is stubbed, so skopeo skips it ("already exists") and
+            # fetches only this one; the store already has, or gets, the others.
+            for other in self._manifests[manifest][1]:
+                if other.digest != blob.digest:
+                    stub = layout / blob_location(other.digest)
+                    stub.parent.mkdir(parents=True, exist_ok=True)
+                    stub.touch()
+            limit = blob.size + 2 * MAX_JSON_BYTES  # the layer, its config and the manifest
+
+            def watch() -> None:
+                if _tree_bytes(layout) > limit:
+                    raise ImageError(
+                        f"{where}: the registry sends more than its declared size {blob.size}",
+                        hint="the registry or the manifest is corrupt",
+                    )
+
+            image = f"docker://{self.ref.host}/{self.ref.repository}@{manifest}"
+            with self._auth_args("--src-authfile") as auth:
+                self._run(
+                    [
+                        "copy",
+                        "--retry-times=0",
+                        f"--src-tls-verify={str(self.access.tls_verify).lower()}",
+                        *auth,
+                        image,
+                        f"oci:{layout}:pull",
+                    ],
+                    timeout=self.deadline.left(),
+                    limit=1 << 20,
+                    too_much=lambda: ImageError(f"{where}: skopeo wrote too much output"),
+                    label=f"{self.ref.name}@{blob.digest}",
+                    kind="blob",
+                    watch=watch,
                 )
             try:
-                return copy_verified(resp, dst, blob.digest, blob.size, where)
-            except (OSError, http.client.HTTPException) as err:
-                raise self._net_error(err) from err
+                src = open(layout / blob_location(blob.digest), "rb")  # noqa: SIM115 - closed below
+            except FileNotFoundError:
+                raise ImageError(f"{where}: skopeo did not store it", hint="retry the pull") from None
+            with src:
+                return copy_verified(src, dst, blob.digest, blob.size, where)
 
-    # -- transport -----------------------------------------------------------
+    # -- plumbing ------------------------------------------------------------------
 
-    def _get(self, path: str, accept: str, what: str, *, kind: str = "blob") -> http.client.HTTPResponse:
-        for attempt in range(2):
-            req = urllib.request.Request(self._base + path, headers={"Accept": accept, "User-Agent": "vmpod"})
-            if self._auth:
-                req.add_unredirected_header("Authorization", self._auth)
-            try:
-                resp: http.client.HTTPResponse = self._opener.open(req, timeout=self.timeout)
-                return resp
-            except urllib.error.HTTPError as err:
-                try:
-                    challenges = parse_challenges(err.headers.get_all("WWW-Authenticate") or [])
-                    if err.code == 401 and attempt == 0 and self._answer(challenges):
-                        continue
-                    raise self._http_error(err, what, kind) from None
-                finally:
-                    err.close()
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-                raise self._net_error(err) from err
-        raise AssertionError("unreachable")
-
-    def _answer(self, challenges: list[Challenge]) -> bool:
-        """Set the Authorization header for a 401; False if there is nothing to try."""
-        for ch in challenges:
-            if ch.scheme == "bearer" and ch.params.get("realm"):
-                self._auth = f"Bearer {self._token(ch.params)}"
-                return True
-        if self._creds and not self._auth and any(ch.scheme == "basic" for ch in challenges):
-            self._auth = _basic(self._creds)
-            return True
-        return False
-
-    def _token(self, params: Mapping[str, str]) -> str:
-        realm = params["realm"]
-        scheme = urllib.parse.urlsplit(realm).scheme
-        realm_host = urllib.parse.urlsplit(realm).netloc
-        if scheme != "https" and not (scheme == "http" and (self._plain or is_loopback(realm_host))):
+    def _check_declared(self, config: Descriptor, layers: list[Descriptor], label: str) -> None:
+        cap = max_image_bytes()
+        total = config.size + sum(layer.size for layer in layers)
+        if total > cap:
             raise ImageError(
-                f"registry {self.ref.registry} sends us to token server {realm!r}",
-                hint="refusing a non-HTTPS token server; use --insecure to allow it",
+                f"{label}: the manifest declares {total} bytes of blobs, more than the {cap}-byte limit",
+                hint="set VMPOD_MAX_IMAGE_BYTES to allow larger images",
             )
-        query = {"scope": params.get("scope") or f"repository:{self.ref.repository}:pull"}
-        if params.get("service"):
-            query["service"] = params["service"]
-        url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
-        req = urllib.request.Request(url, headers={"User-Agent": "vmpod"})
-        if self._creds:
-            req.add_unredirected_header("Authorization", _basic(self._creds))
-        try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                doc = parse_json(self._read_doc(resp, f"token from {realm_host}"), f"token from {realm_host}")
-        except urllib.error.HTTPError as err:
-            err.close()
-            hint = "check --creds / REGISTRY_AUTH" if err.code in (401, 403) else ""
-            raise ImageError(
-                f"token server {realm_host} refused access to {self.ref.name} (HTTP {err.code})", hint=hint
-            ) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-            raise self._net_error(err, realm_host) from err
-        token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
-        if not isinstance(token, str) or not token:
-            raise ImageError(f"token server {realm_host} sent no token")
-        return token
 
-    def _read_doc(self, resp: IO[bytes], where: str) -> bytes:
-        deadline = time.monotonic() + _DOC_DEADLINE
-        chunks, total = [], 0
-        try:
-            while chunk := resp.read(min(65536, MAX_JSON_BYTES + 1 - total)):
-                total += len(chunk)
-                if total > MAX_JSON_BYTES:
-                    raise ImageError(
-                        f"{where} is larger than {MAX_JSON_BYTES} bytes",
-                        hint="this does not look like an image document",
-                    )
-                if time.monotonic() > deadline:
-                    raise ImageError(
-                        f"{where}: not received within {_DOC_DEADLINE:g}s",
-                        hint="the registry is too slow; retry later",
-                    )
-                chunks.append(chunk)
-        except (OSError, http.client.HTTPException) as err:
-            raise self._net_error(err) from err
-        return b"".join(chunks)
+    @contextmanager
+    def _auth_args(self, flag: str) -> Iterator[list[str]]:
+        """``FLAG=auth.json`` naming only our registry, removed afterwards (even after
+        a SIGKILL: owned temp dirs are collected by the next pull)."""
+        if self.access.creds is None:
+            yield []  # skopeo's own per-registry auth.json / docker config apply
+            return
+        with owned_tmpdir(self._work_dir, ".auth-") as private:
+            path = private / "auth.json"
+            write_authfile(path, self.access)
+            yield [f"{flag}={path}"]
 
-    def _http_error(self, err: urllib.error.HTTPError, what: str, kind: str) -> ImageError:
-        codes, detail = _error_body(err)
+    def _run(
+        self,
+        args: list[str],
+        *,
+        timeout: float,
+        limit: int,
+        too_much: Callable[[], ImageError],
+        label: str,
+        kind: str,
+        watch: Watcher | None = None,
+    ) -> bytes:
         host = self.ref.registry
-        if err.code == 404 or codes & {"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"}:
-            if "NAME_UNKNOWN" in codes:
-                return ImageError(f"repository unknown: {self.ref.name} not found")
-            return ImageError(
-                f"{kind} unknown: {what} not found",
-                hint="the registry lost a blob of this image" if kind == "blob" else "",
+        if self.deadline.left() <= 0:
+            raise self._deadline_error()
+        try:
+            result = run_skopeo(
+                args,
+                timeout=timeout,
+                stdout_limit=limit,
+                too_much=too_much,
+                watch=watch,
             )
-        if err.code == 401:
-            hint = (
-                "the credentials were refused"
-                if self._creds
-                else "pass --creds USER:PASSWORD or set REGISTRY_AUTH"
-            )
-            return ImageError(f"authentication required by registry {host} for {self.ref.name}", hint=hint)
-        if err.code == 403:
-            return ImageError(
-                f"access to {self.ref.name} denied by registry {host}" + (f": {detail}" if detail else "")
-            )
-        if err.code == 429:
-            return ImageError(f"registry {host}: too many requests", hint="retry later")
-        hint = "the registry speaks HTTPS, not plain HTTP" if "HTTPS server" in detail else ""
+        except SkopeoTimeout:
+            if self.deadline.left() <= 0.05:
+                raise self._deadline_error() from None
+            raise ImageError(
+                f"registry {host} did not answer within {timeout:g}s", hint="is it reachable? retry later"
+            ) from None
+        if result.returncode != 0:
+            raise explain(result.stderr, self.ref, label, kind, has_creds=self.access.creds is not None)
+        return result.stdout
+
+    def _deadline_error(self) -> ImageError:
         return ImageError(
-            f"registry {host}: {what}: HTTP {err.code} {err.reason}" + (f": {detail}" if detail else ""),
-            hint=hint,
+            f"pull of {self.ref} did not finish within {self.deadline.seconds:g}s",
+            hint="the registry is too slow; retry later or raise VMPOD_PULL_TIMEOUT",
         )
 
-    def _net_error(self, err: BaseException, host: str = "") -> ImageError:
-        host = host or self.ref.registry
-        reason = err.reason if isinstance(err, urllib.error.URLError) else err
-        if isinstance(reason, ConnectionRefusedError):
-            return ImageError(f"cannot reach registry {host}: connection refused", hint="is it running?")
-        if isinstance(reason, socket.gaierror):
-            return ImageError(
-                f"cannot reach registry {host}: cannot resolve host name",
-                hint="check the registry name and DNS",
-            )
-        if isinstance(reason, TimeoutError):
-            return ImageError(
-                f"registry {host} did not answer within {self.timeout:g}s",
-                hint="is it reachable? retry later",
-            )
-        if isinstance(reason, ssl.SSLCertVerificationError):
-            return ImageError(
-                f"TLS certificate of registry {host} is not trusted: {reason.verify_message}",
-                hint="install its CA certificate (update-ca-certificates)",
-            )
-        if isinstance(reason, ssl.SSLError):
-            return ImageError(
-                f"TLS with registry {host} failed: {reason.reason or reason}",
-                hint="a plain-HTTP registry needs --insecure",
-            )
-        text = (
-            reason.strerror
-            if isinstance(reason, OSError) and reason.strerror
-            else str(reason) or type(reason).__name__
+
+def _check_space(dst: IO[bytes], size: int, where: str) -> None:
+    try:
+        st = os.fstatvfs(dst.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests' BytesIO)
+        return
+    _enough(st.f_bavail * st.f_frsize, size, where)
+
+
+def _check_space_at(path: Path, size: int, where: str) -> None:
+    st = os.statvfs(path)
+    _enough(st.f_bavail * st.f_frsize, size, where)
+
+
+def _enough(free: int, size: int, where: str) -> None:
+    if free < size + _SLACK:
+        raise ImageError(
+            f"{where} declares {size} bytes but only {free} bytes are free",
+            hint="free some space and pull again",
         )
-        return ImageError(f"connection to registry {host} failed: {text}")
 
 
-def _basic(creds: tuple[str, str]) -> str:
-    return "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
-
-
-def _error_body(err: urllib.error.HTTPError) -> tuple[set[str], str]:
-    """Error codes and the first message of a distribution-API error body."""
-    try:
-        data = err.read(_ERROR_BODY_LIMIT)
-    except (OSError, http.client.HTTPException):
-        return set(), ""
-    try:
-        errors = json.loads(data).get("errors")
-        codes = {str(e.get("code", "")) for e in errors}
-        return codes, str(errors[0].get("message", "")) if errors else ""
-    except (ValueError, AttributeError, TypeError):
-        return set(), data[:200].decode(errors="replace").strip()
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
