@@ -248,7 +248,14 @@ class HostCgroup:
 
     def setup(self, record_dir: Path) -> None:
         """Record, create and limit the cgroup (a failure leaves the record, so
-        ``remove_recorded`` cleans up what was made)."""
+        ``remove_recorded`` cleans up what was made). A cgroup that holds processes
+        is someone else's: refused before anything is recorded, so nothing of it
+        is touched by the clean-up."""
+        for _, d in self.dirs:
+            if _procs(d):
+                raise RuntimeCliError(
+                    f"host cgroup {d} exists and has processes in it: it belongs to another container"
+                )
         atomic_write(record_dir / RECORD, json.dumps({"paths": [str(p) for p in self.paths]}).encode())
         for h, d in self.dirs:
             try:
@@ -276,6 +283,8 @@ class HostCgroup:
                     break
                 except OSError:
                     continue
+        if not (record_dir / RECORD).exists():
+            return  # refused before anything was made: nothing here is ours
         if remove_dirs(self.paths):
             with contextlib.suppress(OSError):
                 (record_dir / RECORD).unlink()
@@ -285,17 +294,12 @@ def _make(h: Hierarchy, leaf: Path) -> None:
     """mkdir -p, preparing each new level as the controller needs (v1 cpuset:
     copy cpus/mems from the parent, or no task could join; v2: enable the
     controllers the parent has for its children)."""
-    missing = [p for p in (leaf, *leaf.parents) if p.is_relative_to(h.mount) and not p.exists()]
-    if leaf.exists() and _procs(leaf):
-        raise RuntimeCliError(
-            f"host cgroup {leaf} exists and has processes in it: it belongs to another container"
-        )
-    if h.v2:
-        for p in reversed([leaf, *leaf.parents]):
-            if p == leaf or not p.is_relative_to(h.mount):
-                continue
-            _enable_controllers(p)
-    for p in reversed(missing):
+    levels = [p for p in reversed((leaf, *leaf.parents)) if p.is_relative_to(h.mount) and p != h.mount]
+    for p in levels:
+        if h.v2:
+            _enable_controllers(p.parent)
+        if p.exists():
+            continue
         with contextlib.suppress(FileExistsError):  # a concurrent create of a sibling
             p.mkdir()
         if h.has("cpuset"):
