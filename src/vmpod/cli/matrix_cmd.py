@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -150,12 +152,49 @@ def _run(paths: Paths, names: list[str], script: str, opts: _Options) -> None:
     console = Console() if sys.stdout.isatty() else Console(width=200)
     progress(f"{len(targets)} kernels, {cfg.jobs} at a time, accel {choice.accel}")
     with ProgressView([t.name for t in targets], console) as view:
-        results = asyncio.run(run_matrix(paths, cfg, targets, view.update))
+        results, signum = run_interruptible(lambda: run_matrix(paths, cfg, targets, view.update))
     _report(console, results, opts.junit, opts.json_out, cfg.logs)
+    if signum:
+        done = sum(not any(v == "interrupted" for v in r.steps.values()) for r in results)
+        name = signal.Signals(signum).name
+        click.echo(
+            f"vmpod: interrupted by {name}: partial results ({done} of {len(results)} kernels ran)", err=True
+        )
+        sys.exit(128 + signum)
     failed = [r.kernel for r in results if not r.passed]
     if failed:
         click.echo(f"vmpod: {len(failed)} of {len(results)} kernels failed: {', '.join(failed)}", err=True)
         sys.exit(1)
+
+
+def run_interruptible(
+    start: Callable[[], Coroutine[Any, Any, list[KernelResult]]],
+) -> tuple[list[KernelResult], int]:
+    """Run the matrix; the first SIGINT/SIGTERM cancels it (every VM is stopped
+    and every build killed before it returns) and it returns the partial results
+    and the signal (0 when none came). Later signals wait for that clean-up."""
+    got: list[int] = []
+
+    async def main() -> list[KernelResult]:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal(signum: int) -> None:
+            if not got:
+                got.append(signum)
+                task.cancel(signal.Signals(signum).name)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            return await start()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    results = asyncio.run(main())
+    return results, got[0] if got else 0
 
 
 def _check_args(kernels: str, module_src: Path, test_script: Path) -> list[str]:

@@ -21,6 +21,7 @@ _STYLE = {
     "clean": "green",
     "fail": "bold red",
     "running": "yellow",
+    "interrupted": "yellow",
     "skip": "dim",
     "-": "dim",
 }

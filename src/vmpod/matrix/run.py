@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmpod.agent.protocol import CommandResult
 from vmpod.errors import ConfigError, VmpodError
 from vmpod.fsutil import LockTimeout, lock_file
 from vmpod.guest.assets import GuestAssets
@@ -19,7 +20,7 @@ from vmpod.hypervisor.accel import AccelChoice
 from vmpod.images import ImageConfig
 from vmpod.matrix.build import build_module, first_error
 from vmpod.matrix.capped import CappedOutput
-from vmpod.matrix.verdict import judge
+from vmpod.matrix.klog import KernelLogTap
 from vmpod.paths import Paths
 from vmpod.runspec import ProcessOptions, build_spec
 from vmpod.sandbox import ContainerSpec, Output, Sandbox, SandboxConfig, SandboxSpec, prepare
@@ -78,8 +79,25 @@ async def run_matrix(
     # Separate slots for builds and VMs: a kernel's build overlaps the VMs of
     # others instead of holding a VM slot while the compiler runs.
     slots = _Slots(asyncio.Semaphore(max(1, cfg.jobs)), asyncio.Semaphore(max(1, cfg.jobs)))
+    runs: dict[str, _Run] = {}
+    done: dict[str, KernelResult] = {}
+
+    async def one(t: KernelTarget) -> None:
+        done[t.name] = await run_kernel(paths, cfg, t, progress, slots, runs)
+
     with logs_lock(cfg.logs):
-        return list(await asyncio.gather(*(run_kernel(paths, cfg, t, progress, slots) for t in targets)))
+        try:
+            await asyncio.gather(*(one(t) for t in targets))
+        except asyncio.CancelledError as err:
+            # Cancelled (the CLI's SIGINT/SIGTERM): gather returns once every
+            # kernel's cleanup ran (VMs stopped, builds killed). Report what
+            # finished; the rest is marked interrupted.
+            why = str(err.args[0]) if err.args and err.args[0] else "a signal"
+            for t in targets:
+                if t.name not in done and t.name in runs:
+                    runs[t.name].interrupt(why)
+                    done[t.name] = runs[t.name].result()
+        return [done[t.name] for t in targets if t.name in done]
 
 
 @contextlib.contextmanager
@@ -151,17 +169,38 @@ class _Run:
             self.detail = detail
         self.progress(self.target.name, name, state)
 
-    def running(self) -> str:
-        return next((s for s, v in self.steps.items() if v == "running"), "test")
+    def running(self) -> str | None:
+        return next((s for s, v in self.steps.items() if v == "running"), None)
 
-    def judge(self, log: str, tainted: int, console: str) -> None:
-        (self.logs / "dmesg.log").write_text(log)
+    def vm_failed(self, why: str) -> None:
+        """The guest died or stopped answering: the step that ran fails; between
+        steps none does (the kernel log's verdict then says what is known)."""
+        step = self.running()
+        if step is not None:
+            self.step(step, "fail", f"VM failed: {why}")
+        elif not self.detail:
+            self.detail = f"VM failed: {why}"
+
+    def interrupt(self, signame: str) -> None:
+        step = self.running()
+        if step is not None:
+            self.step(step, "interrupted")
+        self.detail = self.detail or f"interrupted by {signame}"
+
+    def judge(self, tap: KernelLogTap | None, console: str) -> None:
+        if tap is not None:
+            (self.logs / "dmesg.log").write_bytes(tap.text.getvalue())
         if console or self.steps["boot"] == "fail":
             (self.logs / "console.log").write_text(console or "(the guest printed nothing)\n")
-        if self.steps["boot"] != "ok":
+        if self.steps["boot"] != "ok" or tap is None:
             return
-        verdict = judge(log, tainted)
+        verdict = tap.verdict(console)
+        self.notes += tap.notes()
         self.dmesg, self.findings = verdict.status, verdict.findings
+        if verdict.clean and not tap.complete:
+            # nothing bad seen, but not all seen either: never "clean"
+            self.dmesg = "unknown"
+            self.detail = self.detail or "kernel log unavailable: the guest stopped answering"
         if not self.detail and verdict.findings:
             self.detail = f"dmesg: {verdict.findings[0]}"
 
@@ -180,12 +219,20 @@ class _Run:
 
 
 async def run_kernel(
-    paths: Paths, cfg: MatrixConfig, t: KernelTarget, progress: Progress, slots: _Slots | None = None
+    paths: Paths,
+    cfg: MatrixConfig,
+    t: KernelTarget,
+    progress: Progress,
+    slots: _Slots | None = None,
+    runs: dict[str, _Run] | None = None,
 ) -> KernelResult:
+    """One kernel's steps; ``runs`` gets its record (what an interruption reports)."""
     slots = slots or _Slots(asyncio.Semaphore(1), asyncio.Semaphore(1))
     logs = cfg.logs / t.name.replace("/", "_").replace(":", "_")
     logs.mkdir(parents=True, exist_ok=True)
     run = _Run(t, logs, progress)
+    if runs is not None:
+        runs[t.name] = run
     async with slots.builds:
         run.step("build", "running")
         built = await build_module(cfg.module_src, t.headers, logs / "build")
@@ -217,7 +264,8 @@ async def run_kernel(
 async def _in_vm(paths: Paths, cfg: MatrixConfig, config: SandboxConfig, ours: set[str], run: _Run) -> None:
     plan = list(config.modules)
     sandbox = Sandbox(paths, config)
-    console, log_text, tainted = "", "", 0
+    console = ""
+    tap: KernelLogTap | None = None
     try:
         run.step("boot", "running")
         try:
@@ -228,21 +276,26 @@ async def _in_vm(paths: Paths, cfg: MatrixConfig, config: SandboxConfig, ours: s
             run.step("boot", "fail", f"boot: {err.message}" + (f"; console: {last[-1]}" if last else ""))
             return
         run.step("boot", "ok")
-        since = (await sandbox.kernel_log()).last_seq
-        if await _load(sandbox, plan, run):
-            await _test(sandbox, cfg, run)
-            await _unload(sandbox, [m for m in reversed(plan) if m.name in ours], run)
-        klog = await sandbox.kernel_log(since)
-        log_text, tainted = klog.text, klog.tainted
+        tap = KernelLogTap(sandbox)
+        await tap.begin()
+        poller = asyncio.ensure_future(tap.poll())
+        try:
+            if await _load(sandbox, plan, run):
+                await _test(sandbox, cfg, run)
+                await _unload(sandbox, [m for m in reversed(plan) if m.name in ours], run)
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+        await tap.finish()
     except VmpodError as err:
-        # The guest died under us (panic) or stopped answering: its console tells why.
-        console = sandbox.console_tail(200)
-        run.step(run.running(), "fail", f"VM failed: {err.message}")
-        log_text += "\n" + console
+        # The guest died under us (panic, out of memory) or stopped answering:
+        # its console tells why, and is judged with what the kernel log gave.
+        run.vm_failed(err.message)
     finally:
         console = console or sandbox.console_tail(200)
         await sandbox.stop()
-        run.judge(log_text, tainted, console)
+        run.judge(tap, console)
 
 
 async def _load(sandbox: Sandbox, plan: list[ModuleLoad], run: _Run) -> bool:
@@ -254,10 +307,7 @@ async def _load(sandbox: Sandbox, plan: list[ModuleLoad], run: _Run) -> bool:
         lines.append(f"insmod {m.name} {' '.join(m.params)} -> {r.status}\n{r.stdout}{r.stderr}")
         if r.status != 0:
             (logs / "load.log").write_text("\n".join(lines))
-            why = (r.stderr or r.stdout).strip() or (
-                f"insmod killed by signal {-r.status}" if r.status < 0 else f"status {r.status}"
-            )
-            step("load", "fail", f"load {m.name}: {why}")
+            step("load", "fail", f"load {m.name}: {_why(r, 'insmod')}")
             return False
     (logs / "load.log").write_text("\n".join(lines))
     step("load", "ok")
@@ -310,10 +360,18 @@ async def _unload(sandbox: Sandbox, mods: list[ModuleLoad], run: _Run) -> None:
         lines.append(f"rmmod {m.name} -> {r.status}\n{r.stdout}{r.stderr}")
         if r.status != 0:
             (logs / "unload.log").write_text("\n".join(lines))
-            step("unload", "fail", f"unload {m.name}: {(r.stderr or r.stdout).strip()}")
+            step("unload", "fail", f"unload {m.name}: {_why(r)}")
             return
     (logs / "unload.log").write_text("\n".join(lines))
     step("unload", "ok")
+
+
+def _why(r: CommandResult, tool: str = "rmmod") -> str:
+    """A helper command's failure in one line, also when it printed nothing."""
+    text = (r.stderr or r.stdout).strip()
+    if text:
+        return text.splitlines()[-1][:300]
+    return f"{tool} killed by signal {-r.status}" if r.status < 0 else f"{tool} exited with status {r.status}"
 
 
 def read_script(path: Path) -> str:
