@@ -273,10 +273,11 @@ def assets_build(kernel: str) -> None:
     click.echo(f"rootfs    {a.rootfs}")
 
 
-from vmpod.cli import kernel_cmd, matrix_cmd  # noqa: E402  (commands in their own modules)
+from vmpod.cli import kernel_cmd, matrix_cmd, system_cmd  # noqa: E402  (commands in their own modules)
 
 cli.add_command(kernel_cmd.kernel)
 cli.add_command(matrix_cmd.matrix)
+cli.add_command(system_cmd.system)
 
 
 from vmpod.cli import images_cmd  # noqa: E402  (commands in their own modules)

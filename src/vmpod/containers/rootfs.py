@@ -2,7 +2,8 @@
 layer is the image (unpacked once per digest into a cache) or a --rootfs
 directory, and whose upper layer lives in the container's record.
 
-    <home>/images/trees/<key>/          unpacked images, shared read-only
+    <home>/images/trees/<key>/          unpacked images, shared read-only (leased:
+                                         storage/cache.py)
     <record>/rootfs/{upper,work,merged}  the container's layer and the mount
 
 Removal never crosses a mount: ``remove_tree`` refuses any tree with a mount
@@ -13,19 +14,18 @@ it enters, so a volume's data is never deleted through the container.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmpod.containers.records import ContainerError
-from vmpod.fsutil import locked
+from vmpod.fsutil import locked, owned_tmpdir
 from vmpod.guest.progress import Progress, silent
 from vmpod.images import ImageSource
 from vmpod.paths import Paths
 from vmpod.proc import run
+from vmpod.storage import cache
 
 MOUNTINFO = "/proc/self/mountinfo"
 
@@ -45,28 +45,36 @@ class Overlay:
 
 def image_tree(paths: Paths, source: ImageSource, progress: Progress = silent) -> Path:
     """The directory holding ``source``'s root filesystem: a --rootfs directory as is,
-    an image unpacked once into the cache (keyed by its digest)."""
+    an image unpacked once into the cache (keyed by its digest).
+
+    The cached tree is leased for the rest of this process (storage/cache.py), so a
+    concurrent ``vmpod system prune`` or LRU eviction leaves it alone until the
+    caller's container record names it."""
     if source.rootfs_dir is not None:
         return source.rootfs_dir
-    key = hashlib.sha256(source.digest.encode()).hexdigest()[:32]
-    trees = paths.images / "trees"
+    key = cache.key_of(source.digest)
+    trees = paths.images / cache.TREES
     final = trees / key
+    cache.lease(final)  # before the check: a remover holding it finishes first
     if final.is_dir():
         return final
     trees.mkdir(parents=True, exist_ok=True)
-    paths.tmp.mkdir(parents=True, exist_ok=True)
-    with locked(trees / ".lock", timeout=600):
-        if final.is_dir():  # unpacked by someone else while we waited
-            return final
-        tmp = Path(tempfile.mkdtemp(dir=paths.tmp, prefix="tree-"))
-        try:
-            progress(f"unpacking image {source.ref}")
-            source.unpack(tmp)
-            os.chmod(tmp, 0o755)
-            os.rename(tmp, final)
-        except BaseException:
-            remove_tree(tmp)
-            raise
+    try:
+        with locked(trees / ".lock", timeout=600):
+            if final.is_dir():  # unpacked by someone else while we waited
+                return final
+            # Owned: if vmpod is killed mid-unpack, the next unpack or prune removes it.
+            with owned_tmpdir(paths.tmp, "tree-") as tmp:
+                progress(f"unpacking image {source.ref}")
+                tree = tmp / "rootfs"
+                tree.mkdir(mode=0o755)
+                source.unpack(tree)
+                os.chmod(tree, 0o755)
+                os.rename(tree, final)
+    except BaseException:
+        cache.abandon(final)
+        raise
+    cache.enforce_cap(paths)
     return final
 
 

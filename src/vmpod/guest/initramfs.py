@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from vmpod.errors import AssetError
+from vmpod.fsutil import owned_tmpdir
 from vmpod.guest.kernel import Kernel
 from vmpod.guest.modules import (
     BOOT_MODULES,
@@ -50,12 +51,12 @@ def ensure_initramfs(paths: Paths, kernel: Kernel, busybox: Path) -> Path:
     final = paths.guest / f"initramfs-{kernel.id}-{key}.cpio"
     if final.is_file():
         return final
-    paths.tmp.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="initramfs-") as tmp:
-        stage = Path(tmp) / "root"
+    # Owned: a vmpod killed while packing leaves a dir the next owned_tmpdir collects.
+    with owned_tmpdir(paths.tmp, "initramfs-") as tmp:
+        stage = tmp / "root"
         _stage(stage, kernel, busybox)
         names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
-        out = Path(tmp) / "initramfs.cpio"
+        out = tmp / "initramfs.cpio"
         with out.open("wb") as fh:
             proc = run(
                 ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],

@@ -15,7 +15,6 @@ not referenced yet. Index updates take ``.index.lock`` and replace
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,9 @@ from vmpod.images.reference import Reference, parse_reference
 from vmpod.images.registry import RegistryClient
 from vmpod.images.source import ImageSource
 from vmpod.paths import Paths
+from vmpod.storage import cache
+from vmpod.storage.usage import disk_usage
+from vmpod.storage.usage import human_size as human_size
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +92,13 @@ def creds_from_env() -> tuple[str, str] | None:
 
 
 def disk_path(images_root: Path, digest: str) -> Path:
-    """The cached erofs disk of an image: mirrors storage/erofs.py's key (keep in sync)."""
-    key = hashlib.sha256(digest.encode()).hexdigest()[:32]
-    return images_root / "disks" / f"{key}.erofs"
+    """The cached erofs disk of an image (storage/erofs.py)."""
+    return images_root / cache.DISKS / f"{cache.key_of(digest)}.erofs"
+
+
+def image_entry(images_root: Path, digest: str) -> Path:
+    """What a user of a stored image leases (storage/cache.py): no file, only its lock."""
+    return images_root / f"image-{cache.key_of(digest)}"
 
 
 class ImageStore:
@@ -203,7 +209,13 @@ class ImageStore:
         return parse_json(self.blob_path(digest).read_bytes(), f"blob {digest} in {self.root}")
 
     def source(self, name: str, label: str) -> ImageSource:
-        """The stored image ``name`` as an ImageSource (unpacked by the layout code)."""
+        """The stored image ``name`` as an ImageSource (unpacked by the layout code).
+
+        Leased for the rest of the process, so ``vmpod system prune -a`` does not
+        remove its blobs before the caller has unpacked them."""
+        digest = self.lookup(name)
+        if digest is not None:
+            cache.lease(image_entry(self.root, digest))
         with DirStore(self.root) as store:
             return read_oci(label, "oci-layout", store, name)
 
@@ -217,7 +229,7 @@ class ImageStore:
                 entries = [e for e in self._entries() if _name(e) != name]
                 self._write_entries(entries)
             if all(str(e.get("digest")) != image.digest for e in entries):
-                disk_path(self.root, image.digest).unlink(missing_ok=True)
+                cache.remove_unused(disk_path(self.root, image.digest), set)  # unless a VM uses it
             removed, freed = self._collect()
         return Removal(image, removed, freed)
 
@@ -230,25 +242,40 @@ class ImageStore:
         try:
             if any(str(e.get("digest")) == digest for e in self._entries()):
                 return
-            disk_path(self.root, digest).unlink(missing_ok=True)
+            cache.remove_unused(disk_path(self.root, digest), set)
             self._collect()
         except ImageError as err:  # the pull itself succeeded; rmi will report this
             log.warning("%s", err)
         finally:
             os.close(fd)
 
-    def _collect(self) -> tuple[int, int]:
-        """Delete every blob no ref reaches; the caller holds .lock exclusively."""
+    def collect_garbage(self) -> tuple[int, int] | None:
+        """Delete unreachable blobs and what killed pulls left: (blobs, bytes freed),
+        or None when a pull or removal runs (try again later)."""
+        try:
+            fd = lock_file(self.root / ".lock", timeout=0)
+        except (LockTimeout, FileNotFoundError):
+            return None
+        try:
+            return self._collect()
+        finally:
+            os.close(fd)
+
+    def garbage(self) -> list[Path]:
+        """What ``collect_garbage`` would delete now (unlocked: an estimate)."""
+        keep = self._reachable()
+        found = [self.root / "incoming", *self.root.glob(".index.json.*")]
+        for algorithm in _subdirs(self.root / "blobs"):
+            found += [b for b in _subdirs(algorithm, files=True) if f"{algorithm.name}:{b.name}" not in keep]
+        return [p for p in found if p.exists()]
+
+    def _reachable(self) -> set[str]:
+        """The digests of every blob some ref reaches (manifest, config, layers)."""
         keep: set[str] = set()
         for entry in self._entries():
             digest = str(entry.get("digest"))
             try:
-                manifest = self._read_json(digest)
-                keep |= {
-                    digest,
-                    manifest["config"]["digest"],
-                    *(layer["digest"] for layer in manifest["layers"]),
-                }
+                keep |= self.blobs_of(digest)
             except (ImageError, OSError, KeyError, TypeError) as err:
                 # Deleting blobs based on a partial picture could break other images.
                 raise ImageError(
@@ -256,28 +283,30 @@ class ImageStore:
                     f"{_name(entry)!r}: {err}; not collecting garbage",
                     hint=f"remove it with 'vmpod rmi {_name(entry)}'",
                 ) from err
+        return keep
+
+    def blobs_of(self, digest: str) -> set[str]:
+        """The blobs of the image whose manifest is ``digest``: manifest, config, layers.
+        Raises ImageError, OSError, KeyError or TypeError for an unreadable manifest."""
+        manifest = self._read_json(digest)
+        return {digest, manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])}
+
+    def _collect(self) -> tuple[int, int]:
+        """Delete every blob no ref reaches; the caller holds .lock exclusively."""
+        keep = self._reachable()
         removed = freed = 0
         for algorithm in _subdirs(self.root / "blobs"):
             for blob in _subdirs(algorithm, files=True):
                 if f"{algorithm.name}:{blob.name}" not in keep:
-                    freed += blob.stat().st_size
+                    freed += disk_usage(blob)
                     blob.unlink()
                     removed += 1
         # No pull runs now, so whatever a killed one left behind is stale.
+        freed += disk_usage(self.root / "incoming")
         shutil.rmtree(self.root / "incoming", ignore_errors=True)
         for tmp in self.root.glob(".index.json.*"):
             tmp.unlink(missing_ok=True)
         return removed, freed
-
-
-def human_size(size: int) -> str:
-    """1234567 -> '1.2 MB' (decimal units, like podman)."""
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
 
 
 def _name(entry: dict[str, Any]) -> str:

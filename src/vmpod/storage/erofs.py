@@ -13,7 +13,6 @@ tails inline, which is smaller for trees of many small files.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from pathlib import Path
@@ -24,6 +23,7 @@ from vmpod.guest.progress import Progress, silent
 from vmpod.images import ImageSource
 from vmpod.paths import Paths
 from vmpod.proc import run
+from vmpod.storage import cache
 
 _CHUNK = 4096  # erofs chunk size for trees with sparse files: holes of a block are kept
 
@@ -44,12 +44,23 @@ def has_holes(root: Path) -> bool:
 def rootfs_disk(paths: Paths, source: ImageSource, progress: Progress = silent) -> Path:
     """Path of the erofs image holding ``source``'s root filesystem (built once)."""
     collect_stale_tmp(paths.tmp)  # what a killed vmpod left, on every start
-    key = hashlib.sha256(source.digest.encode()).hexdigest()[:32]
-    final = paths.images / "disks" / f"{key}.erofs"
+    key = cache.key_of(source.digest)
+    final = paths.images / cache.DISKS / f"{key}.erofs"
+    cache.lease(final)  # held while this process (and its VM) runs: prune leaves it
     if final.is_file():
-        os.utime(final)  # recency, for a future cache pruner
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _build(paths, source, final, progress)
+    except BaseException:
+        cache.abandon(final)
+        raise
+    cache.enforce_cap(paths)
+    return final
+
+
+def _build(paths: Paths, source: ImageSource, final: Path, progress: Progress) -> None:
+    """Unpack (images) and mkfs.erofs in an owned temp dir; rename the image to ``final``."""
     # Owned: if vmpod is killed mid-unpack, the next image build removes it.
     with owned_tmpdir(paths.tmp, "rootfs-") as tmp:
         src = source.rootfs_dir
@@ -65,4 +76,3 @@ def rootfs_disk(paths: Paths, source: ImageSource, progress: Progress = silent) 
         if out.stat().st_size == 0:
             raise ImageError(f"empty root filesystem image for {source.ref}")
         out.rename(final)
-    return final
