@@ -31,8 +31,9 @@ class _Guest(Protocol):
 class KernelLogTap:
     """Reads ``sandbox``'s kernel log from :meth:`begin` on; bounded memory."""
 
-    def __init__(self, sandbox: _Guest, interval: float = POLL_INTERVAL) -> None:
-        self.sandbox, self.interval = sandbox, interval
+    def __init__(self, sandbox: _Guest, interval: float | None = None) -> None:
+        self.sandbox = sandbox
+        self.interval = POLL_INTERVAL if interval is None else interval
         self.scanner = LogScanner()
         self.text = CappedOutput(DMESG_HEAD, DMESG_TAIL, what="kernel log")
         self.since = -1
