@@ -15,6 +15,7 @@ import pytest
 from vmpod.errors import ConfigError
 from vmpod.guest.headers import headers_dir
 from vmpod.guest.kernel import load_cached
+from vmpod.matrix import build
 from vmpod.matrix.build import SANDBOX_ID, build_module, require_bwrap
 from vmpod.paths import default_paths
 
@@ -160,3 +161,22 @@ def test_cli_refuses_without_bwrap_before_fetching(tmp_path: Path, monkeypatch: 
     assert res.exit_code == 125, res.output
     assert "bwrap is not installed (apt-get install bubblewrap)" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_headers_that_include_another_tree_build(tmp_path: Path) -> None:
+    # A cached Debian kernel's Makefile includes its -common dir by absolute path,
+    # which points where the cache was when it was unpacked (the VM tests' seeded
+    # home): that tree is mounted read-only too, and nothing else is.
+    common = tmp_path / "old-cache/usr/src/linux-headers-6.1-common"
+    common.mkdir(parents=True)
+    (common / "Makefile").write_text(_FAKE_HEADERS)
+    headers = tmp_path / "cache/usr/src/linux-headers-6.1-cloud"
+    headers.mkdir(parents=True)
+    (headers / "Makefile").write_text(f"include {common}/Makefile\n-include /usr/share/nothing/Makefile\n")
+    assert build.headers_roots(headers) == [tmp_path / "cache", tmp_path / "old-cache"]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "Makefile").write_text("all:\n\ttouch m.ko\n\ttouch $(HEADERS)/pwned || true\n")
+    res = asyncio.run(build_module(src, headers, tmp_path / "work"))
+    assert res.ok, res.log
+    assert not (headers / "pwned").exists()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
+import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,27 +20,29 @@ MODULES = REPO / "examples" / "modules"
 THREE = "6.1-generic,6.1,6.12-generic"
 
 
-def _matrix(
-    vmpod: VmpodRunner, tmp: Path, kernels: str, module: str, *extra: str
-) -> tuple[Result, dict[str, Any]]:
-    """Run ``vmpod matrix``; its result and the JSON report's results by kernel name."""
-    r = vmpod(
+def _argv(tmp: Path, kernels: str, module: str, test: Path | None = None) -> list[str]:
+    return [
         "matrix",
         "--kernels",
         kernels,
         "--module-src",
         str(MODULES / module),
         "--test",
-        str(MODULES / module / "test.sh"),
+        str(test or MODULES / module / "test.sh"),
         "--logs",
         str(tmp / "logs"),
         "--json",
         str(tmp / "out.json"),
         "--junit",
         str(tmp / "out.xml"),
-        *extra,
-        timeout=1200,
-    )
+    ]
+
+
+def _matrix(
+    vmpod: VmpodRunner, tmp: Path, kernels: str, module: str, *extra: str, test: Path | None = None
+) -> tuple[Result, dict[str, Any]]:
+    """Run ``vmpod matrix``; its result and the JSON report's results by kernel name."""
+    r = vmpod(*_argv(tmp, kernels, module, test), *extra, timeout=1200)
     results = {x["kernel"]: x for x in json.loads((tmp / "out.json").read_text())["results"]}
     return r, results
 
@@ -74,6 +79,39 @@ def test_oops_on_load_is_detected(vmpod: VmpodRunner, tmp_path: Path) -> None:
     assert res["steps"]["load"] == "fail" and res["steps"]["test"] == "skip"
     assert res["dmesg"] == "oops"
     assert any("NULL pointer" in f or "Oops" in f for f in res["findings"])
+
+
+def test_guest_out_of_memory_is_not_clean(vmpod: VmpodRunner, tmp_path: Path) -> None:
+    hog = tmp_path / "hog.sh"
+    hog.write_text("echo eating; tail /dev/zero\n")  # busybox tail buffers without end
+    r, results = _matrix(vmpod, tmp_path, "6.1", "vmpod_echo", "--test-timeout", "240", test=hog)
+    assert r.returncode == 1
+    res = results["6.1"]
+    assert res["dmesg"] == "oom", res  # was "clean"
+    assert any("Out of memory" in f or "oom-killer" in f for f in res["findings"]), res
+    assert res["steps"]["load"] == "ok" and res["steps"]["test"] == "fail"
+
+
+def test_interrupted_matrix_writes_partial_results(vmpod: VmpodRunner, tmp_path: Path) -> None:
+    slow = tmp_path / "slow.sh"
+    slow.write_text("echo started; sleep 600\n")
+    # its own process group, signalled as a terminal's Ctrl-C signals the foreground group
+    proc = vmpod.popen(
+        *_argv(tmp_path, "6.1", "vmpod_echo", slow), stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip() == b"[6.1] test: running":
+            break
+    else:
+        raise AssertionError(f"the matrix ended before its test ran: {proc.wait()}")
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    res = json.loads((tmp_path / "out.json").read_text())
+    (one,) = res["results"]
+    assert one["steps"]["test"] == "interrupted" and one["detail"] == "interrupted by SIGINT"
+    assert ET.parse(tmp_path / "out.xml").getroot().get("failures") == "1"
+    # (the vmpod fixture checks that no QEMU, mount or state is left behind)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import time
@@ -72,6 +73,31 @@ def headers_root(headers: Path) -> Path:
     return headers
 
 
+_INCLUDE = re.compile(r"^\s*-?include\s+(/\S+)", re.MULTILINE)
+
+
+def headers_roots(headers: Path) -> list[Path]:
+    """Every tree the build reads headers from: ``headers`` and the trees its
+    Makefile includes by absolute path (a cached Debian kernel's includes its
+    ``-common`` dir wherever the cache was when it was unpacked)."""
+    roots = [headers_root(headers)]
+    try:
+        text = (headers / "Makefile").read_text(errors="replace")[:65536]
+    except OSError:
+        text = ""
+    for found in _INCLUDE.findall(text):
+        parent = Path(found).parent
+        if parent.is_dir():
+            root = headers_root(parent)
+            if not any(root == r or r in root.parents for r in roots):
+                roots.append(root)
+    return [r for r in roots if not _in_usr(r)]  # /usr is mounted whole
+
+
+def _in_usr(path: Path) -> bool:
+    return path == Path("/usr") or Path("/usr") in path.parents
+
+
 def sandbox_argv(bwrap: str, argv: list[str], *, work: Path, headers: Path) -> list[str]:
     """``argv`` inside bubblewrap: see the module docstring for what it may touch."""
     out = [bwrap, "--die-with-parent", "--new-session"]
@@ -85,14 +111,14 @@ def sandbox_argv(bwrap: str, argv: list[str], *, work: Path, headers: Path) -> l
         elif top.is_dir():
             out += ["--ro-bind", str(top), str(top)]
     etc = [Path(p) for p in _ETC if os.path.exists(p)]
-    top = headers_root(headers)
+    tops = headers_roots(headers)
     out += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
     # bwrap makes missing parents 0700: uid 65534 could not reach the mounts.
-    for d in sorted({str(d) for p in (*etc, top, work) for d in p.parents if str(d) not in ("/", "/tmp")}):
+    parents = {d for p in (*etc, *tops, work) for d in p.parents if not _in_usr(d)}
+    for d in sorted(str(d) for d in parents if str(d) not in ("/", "/tmp")):
         out += ["--perms", "0755", "--dir", d]
-    for path in etc:
+    for path in (*etc, *tops):
         out += ["--ro-bind", str(path), str(path)]
-    out += ["--ro-bind", str(top), str(top)]
     out += ["--bind", str(work), str(work), "--chdir", str(work)]
     out += ["--clearenv"] + [x for k, v in _ENV.items() for x in ("--setenv", k, v)]
     if os.geteuid() == 0:
