@@ -20,14 +20,19 @@ from vmpod.paths import default_paths
     "--insecure", is_flag=True, help="Use plain HTTP for this registry (loopback registries always do)."
 )
 @click.option(
-    "--creds", default="", metavar="USER:PASSWORD", help="Registry credentials (default: $REGISTRY_AUTH)."
+    "--creds",
+    default="",
+    metavar="USER:PASSWORD",
+    help="Credentials for this registry (default: $REGISTRY_AUTH=REGISTRY=USER:PASSWORD if it names "
+    "this registry, else skopeo's auth.json / docker config.json).",
 )
 @click.option(
     "--timeout",
     type=click.FloatRange(min=1),
     default=30.0,
     show_default=True,
-    help="Seconds a registry may stay silent before the pull fails.",
+    help="Seconds a manifest or config fetch may take; the whole pull is bounded by "
+    "$VMPOD_PULL_TIMEOUT (default 3600).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
 @guarded
@@ -37,13 +42,14 @@ def pull(reference: str, insecure: bool, creds: str, timeout: float, quiet: bool
     REFERENCE is REGISTRY/NAME:TAG or REGISTRY/NAME@sha256:HEX. Layers already in
     the store are not downloaded again. Prints the linux/amd64 manifest digest.
     """
-    # imported here for start-up time: the store loads urllib and ssl, which other commands skip
-    from vmpod.images.store import PullOptions, creds_from_env, parse_creds
+    # imported here for start-up time: other commands do not need the store
+    from vmpod.images.reference import parse_reference
+    from vmpod.images.registry import env_creds
+    from vmpod.images.store import PullOptions, parse_creds
     from vmpod.images.store import pull as pull_image
 
-    options = PullOptions(
-        insecure=insecure, timeout=timeout, creds=parse_creds(creds) if creds else creds_from_env()
-    )
+    scoped = parse_creds(creds) if creds else env_creds(parse_reference(reference).registry)
+    options = PullOptions(insecure=insecure, timeout=timeout, creds=scoped)
     image = pull_image(default_paths(), reference, options, silent if quiet else progress)
     click.echo(image.digest)
 

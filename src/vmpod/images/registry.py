@@ -39,6 +39,7 @@ from vmpod.images.skopeo import (
     Deadline,
     SkopeoTimeout,
     Watcher,
+    bytes_read,
     explain,
     pull_timeout,
     run_skopeo,
@@ -47,6 +48,7 @@ from vmpod.images.skopeo import (
 
 _CHUNK = 1 << 20
 _SLACK = 64 << 20  # free space kept beyond what a layer declares
+_READ_SLACK = 16 << 20  # skopeo's own reads (config files, certificates) besides the blob
 AUTH_ENV = "REGISTRY_AUTH"
 
 
@@ -213,10 +215,13 @@ class RegistryClient:
                     stub = layout / blob_location(other.digest)
                     stub.parent.mkdir(parents=True, exist_ok=True)
                     stub.touch()
-            limit = blob.size + 2 * MAX_JSON_BYTES  # the layer, its config and the manifest
+            # the layer, its config and the manifest, what skopeo reads of its own files
+            limit = blob.size + 2 * MAX_JSON_BYTES + _READ_SLACK
 
-            def watch() -> None:
-                if _tree_bytes(layout) > limit:
+            def watch(pid: int) -> None:
+                # What skopeo reads bounds the network, what it writes the disk (it may
+                # recompress, so both are checked).
+                if bytes_read(pid) > limit or _tree_bytes(layout) > limit:
                     raise ImageError(
                         f"{where}: the registry sends more than its declared size {blob.size}",
                         hint="the registry or the manifest is corrupt",
@@ -285,15 +290,13 @@ class RegistryClient:
         if self.deadline.left() <= 0:
             raise self._deadline_error()
         try:
-            result = run_skopeo(
-                args,
-                timeout=timeout,
-                stdout_limit=limit,
-                too_much=too_much,
-                watch=watch,
-            )
+            result = run_skopeo(args, timeout=timeout, stdout_limit=limit, too_much=too_much, watch=watch)
+            # skopeo's own --command-timeout may fire first
+            timed_out = result.returncode != 0 and "context deadline exceeded" in result.stderr
         except SkopeoTimeout:
-            if self.deadline.left() <= 0.05:
+            timed_out = True
+        if timed_out:
+            if self.deadline.left() <= 1.0:
                 raise self._deadline_error() from None
             raise ImageError(
                 f"registry {host} did not answer within {timeout:g}s", hint="is it reachable? retry later"

@@ -93,12 +93,19 @@ def registry_reference(ref: str) -> str | None:
 
 
 def _from_registry(ref: str, remote: str, paths: Paths, progress: Progress) -> ImageSource:
-    # Imported here for start-up time only: the store brings the registry client and
-    # with it urllib.request and ssl (~30 ms), which runs of local images never use.
-    from vmpod.images.store import resolve_stored
+    # Imported here for start-up time only: runs of local images never need the store
+    # or the registry client.
+    from vmpod.images.registry import env_creds
+    from vmpod.images.store import ImageStore, PullOptions, pull
 
     try:
-        return resolve_stored(remote, paths, progress)
+        name = str(parse_reference(remote))
+        store = ImageStore(paths.images)
+        if store.lookup(name) is None:
+            # REGISTRY_AUTH only for the registry it names (a reference may name any)
+            creds = env_creds(parse_reference(remote).registry)
+            pull(paths, remote, PullOptions(creds=creds), progress)
+        return store.source(name, remote)
     except ImageError as err:
         if parse_reference(remote).registry != DEFAULT_REGISTRY:
             raise

@@ -34,7 +34,7 @@ DEFAULT_PULL_TIMEOUT = 3600.0  # seconds for a whole pull, however the registry 
 _STDERR_TAIL = 16 << 10
 _POLL = 0.2  # how often a watcher runs while skopeo copies
 
-Watcher = Callable[[], None]
+Watcher = Callable[[int], None]  # called with skopeo's pid while it runs
 
 
 def pull_timeout() -> float:
@@ -155,7 +155,7 @@ def run_skopeo(
                     if buf is err and len(err) > 2 * _STDERR_TAIL:
                         del err[:-_STDERR_TAIL]
                 if watch is not None:
-                    watch()
+                    watch(proc.pid)
         left = max(end - time.monotonic(), 0.01)
         try:
             proc.wait(left)
@@ -164,6 +164,17 @@ def run_skopeo(
     finally:
         _kill_group(proc)
     return Result(proc.returncode, bytes(out), err[-_STDERR_TAIL:].decode(errors="replace"))
+
+
+def bytes_read(pid: int) -> int:
+    """How much a process has read so far (network included): ``rchar`` of /proc/PID/io."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
