@@ -61,9 +61,9 @@ def leftovers(tmp_path: Path) -> list[str]:
     return [str(p) for p in (tmp_path / "tmp").rglob("*") if p.name.startswith((".pull-", ".auth-"))]
 
 
-def failed_pull(paths: Paths, ref: str, options: PullOptions = PullOptions()) -> ImageError:
+def failed_pull(paths: Paths, ref: str, options: PullOptions | None = None) -> ImageError:
     with pytest.raises(ImageError) as info:
-        pull(paths, ref, options)
+        pull(paths, ref, options or PullOptions())
     assert "\n" not in str(info.value), "errors are one line"
     return info.value
 

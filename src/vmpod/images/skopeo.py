@@ -261,7 +261,9 @@ def explain(stderr: str, ref: Reference, label: str, kind: str, *, has_creds: bo
             f"registry {host} speaks plain HTTP, not HTTPS", hint="use --insecure for this registry"
         )
     if "digest" in low and ("mismatch" in low or "not match" in low):
-        return ImageError(f"{label}: digest mismatch: {text}", hint="the registry sent corrupt data")
+        pair = re.search(r"expected (\S+?),? got (\S+)", text)
+        detail = f"expected {pair.group(1)}, got {pair.group(2)}" if pair else text
+        return ImageError(f"{label}: digest mismatch ({detail})", hint="the registry sent corrupt data")
     if "exceeded maximum allowed size" in low:
         size = re.search(r"size of (\d+)", text)
         return ImageError(
