@@ -37,12 +37,7 @@ log = logging.getLogger(__name__)
 
 TREES, DISKS = "trees", "disks"
 TRASH = ".trash-"  # an entry being removed (what a killed remover left: see collect_trash)
-LEASE_TIMEOUT = 600.0  # a remover holds the lock only while it deletes one entry
 _leases: dict[str, int] = {}  # use file -> fd: held until the process ends
-
-
-class CacheError(VmpodError):
-    """A cache entry cannot be leased (its lock stayed taken)."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +68,8 @@ def lease(entry: Path) -> None:
         return
     entry.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        try:
-            fd = lock_file(key, exclusive=False, timeout=LEASE_TIMEOUT)
-        except LockTimeout as err:
-            raise CacheError(f"cache entry {entry} stayed locked for {LEASE_TIMEOUT:g}s") from err
+        # no timeout: a remover holds the lock only while it deletes this one entry
+        fd = lock_file(key, exclusive=False, timeout=None)
         if _same_file(fd, key):
             break
         os.close(fd)  # the remover unlinked the file we waited on: lock the new one
