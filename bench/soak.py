@@ -32,6 +32,7 @@ Usage (as root): .venv/bin/python bench/soak.py [--cycles 200] [--parallel 2]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -82,6 +83,15 @@ def cgroups_named(token: str) -> list[str]:
             if token in d:
                 found.append(os.path.join(dirpath, d))
     return found
+
+
+def remove_cgroup_parents(name: str) -> None:
+    """rmdir the (empty) cgroups called ``name`` in every hierarchy: the parents the
+    containers' cgroupsPath made, which a runtime leaves (as runc does)."""
+    for path in cgroups_named(name):
+        if os.path.basename(path) == name:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
 
 def netns_named(token: str) -> list[str]:
@@ -142,6 +152,15 @@ def rss_kib(pid: int) -> int:
     return -1
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid``'s children, theirs, and so on."""
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [d for k in kids for d in descendants(k)]
+
+
 def children_named(pid: int, name: str) -> list[int]:
     try:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -177,13 +196,19 @@ class SoakEnv:
         }
 
     def rt(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[bytes]:
+        """vmpod-runtime ARGS, its output captured. Not for `create`: its monitor
+        keeps create's stdio (the container's) open, the pipes would never end."""
         return subprocess.run(
-            [str(RUNTIME), "--root", str(self.root), "--log", str(self.work / "runtime.log"), *args],
+            [*self.argv, *args],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,
             env=self.env,
         )
+
+    @property
+    def argv(self) -> list[str]:
+        return [str(RUNTIME), "--root", str(self.root), "--log", str(self.work / "runtime.log")]
 
     def checked(self, *args: str, timeout: float = 180) -> bytes:
         res = self.rt(*args, timeout=timeout)
@@ -191,21 +216,40 @@ class SoakEnv:
             raise SoakError(f"vmpod-runtime {' '.join(args)}: exit {res.returncode}: {res.stderr.decode()}")
         return res.stdout
 
+    def create(self, bundle: Path, cid: str, timeout: float = 180) -> None:
+        """`create`; the container's stdio: /dev/null, and a file for its stderr
+        (create's errors land there too)."""
+        err = self.work / f"{cid}.err"
+        with open(err, "wb") as fh:
+            res = subprocess.run(
+                [*self.argv, "create", "--bundle", str(bundle), cid],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=fh,
+                timeout=timeout,
+                env=self.env,
+            )
+        if res.returncode != 0:
+            raise SoakError(f"vmpod-runtime create {cid}: exit {res.returncode}: {err.read_text()}")
+        err.unlink()
+
 
 class SoakError(Exception):
     pass
 
 
-def make_bundle(env: SoakEnv) -> Path:
-    """One bundle for every container: a read-only root, the loop as its process."""
+def make_bundle(env: SoakEnv, cid: str, token: str) -> Path:
+    """``cid``'s bundle: the shared read-only root, the loop as its process, and a
+    host cgroup of its own (``/<token>/<cid>``, as podman's cgroupfs paths are)."""
     from vmpod.runtime.specgen import default_spec
 
-    bundle = env.work / "bundle"
+    bundle = env.work / "bundles" / cid
     bundle.mkdir(parents=True, exist_ok=True)
     spec = default_spec()
-    process = spec["process"]
-    assert isinstance(process, dict)
+    process, linux = spec["process"], spec["linux"]
+    assert isinstance(process, dict) and isinstance(linux, dict)
     process.update(args=LOOP, terminal=False)
+    linux["cgroupsPath"] = f"/{token}/{cid}"
     spec["root"] = {"path": str(env.rootfs), "readonly": True}
     (bundle / "config.json").write_text(json.dumps(spec))
     return bundle
@@ -226,9 +270,10 @@ def wait_status(env: SoakEnv, cid: str, want: str, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def cycle(env: SoakEnv, bundle: Path, cid: str, anchor: str) -> None:
+def cycle(env: SoakEnv, token: str, cid: str, anchor: str) -> None:
     """create / start / exec / kill / delete of ``cid``, and one exec into the anchor."""
-    env.checked("create", "--bundle", str(bundle), cid)
+    bundle = make_bundle(env, cid, token)
+    env.create(bundle, cid)
     try:
         env.checked("start", cid)
         out = env.checked("exec", cid, "sh", "-c", f"echo exec-{cid}")
@@ -243,6 +288,8 @@ def cycle(env: SoakEnv, bundle: Path, cid: str, anchor: str) -> None:
     except BaseException:
         env.rt("delete", "--force", cid)
         raise
+    finally:
+        shutil.rmtree(bundle, ignore_errors=True)
 
 
 # -- measuring -----------------------------------------------------------------------
@@ -282,7 +329,7 @@ class Report:
 
 def snapshot(env: SoakEnv, token: str, anchor_pids: tuple[int, int]) -> dict[str, int]:
     monitor, qemu = anchor_pids
-    anchor = {monitor, qemu, *children_named(monitor, "virtiofsd")}
+    anchor = {monitor, *descendants(monitor)}
     return {
         "processes": len([p for p in pids_naming(env.run, env.root) if p not in anchor]),
         "runtime root entries": len(entries(env.root)),
@@ -292,7 +339,7 @@ def snapshot(env: SoakEnv, token: str, anchor_pids: tuple[int, int]) -> dict[str
         "mounts": len(mounts_below(env.run, env.home, env.root)),
         "cache tmp entries": len(entries(env.home / "tmp")),
         "cache disk bytes": disk_bytes(env.home),
-        "cgroups": len(cgroups_named(token)),
+        "cgroups": len(cgroups_named(f"{token}-")),  # the containers' (not their parent)
         "netns": len(netns_named(token)),
         "anchor monitor fds": fd_count(monitor),
         "anchor monitor RSS KiB": rss_kib(monitor),
@@ -309,7 +356,7 @@ def leftovers(env: SoakEnv, token: str) -> list[str]:
         ("shared dirs", lambda: entries(env.run / "shared")),
         ("mounts", lambda: mounts_below(env.run, env.home, env.root)),
         ("cache tmp", lambda: entries(env.home / "tmp")),
-        ("cgroups", lambda: cgroups_named(token)),
+        ("cgroups", lambda: cgroups_named(f"{token}-")),
         ("netns", lambda: netns_named(token)),
     ]
     deadline = time.monotonic() + SETTLE
@@ -338,9 +385,8 @@ def soak(
 ) -> Report:
     """Run the cycles; returns what each resource leaked (see the module's doc)."""
     token = "soak" + secrets.token_hex(3)
-    bundle = make_bundle(env)
     anchor = f"{token}-anchor"
-    env.checked("create", "--bundle", str(bundle), anchor)
+    env.create(make_bundle(env, anchor, token), anchor)
     try:
         env.checked("start", anchor)
         st = json.loads(env.checked("state", anchor))
@@ -349,7 +395,7 @@ def soak(
         if len(qemus) != 1:
             raise SoakError(f"the anchor's monitor {monitor} has QEMU children {qemus}")
         pids = (monitor, qemus[0])
-        cycle(env, bundle, f"{token}-warm", anchor)  # first exec paths, caches, imports
+        cycle(env, token, f"{token}-warm", anchor)  # first exec paths, caches, imports
         before = snapshot(env, token, pids)
         failures: list[str] = []
         t0 = time.monotonic()
@@ -357,7 +403,7 @@ def soak(
         def one(i: int) -> None:
             cid = f"{token}-{i}"
             try:
-                cycle(env, bundle, cid, anchor)
+                cycle(env, token, cid, anchor)
             except (SoakError, subprocess.TimeoutExpired, OSError, ValueError) as err:
                 failures.append(f"{cid}: {err}")
             if (i + 1) % 10 == 0:
@@ -369,6 +415,7 @@ def soak(
         after = snapshot(env, token, pids)
     finally:
         env.rt("delete", "--force", anchor)
+        remove_cgroup_parents(token)
     return Report(before, after, failures, leftovers(env, token))
 
 
