@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.hostile_registry import HostileRegistry, sha, sparse_tar, tar_layer, wait_for
+from tests.fixtures.hostile_registry import (
+    HostileRegistry,
+    local_address,
+    self_signed,
+    sha,
+    sparse_tar,
+    tar_layer,
+    wait_for,
+)
 from vmpod.errors import ImageError, VmpodError
 from vmpod.images import resolve_image
 from vmpod.images.reference import parse_reference
@@ -99,6 +107,35 @@ def test_redirects_to_other_schemes_are_not_followed(reg: HostileRegistry, paths
     failed_pull(paths, f"{reg.host}/elsewhere:v1", PullOptions(insecure=True))
     assert mode != "ftp" or reg.ftp_hits == 0
     assert ImageStore(paths.images).images() == []
+
+
+def test_https_registry_never_downgrades_to_plain_http(
+    paths: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verified-HTTPS registry that redirects blobs to http://, or names a plain-HTTP
+    token server: refused, and the plain-HTTP side never sees a request (or a credential)."""
+    address = local_address()
+    if address is None:
+        pytest.skip("no non-loopback address to serve HTTPS on")
+    cert, key = self_signed(tmp_path, address)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusted like a real CA
+    tls, plain = HostileRegistry(bind=address, tls=(cert, key)), HostileRegistry(bind=address)
+    try:
+        digest = tls.image("x", "v1", [GOOD])
+        plain.blobs.update(tls.blobs)
+        tls.redirect_blobs_to = f"http://{plain.host}/storage/"
+        err = failed_pull(paths, f"{tls.host}/x:v1")
+        assert f"registry {tls.host} sends us to plain HTTP" in str(err)
+        assert "refusing to leave HTTPS" in str(err)
+        tls.redirect_blobs_to, tls.token_realm = "", f"http://{plain.host}/token"
+        err = failed_pull(paths, f"{tls.host}/x:v1", PullOptions(creds=("alice", "s3cret")))
+        assert "refusing to leave HTTPS" in str(err)
+        assert plain.requests == []
+        tls.token_realm = ""
+        assert pull(paths, f"{tls.host}/x:v1").digest == digest  # HTTPS itself works
+    finally:
+        tls.close()
+        plain.close()
 
 
 # -- deadlines ---------------------------------------------------------------------

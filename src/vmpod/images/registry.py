@@ -290,7 +290,14 @@ class RegistryClient:
         if self.deadline.left() <= 0:
             raise self._deadline_error()
         try:
-            result = run_skopeo(args, timeout=timeout, stdout_limit=limit, too_much=too_much, watch=watch)
+            result = run_skopeo(
+                args,
+                timeout=timeout,
+                stdout_limit=limit,
+                too_much=too_much,
+                watch=watch,
+                https_only=self.access.tls_verify,
+            )
             # skopeo's own --command-timeout may fire first
             timed_out = result.returncode != 0 and "context deadline exceeded" in result.stderr
         except SkopeoTimeout:

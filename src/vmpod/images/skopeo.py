@@ -111,12 +111,16 @@ def run_skopeo(
     stdout_limit: int,
     too_much: Callable[[], ImageError],
     watch: Watcher | None = None,
+    https_only: bool = False,
 ) -> Result:
     """Run ``skopeo ARGS`` for at most ``timeout`` seconds; raise on a non-zero exit.
 
     stdout beyond ``stdout_limit`` bytes raises ``too_much()``; ``watch`` is
-    called every few hundred milliseconds and may raise to abort the run. The
-    exit status is not checked here: callers turn stderr into a message.
+    called every few hundred milliseconds and may raise to abort the run.
+    ``https_only`` makes every plain-HTTP request fail (a redirect from HTTPS
+    down to HTTP, a token server on plain HTTP): skopeo has no switch for it,
+    so plain HTTP goes to a proxy that is not there. The exit status is not
+    checked here: callers turn stderr into a message.
     """
     if timeout <= 0:
         raise SkopeoTimeout("pull deadline passed")
@@ -130,7 +134,7 @@ def run_skopeo(
         start_new_session=True,  # not in the user's group; killed as a group below
         preexec_fn=die_with_parent,
         close_fds=True,
-        env=_env(),
+        env=_env(https_only),
     )
     assert proc.stdout is not None and proc.stderr is not None
     out, err = bytearray(), bytearray()
@@ -189,12 +193,20 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
             pipe.close()
 
 
-def _env() -> dict[str, str]:
+def _env(https_only: bool) -> dict[str, str]:
     env = dict(os.environ)
     # A stray debug setting must not print credentials or flood our capped stderr.
     for key in ("SKOPEO_DEBUG", "GODEBUG"):
         env.pop(key, None)
+    if https_only:
+        # Go's client sends http:// requests through $HTTP_PROXY (https:// ones through
+        # $HTTPS_PROXY, left alone); port 9 on loopback refuses them, so nothing, and no
+        # credential, ever leaves HTTPS. (Go never proxies loopback targets.)
+        env["HTTP_PROXY"] = env["http_proxy"] = NO_PLAIN_HTTP
     return env
+
+
+NO_PLAIN_HTTP = "http://127.0.0.1:9"
 
 
 # -- skopeo's errors as one line --------------------------------------------------
@@ -220,6 +232,11 @@ def explain(stderr: str, ref: Reference, label: str, kind: str, *, has_creds: bo
     text = fatal_message(stderr)
     low = text.lower()
     host = ref.registry
+    if "proxyconnect" in low and NO_PLAIN_HTTP.removeprefix("http://") in low:
+        return ImageError(
+            f"registry {host} sends us to plain HTTP ({_first_url(text)})",
+            hint="refusing to leave HTTPS; use --insecure to allow it",
+        )
     if "connection refused" in low:
         return ImageError(f"cannot reach registry {host}: connection refused", hint="is it running?")
     if "no such host" in low or "server misbehaving" in low:
@@ -273,3 +290,8 @@ def explain(stderr: str, ref: Reference, label: str, kind: str, *, has_creds: bo
     if "no space left" in low:
         return ImageError(f"cannot store {label}: no space left on device", hint="free some space")
     return ImageError(f"registry {host}: {kind} {label}: {text}")
+
+
+def _first_url(text: str) -> str:
+    found = re.search(r'"(https?://[^"?]*)', text)
+    return found.group(1) if found else "a plain-HTTP URL"
