@@ -237,6 +237,20 @@ def explain(stderr: str, ref: Reference, label: str, kind: str, *, has_creds: bo
             f"registry {host} sends us to plain HTTP ({_first_url(text)})",
             hint="refusing to leave HTTPS; use --insecure to allow it",
         )
+    if "unsupported protocol scheme" in low:
+        return ImageError(
+            f"registry {host} redirects {label} to {_first_url(text, any_scheme=True)}",
+            hint="refusing a redirect that is not HTTP(S)",
+        )
+    if "stopped after" in low and "redirects" in low:
+        return ImageError(
+            f"registry {host} redirects {label} in a loop", hint="the registry is misconfigured"
+        )
+    if "too many 1xx" in low:
+        return ImageError(
+            f"registry {host} answers {label} with endless interim (1xx) responses",
+            hint="the registry is misbehaving",
+        )
     if "connection refused" in low:
         return ImageError(f"cannot reach registry {host}: connection refused", hint="is it running?")
     if "no such host" in low or "server misbehaving" in low:
@@ -292,6 +306,6 @@ def explain(stderr: str, ref: Reference, label: str, kind: str, *, has_creds: bo
     return ImageError(f"registry {host}: {kind} {label}: {text}")
 
 
-def _first_url(text: str) -> str:
-    found = re.search(r'"(https?://[^"?]*)', text)
-    return found.group(1) if found else "a plain-HTTP URL"
+def _first_url(text: str, *, any_scheme: bool = False) -> str:
+    found = re.search(r'"([a-z][a-z0-9+.-]*://[^"?]*)' if any_scheme else r'"(https?://[^"?]*)', text)
+    return found.group(1) if found else "another URL"
