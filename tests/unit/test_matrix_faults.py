@@ -63,6 +63,7 @@ class Guest:
         pass
 
     async def stop(self) -> None:
+        await asyncio.sleep(0.05)  # a VM takes a moment to go: an interruption must wait for it
         self.stopped = True
 
     def console_tail(self, _lines: int = 20) -> str:
@@ -260,13 +261,29 @@ def test_interrupt_reports_what_finished(
     cfg = _cfg(tmp_path, jobs=1)  # "queued" waits for the VM slot
     targets = [_target(n, tmp_path) for n in guests]
     paths = Paths(home=tmp_path / "home", run=tmp_path / "run")
-    results, got = run_interruptible(lambda: run_matrix(paths, cfg, targets, lambda *_: None))
+    events: list[str] = []
+    real_slow_stop = guests["slow"].stop
+
+    async def stop_slow() -> None:
+        await real_slow_stop()
+        events.append("slow VM stopped")
+
+    guests["slow"].stop = stop_slow  # type: ignore[method-assign]
+
+    async def matrix() -> list[KernelResult]:
+        results = await run_matrix(paths, cfg, targets, lambda *_: None)
+        events.append("matrix returned")
+        return results
+
+    results, got = run_interruptible(matrix)
     assert got == signum
+    assert events == ["slow VM stopped", "matrix returned"]  # the report waits for the clean-up
     by = {r.kernel: r for r in results}
     assert set(by) == set(guests)
     assert by["fast"].passed
     assert by["slow"].steps["test"] == "interrupted" and by["slow"].steps["unload"] == "skip"
-    assert by["slow"].detail == f"interrupted by {signum.name}"
+    assert by["slow"].detail == f"interrupted by {signum.name}", by["slow"]
+    assert by["slow"].dmesg == "-"
     assert by["queued"].steps["boot"] == "skip" and by["queued"].detail == f"interrupted by {signum.name}"
     assert guests["fast"].stopped and guests["slow"].stopped  # no VM left behind
     js = tmp_path / "r.json"

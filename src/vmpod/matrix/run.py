@@ -86,13 +86,17 @@ async def run_matrix(
         done[t.name] = await run_kernel(paths, cfg, t, progress, slots, runs)
 
     with logs_lock(cfg.logs):
+        tasks = [asyncio.ensure_future(one(t)) for t in targets]
         try:
-            await asyncio.gather(*(one(t) for t in targets))
+            await asyncio.gather(*tasks)
         except asyncio.CancelledError as err:
-            # Cancelled (the CLI's SIGINT/SIGTERM): gather returns once every
-            # kernel's cleanup ran (VMs stopped, builds killed). Report what
-            # finished; the rest is marked interrupted.
+            # Cancelled (the CLI's SIGINT/SIGTERM). gather gives up at the first
+            # cancelled kernel: wait for every kernel's clean-up (VMs stopped,
+            # builds killed), then report what finished and mark the rest.
             why = str(err.args[0]) if err.args and err.args[0] else "a signal"
+            for task in tasks:
+                task.cancel(why)
+            await asyncio.wait(tasks)
             for t in targets:
                 if t.name not in done and t.name in runs:
                     runs[t.name].interrupt(why)
@@ -161,6 +165,7 @@ class _Run:
         self.dmesg = "-"
         self.findings: tuple[str, ...] = ()
         self.notes: list[str] = []
+        self.cancelled = False
         self.t0 = time.monotonic()
 
     def step(self, name: str, state: str, detail: str = "") -> None:
@@ -197,7 +202,9 @@ class _Run:
         verdict = tap.verdict(console)
         self.notes += tap.notes()
         self.dmesg, self.findings = verdict.status, verdict.findings
-        if verdict.clean and not tap.complete:
+        if verdict.clean and not tap.complete and self.cancelled:
+            self.dmesg = "-"
+        elif verdict.clean and not tap.complete:
             # nothing bad seen, but not all seen either: never "clean"
             self.dmesg = "unknown"
             self.detail = self.detail or "kernel log unavailable: the guest stopped answering"
@@ -288,6 +295,9 @@ async def _in_vm(paths: Paths, cfg: MatrixConfig, config: SandboxConfig, ours: s
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
         await tap.finish()
+    except asyncio.CancelledError:
+        run.cancelled = True  # what the kernel log lacks is not the guest's fault
+        raise
     except VmpodError as err:
         # The guest died under us (panic, out of memory) or stopped answering:
         # its console tells why, and is judged with what the kernel log gave.
