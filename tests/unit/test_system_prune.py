@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pty
 import subprocess
 import sys
 import time
@@ -76,12 +77,13 @@ def _disk(paths: Paths, n: int) -> Path:
 def _stored_image(store: ImageStore, name: str) -> str:
     """Tag ``name`` in the store: a config, one layer and the manifest; returns its digest."""
 
-    def put(data: bytes) -> dict[str, object]:
+    def put(data: bytes, media_type: str) -> dict[str, object]:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         store.put_bytes(digest, data)
-        return {"mediaType": "application/octet-stream", "digest": digest, "size": len(data)}
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
 
-    config, layer = put(json.dumps({"name": name}).encode()), put(os.urandom(32 << 10))
+    config = put(json.dumps({"name": name}).encode(), "application/vnd.oci.image.config.v1+json")
+    layer = put(os.urandom(32 << 10), "application/vnd.oci.image.layer.v1.tar")
     doc = {"schemaVersion": 2, "config": config, "layers": [layer]}
     data = json.dumps(doc).encode()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -303,3 +305,72 @@ def test_prune_without_a_terminal_or_force_refuses(paths: Paths, monkeypatch: py
     assert rows[TREES]["count"] == 1 and rows[TREES]["reclaimable"] == rows[TREES]["size"] > 0
     r = runner.invoke(cli, ["system", "prune", "-a", "-f"])
     assert r.exit_code == 0 and f"Deleted image trees: {tree}" in r.output and not tree.exists()
+
+
+def test_an_unreadable_image_keeps_df_working_and_its_blobs(paths: Paths) -> None:
+    store = ImageStore(paths.images)
+    broken = _stored_image(store, "127.0.0.1:5000/broken:v1")
+    store.blob_path(broken).write_bytes(b"not json")
+    store.put_bytes("sha256:" + "e" * 64, b"would be garbage")
+    unused = _tree(paths, 2)
+    assert {r.kind: r.count for r in df(paths)}[IMAGES] == 1
+    result = prune(paths, all_=False)
+    assert any("cannot read manifest" in why for why in result.skipped)
+    assert store.blob_path("sha256:" + "e" * 64).exists()  # no blob is deleted on a partial picture
+    assert not unused.exists()  # the rest of the prune went on
+
+
+def test_prune_drops_the_lock_files_of_removed_images(paths: Paths) -> None:
+    store = ImageStore(paths.images)
+    _stored_image(store, "127.0.0.1:5000/app:v1")
+    store.source("127.0.0.1:5000/app:v1", "app")  # a run's lease on the image
+    (use,) = paths.images.glob(".image-*.use")
+    assert [c.name for c in candidates(paths, all_=True) if c.name] == []  # leased: not a candidate
+    cache.release_leases()
+    store.remove("127.0.0.1:5000/app:v1")  # `vmpod rmi` leaves the lock file
+    prune(paths, all_=False)
+    assert not use.exists()
+
+
+def _confirm(paths: Paths, answer: bytes) -> tuple[int, bytes]:
+    """`vmpod system prune -a` on a terminal, answering ``answer``; (status, output)."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "VMPOD_HOME": str(paths.home), "VMPOD_RUN": str(paths.run)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmpod.cli", "system", "prune", "-a"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    out = b""
+    try:
+        while b"continue?" not in out:
+            chunk = os.read(master, 4096)
+            assert chunk, out
+            out += chunk
+        os.write(master, answer)
+        while chunk := _read(master):
+            out += chunk
+        return proc.wait(timeout=60), out
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # EIO: the child closed the terminal
+        return b""
+
+
+def test_prune_on_a_terminal_asks_first(paths: Paths) -> None:
+    tree = _tree(paths, 1)
+    status, out = _confirm(paths, b"n\n")
+    assert status == 1 and b"WARNING! This will remove" in out and b"Aborted." in out and tree.is_dir()
+    status, out = _confirm(paths, b"y\n")
+    assert status == 0 and f"Deleted image trees: {tree}".encode() in out and not tree.exists()

@@ -105,7 +105,7 @@ def candidates(paths: Paths, *, all_: bool) -> list[Candidate]:
             freed |= mine
             size = sum(disk_usage(store.blob_path(d), seen) for d in sorted(mine))
             out.append(Candidate(IMAGES, store.root, size, image.name))
-    out += [Candidate(IMAGES, p, disk_usage(p, seen)) for p in store.garbage()]
+    out += [Candidate(IMAGES, p, disk_usage(p, seen)) for p in _garbage(store)]
     tagged = {cache.key_of(i.digest) for i in store.images() if i.digest not in removed}
     for entry in cache.entries(paths):
         key = entry.path.name.removesuffix(".erofs")
@@ -118,6 +118,13 @@ def candidates(paths: Paths, *, all_: bool) -> list[Candidate]:
         )
     out += [Candidate(TEMP, p, disk_usage(p, seen)) for p in _stale_tmp(paths)]
     return out
+
+
+def _garbage(store: ImageStore) -> list[Path]:
+    try:
+        return store.garbage()
+    except ImageError:  # an unreadable manifest: no blob is garbage for sure (prune says why)
+        return []
 
 
 def _blobs_of(store: ImageStore, images: list[StoredImage]) -> set[str]:
@@ -182,6 +189,18 @@ def _children(path: Path) -> list[Path]:
         return []
 
 
+def _drop_image_locks(store: ImageStore) -> None:
+    """Lock files of images no longer in the store (`vmpod rmi` leaves them)."""
+    keys = {cache.key_of(i.digest) for i in store.images()}
+    for use in store.root.glob(".image-*.use"):
+        entry = use.with_name(use.name[1 : -len(".use")])
+        if entry.name.removeprefix("image-") in keys:
+            continue
+        with cache.exclusive(entry) as free:
+            if free:
+                use.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class Pruned:
     removed: tuple[Candidate, ...]
@@ -208,15 +227,23 @@ def prune(paths: Paths, *, all_: bool) -> Pruned:
             if not free or store.lookup(c.name) in Users.of(paths).digests:
                 skipped.append(f"image {c.name}: in use")
                 continue
-            store.remove(c.name)
+            try:
+                store.remove(c.name)
+            except ImageError as err:  # e.g. another image's manifest is unreadable
+                skipped.append(f"image {c.name}: {err}")
+                continue
             cache.use_file(entry).unlink(missing_ok=True)
         removed.append(c)
     garbage = sum(c.size for c in plan if c.kind == IMAGES and not c.name)
     if store.root.is_dir():
-        if store.collect_garbage() is None:
-            skipped.append("image store: a pull is running; its garbage stays")
-        elif garbage:
-            removed.append(Candidate(IMAGES, store.root, garbage))
+        try:
+            if store.collect_garbage() is None:
+                skipped.append("image store: a pull is running; its garbage stays")
+            elif garbage:
+                removed.append(Candidate(IMAGES, store.root, garbage))
+        except ImageError as err:
+            skipped.append(f"image store garbage: {err}")
+        _drop_image_locks(store)
     for c in (c for c in plan if c.kind in (TREES, DISKS)):
         if cache.remove_unused(c.path, lambda: cache.referenced(paths)):
             removed.append(c)
