@@ -248,13 +248,17 @@ class AgentClient:
         except (OSError, asyncio.IncompleteReadError) as err:
             self._fail(AgentError(f"guest agent channel failed: {err}"))
         except Exception as err:  # anything else the guest provokes is a violation too
-            self._fail(ProtocolError(f"guest broke the agent protocol: {type(err).__name__}: {err}"))
+            self._fail(
+                ProtocolError(f"guest broke the agent protocol: {type(err).__name__}: {p.brief(str(err))}")
+            )
 
     def _dispatch(self, kind: int, stream: int, payload: bytes) -> None:
         if kind in (p.STDOUT, p.STDERR):
             sink = self._sinks.get(stream)
             if sink is None:
                 raise p.ProtocolViolation(f"output for unknown stream {stream}")
+            if sink.exited.done():  # the guest sends all output before the exit event
+                raise p.ProtocolViolation(f"output for stream {stream} after its exit")
             (sink.on_stdout if kind == p.STDOUT else sink.on_stderr)(payload)
         elif kind == p.CREDIT:
             sink = self._sinks.get(stream)
@@ -281,8 +285,9 @@ class AgentClient:
             hello = p.decode(p.Hello, {k: v for k, v in obj.items() if k != "event"})
             if hello.protocol != p.PROTOCOL_VERSION:
                 raise p.ProtocolViolation(f"agent speaks protocol {hello.protocol}")
-            if self._hello is not None and not self._hello.done():
-                self._hello.set_result(hello)
+            if self._hello is None or self._hello.done():  # one per connection, first
+                raise p.ProtocolViolation("a second hello (did the guest agent restart?)")
+            self._hello.set_result(hello)
         elif event == "exit":
             ev = p.decode(p.ExitEvent, obj)
             if not 0 <= ev.status <= 255:
@@ -292,7 +297,7 @@ class AgentClient:
                 sink.exited.set_result(ev)
                 sink.credit.set()
         else:
-            raise p.ProtocolViolation(f"unknown event {event!r}")
+            raise p.ProtocolViolation(f"unknown event {p.brief(event)}")
 
     def _fail(self, err: BaseException) -> None:
         self._closed = err

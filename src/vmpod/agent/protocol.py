@@ -77,6 +77,11 @@ class FrameReader:
     def __init__(self) -> None:
         self._buf = bytearray()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame (less than its header + its limit)."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         self._buf += data
         frames = []
@@ -108,6 +113,12 @@ def parse_json(payload: bytes) -> dict[str, object]:
     if not isinstance(obj, dict):
         raise ProtocolViolation("JSON payload is not an object")
     return obj
+
+
+def brief(value: object, limit: int = 60) -> str:
+    """``repr`` of a peer's value for an error message: one line, at most ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # -- typed messages ----------------------------------------------------------
@@ -193,7 +204,7 @@ def decode(cls: type[M], obj: dict[str, object]) -> M:
     known = dict(cls._fields)
     unknown = set(obj) - set(known)
     if unknown:
-        raise ProtocolViolation(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        raise ProtocolViolation(f"{cls.__name__}: unknown fields {brief(sorted(unknown))}")
     args = {
         name: _check(obj[name], typ, f"{cls.__name__}.{name}") for name, typ in known.items() if name in obj
     }
