@@ -346,6 +346,8 @@ HOSTILE: dict[str, bytes] = {
     "output for unknown stream": p.encode_frame(p.STDOUT, 77, b"x"),
     "short credit": p.encode_frame(p.CREDIT, 5, b"\x00\x00\x01"),
     "credit unknown stream": p.encode_frame(p.CREDIT, 77, struct.pack("!I", 1)),
+    # found by tests/unit/test_fuzz_agent.py: a second hello was silently accepted
+    "second hello": p.encode_json(p.EVENT, 0, {"event": "hello", **HELLO}),
 }
 
 
@@ -367,6 +369,53 @@ def test_hostile_frame_fails_pending_request_and_sinks(tmp_path: Path, name: str
             await sink.exited
         assert events == []
         await _assert_channel_dead(client)
+
+    run(guest, body, tmp_path)
+
+
+def test_output_after_its_exit_is_a_protocol_error(tmp_path: Path) -> None:
+    """Found by the fuzz suite: output the guest sent after a stream's exit event
+    reached the sink of a finished process and the channel stayed open."""
+
+    async def guest(g: FakeGuest) -> None:
+        g.hello()
+        await g.request()
+        g.send(p.encode_json(p.EVENT, 5, {"event": "exit", "stream": 5, "status": 0}))
+        g.send(p.encode_frame(p.STDOUT, 5, b"late"))
+
+    async def body(client: AgentClient, sock: Path) -> None:
+        sink, events = sink_recorder()
+        client.attach(5, sink)
+        with pytest.raises(ProtocolError, match="after its exit"):
+            await client.request("ping", timeout=4)
+        assert (await sink.exited).status == 0
+        assert events == []
+        await _assert_channel_dead(client)
+
+    run(guest, body, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        p.encode_json(p.EVENT, 0, {"event": "x\n" * 20000}),
+        p.encode_json(p.RESPONSE, 1, {"id": 1, "ok": True, "y\n" * 20000: 1}),
+    ],
+    ids=["event name", "field name"],
+)
+def test_guest_text_in_a_protocol_error_is_one_short_line(tmp_path: Path, frame: bytes) -> None:
+    """Found by the fuzz suite: a 40 kB event or field name, newlines included, went
+    whole into the error the user sees."""
+
+    async def guest(g: FakeGuest) -> None:
+        g.hello()
+        await g.request()
+        g.send(frame)
+
+    async def body(client: AgentClient, sock: Path) -> None:
+        with pytest.raises(ProtocolError) as info:
+            await client.request("ping", timeout=4)
+        assert "\n" not in str(info.value) and len(str(info.value)) < 200, str(info.value)
 
     run(guest, body, tmp_path)
 
