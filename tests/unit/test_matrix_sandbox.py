@@ -180,3 +180,11 @@ def test_headers_that_include_another_tree_build(tmp_path: Path) -> None:
     res = asyncio.run(build_module(src, headers, tmp_path / "work"))
     assert res.ok, res.log
     assert not (headers / "pwned").exists()
+
+
+def test_a_ko_symlink_to_a_host_file_is_not_shipped(tmp_path: Path) -> None:
+    # inside the sandbox /etc/hostname is not there; outside, vmpod (root) would read it
+    src, headers = _module(tmp_path, "all:\n\tln -s /etc/hostname m.ko\n\ttouch real.ko\n")
+    res = asyncio.run(build_module(src, headers, tmp_path / "work"))
+    assert [m.name for m in res.modules] == ["real.ko"], res.log
+    assert "ignored .ko files that are not regular files (symlinks): m.ko" in res.log

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,14 @@ async def build_module(
     log = " ".join(argv) + "\n" + out.getvalue().decode(errors="replace")
     if timed_out:
         return BuildResult(False, (), log + f"\nbuild timed out after {timeout:g}s", time.monotonic() - t0)
-    modules = tuple(sorted(work.rglob("*.ko")))
+    found = sorted(work.rglob("*.ko"))
+    # Only regular files: a .ko symlink made in the sandbox would have vmpod
+    # (root, outside it) ship a host file such as /etc/shadow into the guest.
+    modules = tuple(p for p in found if stat.S_ISREG(p.lstat().st_mode))
+    if len(modules) != len(found):
+        log += "\nvmpod: ignored .ko files that are not regular files (symlinks): " + ", ".join(
+            str(p.relative_to(work)) for p in found if p not in modules
+        )
     ok = proc.returncode == 0 and bool(modules)
     if proc.returncode == 0 and not modules:
         log += "\nvmpod: the build produced no .ko file (is obj-m set in Kbuild/Makefile?)"
