@@ -296,6 +296,23 @@ def test_env_credentials_are_scoped_to_their_registry(
         owner.close()
 
 
+def test_users_auth_json_applies_per_registry(
+    reg: HostileRegistry, paths: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """skopeo's conventions: an auth.json entry (REGISTRY_AUTH_FILE) reaches its registry only."""
+    owner = HostileRegistry(basic=("carol", "pw"))
+    try:
+        owner.image("private", "v1", [GOOD])
+        token = base64.b64encode(b"carol:pw").decode()
+        (tmp_path / "auth.json").write_text(f'{{"auths": {{"{owner.host}": {{"auth": "{token}"}}}}}}')
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
+        pull(paths, f"{reg.host}/good:v1")
+        pull(paths, f"{owner.host}/private:v1")
+        assert reg.auths_seen() == set() and owner.auths_seen() == {basic("carol", "pw")}
+    finally:
+        owner.close()
+
+
 def test_explicit_credentials_go_only_to_the_named_registry(reg: HostileRegistry, paths: Paths) -> None:
     """--creds: the auth file skopeo gets names the one registry; redirects elsewhere carry nothing."""
     elsewhere = HostileRegistry()

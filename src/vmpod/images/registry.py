@@ -171,8 +171,10 @@ class RegistryClient:
         return data
 
     def _document(self, args: list[str], reference: str, where: str, label: str, *, kind: str) -> bytes:
+        # The registry as the user wrote it (docker.io, not its API host): registries.conf
+        # mirrors and auth.json entries are keyed by it.
         sep = "@" if ":" in reference else ":"
-        image = f"docker://{self.ref.host}/{self.ref.repository}{sep}{reference}"
+        image = f"docker://{self.ref.registry}/{self.ref.repository}{sep}{reference}"
 
         def too_big() -> ImageError:
             return ImageError(
@@ -227,7 +229,7 @@ class RegistryClient:
                         hint="the registry or the manifest is corrupt",
                     )
 
-            image = f"docker://{self.ref.host}/{self.ref.repository}@{manifest}"
+            image = f"docker://{self.ref.registry}/{self.ref.repository}@{manifest}"
             with self._auth_args("--src-authfile") as auth:
                 self._run(
                     [
