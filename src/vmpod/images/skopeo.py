@@ -1,14 +1,14 @@
 """Running skopeo for registry pulls: one deadline, bounded output, nothing left behind.
 
 skopeo (containers/image) speaks the distribution API, follows the user's
-containers conventions (registries.conf mirrors and insecure registries,
-auth.json / docker config.json scoped per registry, policy.json) and verifies
-what it copies. What it does not bound is ours to bound: every command runs
-in a process group of its own under a wall-clock deadline (``--command-timeout``
-too, so skopeo gives up cleanly first), its output is capped while it is read,
-an optional watcher may abort it (e.g. when it writes more than a layer's
-declared size), and on any way out (error, timeout, Ctrl-C, SIGTERM turned
-into an exception) the whole group is killed and reaped.
+containers conventions (auth.json / docker config.json scoped per registry,
+policy.json, registries.conf) and verifies what it copies. What it does not
+bound is ours to bound: every command runs in a process group of its own
+under a wall-clock deadline (``--command-timeout`` too, so skopeo gives up
+cleanly first), its output is capped while it is read, an optional watcher
+may abort it (e.g. when it reads or writes more than a layer's declared
+size), and on any way out (error, timeout, Ctrl-C, SIGTERM turned into an
+exception) the whole group is killed and reaped.
 """
 
 from __future__ import annotations
