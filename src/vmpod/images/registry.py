@@ -1,7 +1,8 @@
 """OCI distribution registry client on skopeo: manifests, configs and verified blobs.
 
-skopeo does the network part (auth dance, redirects, mirrors and insecure
-registries from registries.conf, per-registry auth.json, policy.json); vmpod
+skopeo does the network part (auth dance, redirects, per-registry auth.json,
+policy.json; registries.conf mirrors serve layer copies only, since
+``skopeo inspect`` asks the registry itself for manifests); vmpod
 keeps its own checks on everything that lands: documents are size-capped
 while skopeo's output is read, every manifest and config is verified against
 the digest it was asked by, and every layer is streamed through a digest and
