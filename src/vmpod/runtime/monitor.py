@@ -21,12 +21,16 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from typing import NoReturn
 
 from vmpod.errors import VmpodError
 from vmpod.runtime.exits import exit_like
 from vmpod.runtime.logs import setup_logging
 from vmpod.runtime.session import MonitorArgs, Session
+
+log = logging.getLogger(__name__)
+VM_WATCH_INTERVAL = 0.5  # seconds between looks at the VM of a container not started yet
 
 
 def monitor_main(args: MonitorArgs, keep: tuple[int, ...]) -> NoReturn:
@@ -37,11 +41,38 @@ def monitor_main(args: MonitorArgs, keep: tuple[int, ...]) -> NoReturn:
         detached = args.output_log is not None and not args.output_log.tee
         if args.plan.terminal or detached:  # the pty (or the log) is the container's stdio, not ours
             null_stdio()
-        status = asyncio.run(Session(args).run())
+        status = asyncio.run(supervised(Session(args)))
     except BaseException as err:  # the monitor must always exit with a status
-        logging.getLogger(__name__).error("monitor failed: %s", err, exc_info=not isinstance(err, VmpodError))
+        log.error("monitor failed: %s", err, exc_info=not isinstance(err, VmpodError))
     logging.shutdown()
     exit_like(status)
+
+
+async def supervised(session: Session, interval: float = VM_WATCH_INTERVAL) -> int:
+    """``session.run()``, with the VM watched from the moment the container exists:
+    until its process is started, nothing else would notice the VM dying (QEMU
+    killed, its file server gone, a guest panic), and the container would read
+    as created, with its monitor alive and no VM (fault matrix, issue 11). Once
+    started, the process's watcher sees it too; finishing twice is a no-op."""
+    watch = asyncio.create_task(_watch_vm(session, interval))
+    try:
+        return await session.run()
+    finally:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+
+
+async def _watch_vm(session: Session, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        sandbox = session.sandbox
+        # (no container yet: the boot is in progress, and fails by itself)
+        if sandbox is not None and session.container is not None and not sandbox.alive:
+            why = await sandbox.failure(grace=0)
+            log.error("container %s lost its VM: %s", session.a.cid, why or "QEMU exited")
+            session.finish(128 + signal.SIGKILL)  # as runc reports a container killed with its kernel
+            return
 
 
 def become_monitor(keep: set[int], log_path: str, log_format: str, debug: bool) -> None:
