@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from tests.fixtures import hostile as h
 from vmpod.agent import protocol as p
 from vmpod.agent.client import AgentClient, ProcessSink
-from vmpod.errors import AgentError, ProtocolError
+from vmpod.errors import AgentError, AgentTimeout, ProtocolError
 
 FRAMES: Counter[str] = Counter()  # frames fed, per test
 MIN_FRAMES = 100_000
@@ -172,9 +172,15 @@ def sock_dir() -> Iterator[Path]:
 async def _guest_side(
     r: asyncio.StreamReader, w: asyncio.StreamWriter, chunks: list[bytes], fatal: bool, pause: float
 ) -> bool:
-    """Say hello, wait until every request is in flight, write the chunks; then hang
-    up (nothing fatal was sent) or wait for the host to hang up. True: the host did."""
-    w.write(h.jframe(p.EVENT, 0, {"event": "hello", **h.HELLO}))
+    """Say hello (in pieces as small as the chunks when ``pause``), wait until every
+    request is in flight, write the chunks; then hang up (nothing fatal was sent) or
+    wait for the host to hang up. True: the host did."""
+    hello = h.jframe(p.EVENT, 0, {"event": "hello", **h.HELLO})
+    step = max(1, len(chunks[0])) if pause else len(hello)
+    for i in range(0, len(hello), step):
+        w.write(hello[i : i + step])
+        await w.drain()
+        await asyncio.sleep(pause)
     frames, asked = p.FrameReader(), 0
     while asked < len(h.ASKED):
         data = await r.read(1 << 16)
@@ -272,7 +278,7 @@ def test_client_survives_hostile_streams(sock_dir: Path, data: st.DataObject) ->
     _check_client(frames, chunks, sock_dir)
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=400)
 @given(st.data())
 def test_client_on_long_streams(sock_dir: Path, data: st.DataObject) -> None:
     frames = data.draw(h.bulk_streams())
@@ -288,9 +294,9 @@ def test_client_under_slow_delivery(sock_dir: Path, data: st.DataObject) -> None
     frames = data.draw(h.streams(max_frames=6))
     FRAMES["slow"] += h.processed(frames)
     blob = b"".join(f.data for f in frames)
-    step = data.draw(st.sampled_from([1, 3, 13, 512]))
+    step = max(data.draw(st.sampled_from([1, 3, 13, 512])), -(-len(blob) // 300))  # <= 300 pauses
     chunks = [blob[i : i + step] for i in range(0, len(blob), step)] or [b""]
-    _check_client(frames, chunks[:300] if len(chunks) > 300 else chunks, sock_dir, pause=0.0005)
+    _check_client(frames, chunks, sock_dir, pause=0.0005)
 
 
 def test_strategy_labels_follow_the_client_rules() -> None:
@@ -300,6 +306,36 @@ def test_strategy_labels_follow_the_client_rules() -> None:
     resp = h.Frame(h.jframe(p.RESPONSE, 2, {"id": 2, "ok": True}), False, "response", answers=2)
     assert h.label([out, resp, ex]) == h.Outcome(None, frozenset({2}))
     assert h.label([resp, ex, out]) == h.Outcome(2, frozenset({2}))
+
+
+def test_a_guest_that_stalls_mid_frame_times_requests_out(sock_dir: Path) -> None:
+    """Half a response, then silence: the request ends at its own time limit."""
+
+    async def main() -> None:
+        path = sock_dir / "stall.sock"
+        path.unlink(missing_ok=True)
+        stop = asyncio.Event()
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(h.jframe(p.EVENT, 0, {"event": "hello", **h.HELLO}))
+            await r.read(1 << 16)
+            w.write(h.jframe(p.RESPONSE, 1, {"id": 1, "ok": True, "result": {"uptime": 1.0}})[:20])
+            await stop.wait()
+            w.close()
+
+        server = await asyncio.start_unix_server(handle, path=str(path))
+        client = AgentClient()
+        try:
+            await client.connect(path, timeout=10.0, check_alive=lambda: None)
+            with pytest.raises(AgentTimeout, match="did not answer 'ping' within 0.2s"):
+                await client.request("ping", timeout=0.2)
+        finally:
+            stop.set()
+            await client.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
 
 
 def test_zz_the_suite_fed_enough_frames() -> None:
