@@ -230,3 +230,15 @@ def test_no_cgroups_path_no_cgroup_and_remove_without_record(tmp_path: Path) -> 
     (tmp_path / RECORD).write_text("{not json")
     remove_recorded(tmp_path)
     assert (tmp_path / RECORD).exists()
+
+
+def test_update_changes_cpu_and_pids_but_not_the_vms_memory(tmp_path: Path) -> None:
+    d = tmp_path / "v2/ctr"
+    d.mkdir(parents=True)
+    for name, value in (("memory.max", "805306368"), ("cpu.max", "50000 100000"), ("pids.max", "2304")):
+        (d / name).write_text(value)
+    cg = HostCgroup(((Hierarchy(tmp_path / "v2", (), "/"), d),), Limits())
+    cg.update({"memory": {"limit": 64 * MIB}, "cpu": {"quota": 20000}, "pids": {"limit": 10}})
+    assert (d / "cpu.max").read_text() == "20000 100000"
+    assert (d / "pids.max").read_text() == str(10 + VM_PIDS)
+    assert (d / "memory.max").read_text() == "805306368"  # the VM's RAM did not change

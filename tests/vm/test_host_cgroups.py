@@ -194,6 +194,10 @@ def test_runtime_create_with_cgroups_path_then_monitor_killed(
         )
         assert _file("cpu", cgroup, "cpu.cfs_quota_us", "cpu.max").split()[0] == "30000"
         assert _file("pids", cgroup, "pids.max", "pids.max") == str(50 + VM_PIDS)
+        rt("start", "direct", check=True)
+        rt("update", "--cpu-quota", "15000", "--pids-limit", "40", "direct", check=True)
+        assert _file("cpu", cgroup, "cpu.cfs_quota_us", "cpu.max").split()[0] == "15000"
+        assert _file("pids", cgroup, "pids.max", "pids.max") == str(40 + VM_PIDS)
         os.kill(monitor, signal.SIGKILL)
         assert ctr.result()["signal"] == signal.SIGKILL
         assert any(d.exists() for d in _dirs(cgroup))  # nobody removed it yet

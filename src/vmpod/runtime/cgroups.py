@@ -25,6 +25,7 @@ guest keeps applying the container's own limits to the container.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -271,6 +272,17 @@ class HostCgroup:
                 (d / "cgroup.procs").write_text(str(os.getpid()))
             except OSError as err:
                 raise RuntimeCliError(f"cannot join host cgroup {d}: {err.strerror or err}") from err
+
+    def update(self, resources: dict[str, object]) -> None:
+        """`update`: the new CPU and pids limits on the host too. Not memory: the
+        VM's RAM is fixed at boot (no hotplug), so the host limit that follows from
+        it stays; a new memory limit is the guest's to apply."""
+        lim = dataclasses.replace(host_limits(resources, 0, vm=True), memory=None)
+        for h, d in self.dirs:
+            try:
+                _apply(h, d, lim)
+            except OSError as err:
+                raise RuntimeCliError(f"host cgroup {d}: {err.strerror or err}") from err
 
     def leave(self, record_dir: Path) -> None:
         """Back to where this process came from, then remove the cgroup (whatever

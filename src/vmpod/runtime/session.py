@@ -484,7 +484,10 @@ class Session:
             elif command == "resume":
                 await self.container.resume()
             else:
-                return await self.container.query(command, args, resources)
+                out = await self.container.query(command, args, resources)
+                if command == "update" and self.a.host_cgroup is not None and self.pod is None:
+                    self.a.host_cgroup.update(resources)  # the VM's cgroup follows (CPU, pids)
+                return out
         finally:
             self.persist()
         return ""
