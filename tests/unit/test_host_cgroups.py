@@ -242,3 +242,22 @@ def test_update_changes_cpu_and_pids_but_not_the_vms_memory(tmp_path: Path) -> N
     assert (d / "cpu.max").read_text() == "20000 100000"
     assert (d / "pids.max").read_text() == str(10 + VM_PIDS)
     assert (d / "memory.max").read_text() == "805306368"  # the VM's RAM did not change
+
+
+def test_a_user_without_rights_goes_without(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As runc's rootless manager: no cgroup, a warning, nothing left; root fails."""
+    v1, _ = _fake_tree(tmp_path)
+    cg = HostCgroup(((v1, v1.mount / "a/b"),), Limits())
+
+    def denied(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    record = tmp_path / "state"
+    record.mkdir()
+    monkeypatch.setattr(Path, "mkdir", denied)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert cg.setup(record) is False
+    assert not (record / RECORD).exists()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with pytest.raises(RuntimeCliError, match="host cgroup .*a/b: Permission denied"):
+        cg.setup(record)

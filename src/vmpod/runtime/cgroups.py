@@ -247,11 +247,12 @@ class HostCgroup:
     def paths(self) -> tuple[Path, ...]:
         return tuple(d for _, d in self.dirs)
 
-    def setup(self, record_dir: Path) -> None:
+    def setup(self, record_dir: Path) -> bool:
         """Record, create and limit the cgroup (a failure leaves the record, so
-        ``remove_recorded`` cleans up what was made). A cgroup that holds processes
-        is someone else's: refused before anything is recorded, so nothing of it
-        is touched by the clean-up."""
+        ``remove_recorded`` cleans up what was made); False when a user without
+        the right to make it goes without (as runc's rootless cgroup manager).
+        A cgroup that holds processes is someone else's: refused before anything
+        is recorded, so nothing of it is touched by the clean-up."""
         for _, d in self.dirs:
             if _procs(d):
                 raise RuntimeCliError(
@@ -262,8 +263,15 @@ class HostCgroup:
             try:
                 _make(h, d)
                 _apply(h, d, self.limits)
+            except PermissionError as err:
+                if os.geteuid() == 0:
+                    raise RuntimeCliError(f"host cgroup {d}: {err.strerror or err}") from err
+                log.warning("no host cgroup (%s: %s): limits apply in the VM only", d, err.strerror)
+                remove_recorded(record_dir)
+                return False
             except OSError as err:
                 raise RuntimeCliError(f"host cgroup {d}: {err.strerror or err}") from err
+        return True
 
     def enter(self) -> None:
         """Move this process (all its threads) in: what it starts from now on is in too."""

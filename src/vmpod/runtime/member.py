@@ -103,8 +103,8 @@ def _serve(args: MemberArgs) -> int:
     try:
         if cg is not None:
             try:
-                cg.setup(store.dir(args.cid))
-                cg.enter()
+                if cg.setup(store.dir(args.cid)):
+                    cg.enter()
             except RuntimeCliError as err:
                 _ready(args.ready_fd, {"ok": False, "error": str(err)})
                 return 255

@@ -137,9 +137,8 @@ class Session:
 
     async def _boot(self) -> None:
         a, plan = self.a, self.a.plan
-        if a.host_cgroup is not None:
-            # before QEMU and virtiofsd start: they and all their threads are born in it
-            a.host_cgroup.setup(self.state_dir)
+        # before QEMU and virtiofsd start: they and all their threads are born in it
+        if a.host_cgroup is not None and a.host_cgroup.setup(self.state_dir):
             a.host_cgroup.enter()
         sandbox = Sandbox(a.paths, a.sandbox)
         self.store.update(
