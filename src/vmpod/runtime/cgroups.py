@@ -39,10 +39,13 @@ from vmpod.runtime.errors import RuntimeCliError
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
-# Host memory a sandbox uses besides its guest RAM (measured: see README / report):
-# QEMU itself with its TCG translation cache (tb-size=128 MiB) and device buffers,
-# virtiofsd, and the monitor (a Python process). Measured peak for an idle
-# sandbox with a 256 MiB limit: guest RAM touched ~ 200 MiB plus ~ 150 MiB of this.
+# Host memory a sandbox uses besides its guest RAM: QEMU itself with its TCG
+# translation cache (tb-size=128 MiB) and device buffers, virtiofsd, the monitor
+# (a Python process). Measured on this cgroup (v1 memory.stat, --memory 256m, TCG):
+# idle 260-274 MiB = guest RAM touched (shmem) ~115 MiB + ~155 MiB of this (QEMU
+# anon 131, monitor 30, virtiofsd < 1); with 220 MB written to a guest tmpfs 499
+# MiB (161 of this). 256 leaves ~100 MiB of margin over the measured figure, so
+# the host limit only bites on a VM that misbehaves, never before the guest's.
 VM_OVERHEAD_MB = 256
 # Host processes/threads of a sandbox besides the container's own (which the
 # guest counts): QEMU's vCPU, I/O and RCU threads, virtiofsd's pool, the monitor.
