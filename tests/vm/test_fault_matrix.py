@@ -514,6 +514,13 @@ def test_vmpod_named_container_killed(vmpod: VmpodRunner, busybox: Path, stage: 
     runs. `vmpod ps -a` tells the truth, `vmpod rm` leaves nothing, and the name
     can be used again."""
     name = "fm-" + secrets.token_hex(4)
+    try:
+        _named_case(vmpod, busybox, stage, name)
+    finally:  # a failed case must not leave its mounts to the next tests' checks
+        vmpod("rm", "-f", name)
+
+
+def _named_case(vmpod: VmpodRunner, busybox: Path, stage: str, name: str) -> None:
     args = ("run", "-d", "--name", name, "--network", "none", "--rootfs", str(busybox))
     if stage == "boot":
         proc = vmpod.popen(*args, "--", "sleep", "600", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

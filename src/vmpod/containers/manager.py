@@ -89,6 +89,10 @@ class Manager:
         state = _STATES.get(status, UNKNOWN_S)
         if state == EXITED_S:
             code = st.exit_status if st.exit_status is not None else rec.exit_code
+            if code is None and rec.started and st.pid > 0:
+                # its monitor died (SIGKILL, a crash) before it could record a status:
+                # the VM died with it (PDEATHSIG), and every process in it as SIGKILLed
+                code = 128 + signal.SIGKILL
             return View(
                 rec, state, code, finished=rec.finished or self._stopped_at(rec), sandbox_dir=st.sandbox_dir
             )
