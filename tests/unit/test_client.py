@@ -395,6 +395,31 @@ def test_output_after_its_exit_is_a_protocol_error(tmp_path: Path) -> None:
     run(guest, body, tmp_path)
 
 
+def test_frames_before_a_bad_header_are_still_handled(tmp_path: Path) -> None:
+    """Found by the fuzz suite's memory test: the frames read in the same chunk as a
+    bad header were dropped, so a process's last output and its exit were lost."""
+
+    async def guest(g: FakeGuest) -> None:
+        g.hello()
+        await g.request()
+        g.send(
+            p.encode_frame(p.STDOUT, 5, b"last words")
+            + p.encode_json(p.EVENT, 5, {"event": "exit", "stream": 5, "status": 7})
+            + b"XX"
+            + p.encode_frame(p.RESPONSE, 1, b"{}")[2:]
+        )
+
+    async def body(client: AgentClient, sock: Path) -> None:
+        sink, events = sink_recorder()
+        client.attach(5, sink)
+        with pytest.raises(ProtocolError, match="bad frame magic"):
+            await client.request("ping", timeout=4)
+        assert events == [("out", b"last words")]
+        assert (await sink.exited).status == 7
+
+    run(guest, body, tmp_path)
+
+
 @pytest.mark.parametrize(
     "frame",
     [

@@ -55,13 +55,12 @@ def _header_broken(f: h.Frame) -> bool:
     return f.what.startswith(("header:", "garbage"))
 
 
-def _feed_all(reader: p.FrameReader, chunks: list[bytes]) -> list[tuple[int, int, bytes]]:
-    got: list[tuple[int, int, bytes]] = []
+def _feed_all(reader: p.FrameReader, chunks: list[bytes], got: list[tuple[int, int, bytes]]) -> None:
+    """Feed every chunk, collecting frames in ``got`` (kept on a violation)."""
     for c in chunks:
         got += reader.feed(c)
         # a complete frame is always taken: what stays is less than the largest frame
         assert reader.buffered < p.HEADER.size + p.MAX_DATA
-    return got
 
 
 def _decode_everything(payload: bytes) -> None:
@@ -98,11 +97,13 @@ def _check_reader(frames: list[h.Frame], data: st.DataObject, name: str) -> None
     complete = [f for f in frames[:broken] if f.complete]
     expected = [p.HEADER.unpack_from(f.data)[2:4] + (f.data[p.HEADER.size :],) for f in complete]
     reader = p.FrameReader()
+    got: list[tuple[int, int, bytes]] = []
     try:
-        got = _feed_all(reader, chunks)
+        _feed_all(reader, chunks, got)
     except p.ProtocolViolation as err:
         one_line(err)
         assert broken is not None, f"violation without a broken header: {err}"
+        assert got + err.frames == expected  # nothing before the bad header is lost
     else:
         assert broken is None, f"{frames[broken].what} was accepted"
         assert got == expected
@@ -306,6 +307,71 @@ def test_strategy_labels_follow_the_client_rules() -> None:
     resp = h.Frame(h.jframe(p.RESPONSE, 2, {"id": 2, "ok": True}), False, "response", answers=2)
     assert h.label([out, resp, ex]) == h.Outcome(None, frozenset({2}))
     assert h.label([resp, ex, out]) == h.Outcome(2, frozenset({2}))
+
+
+FLOOD = 32 * 1024 * 1024  # bytes a guest pushes at the client
+
+
+@pytest.mark.parametrize("then_lie", [False, True], ids=["output flood", "4 GiB header after it"])
+def test_client_memory_stays_bounded_under_a_flood(sock_dir: Path, then_lie: bool) -> None:
+    """32 MiB of output frames, then perhaps a header that claims 4 GiB: the client
+    holds at most a few frames at a time (tracemalloc's peak over the whole run)."""
+    received = 0
+
+    def count(b: bytes) -> None:
+        nonlocal received
+        received += len(b)
+
+    async def main() -> AgentError | None:
+        path = sock_dir / "flood.sock"
+        path.unlink(missing_ok=True)
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(h.jframe(p.EVENT, 0, {"event": "hello", **h.HELLO}))
+            chunk = h.frame(p.STDOUT, 1, b"o" * p.MAX_DATA)
+            try:
+                for _ in range(FLOOD // p.MAX_DATA):
+                    w.write(chunk)
+                    await w.drain()
+                if then_lie:
+                    w.write(p.HEADER.pack(p.MAGIC, p.PROTOCOL_VERSION, p.STDOUT, 1, 2**32 - 1) + b"x" * 65536)
+                    await w.drain()
+                while await r.read(1 << 16):
+                    pass
+            except ConnectionError:
+                pass
+            w.close()
+
+        server = await asyncio.start_unix_server(handle, path=str(path))
+        client = AgentClient()
+        try:
+            sink = ProcessSink(on_stdout=count, on_stderr=count)
+            client.attach(1, sink)
+            await client.connect(path, timeout=10.0, check_alive=lambda: None)
+            while received < FLOOD and client._closed is None:
+                await asyncio.sleep(0.01)
+            if then_lie:
+                with pytest.raises(ProtocolError):
+                    await sink.exited
+            return client._closed if isinstance(client._closed, AgentError) else None
+        finally:
+            await client.close()
+            server.close()
+            await server.wait_closed()
+
+    tracemalloc.start()
+    try:
+        closed = asyncio.run(asyncio.wait_for(main(), 60))
+        _cur, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert received == FLOOD
+    assert peak < 4 * 1024 * 1024, peak
+    FRAMES["memory"] += FLOOD // p.MAX_DATA + then_lie
+    if then_lie:
+        assert isinstance(closed, ProtocolError) and "exceeds" in str(closed), closed
+    else:
+        assert closed is None, closed
 
 
 def test_a_guest_that_stalls_mid_frame_times_requests_out(sock_dir: Path) -> None:

@@ -139,8 +139,9 @@ def test_bad_kind(kind: int) -> None:
 
 def test_bad_frame_after_good_frame_in_same_chunk() -> None:
     good = p.encode_frame(p.STDOUT, 1, b"ok")
-    with pytest.raises(ProtocolViolation):
+    with pytest.raises(ProtocolViolation) as info:
         FrameReader().feed(good + header(p.REQUEST, 0, 0, magic=b"\x00\x00"))
+    assert info.value.frames == [(p.STDOUT, 1, b"ok")]  # the good frame is not lost
 
 
 @pytest.mark.parametrize("kind", [p.REQUEST, p.RESPONSE, p.EVENT])

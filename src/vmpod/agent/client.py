@@ -239,7 +239,13 @@ class AgentClient:
                 data = await self._reader.read(1 << 16)
                 if not data:
                     raise AgentError("guest agent channel closed (the VM stopped?)")
-                for kind, stream, payload in frames.feed(data):
+                try:
+                    batch = frames.feed(data)
+                except p.ProtocolViolation as err:
+                    for kind, stream, payload in err.frames:  # what came before the bad header
+                        self._dispatch(kind, stream, payload)
+                    raise
+                for kind, stream, payload in batch:
                     self._dispatch(kind, stream, payload)
         except p.ProtocolViolation as err:
             self._fail(ProtocolError(f"guest broke the agent protocol: {err}"))

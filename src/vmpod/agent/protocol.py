@@ -47,7 +47,13 @@ if TYPE_CHECKING:  # typing costs ~0.15 s to import in the guest; annotations on
 
 
 class ProtocolViolation(Exception):
-    """The peer sent bytes that break the protocol; the channel must be dropped."""
+    """The peer sent bytes that break the protocol; the channel must be dropped.
+    ``frames``: the complete frames that came before the violation in the bytes fed
+    (``FrameReader.feed``), still worth handling (a process's last output, its exit)."""
+
+    def __init__(self, message: str, frames: list[tuple[int, int, bytes]] | None = None) -> None:
+        super().__init__(message)
+        self.frames = frames or []
 
 
 # -- framing ---------------------------------------------------------------
@@ -83,19 +89,21 @@ class FrameReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        """The frames ``data`` completes; a bad header raises ProtocolViolation
+        carrying the complete frames before it."""
         self._buf += data
-        frames = []
+        frames: list[tuple[int, int, bytes]] = []
         while len(self._buf) >= HEADER.size:
             magic, version, kind, stream, length = HEADER.unpack_from(self._buf)
             if magic != MAGIC:
-                raise ProtocolViolation(f"bad frame magic {bytes(magic)!r}")
+                raise ProtocolViolation(f"bad frame magic {bytes(magic)!r}", frames)
             if version != PROTOCOL_VERSION:
-                raise ProtocolViolation(f"protocol version {version}, expected {PROTOCOL_VERSION}")
+                raise ProtocolViolation(f"protocol version {version}, expected {PROTOCOL_VERSION}", frames)
             if kind not in _KINDS:
-                raise ProtocolViolation(f"unknown frame kind {kind}")
+                raise ProtocolViolation(f"unknown frame kind {kind}", frames)
             limit = MAX_JSON if kind in _JSON_KINDS else MAX_DATA
             if length > limit:
-                raise ProtocolViolation(f"frame of {length} bytes exceeds {limit}")
+                raise ProtocolViolation(f"frame of {length} bytes exceeds {limit}", frames)
             end = HEADER.size + length
             if len(self._buf) < end:
                 break
