@@ -14,6 +14,12 @@ def q(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
+def endpoint(where: Path | int) -> str:
+    """A socket chardev's address: a path, or an inherited socket fd (listening
+    for a server, connected for a client) so that a jailed QEMU needs no path."""
+    return f"fd={where}" if isinstance(where, int) else f"path={q(where)}"
+
+
 @dataclass(frozen=True)
 class Machine:
     accel: str
@@ -118,7 +124,7 @@ class SerialConsole:
 class SerialPort:
     """A named virtio-serial port whose host end is a listening unix socket."""
 
-    socket: Path
+    socket: Path | int
     name: str
 
     def args(self) -> list[str]:
@@ -126,7 +132,7 @@ class SerialPort:
             "-device",
             "virtio-serial-device",
             "-chardev",
-            f"socket,id=channel,path={q(self.socket)},server=on,wait=off",
+            f"socket,id=channel,{endpoint(self.socket)},server=on,wait=off",
             "-device",
             f"virtserialport,chardev=channel,name={q(self.name)}",
         ]
@@ -136,13 +142,13 @@ class SerialPort:
 class SharedFs:
     """A vhost-user-fs device served by virtiofsd on ``socket``; the guest mounts ``tag``."""
 
-    socket: Path
+    socket: Path | int
     tag: str
 
     def args(self) -> list[str]:
         return [
             "-chardev",
-            f"socket,id=fs0,path={q(self.socket)}",
+            f"socket,id=fs0,{endpoint(self.socket)}",
             "-device",
             f"vhost-user-fs-device,chardev=fs0,tag={q(self.tag)}",
         ]
@@ -158,17 +164,63 @@ class VsockDevice:
 
 @dataclass(frozen=True)
 class QmpSocket:
-    socket: Path
+    socket: Path | int
 
     def args(self) -> list[str]:
+        if isinstance(self.socket, int):
+            chardev = f"socket,id=qmp,{endpoint(self.socket)},server=on,wait=off"
+            return ["-chardev", chardev, "-mon", "chardev=qmp,mode=control"]
         return ["-qmp", f"unix:{q(self.socket)},server=on,wait=off"]
 
 
-def build_argv(binary: str, cfg: VmConfig, console: Path | None = None) -> list[str]:
+@dataclass(frozen=True)
+class HostSockets:
+    """Sockets the VM's owner opened for QEMU, passed as fds (see ``endpoint``)."""
+
+    qmp: int
+    channel: int | None = None  # listening, for a serial channel
+    fs: int | None = None  # connected to virtiofsd
+
+    def fds(self) -> tuple[int, ...]:
+        return tuple(fd for fd in (self.qmp, self.channel, self.fs) if fd is not None)
+
+
+@dataclass(frozen=True)
+class Name:
+    """The VM's name: its state directory, so ``ps`` ties a QEMU to its sandbox."""
+
+    state_dir: Path
+
+    def args(self) -> list[str]:
+        return ["-name", f"guest={q(self.state_dir)}"]
+
+
+@dataclass(frozen=True)
+class Seccomp:
+    policy: str
+
+    def args(self) -> list[str]:
+        return ["-sandbox", self.policy]
+
+
+def build_argv(
+    binary: str,
+    cfg: VmConfig,
+    console: Path | None = None,
+    sockets: HostSockets | None = None,
+    seccomp: str | None = None,
+) -> list[str]:
     """QEMU's argv for ``cfg``; ``console`` is where the serial console goes
-    (default: ``cfg.console_log`` itself)."""
+    (default: ``cfg.console_log`` itself); ``sockets`` replace the socket paths
+    with inherited fds; ``seccomp`` is a ``-sandbox`` policy."""
     ch = cfg.channel
     shared = cfg.shared_dir is not None
+    qmp: Path | int = sockets.qmp if sockets else cfg.qmp_socket
+    channel: Path | int = cfg.channel_socket
+    fs: Path | int = cfg.fs_socket
+    if sockets is not None:
+        channel = sockets.channel if sockets.channel is not None else channel
+        fs = sockets.fs if sockets.fs is not None else fs
     devices: list[
         Machine
         | KernelBoot
@@ -179,14 +231,18 @@ def build_argv(binary: str, cfg: VmConfig, console: Path | None = None) -> list[
         | QmpSocket
         | SharedFs
         | NetDevice
+        | Name
+        | Seccomp
     ] = [
+        Name(cfg.state_dir),
         Machine(cfg.accel.accel, cfg.cpus, cfg.memory_mb, shared_memory=shared),
+        *([Seccomp(seccomp)] if seccomp else []),
         KernelBoot(cfg.kernel, cfg.initramfs, cfg.cmdline),
         SerialConsole(console or cfg.console_log),
-        QmpSocket(cfg.qmp_socket),
+        QmpSocket(qmp),
         *(BlockDevice(i, d) for i, d in enumerate(cfg.disks)),
-        SerialPort(cfg.channel_socket, ch.name) if ch.kind == "serial" else VsockDevice(ch.vsock_cid),
-        *([SharedFs(cfg.fs_socket, cfg.shared_tag)] if shared else []),
+        SerialPort(channel, ch.name) if ch.kind == "serial" else VsockDevice(ch.vsock_cid),
+        *([SharedFs(fs, cfg.shared_tag)] if shared else []),
         *(NetDevice(i, n) for i, n in enumerate(cfg.nics)),
     ]
     argv = [binary]

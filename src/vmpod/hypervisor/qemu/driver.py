@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qemu.qmp import QMPClient
@@ -16,7 +20,8 @@ from qemu.qmp.error import QMPError
 from vmpod.errors import HypervisorError
 from vmpod.hypervisor.base import VM_TRANSITIONS, VmConfig, VmState, describe_exit
 from vmpod.hypervisor.qemu.console import ConsoleDrain, ConsoleFiles
-from vmpod.hypervisor.qemu.devices import build_argv, find_qemu
+from vmpod.hypervisor.qemu.devices import HostSockets, build_argv, find_qemu
+from vmpod.hypervisor.qemu.jail import SECCOMP, Jail, jail_enabled, make_jail, wrap_argv
 from vmpod.hypervisor.qemu.virtiofsd import Virtiofsd
 from vmpod.proc import spawn_vm_helper
 from vmpod.states import StateMachine
@@ -32,6 +37,8 @@ class QemuVm:
         self.binary = binary or find_qemu()
         self.argv: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
+        # QEMU itself when jailed (a grandchild, under bwrap): reaped through a pidfd
+        self._qemu_pidfd = -1
         self._qmp: QMPClient | None = None
         self._fs: Virtiofsd | None = None
         if config.shared_dir is not None:
@@ -48,7 +55,15 @@ class QemuVm:
 
     @property
     def pid(self) -> int | None:
+        """The process vmpod started: QEMU, or the jail (bwrap) that runs it."""
         return self._proc.pid if self._proc else None
+
+    @property
+    def qemu_pid(self) -> int | None:
+        """QEMU's own pid (inside the jail, a descendant of ``pid``)."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        return _find_qemu(self._proc.pid)
 
     def exit_status(self) -> int | None:
         return self._proc.poll() if self._proc else None
@@ -75,19 +90,27 @@ class QemuVm:
             except BaseException:
                 self.kill()
                 raise
+        try:
+            jail = self._jail() if jail_enabled() else None
+            sockets = await self._open_sockets()
+        except BaseException:
+            self.kill()
+            raise
         console_fd = self._console.open()
-        self.argv = build_argv(self.binary, self.config, console=Path(f"/dev/fd/{console_fd}"))
+        if jail is not None:
+            os.fchown(console_fd, jail.uid, jail.gid)  # it reopens /dev/fd/N as its uid
+        qemu_argv = build_argv(
+            self.binary, self.config, console=Path(f"/dev/fd/{console_fd}"), sockets=sockets, seccomp=SECCOMP
+        )
+        # the NICs' taps, under the same numbers (the caller keeps and closes its
+        # own copies: see Nic), the console pipe's write end, which QEMU opens by
+        # path, and the sockets: QEMU needs no path it could write to
+        fds = (*(n.fd for n in self.config.nics), console_fd, *sockets.fds())
+        self.argv = qemu_argv if jail is None else wrap_argv(jail, qemu_argv, fds)
         log.debug("launching %s", " ".join(self.argv))
         errlog = (self.config.state_dir / "qemu.log").open("wb")
         try:
-            self._proc = spawn_vm_helper(
-                self.argv,
-                errlog,
-                # the NICs' taps, under the same numbers; the caller keeps (and
-                # closes) its own copies: see Nic
-                # and the console pipe's write end, which QEMU opens by path
-                pass_fds=(*(n.fd for n in self.config.nics), console_fd),
-            )
+            self._proc = spawn_vm_helper(self.argv, errlog, pass_fds=fds)
         except OSError as err:
             self._console.close()
             if self._fs is not None:
@@ -97,39 +120,94 @@ class QemuVm:
         finally:
             errlog.close()
             self._console.spawned()  # QEMU's exit must be the drain's EOF
+            for fd in sockets.fds():
+                os.close(fd)  # QEMU's copies serve; we connect by path
         self._sm.to(VmState.RUNNING)
         try:
             await self._connect_qmp()
+            if jail is not None:
+                self._track_qemu()
         except BaseException:
             self.kill()
             raise
 
-    async def _connect_qmp(self, timeout: float = 30.0) -> None:
-        sock = self.config.qmp_socket
-        deadline = time.monotonic() + timeout
-        while not sock.exists():
+    def _track_qemu(self) -> None:
+        """Hold a pidfd of the jailed QEMU: ``kill`` must return only once it is
+        gone (it holds disk locks and the guest's RAM), not just its jail."""
+        pid = self.qemu_pid
+        if pid is None:
             self._raise_if_dead("QEMU exited during start-up")
-            if time.monotonic() > deadline:
-                raise HypervisorError(
-                    "QEMU did not open its QMP socket", argv=self.argv, console_tail=self.console_tail()
-                )
-            await asyncio.sleep(0.005)
-        # The socket file appears at bind(), a moment before QEMU listens on it:
-        # a refused connection right then is a retry, not an error.
-        while True:
-            qmp = QMPClient("vmpod")
-            try:
-                await asyncio.wait_for(qmp.connect(str(sock)), max(0.1, deadline - time.monotonic()))
-                break
-            except (TimeoutError, QMPError, OSError) as err:
+            raise HypervisorError("cannot find QEMU inside its jail", argv=self.argv)
+        self._qemu_pidfd = os.pidfd_open(pid)
+
+    def _jail(self) -> Jail:
+        """What this VM's QEMU may open: its kernel, initramfs and disks, and the
+        accelerator's or channel's device node."""
+        cfg = self.config
+        devices = []
+        if cfg.accel.accel == "kvm":
+            devices.append(Path("/dev/kvm"))
+        if cfg.channel.kind == "vsock":
+            devices.append(Path("/dev/vhost-vsock"))
+        return make_jail(
+            cfg.state_dir,
+            readable=(cfg.kernel, cfg.initramfs, *(d.path for d in cfg.disks if d.readonly)),
+            writable=tuple(d.path for d in cfg.disks if not d.readonly),
+            devices=tuple(devices),
+        )
+
+    async def _open_sockets(self) -> HostSockets:
+        """QMP's and the channel's listening sockets, bound here (root-owned, 0600)
+        and the file server's connection, all handed to QEMU as fds."""
+        cfg, opened = self.config, []
+        try:
+            qmp = _listen(cfg.qmp_socket)
+            opened.append(qmp)
+            channel = None
+            if cfg.channel.kind == "serial":
+                channel = _listen(cfg.channel_socket)
+                opened.append(channel)
+            fs = None
+            if self._fs is not None:
+                fs = await _connect(cfg.fs_socket, self._fs.exit_status)
+                opened.append(fs)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        return HostSockets(qmp=qmp, channel=channel, fs=fs)
+
+    async def _connect_qmp(self, timeout: float = 30.0) -> None:
+        """Connect to the QMP socket (listening from the start) and wait for the
+        greeting, failing at once if QEMU exits first."""
+        deadline = time.monotonic() + timeout
+        qmp = QMPClient("vmpod")
+        task = asyncio.create_task(qmp.connect(str(self.config.qmp_socket)))
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.05)
+                if task.done():
+                    break
                 self._raise_if_dead("QEMU exited during start-up")
                 if time.monotonic() > deadline:
                     raise HypervisorError(
-                        f"cannot talk QMP to QEMU: {err or 'timed out'}",
-                        argv=self.argv,
-                        console_tail=self.console_tail(),
-                    ) from err
-                await asyncio.sleep(0.01)
+                        "QEMU did not answer on QMP", argv=self.argv, console_tail=self.console_tail()
+                    )
+            try:
+                task.result()
+            except (QMPError, OSError, EOFError) as err:
+                # an exiting QEMU closes its sockets a moment before it can be
+                # reaped: give its exit status the chance to be the message
+                await self._wait_exit(1.0)
+                self._raise_if_dead("QEMU exited during start-up")
+                raise HypervisorError(
+                    f"cannot talk QMP to QEMU: {err}", argv=self.argv, console_tail=self.console_tail()
+                ) from err
+        except BaseException:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise
         self._qmp = qmp
 
     def _raise_if_dead(self, what: str) -> None:
@@ -187,11 +265,27 @@ class QemuVm:
             except ProcessLookupError:
                 pass
             self._proc.wait()
+        self._reap_jailed()
         self._console.close()  # QEMU is gone: the rest of the pipe, then EOF
         if self._fs is not None:
             self._fs.kill()
         self._sm.to(VmState.STOPPED)
         self._drop_qmp()
+
+    def _reap_jailed(self) -> None:
+        """The jail's pid namespace dies with it; wait until QEMU really has."""
+        fd, self._qemu_pidfd = self._qemu_pidfd, -1
+        if fd < 0:
+            return
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(10_000):
+                log.warning("QEMU (pidfd %d) still alive 10 s after SIGKILL", fd)
+        finally:
+            os.close(fd)
 
     def _drop_qmp(self) -> None:
         """Disconnect a QMP client a hard stop left behind (else qemu.qmp logs its
@@ -221,6 +315,53 @@ class QemuVm:
     def qemu_error(self) -> str:
         text = _tail(self.config.state_dir / "qemu.log", 3)
         return text.replace("\n", " ") or "no error output"
+
+
+def _find_qemu(root: int) -> int | None:
+    """The first QEMU process below ``root`` (bwrap, its pid-1 reaper, QEMU)."""
+    todo = [root]
+    while todo:
+        pid = todo.pop(0)
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().startswith("qemu-system"):
+                return pid
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _listen(path: Path) -> int:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        path.unlink(missing_ok=True)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach()
+
+
+async def _connect(path: Path, exited: Callable[[], int | None], timeout: float = 10.0) -> int:
+    """A connection to a helper's listening socket; the socket file appears at
+    bind(), a moment before it listens: a refusal then is a retry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(str(path))
+            return sock.detach()
+        except (ConnectionRefusedError, FileNotFoundError) as err:
+            sock.close()
+            if exited() is not None or time.monotonic() > deadline:
+                raise HypervisorError(f"cannot connect to {path}: {err.strerror}") from err
+        except BaseException:
+            sock.close()
+            raise
+        await asyncio.sleep(0.01)
 
 
 def _check_nic_fds(config: VmConfig) -> None:
