@@ -194,3 +194,39 @@ def test_the_digest_walk_refuses_a_mounted_proc(tmp_path: Path) -> None:
             resolve_rootfs(tmp_path)
     finally:
         subprocess.run(["umount", "-l", str(tmp_path / "proc")], check=False)
+
+
+# -- defect 5: non-UTF-8 bytes in arguments or environment ---------------------------------
+
+
+def test_non_utf8_arguments_and_environment_are_refused_not_replaced() -> None:
+    # Python keeps undecodable argv bytes as lone surrogates (surrogateescape);
+    # they used to reach runc as U+FFFD. JSON cannot carry them: refuse, naming them.
+    arg = b"caf\xe9".decode("utf-8", "surrogateescape")
+    oci = default_spec()
+    process = oci["process"]
+    assert isinstance(process, dict)
+    process["args"] = ["echo", arg]
+    with pytest.raises(ConfigError, match=r"config.process.args\[1\] is not valid UTF-8 \(b'caf\\xe9'\)"):
+        check_config_size(oci)
+    process["args"] = ["echo", "café ✓"]  # real Unicode passes unchanged
+    check_config_size(oci)
+    process["env"] = ["PATH=/bin", b"X=\xff".decode("utf-8", "surrogateescape")]
+    with pytest.raises(ConfigError, match=r"process.env\[1\] is not valid UTF-8"):
+        check_config_size(oci)
+
+
+def test_vmpod_run_refuses_non_utf8_argv_before_booting(tmp_path: Path) -> None:
+    # the real CLI, with bytes in argv: refused before any asset is built or VM booted
+    rootfs = tmp_path / "root"
+    rootfs.mkdir()
+    home, run = tmp_path / "home", tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmpod.cli", "run", "--rootfs", str(rootfs), "--", "echo", b"\xff\xfe"],
+        capture_output=True,
+        env={**os.environ, "VMPOD_HOME": str(home), "VMPOD_RUN": str(run)},
+        timeout=60,
+    )
+    assert proc.returncode == 125, proc.stderr
+    assert b"not valid UTF-8 (b'\\xff\\xfe')" in proc.stderr
+    assert not (home / "guest").exists()  # nothing was built, nothing booted

@@ -72,6 +72,7 @@ def checks(paths: Paths, kernel: str, accel: str) -> list[Check]:
     )
     choice = choose_accel(accel)
     out.append(Check("accelerator", True, f"{choice.accel}: {choice.reason}"))
+    out.append(_jail_check())
     vsock = Path("/dev/vhost-vsock").exists()
     out.append(
         Check(
@@ -128,6 +129,27 @@ def checks(paths: Paths, kernel: str, accel: str) -> list[Check]:
 
     out += [Check(c.name, c.ok, c.detail, c.required) for c in host_checks()]
     return out
+
+
+def _jail_check() -> Check:
+    """Whether QEMU runs confined (hypervisor/qemu/jail.py) and, if not, why."""
+    from vmpod.errors import HypervisorError
+    from vmpod.hypervisor.qemu.jail import JAIL_ENV, jail_enabled, missing_tools
+
+    try:
+        enabled = jail_enabled()
+    except HypervisorError as err:
+        return Check("qemu jail", False, str(err))
+    if not enabled:
+        why = "not root" if os.geteuid() != 0 else f"turned off by {JAIL_ENV}"
+        return Check("qemu jail", False, f"off ({why}): QEMU runs with vmpod's privileges", required=False)
+    if missing := missing_tools():
+        return Check("qemu jail", False, f"missing {', '.join(missing)} (apt-get install bubblewrap)")
+    return Check(
+        "qemu jail",
+        True,
+        "bubblewrap namespaces, a uid of its own per sandbox, no capabilities, seccomp (-sandbox)",
+    )
 
 
 def diagnose(paths: Paths, kernel: str, accel: str) -> bool:

@@ -18,6 +18,7 @@ from typing import NoReturn
 
 import click
 
+from vmpod.errors import ConfigError
 from vmpod.jsonsafe import parse_json
 from vmpod.runtime import ipc
 from vmpod.runtime.errors import RuntimeCliError
@@ -25,6 +26,7 @@ from vmpod.runtime.exits import exit_like
 from vmpod.runtime.rules import require
 from vmpod.runtime.state import Store
 from vmpod.sandbox.attach import raw_terminal, window_size
+from vmpod.sandbox.build import check_text
 from vmpod.signals import FORWARDED
 
 
@@ -169,6 +171,10 @@ def exec_command(
         tty_ = bool(process.get("terminal"))
     else:
         process = build_process(st.bundle, args, tty_, cwd, env, user, additional_gids, cap, no_new_privs)
+    try:
+        check_text(process, "process")
+    except ConfigError as err:
+        raise RuntimeCliError(str(err)) from None
     if tty_ and detach and not console_socket:
         raise RuntimeCliError("cannot allocate tty if runc will detach without setting console socket")
     if console_socket and not tty_:

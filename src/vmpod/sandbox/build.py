@@ -52,9 +52,34 @@ def check_resources(cpus: int, memory_mb: int) -> None:
         )
 
 
+def check_text(value: object, where: str = "config") -> None:
+    """Refuse a string that is not valid Unicode (an argument or variable that
+    held non-UTF-8 bytes, which Python keeps as lone surrogates): the OCI config
+    is JSON, and runc would silently get U+FFFD in their place. Never altered."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = value.encode("utf-8", "surrogateescape")
+            raise ConfigError(
+                f"{where} is not valid UTF-8 ({raw[:60]!r}): an OCI runtime config is JSON text "
+                "and cannot carry other bytes",
+                hint="pass UTF-8 text (encode binary data, e.g. with base64)",
+            ) from None
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            check_text(k, f"{where} key")
+            check_text(v, f"{where}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            check_text(v, f"{where}[{i}]")
+
+
 def check_config_size(oci: Mapping[str, object], what: str = "the container's configuration") -> None:
     """Refuse an OCI config too large for the one agent message that carries it
-    (huge argv or environment): front ends call it before anything boots."""
+    (huge argv or environment), or with text that is not UTF-8 (``check_text``):
+    front ends call it before anything boots."""
+    check_text(oci)
     size = len(json.dumps(oci, separators=(",", ":")))  # as the agent channel encodes it
     if size > MAX_CONFIG_BYTES:
         raise ConfigError(
