@@ -200,9 +200,32 @@ def _below(marker: str) -> str:
 
 
 def qemu_pids(marker: str) -> list[int]:
-    """QEMU processes whose command line mentions ``marker`` (a run dir)."""
+    """QEMU processes whose command line mentions ``marker`` (a run dir); QEMU
+    itself, not the bubblewrap jail around it (whose argv holds QEMU's)."""
     below = _below(marker)
-    return pids_where(lambda argv: "qemu-system" in " ".join(argv) and below in " ".join(argv))
+    return pids_where(
+        lambda argv: os.path.basename(argv[0]).startswith("qemu-system") and below in " ".join(argv)
+    )
+
+
+def qemu_below(pid: int) -> list[int]:
+    """QEMU processes among ``pid``'s descendants (a monitor's VM: jailed, QEMU is
+    a grandchild, under bwrap and its pid-1 reaper)."""
+    found, todo = [], [pid]
+    while todo:
+        cur = todo.pop()
+        try:
+            kids = [
+                int(k)
+                for t in Path(f"/proc/{cur}/task").iterdir()
+                for k in (t / "children").read_text().split()
+            ]
+            if cur != pid and Path(f"/proc/{cur}/comm").read_text().startswith("qemu-system"):
+                found.append(cur)
+        except (OSError, ValueError):
+            continue
+        todo += kids
+    return sorted(found)
 
 
 def netns_prefix(paths: Paths) -> str:

@@ -4,6 +4,7 @@ from a terminal, a reader that goes away, a closed stdout, a flooded console."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -55,11 +56,17 @@ def test_ctrl_c_to_the_foreground_group_reaches_the_container(vmpod: VmpodRunner
     assert not _wait_no_helpers(vmpod)
 
 
-def test_yes_into_a_closed_pipe_ends_like_sigpipe(vmpod: VmpodRunner, busybox: Path) -> None:
-    """`vmpod run IMAGE -- yes | head -1`: the reader closes the pipe; vmpod stops
-    the container and exits 141 (128+SIGPIPE) instead of running the VM forever."""
+@pytest.mark.parametrize("named", [(), ("--name", "yes")], ids=["ephemeral", "named"])
+def test_yes_into_a_closed_pipe_ends_like_sigpipe(
+    vmpod: VmpodRunner, busybox: Path, named: tuple[str, ...]
+) -> None:
+    """`vmpod run [--name N] IMAGE -- yes | head -1`: the reader closes the pipe;
+    vmpod stops the container and exits 141 (128+SIGPIPE) instead of running the
+    VM forever. A named run goes through vmpod-runtime's monitor, whose output
+    relay must do the same, and the record must say so."""
     proc = vmpod.popen(
         "run",
+        *named,
         "--rootfs",
         str(busybox),
         "--",
@@ -80,6 +87,12 @@ def test_yes_into_a_closed_pipe_ends_like_sigpipe(vmpod: VmpodRunner, busybox: P
     assert proc.returncode == 141, err
     assert not err.strip(), err  # silent, as a shell is about SIGPIPE
     assert not _wait_no_helpers(vmpod)
+    if named:
+        r = vmpod("ps", "-a", "--format", "json")
+        assert [(c["name"], c["state"], c["exit_code"]) for c in json.loads(r.out)] == [
+            ("yes", "exited", 141)
+        ], r.out
+        assert vmpod("rm", "yes").returncode == 0
 
 
 @pytest.mark.parametrize("redirect", [">&-", ">&- <&-"])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm.conftest import qemu_below
 from tests.vm.test_runtime_support import (
     ConsoleSocket,
     Reaped,
@@ -197,12 +198,7 @@ def test_qemu_killed_reads_stopped_and_delete_cleans_up(
     monitor = ctr.wait_created()
     rt("start", "vmdead", check=True)
     _wait_for(ctr.out, "up\n")
-    qemu = [
-        int(p)
-        for p in subprocess.run(
-            ["pgrep", "-P", str(monitor), "qemu-system"], capture_output=True, text=True
-        ).stdout.split()
-    ]
+    qemu = qemu_below(monitor)
     assert len(qemu) == 1
     os.kill(qemu[0], signal.SIGKILL)
     result = ctr.result()  # the monitor notices and exits

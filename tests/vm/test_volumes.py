@@ -7,14 +7,13 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import virtiofsd_pids
+from tests.vm.conftest import qemu_below, virtiofsd_pids
 from tests.vm.test_runtime_support import (
     Runtime,
     assert_runtime_clean,
@@ -95,8 +94,9 @@ def test_fsynced_data_survives_a_killed_vm(rt: Runtime, busybox: Path, tmp_path:
     monitor = ctr.wait_created()
     rt("start", "crash", check=True)
     _wait_for(ctr.out, "synced\n")
-    qemu = subprocess.run(["pgrep", "-P", str(monitor), "qemu-system"], capture_output=True, text=True)
-    os.kill(int(qemu.stdout.split()[0]), signal.SIGKILL)
+    qemu = qemu_below(monitor)
+    assert len(qemu) == 1, qemu
+    os.kill(qemu[0], signal.SIGKILL)
     ctr.result()
     lines = (data / "log").read_text().splitlines()
     assert lines[:200] == [f"line-{i}" for i in range(200)]

@@ -24,7 +24,14 @@ from vmpod.network.ports import PortMapping
 from vmpod.paths import Paths
 from vmpod.runspec import ProcessOptions, build_spec, user_of
 from vmpod.sandbox import ContainerSpec, Exit, Output, Process, Sandbox, SandboxConfig, SandboxSpec, prepare
-from vmpod.sandbox.attach import STOP_SIGNALS, Relay, SignalForwarder, on_reader_gone, raw_terminal
+from vmpod.sandbox.attach import (
+    SIGPIPE_STATUS,
+    STOP_SIGNALS,
+    Relay,
+    SignalForwarder,
+    on_reader_gone,
+    raw_terminal,
+)
 from vmpod.sandbox.build import check_resources
 from vmpod.stdio import closed_at_start
 from vmpod.storage.erofs import rootfs_disk
@@ -32,7 +39,6 @@ from vmpod.storage.erofs import rootfs_disk
 log = logging.getLogger(__name__)
 STOP_GRACE = 5.0  # seconds between the forwarded signal and SIGKILL
 # A process whose output's reader went away dies of SIGPIPE; a shell reports 128+13.
-SIGPIPE_STATUS = 128 + signal.SIGPIPE
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,15 @@ from vmpod.runtime.outputlog import LogSink, RotatingLog
 from vmpod.runtime.rules import require
 from vmpod.runtime.state import CREATING, STOPPED, Store, proc_start_time
 from vmpod.sandbox import Container, ContainerSpec, ContainerState, Output, Process, Sandbox, SandboxConfig
-from vmpod.sandbox.attach import FORWARDED, Relay, is_null, make_pty, same_file
+from vmpod.sandbox.attach import (
+    FORWARDED,
+    SIGPIPE_STATUS,
+    Relay,
+    is_null,
+    make_pty,
+    on_reader_gone,
+    same_file,
+)
 
 log = logging.getLogger(__name__)
 OutputFn = Callable[[bytes], None]
@@ -83,6 +91,7 @@ class Session:
         self.tty_slave = -1
         self.done: asyncio.Future[int] | None = None
         self.relay = Relay()
+        self.reader_gone = False  # the output's reader went away: the container ends 141
         self.tasks: set[asyncio.Task[object]] = set()
         self.state_dir = self.store.dir(args.cid)
         self._boot_task: asyncio.Task[None] | None = None
@@ -415,8 +424,12 @@ class Session:
             stdin_fd, stdin = self.tty_slave, True
         else:
             i, o, e = self.stdio  # (a member's came over its join: closed at teardown)
-            out = self.relay.writer(o, owned=False)
-            err = out if same_file(o, e) else self.relay.writer(e, owned=False)
+            gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            out = self.relay.writer(o, owned=False, on_broken=on_reader_gone(gone))
+            err = (
+                out if same_file(o, e) else self.relay.writer(e, owned=False, on_broken=on_reader_gone(gone))
+            )
+            self.spawn(self._stop_when_reader_gone(gone))
             stdin_fd, stdin = i, not is_null(i)
         output = self._output(Output(out.write, err.write))
         proc = await self.container.start(output, stdin=stdin, wait_started=True)
@@ -451,10 +464,23 @@ class Session:
 
         return Output(both(fds.stdout, "stdout"), both(fds.stderr, "stderr"))
 
+    async def _stop_when_reader_gone(self, gone: asyncio.Future[None]) -> None:
+        """When the reader of the container's stdout or stderr goes away (`vmpod
+        run --name x IMG -- yes | head -1`), end the container as SIGPIPE would
+        end a writer on the host: its output has nowhere to go, and it must not
+        run (a VM at full speed) forever. Not SIGPIPE itself: a PID 1 without a
+        handler ignores it. Its status reads 141 (``_watch_init``)."""
+        await gone
+        log.info("the reader of the container's output went away: stopping it")
+        self.reader_gone = True
+        if self.container is not None:
+            with contextlib.suppress(VmpodError):
+                await self.container.kill(signal.SIGKILL, all_processes=False)
+
     async def _watch_init(self, proc: Process, err: OutputFn) -> None:
         try:
             ex = await proc.wait()
-            status = ex.status
+            status = SIGPIPE_STATUS if self.reader_gone else ex.status
             if ex.message:
                 log.error("%s", ex.message)
                 err(f"vmpod-runtime: {ex.message}\n".encode())

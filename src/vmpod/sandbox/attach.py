@@ -42,6 +42,7 @@ __all__ = [
     "is_null",
     "make_pty",
     "on_reader_gone",
+    "SIGPIPE_STATUS",
     "pump_input",
     "raw_terminal",
     "same_file",
@@ -270,6 +271,10 @@ class SignalForwarder:
                     await self.process.signal(signal.SIGKILL)
         except VmpodError as err:
             log.debug("signal %d not forwarded: %s", sig, err)
+
+
+# How a container ends whose output's reader went away: as a writer killed by SIGPIPE.
+SIGPIPE_STATUS = 128 + signal.SIGPIPE
 
 
 def on_reader_gone(gone: asyncio.Future[None]) -> Callable[[OSError], None]:
