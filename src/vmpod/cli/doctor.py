@@ -144,7 +144,12 @@ def _jail_check() -> Check:
         why = "not root" if os.geteuid() != 0 else f"turned off by {JAIL_ENV}"
         return Check("qemu jail", False, f"off ({why}): QEMU runs with vmpod's privileges", required=False)
     if missing := missing_tools():
-        return Check("qemu jail", False, f"missing {', '.join(missing)} (apt-get install bubblewrap)")
+        return Check(
+            "qemu jail",
+            False,
+            f"missing {', '.join(missing)}: QEMU's jail and `vmpod matrix` builds need it "
+            "(apt-get install bubblewrap)",
+        )
     return Check(
         "qemu jail",
         True,
