@@ -23,11 +23,12 @@ from vmpod.containers.records import Record, Records, new_id
 from vmpod.containers.rootfs import image_tree
 from vmpod.images import ImageSource
 from vmpod.images.oci import Manifest
-from vmpod.images.source import ImageConfig
+from vmpod.images.source import ImageConfig, resolve_rootfs
 from vmpod.images.store import ImageStore
 from vmpod.paths import Paths
 from vmpod.storage import cache
 from vmpod.storage.config import CAP_ENV, CONFIG_ENV, CacheSettings
+from vmpod.storage.erofs import rootfs_disk
 from vmpod.storage.prune import DISKS, IMAGES, TREES, candidates, df, prune
 
 MIB = 1 << 20
@@ -374,3 +375,18 @@ def test_prune_on_a_terminal_asks_first(paths: Paths) -> None:
     assert status == 1 and b"WARNING! This will remove" in out and b"Aborted." in out and tree.is_dir()
     status, out = _confirm(paths, b"y\n")
     assert status == 0 and f"Deleted image trees: {tree}".encode() in out and not tree.exists()
+
+
+def test_a_running_vm_s_disk_is_never_pruned(paths: Paths, tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    (rootfs / "hello").write_text("hi\n")
+    source = resolve_rootfs(str(rootfs))
+    disk = rootfs_disk(paths, source)  # what `vmpod run` holds while its VM runs
+    os.utime(cache.use_file(disk), (1, 1))
+    assert prune(paths, all_=True).removed == () and disk.is_file()
+    assert cache.enforce_cap(paths, CacheSettings(max_bytes=1)) == []
+    cache.release_leases()  # the run ended
+    assert rootfs_disk(paths, source) == disk and os.stat(cache.use_file(disk)).st_mtime > 1  # a hit is a use
+    cache.release_leases()
+    assert cache.enforce_cap(paths, CacheSettings(max_bytes=1)) == [disk] and not disk.exists()
