@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from vmpod.cli.common import guarded
 from vmpod.errors import ConfigError
 from vmpod.paths import default_paths
+
+if TYPE_CHECKING:
+    from vmpod.storage.prune import Candidate
 
 _WARNING = """WARNING! This will remove:
   - image trees and disk images that no container or running VM uses{extra}
@@ -67,7 +71,7 @@ def prune(all_: bool, force: bool, dry_run: bool) -> None:
     if dry_run:
         plan = candidates(paths, all_=all_)
         for c in plan:
-            click.echo(f"would remove {c.kind}: {c.name or c.path} ({human_size(c.size)})")
+            click.echo(f"would remove {c.kind}: {_what(c)} ({human_size(c.size)})")
         click.echo(f"Total reclaimable space: {human_size(sum(c.size for c in plan))}")
         return
     if not force:
@@ -79,7 +83,17 @@ def prune(all_: bool, force: bool, dry_run: bool) -> None:
             sys.exit(1)
     result = prune_caches(paths, all_=all_)
     for c in result.removed:
-        click.echo(f"Deleted {c.kind}: {c.name or c.path}")
+        click.echo(f"Deleted {c.kind}: {_what(c)}")
     for why in result.skipped:
         click.echo(f"vmpod: kept {why}", err=True)
     click.echo(f"Total reclaimed space: {human_size(result.freed)}")
+
+
+def _what(c: Candidate) -> str:
+    from vmpod.storage.prune import IMAGES
+
+    if c.name:
+        return c.name  # an image: its reference
+    if c.kind == IMAGES and c.path == default_paths().images:
+        return f"unreferenced blobs in {c.path}"
+    return str(c.path)
