@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from vmpod.errors import AssetError
+from vmpod.fsutil import owned_tmpdir
 from vmpod.guest.kernel import Kernel
 from vmpod.paths import Paths
 from vmpod.proc import run
@@ -45,7 +45,7 @@ def ensure_headers(paths: Paths, kernel: Kernel) -> Path:
         d for d in re.findall(r"Depends: (\S+)", deps) if d.startswith(("linux-headers-", "linux-kbuild-"))
     ]
     paths.tmp.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="headers-") as tmp:
+    with owned_tmpdir(paths.tmp, "headers-") as tmp:
         work = Path(tmp)
         run(
             ["apt-get", "download", "-q", *packages],

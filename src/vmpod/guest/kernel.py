@@ -12,13 +12,12 @@ import lzma
 import re
 import shutil
 import struct
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vmpod.errors import AssetError, CommandError, ConfigError
-from vmpod.fsutil import atomic_write
+from vmpod.fsutil import atomic_write, owned_tmpdir
 from vmpod.paths import Paths
 from vmpod.proc import run
 
@@ -136,7 +135,7 @@ def add_local(
         raise ConfigError(f"'{headers}' is not a kernel build directory (no Makefile)")
     paths.tmp.mkdir(parents=True, exist_ok=True)
     paths.kernels.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="kernel-") as tmp:
+    with owned_tmpdir(paths.tmp, "kernel-") as tmp:
         out = Path(tmp) / "out"
         (out / "lib/modules").mkdir(parents=True)
         shutil.copytree(
@@ -246,7 +245,7 @@ def _fetch(paths: Paths, package: str) -> Kernel:
     """Download the package (apt verifies it against the signed archive), unpack it."""
     paths.tmp.mkdir(parents=True, exist_ok=True)
     paths.kernels.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="kernel-") as tmp:
+    with owned_tmpdir(paths.tmp, "kernel-") as tmp:
         work = Path(tmp)
         deb = _download(package, work)
         version = run(["dpkg-deb", "-f", deb, "Version"], what="read kernel package").stdout

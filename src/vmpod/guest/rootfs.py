@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
+from vmpod.fsutil import owned_tmpdir
 from vmpod.guest.progress import Progress
 from vmpod.paths import Paths
 from vmpod.proc import run
@@ -62,7 +62,7 @@ def ensure_tree(paths: Paths, progress: Progress) -> Path:
     paths.tmp.mkdir(parents=True, exist_ok=True)
     paths.guest.mkdir(parents=True, exist_ok=True)
     progress(f"building guest root from Debian {SUITE} packages (mmdebstrap)")
-    with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="tree-") as tmp:
+    with owned_tmpdir(paths.tmp, "tree-") as tmp:
         tree = Path(tmp) / "tree"
         run(
             ["mmdebstrap", "--quiet", "--variant=extract", f"--include={','.join(PACKAGES)}", SUITE, tree],
@@ -97,7 +97,7 @@ def ensure_image(paths: Paths, tree: Path, progress: Progress) -> Path:
     (root / "agent.py").write_bytes(_ENTRY)
     _compile(tree, "/opt/vmpod/vmpod", "compile agent bytecode")
     paths.tmp.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=paths.tmp, prefix="erofs-") as tmp:
+    with owned_tmpdir(paths.tmp, "erofs-") as tmp:
         out = Path(tmp) / "rootfs.erofs"
         # Uncompressed: the image sits in the host page cache; lz4 would only add CPU.
         run(["mkfs.erofs", "--quiet", "-T0", out, tree], what="make guest root image")

@@ -86,11 +86,6 @@ def parse_creds(text: str) -> tuple[str, str]:
     return user, password
 
 
-def creds_from_env() -> tuple[str, str] | None:
-    value = os.environ.get("REGISTRY_AUTH", "")
-    return parse_creds(value) if value else None
-
-
 def disk_path(images_root: Path, digest: str) -> Path:
     """The cached erofs disk of an image (storage/erofs.py)."""
     return images_root / cache.DISKS / f"{cache.key_of(digest)}.erofs"
@@ -339,7 +334,15 @@ def pull(
 
 def _pull(store: ImageStore, ref: Reference, options: PullOptions, progress: Progress) -> StoredImage:
     name = str(ref)
-    client = RegistryClient(ref, insecure=options.insecure, creds=options.creds, timeout=options.timeout)
+    client = RegistryClient(
+        ref,
+        insecure=options.insecure,
+        creds=options.creds,
+        timeout=options.timeout,
+        # skopeo's scratch layouts on the store's file system (a layer is not
+        # copied across file systems), where GC collects what a killed pull left
+        work_dir=store.root / "incoming",
+    )
     progress(f"pulling {name}")
     with store.pulling():
         manifest = parse_manifest(
@@ -377,12 +380,3 @@ def _pull(store: ImageStore, ref: Reference, options: PullOptions, progress: Pro
     if previous not in (None, manifest.digest):
         store.collect_unused(str(previous))
     return store.image(name)
-
-
-def resolve_stored(text: str, paths: Paths, progress: Progress = silent) -> ImageSource:
-    """A registry reference as an ImageSource from the store, pulled first if missing."""
-    name = str(parse_reference(text))
-    store = ImageStore(paths.images)
-    if store.lookup(name) is None:
-        pull(paths, text, PullOptions(creds=creds_from_env()), progress)
-    return store.source(name, text)
