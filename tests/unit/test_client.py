@@ -346,8 +346,10 @@ HOSTILE: dict[str, bytes] = {
     "output for unknown stream": p.encode_frame(p.STDOUT, 77, b"x"),
     "short credit": p.encode_frame(p.CREDIT, 5, b"\x00\x00\x01"),
     "credit unknown stream": p.encode_frame(p.CREDIT, 77, struct.pack("!I", 1)),
-    # found by tests/unit/test_fuzz_agent.py: a second hello was silently accepted
+    # found by tests/unit/test_fuzz_agent.py: a second hello was silently accepted,
+    # and JSON in UTF-16 or UTF-32 (which json.loads detects) passed for UTF-8
     "second hello": p.encode_json(p.EVENT, 0, {"event": "hello", **HELLO}),
+    "utf-16 json": p.encode_frame(p.EVENT, 0, '{"event":"exit","stream":5,"status":0}'.encode("utf-16")),
 }
 
 
@@ -441,6 +443,21 @@ def test_guest_text_in_a_protocol_error_is_one_short_line(tmp_path: Path, frame:
         with pytest.raises(ProtocolError) as info:
             await client.request("ping", timeout=4)
         assert "\n" not in str(info.value) and len(str(info.value)) < 200, str(info.value)
+
+    run(guest, body, tmp_path)
+
+
+def test_a_refusal_message_is_kept_to_a_bounded_size(tmp_path: Path) -> None:
+    """Found by the fuzz suite: a guest's refusal of 30 kB went whole into the error."""
+
+    async def guest(g: FakeGuest) -> None:
+        g.hello()
+        g.respond(req_id(await g.request()), ok=False, error="line\n" * 6000, error_kind="k" * 1000)
+
+    async def body(client: AgentClient, sock: Path) -> None:
+        with pytest.raises(AgentRequestError) as info:
+            await client.request("ping", timeout=4)
+        assert len(str(info.value)) <= p.MAX_ERROR + 50 and len(info.value.kind) <= 64
 
     run(guest, body, tmp_path)
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from tests.fixtures import hostile as h
 from vmpod.agent import protocol as p
-from vmpod.agent.client import AgentClient, ProcessSink
+from vmpod.agent.client import AgentClient, AgentRequestError, ProcessSink
 from vmpod.errors import AgentError, AgentTimeout, ProtocolError
 
 FRAMES: Counter[str] = Counter()  # frames fed, per test
@@ -256,7 +256,9 @@ def _check_client(frames: list[h.Frame], chunks: list[bytes], sock_dir: Path, pa
     assert isinstance(closed, AgentError)
     one_line(closed)
     for rid, res in zip(h.ASKED, results, strict=True):
-        if isinstance(res, BaseException):
+        if isinstance(res, AgentRequestError):  # the guest's own words, within a limit
+            assert len(str(res)) <= p.MAX_ERROR + 100, len(str(res))
+        elif isinstance(res, BaseException):
             assert isinstance(res, AgentError), repr(res)
             one_line(res)
         else:

@@ -124,8 +124,8 @@ class AgentClient:
         finally:
             self._pending.pop(rid, None)
             log.debug("agent %s took %.1f ms", op, (time.monotonic() - start) * 1000)
-        if not resp.ok:
-            raise AgentRequestError(op, resp.error, resp.error_kind)
+        if not resp.ok:  # (the agent keeps its messages shorter; a hostile one may not)
+            raise AgentRequestError(op, resp.error[: p.MAX_ERROR], resp.error_kind[:64])
         return resp.result
 
     async def call(self, op: str, args: p.Message | None = None, timeout: float = 30.0) -> p.Message:

@@ -30,6 +30,7 @@ MAGIC = b"VP"
 HEADER = struct.Struct("!2sBBII")
 MAX_JSON = 64 * 1024
 MAX_DATA = 256 * 1024
+MAX_ERROR = 4000  # characters of a refusal's message (Response.error) the host shows
 STDIN_WINDOW = 1024 * 1024  # stdin bytes in flight before the host waits
 PORT_NAME = "org.vmpod.agent"  # virtio-serial port name
 VSOCK_PORT = 1024
@@ -113,8 +114,10 @@ class FrameReader:
 
 
 def parse_json(payload: bytes) -> dict[str, object]:
+    """A JSON object from a UTF-8 payload (json.loads alone would also take UTF-16
+    and UTF-32); anything else is a ProtocolViolation."""
     try:
-        obj = json.loads(payload)
+        obj = json.loads(payload.decode())
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
         # RecursionError: deeply nested arrays fit in MAX_JSON but blow the stack.
         raise ProtocolViolation(f"invalid JSON payload: {type(err).__name__}") from None
