@@ -39,6 +39,7 @@ class QemuVm:
         self._proc: subprocess.Popen[bytes] | None = None
         # QEMU itself when jailed (a grandchild, under bwrap): reaped through a pidfd
         self._qemu_pidfd = -1
+        self._jailed = False
         self._qmp: QMPClient | None = None
         self._fs: Virtiofsd | None = None
         if config.shared_dir is not None:
@@ -66,7 +67,11 @@ class QemuVm:
         return _find_qemu(self._proc.pid)
 
     def exit_status(self) -> int | None:
-        return self._proc.poll() if self._proc else None
+        """QEMU's exit status, negative for a signal as with Popen."""
+        code = self._proc.poll() if self._proc else None
+        if code is not None and self._jailed and code > 128:
+            return -(code - 128)  # bwrap reports a command killed by signal N as 128+N
+        return code
 
     async def launch(self) -> None:
         self._sm.require("launch", VmState.NEW)
@@ -107,6 +112,7 @@ class QemuVm:
         # path, and the sockets: QEMU needs no path it could write to
         fds = (*(n.fd for n in self.config.nics), console_fd, *sockets.fds())
         self.argv = qemu_argv if jail is None else wrap_argv(jail, qemu_argv, fds)
+        self._jailed = jail is not None
         log.debug("launching %s", " ".join(self.argv))
         errlog = (self.config.state_dir / "qemu.log").open("wb")
         try:
