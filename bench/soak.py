@@ -161,12 +161,10 @@ def descendants(pid: int) -> list[int]:
     return kids + [d for k in kids for d in descendants(k)]
 
 
-def children_named(pid: int, name: str) -> list[int]:
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    return [int(k) for k in kids if name in argv_of(int(k))]
+def qemu_of(pid: int) -> list[int]:
+    """The QEMU processes below ``pid`` (through a jail such as bwrap, whose argv
+    names QEMU too: the process whose own program is QEMU)."""
+    return [d for d in descendants(pid) if Path(argv_of(d).split(" ", 1)[0]).name.startswith("qemu-system")]
 
 
 # -- the runtime ----------------------------------------------------------------------
@@ -391,9 +389,9 @@ def soak(
         env.checked("start", anchor)
         st = json.loads(env.checked("state", anchor))
         monitor = int(st["pid"])
-        qemus = children_named(monitor, "qemu-system")
+        qemus = qemu_of(monitor)
         if len(qemus) != 1:
-            raise SoakError(f"the anchor's monitor {monitor} has QEMU children {qemus}")
+            raise SoakError(f"the anchor's monitor {monitor} has QEMU processes {qemus} below it")
         pids = (monitor, qemus[0])
         cycle(env, token, f"{token}-warm", anchor)  # first exec paths, caches, imports
         before = snapshot(env, token, pids)

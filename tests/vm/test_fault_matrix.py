@@ -73,6 +73,14 @@ def wait_until(what: str, cond: Callable[[], T], timeout: float = 120) -> T:
     return got
 
 
+def vm_pids(run: Path) -> list[int]:
+    """The QEMU processes serving below ``run`` themselves, not the jail (bwrap)
+    around them, whose argv names QEMU and the run dir too."""
+    return [
+        p for p in qemu_pids(str(run)) if Path(argv_of(p).split(" ", 1)[0]).name.startswith("qemu-system")
+    ]
+
+
 def kill9(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
@@ -188,7 +196,7 @@ class RtCase:
     def vm_up(self) -> bool:
         """One QEMU and its file server (virtiofsd: a process or two) run."""
         run = str(self.paths.run)
-        return len([p for p in qemu_pids(run) if alive(p)]) == 1 and any(
+        return len([p for p in vm_pids(self.paths.run) if alive(p)]) == 1 and any(
             alive(p) for p in virtiofsd_pids(run)
         )
 
@@ -267,7 +275,7 @@ def _target(case: RtCase, target: str, cli: subprocess.Popen[bytes] | None) -> i
     if target == "monitor":
         return wait_until("the monitor", case.monitor, 10)
     if target == "qemu":
-        [qemu] = qemu_pids(str(case.paths.run))
+        [qemu] = vm_pids(case.paths.run)
         return qemu
     # virtiofsd serves from a sandboxed child of the process the monitor started:
     # the worker is the file server that crashes
@@ -407,7 +415,7 @@ def test_runtime_qemu_frozen_for_30s(rtcase: RtCase, busybox: Path) -> None:
     and afterwards the container runs on (exec works) or ended cleanly."""
     case = rtcase
     case.running(case.bundle("bundle", busybox, LOOP))
-    [qemu] = qemu_pids(str(case.paths.run))
+    [qemu] = vm_pids(case.paths.run)
     monitor = case.monitor()
     fds = fd_count(monitor)
     os.kill(qemu, signal.SIGSTOP)
@@ -499,7 +507,7 @@ def test_vmpod_run_killed_while_booting(vmpod: VmpodRunner, busybox: Path, targe
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    [qemu] = wait_until("QEMU", lambda: qemu_pids(str(vmpod.paths.run)))
+    [qemu] = wait_until("QEMU", lambda: vm_pids(vmpod.paths.run))
     kill9(proc.pid if target == "vmpod" else qemu)
     _, err = proc.communicate(timeout=120)
     if target == "qemu":
