@@ -447,6 +447,24 @@ def test_guest_text_in_a_protocol_error_is_one_short_line(tmp_path: Path, frame:
     run(guest, body, tmp_path)
 
 
+def test_on_failure_hears_of_a_violation_once(tmp_path: Path) -> None:
+    """The hook a sandbox can use to stop a hostile guest's VM at once."""
+    heard: list[AgentError] = []
+
+    async def guest(g: FakeGuest) -> None:
+        g.hello()
+        await g.request()
+        g.send(b"\0" * 64)
+
+    async def body(client: AgentClient, sock: Path) -> None:
+        client.on_failure = heard.append
+        with pytest.raises(ProtocolError):
+            await client.request("ping", timeout=4)
+
+    run(guest, body, tmp_path)
+    assert len(heard) == 1 and isinstance(heard[0], ProtocolError)
+
+
 def test_a_refusal_message_is_kept_to_a_bounded_size(tmp_path: Path) -> None:
     """Found by the fuzz suite: a guest's refusal of 30 kB went whole into the error."""
 

@@ -69,6 +69,9 @@ class AgentClient:
         self._hello: asyncio.Future[p.Hello] | None = None
         self._closed: BaseException | None = None
         self.hello: p.Hello | None = None
+        # Called once with the error when the channel fails (a ProtocolError: the guest
+        # is hostile or broken), so the owner can stop the VM without waiting for a caller.
+        self.on_failure: Callable[[AgentError], None] | None = None
 
     async def connect(
         self, channel: Path | tuple[int, int], timeout: float, check_alive: Callable[[], None]
@@ -305,7 +308,7 @@ class AgentClient:
         else:
             raise p.ProtocolViolation(f"unknown event {p.brief(event)}")
 
-    def _fail(self, err: BaseException) -> None:
+    def _fail(self, err: AgentError) -> None:
         self._closed = err
         for fut in self._pending.values():
             if not fut.done():
@@ -318,6 +321,8 @@ class AgentClient:
             self._hello.set_exception(err)
         if self._writer is not None:
             self._writer.close()
+        if self.on_failure is not None:
+            self.on_failure(err)
 
     async def close(self) -> None:
         if self._task is not None:
