@@ -79,8 +79,9 @@ def test_ps_tells_the_truth_about_a_dead_monitor_and_a_lost_runtime_state(tmp_pa
     os.close(mon)
     os.close(lock)
     [v] = m.views()
-    assert v.state == "exited" and v.exit_code is None and not v.alive
-    assert v.status_text() == "Exited (unknown)"
+    # started, and its VM died with the monitor: as if SIGKILLed (fault matrix)
+    assert v.state == "exited" and v.exit_code == 137 and not v.alive
+    assert v.status_text() == "Exited (137)"
     assert m.records.load(cid).finished  # settled into the record
     # a host reboot: the runtime state is gone, the record alone never says running
     m.store.remove(cid)

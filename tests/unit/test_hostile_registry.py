@@ -65,8 +65,9 @@ def skopeo_pids(reg: HostileRegistry) -> list[int]:
 
 
 def leftovers(tmp_path: Path) -> list[str]:
-    """Scratch dirs skopeo copies or auth files went to, still on disk."""
-    return [str(p) for p in (tmp_path / "tmp").rglob("*") if p.name.startswith((".pull-", ".auth-"))]
+    """Scratch dirs skopeo copies or auth files went to, still on disk (in the
+    image store's incoming/ or the temp dir)."""
+    return [str(p) for p in tmp_path.rglob("*") if p.name.startswith((".pull-", ".auth-"))]
 
 
 def failed_pull(paths: Paths, ref: str, options: PullOptions | None = None) -> ImageError:
@@ -184,7 +185,13 @@ def test_killed_pull_leaves_no_skopeo_and_its_scratch_is_collected(
     the next pull removes the dead pull's scratch dir."""
     reg.image("slow", "v1", [GOOD])
     reg.misbehave["slow"] = "trickle-blob"
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    paths = Paths(home=tmp_path / "cache" / "vmpod", run=tmp_path / "run")
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp_path / "tmp"),
+        "VMPOD_HOME": str(paths.home),
+        "VMPOD_RUN": str(paths.run),
+    }
     (tmp_path / "tmp").mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "vmpod.cli", "pull", f"{reg.host}/slow:v1"],
@@ -193,7 +200,9 @@ def test_killed_pull_leaves_no_skopeo_and_its_scratch_is_collected(
         stderr=subprocess.DEVNULL,
     )
     try:
-        assert wait_for(lambda: any(p.endswith("blobs") for p in map(str, (tmp_path / "tmp").rglob("*"))))
+        assert wait_for(
+            lambda: any(p.endswith("blobs") for p in map(str, (paths.home / "images").rglob("*")))
+        )
         assert wait_for(lambda: skopeo_pids(reg) != [])
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -201,7 +210,6 @@ def test_killed_pull_leaves_no_skopeo_and_its_scratch_is_collected(
     assert wait_for(lambda: skopeo_pids(reg) == [])
     assert leftovers(tmp_path) != []  # SIGKILL runs no cleanup ...
     reg.misbehave.clear()
-    paths = Paths(home=tmp_path / "cache" / "vmpod", run=tmp_path / "run")
     old = tempfile.tempdir
     tempfile.tempdir = str(tmp_path / "tmp")
     try:
