@@ -113,7 +113,7 @@ def _check_reader(frames: list[h.Frame], data: st.DataObject, name: str) -> None
             _decode_everything(payload)
 
 
-@settings(FUZZ, max_examples=800)
+@settings(FUZZ, max_examples=400)
 @given(
     st.lists(st.one_of(h.bad_json_frame(), h.bad_message(), h.good_response(), h.good_exit()), max_size=20)
 )
@@ -296,7 +296,7 @@ def test_client_on_long_streams(sock_dir: Path, data: st.DataObject) -> None:
     _check_client(frames, chunks, sock_dir)
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=30)
 @given(st.data())
 def test_client_under_slow_delivery(sock_dir: Path, data: st.DataObject) -> None:
     """Byte by byte or in small pieces, with a real pause between them."""
