@@ -448,3 +448,12 @@ def test_message_dict_defaults_are_not_shared() -> None:
     a.args["k"] = "v"
     assert b.args == {}
     assert p.Request(id=3, op="z").args == {}
+
+
+def test_lone_surrogates_from_the_guest_become_replacement_characters() -> None:
+    # JSON allows "\ud800"; kept, it would raise UnicodeEncodeError when the host
+    # prints the guest's message. A pair still decodes to its character.
+    obj = p.parse_json(b'{"id": 1, "ok": false, "error": "bad \\ud800 name \\ud83d\\ude00"}')
+    resp = p.decode(p.Response, obj)
+    assert resp.error == "bad \ufffd\ufffd\ufffd name \U0001f600"
+    resp.error.encode("utf-8")  # printable as it is

@@ -145,6 +145,10 @@ def _check(value: object, typ: str, where: str) -> object:
         ok = isinstance(value, _SCALARS[typ]) and not (typ != "bool" and isinstance(value, bool))
         if not ok:
             raise ProtocolViolation(f"{where}: expected {typ}, got {type(value).__name__}")
+        if isinstance(value, str) and not value.isascii():
+            # a lone surrogate ("\ud800": JSON allows the escape) would raise later,
+            # when the host prints it; the guest's text is shown, never executed
+            return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
         return value
     if typ.startswith("tuple[") and typ.endswith(", ...]"):
         if not isinstance(value, list):

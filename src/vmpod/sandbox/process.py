@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from vmpod.agent import protocol as p
 from vmpod.agent.client import AgentClient, ProcessSink
-from vmpod.errors import AgentError, VmpodError
+from vmpod.errors import AgentError, ProtocolError, VmpodError
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ class Process:
         try:
             ev = await asyncio.shield(self._sink.exited)
         except AgentError as err:
+            if isinstance(err, ProtocolError):
+                raise  # the guest broke the protocol: the VM did not die, nothing to explain
             failure = await self._explain()
             if failure is not None:
                 raise failure from err

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from vmpod.agent import protocol as p
 from vmpod.agent.client import AgentClient
-from vmpod.errors import AgentError, AgentTimeout, HypervisorError, SandboxError, VmpodError
+from vmpod.errors import AgentError, AgentTimeout, HypervisorError, ProtocolError, SandboxError, VmpodError
 from vmpod.guest.initramfs import with_modules
 from vmpod.guest.modules import ModuleLoad, read_module
 from vmpod.hypervisor import create_vm
@@ -114,6 +114,7 @@ class Sandbox:
             if self._net is not None:
                 self._net.close_fds()  # QEMU holds the taps now: they live as long as it
         await self._connect(vm_config)
+        self._agent.on_failure = self._on_agent_failure
         await self._agent.set_clock(p.SetClock(epoch_ns=time.time_ns()))
         if self._shared is not None:
             self._guest_shared = (await self._agent.mount_shared()).path
@@ -225,6 +226,13 @@ class Sandbox:
         finally:
             self._dir.remove()
             self._sm.to(_S.STOPPED)
+
+    def _on_agent_failure(self, err: AgentError) -> None:
+        """A guest that broke the agent protocol is stopped at once, not when its
+        owner next looks: nothing it says can be trusted any more."""
+        if isinstance(err, ProtocolError) and self._vm is not None and self.alive:
+            log.error("sandbox %s: %s: stopping the VM", self.id, err)
+            self._vm.kill()
 
     async def _watch_shared(self, interval: float = 0.5) -> None:
         """Fail-stop when the file server dies: the guest cannot abort a virtio-fs
