@@ -119,19 +119,20 @@ def _flock(fd: int, operation: int, timeout: float | None, path: StrPath) -> Non
             time.sleep(_LOCK_POLL)
 
 
-def is_locked(path: StrPath) -> bool:
+def is_locked(path: StrPath, *, shared_too: bool = False) -> bool:
     """True while some open file holds an exclusive flock on ``path`` (its owner lives).
 
     False when the file is missing, free or only share-locked. The probe takes a
     shared lock, so two processes probing at once never mistake each other for
     an owner; it never creates the file. Other errors (EACCES) are raised.
+    ``shared_too``: shared locks (leases) count as well; the probe is exclusive.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if shared_too else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         return False
     except BlockingIOError:
         return True

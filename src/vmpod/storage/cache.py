@@ -19,7 +19,6 @@ notices (st_ino differs) and locks the new file instead.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmpod.errors import VmpodError
-from vmpod.fsutil import LockTimeout, lock_file
+from vmpod.fsutil import LockTimeout, is_locked, lock_file
 from vmpod.paths import Paths
 from vmpod.storage.config import CacheSettings, load_cache_settings
 from vmpod.storage.usage import disk_usage
@@ -128,19 +127,8 @@ def exclusive(entry: Path) -> Iterator[bool]:
 def in_use(entry: Path) -> bool:
     """True while some process holds a lease on ``entry`` (creates nothing)."""
     key = os.fspath(use_file(entry))
-    if key in _leases:
-        return True
-    try:
-        fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False  # never leased since its last removal
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    # no lock file: never leased since its last removal
+    return key in _leases or is_locked(key, shared_too=True)
 
 
 def entries(paths: Paths) -> list[Entry]:
