@@ -28,6 +28,7 @@ a temp dir appearing in the cache (unpack).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -36,6 +37,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,8 +52,9 @@ from bench.soak import (
     remove_cgroup_parents,
 )
 
-from tests.vm.conftest import VmFactory, VmpodRunner, leftovers, qemu_pids, virtiofsd_pids
+from tests.vm.conftest import VmFactory, VmpodRunner, leftovers, netns_prefix, qemu_pids, virtiofsd_pids
 from tests.vm.test_runtime_support import Runtime, make_bundle, runtime_env
+from vmpod.network import cni
 from vmpod.paths import Paths
 
 T = TypeVar("T")
@@ -586,3 +589,50 @@ def _named_case(vmpod: VmpodRunner, busybox: Path, stage: str, name: str) -> Non
     assert (r.returncode, r.out) == (0, "again\n"), r.err
     assert vmpod("rm", name).returncode == 0
     _vmpod_clean(vmpod, name)
+
+
+@pytest.fixture
+def bridged(vmpod: VmpodRunner) -> Iterator[tuple[VmpodRunner, str]]:
+    """``vmpod`` on a CNI bridge network of this test's own (its subnet and bridge
+    tell its iptables rules apart from other vmpods'); the subnet's prefix."""
+    prefix = netns_prefix(vmpod.paths)
+    n = int(hashlib.sha256(str(vmpod.paths.run).encode()).hexdigest()[:4], 16) % 250 + 1
+    bridge, subnet = prefix.rstrip("-")[:15], f"10.252.{n}."
+    network = cni.BridgeNetwork(
+        data_dir=vmpod.paths.run / "cni" / "ipam", bridge=bridge, subnet=IPv4Network(subnet + "0/24")
+    )
+    conf = vmpod.paths.home / "net.d"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / cni.CONF_NAME).write_text(json.dumps(network.conflist()))
+    try:
+        yield vmpod, subnet
+    finally:
+        (conf / cni.CONF_NAME).unlink()
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+
+
+def _rules(subnet: str) -> list[str]:
+    out = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if subnet in line and "-A" in line]
+
+
+@pytest.mark.parametrize("target", ["vmpod", "qemu"])
+def test_vmpod_run_on_a_network_killed_while_booting(
+    bridged: tuple[VmpodRunner, str], busybox: Path, target: str
+) -> None:
+    """`vmpod run --network bridge` or its QEMU killed while the VM boots, with the
+    network attached: the next run works, and afterwards no namespace, tap, lease,
+    attachment or iptables rule of the killed run is left."""
+    vmpod, subnet = bridged
+    proc = vmpod.popen(
+        "run", "--rootfs", str(busybox), "--", "true", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    [qemu] = wait_until("QEMU", lambda: vm_pids(vmpod.paths.run))
+    assert netns_named(netns_prefix(vmpod.paths)), "the VM boots without its network namespace"
+    kill9(proc.pid if target == "vmpod" else qemu)
+    proc.communicate(timeout=120)
+    wait_until("QEMU to go", lambda: not qemu_pids(str(vmpod.paths.run)), 10)
+    r = vmpod.run("--rootfs", str(busybox), "--", "echo", "next")
+    assert (r.returncode, r.out) == (0, "next\n"), r.err
+    _vmpod_clean(vmpod, netns_prefix(vmpod.paths))
+    assert _rules(subnet) == [], "iptables rules left behind"
