@@ -367,7 +367,7 @@ def test_runtime_component_killed(rtcase: RtCase, busybox: Path, stage: str, tar
             pid = cli.pid
             wait_until(
                 "delete's connection to the monitor",
-                lambda: any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in _fds(pid)),
+                lambda: any(link.startswith("socket:") for link in _fd_links(pid)),
             )
     victim = _target(case, target, cli)
     kill9(victim)
@@ -406,11 +406,19 @@ def _status(case: RtCase) -> str:
     return str(json.loads(res.stdout)["status"]) if res.returncode == 0 else ""
 
 
-def _fds(pid: int) -> list[str]:
+def _fd_links(pid: int) -> list[str]:
+    """What ``pid``'s open fds point to (fds closed meanwhile are skipped)."""
+    links = []
     try:
-        return os.listdir(f"/proc/{pid}/fd")
+        fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return []
+    for fd in fds:
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return links
 
 
 def test_runtime_qemu_frozen_for_30s(rtcase: RtCase, busybox: Path) -> None:
