@@ -2,7 +2,7 @@
 container's life, QEMU frozen for 30 s, a guest kernel panic.
 
 After each fault, three things must hold:
-  * the state reported is the truth (``truth``): what `vmpod-runtime state` and
+  * the state reported is the truth (``rt_truth``): what `vmpod-runtime state` and
     `list` (or `vmpod ps -a`) say matches the processes that really run — a live
     status has its monitor, its QEMU and its file server, a stopped or missing
     container has none of them;
@@ -23,7 +23,11 @@ next command. The right moment is found by polling a condition, never by
 sleeping: QEMU appearing (boot), a blocking createRuntime hook (create), the
 container's first output line (running), the exec'd process's first line
 (exec), the delete command holding a connection to a frozen monitor (delete),
-a temp dir appearing in the cache (unpack).
+the image tool appearing in the cache's tmp/ (unpack).
+
+Host resources are named after the container (cgroupsPath /vmpod-faults/<id>;
+the bridge cases' own CNI network, namespace prefix and subnet), so the
+"nothing left" checks see only this test's.
 """
 
 from __future__ import annotations
