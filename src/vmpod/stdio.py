@@ -49,3 +49,10 @@ def reserve_stdio() -> frozenset[int]:
 def closed_at_start() -> frozenset[int]:
     """The std fds :func:`reserve_stdio` found closed (now /dev/null)."""
     return _closed
+
+
+def note_discarded_output() -> None:
+    """Say so when stdout was closed at start: as docker does, a run goes on (its
+    effects may be the point), but not silently, and not blaming anything else."""
+    if 1 in _closed:
+        print("vmpod: stdout is closed: the container's output is discarded", file=sys.stderr)

@@ -85,7 +85,8 @@ def test_yes_into_a_closed_pipe_ends_like_sigpipe(
         raise
     err = proc.stderr.read().decode()
     assert proc.returncode == 141, err
-    assert not err.strip(), err  # silent, as a shell is about SIGPIPE
+    # silent, as a shell is about SIGPIPE (a cold cache's progress lines aside)
+    assert not [ln for ln in err.splitlines() if not ln.startswith("vmpod: making ")], err
     assert not _wait_no_helpers(vmpod)
     if named:
         r = vmpod("ps", "-a", "--format", "json")
@@ -95,13 +96,17 @@ def test_yes_into_a_closed_pipe_ends_like_sigpipe(
         assert vmpod("rm", "yes").returncode == 0
 
 
-@pytest.mark.parametrize("redirect", [">&-", ">&- <&-"])
-def test_closed_stdout(vmpod: VmpodRunner, busybox: Path, redirect: str) -> None:
+@pytest.mark.parametrize(
+    "redirect,named",
+    [(">&-", ()), (">&- <&-", ()), (">&-", ("--rm", "--name", "closed"))],
+    ids=["stdout", "stdout-and-stdin", "named"],
+)
+def test_closed_stdout(vmpod: VmpodRunner, busybox: Path, redirect: str, named: tuple[str, ...]) -> None:
     """`vmpod run … >&-` (and with stdin closed too): the run works (its effects may be the point, as with
     docker), its status is the container's, stderr still shows, and vmpod says the
     output is discarded instead of blaming the agent channel or saying nothing."""
     proc = subprocess.run(
-        ["sh", "-c", f'exec "$@" {redirect}', "sh", *VMPOD, "run", "--rootfs", str(busybox), "--"]
+        ["sh", "-c", f'exec "$@" {redirect}', "sh", *VMPOD, "run", *named, "--rootfs", str(busybox), "--"]
         + ["sh", "-c", "echo to-nowhere; echo to-stderr >&2; exit 7"],
         stderr=subprocess.PIPE,
         env=vmpod.env,

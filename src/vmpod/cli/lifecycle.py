@@ -27,6 +27,7 @@ from vmpod.guest.kernel import DEFAULT_KERNEL
 from vmpod.paths import default_paths
 from vmpod.runspec import ProcessOptions
 from vmpod.runtime import outputlog as logs_
+from vmpod.stdio import note_discarded_output
 
 _CTX = {"help_option_names": ["-h", "--help"]}
 
@@ -66,6 +67,7 @@ def run_named(req: RunRequest, *, detach: bool, interactive: bool) -> int:
             reap_when_done(m, rec)
         click.echo(rec.id)
         return 0
+    note_discarded_output()
     status = wait_foreground(m, rec, pid)
     if req.auto_remove:
         m.remove(rec.id, force=True)

@@ -33,7 +33,7 @@ from vmpod.sandbox.attach import (
     raw_terminal,
 )
 from vmpod.sandbox.build import check_resources
-from vmpod.stdio import closed_at_start
+from vmpod.stdio import note_discarded_output
 from vmpod.storage.erofs import rootfs_disk
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,7 @@ async def _run_in(
             )
         )
         tty = opts.process.tty
-        if 1 in closed_at_start():
-            # as docker does, the run goes on (its effects may be the point), but
-            # not silently: the user closed the fd, so the output is dropped
-            print("vmpod: stdout is closed: the container's output is discarded", file=sys.stderr)
+        note_discarded_output()
         relay = Relay()
         reader_gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         gone = on_reader_gone(reader_gone)
