@@ -46,6 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmpod.storage.usage import disk_usage
+
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME = Path(sys.executable).parent / "vmpod-runtime"
 LOOP = ["sh", "-c", "echo up; while true; do sleep 1; done"]
@@ -117,22 +119,6 @@ def entries(d: Path) -> list[str]:
         return sorted(os.listdir(d))
     except FileNotFoundError:
         return []
-
-
-def disk_bytes(root: Path) -> int:
-    """Bytes allocated below ``root`` (each inode once, links not followed)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
-    return total
 
 
 def fd_count(pid: int) -> int:
@@ -336,7 +322,7 @@ def snapshot(env: SoakEnv, token: str, anchor_pids: tuple[int, int]) -> dict[str
         "run dir entries": len(entries(env.run)),
         "mounts": len(mounts_below(env.run, env.home, env.root)),
         "cache tmp entries": len(entries(env.home / "tmp")),
-        "cache disk bytes": disk_bytes(env.home),
+        "cache disk bytes": disk_usage(env.home),
         "cgroups": len(cgroups_named(f"{token}-")),  # the containers' (not their parent)
         "netns": len(netns_named(token)),
         "anchor monitor fds": fd_count(monitor),

@@ -74,7 +74,17 @@ def run(
     """
     args = [str(a) for a in argv]
     try:
-        proc = subprocess.run(args, input=input, cwd=cwd, capture_output=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            args,
+            input=input,
+            cwd=cwd,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            # a tool must not outlive a vmpod killed with -9: it would go on
+            # writing into a temp dir the next vmpod collects as stale
+            preexec_fn=die_with_parent,
+        )
     except FileNotFoundError as err:
         raise CommandError(
             f"{what}: '{args[0]}' is not installed",
