@@ -29,6 +29,23 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def descendant_named(root: int, prefix: str) -> int | None:
+    """The first process below ``root`` (breadth first) whose name starts with
+    ``prefix``: a VM's QEMU under its monitor, jailed (bwrap, its reaper, QEMU)
+    or not."""
+    todo = [root]
+    while todo:
+        pid = todo.pop(0)
+        try:
+            if pid != root and Path(f"/proc/{pid}/comm").read_text().startswith(prefix):
+                return pid
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def tail(text: str | bytes, limit: int = _TAIL) -> str:
     """Last ``limit`` characters of tool output, decoded leniently."""
     if isinstance(text, bytes):

@@ -49,6 +49,7 @@ import pytest
 from vmpod.guest.assets import GuestAssets, ensure_assets
 from vmpod.guest.kernel import DEFAULT_KERNEL
 from vmpod.paths import Paths, default_paths
+from vmpod.proc import descendant_named
 
 REPO = Path(__file__).resolve().parents[2]
 VMPOD = [sys.executable, "-m", "vmpod.cli"]
@@ -209,23 +210,10 @@ def qemu_pids(marker: str) -> list[int]:
 
 
 def qemu_below(pid: int) -> list[int]:
-    """QEMU processes among ``pid``'s descendants (a monitor's VM: jailed, QEMU is
-    a grandchild, under bwrap and its pid-1 reaper)."""
-    found, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        try:
-            kids = [
-                int(k)
-                for t in Path(f"/proc/{cur}/task").iterdir()
-                for k in (t / "children").read_text().split()
-            ]
-            if cur != pid and Path(f"/proc/{cur}/comm").read_text().startswith("qemu-system"):
-                found.append(cur)
-        except (OSError, ValueError):
-            continue
-        todo += kids
-    return sorted(found)
+    """The QEMU below ``pid`` (a monitor's VM; jailed, QEMU is a grandchild, under
+    bwrap and its pid-1 reaper), as a list: empty when there is none."""
+    found = descendant_named(pid, "qemu-system")
+    return [found] if found is not None else []
 
 
 def netns_prefix(paths: Paths) -> str:

@@ -116,7 +116,7 @@ def test_killed_monitor_then_ps_rm_and_runtime_run(
     monitor = json.loads(vmpod("inspect", "k").out)[0]["state"]["monitor_pid"]
     os.kill(monitor, signal.SIGKILL)
     _wait(lambda: not qemu_pids(str(vmpod.paths.run)))  # QEMU dies with its monitor
-    assert _states(vmpod) == {"k": "Exited (unknown)"}
+    assert _states(vmpod) == {"k": "Exited (137)"}  # as if SIGKILLed: its VM died with it
     assert vmpod("rm", "k").returncode == 0
     assert _ps(vmpod, "-a") == []
 

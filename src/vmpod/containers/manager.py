@@ -21,6 +21,7 @@ from vmpod.containers import network as net
 from vmpod.containers import rootfs
 from vmpod.containers.records import ContainerError, NoSuchContainer, Record, Records
 from vmpod.paths import Paths
+from vmpod.proc import descendant_named
 from vmpod.runtime import ipc, lifecycle
 from vmpod.runtime.errors import NotFound, RuntimeCliError
 from vmpod.runtime.outputlog import DEFAULT_KEEP, DEFAULT_MAX_BYTES, LogSink
@@ -215,15 +216,7 @@ def _layers(ov: rootfs.Overlay) -> dict[str, Path]:
 
 
 def vm_pid(monitor_pid: int) -> int:
-    """The QEMU child of a monitor (0 if none)."""
+    """The QEMU below a monitor (0 if none)."""
     if monitor_pid <= 0:
         return 0
-    try:
-        children = Path(f"/proc/{monitor_pid}/task/{monitor_pid}/children").read_text().split()
-    except OSError:
-        return 0
-    for child in children:
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{child}/comm").read_text().startswith("qemu"):
-                return int(child)
-    return 0
+    return descendant_named(monitor_pid, "qemu-system") or 0

@@ -23,7 +23,7 @@ from vmpod.hypervisor.qemu.console import ConsoleDrain, ConsoleFiles
 from vmpod.hypervisor.qemu.devices import HostSockets, build_argv, find_qemu
 from vmpod.hypervisor.qemu.jail import SECCOMP, Jail, jail_enabled, make_jail, wrap_argv
 from vmpod.hypervisor.qemu.virtiofsd import Virtiofsd
-from vmpod.proc import spawn_vm_helper
+from vmpod.proc import descendant_named, spawn_vm_helper
 from vmpod.states import StateMachine
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class QemuVm:
         """QEMU's own pid (inside the jail, a descendant of ``pid``)."""
         if self._proc is None or self._proc.poll() is not None:
             return None
-        return _find_qemu(self._proc.pid)
+        return descendant_named(self._proc.pid, "qemu-system")
 
     def exit_status(self) -> int | None:
         """QEMU's exit status, negative for a signal as with Popen."""
@@ -321,21 +321,6 @@ class QemuVm:
     def qemu_error(self) -> str:
         text = _tail(self.config.state_dir / "qemu.log", 3)
         return text.replace("\n", " ") or "no error output"
-
-
-def _find_qemu(root: int) -> int | None:
-    """The first QEMU process below ``root`` (bwrap, its pid-1 reaper, QEMU)."""
-    todo = [root]
-    while todo:
-        pid = todo.pop(0)
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().startswith("qemu-system"):
-                return pid
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 def _listen(path: Path) -> int:
