@@ -211,6 +211,8 @@ class Session:
                 "kill": self._op_kill,
                 "runtime": self._op_runtime,
                 "destroy": self._op_destroy,
+                "checkpoint": self._op_checkpoint,
+                "guest_facts": self._op_guest_facts,
             },
             self._op_exec,
         )
@@ -410,6 +412,34 @@ class Session:
         ):
             raise RuntimeCliError(f"invalid runtime request {command!r}")
         return {"stdout": await self.query(str(command), [str(a) for a in args], resources)}
+
+    async def _op_checkpoint(self, msg: Msg) -> Msg:
+        """CRIU images of the container into the host directory ``dir`` (forensics)."""
+        where, flags = msg.get("dir"), msg.get("flags") or {}
+        if not isinstance(where, str) or not os.path.isabs(where) or not os.path.isdir(where):
+            raise RuntimeCliError(f"checkpoint: {where!r} is not an existing absolute directory")
+        if not isinstance(flags, dict) or not set(flags) <= {
+            "leave_running",
+            "tcp_established",
+            "file_locks",
+        }:
+            raise RuntimeCliError(f"checkpoint: invalid flags {flags!r}")
+        require("checkpoint", self.status)
+        assert self.container is not None
+        try:
+            await self.container.checkpoint(Path(where), **{k: bool(v) for k, v in flags.items()})
+        finally:
+            self.persist()
+        return {}
+
+    async def _op_guest_facts(self, msg: Msg) -> Msg:
+        """The guest's kernel and runc, and whether CRIU works there (first line: its version)."""
+        sandbox = self.sandbox or self.pod
+        if sandbox is None:
+            raise RuntimeCliError("the container has no VM")
+        info = await sandbox.guest_info()
+        criu = await sandbox.criu_check()
+        return {"kernel": info.kernel, "runc": info.runc, "criu_status": criu.status, "criu": criu.stdout}
 
     async def _op_exec(self, conn: ipc.Conn, msg: Msg, fds: list[int]) -> None:
         require("exec", self.status)

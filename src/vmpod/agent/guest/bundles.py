@@ -192,6 +192,40 @@ def exec_argv(
     ]
 
 
+def checkpoint_argv(
+    binary: str, cid: str, images: str, work: str, flags: list[str], root: str = RUNC_ROOT
+) -> list[str]:
+    """``runc checkpoint``: CRIU images to ``images``, dump.log to ``work``."""
+    return [
+        binary, "--root", root, "checkpoint", "--image-path", images, "--work-path", work,
+        *flags, check_id(cid),
+    ]  # fmt: skip
+
+
+def restore_argv(
+    binary: str,
+    bundle: str,
+    cid: str,
+    images: str,
+    work: str,
+    flags: list[str],
+    pid_file: str,
+    log: str,
+    root: str = RUNC_ROOT,
+) -> list[str]:
+    """``runc restore`` in the foreground (like ``run``: its stdio become the tree's)."""
+    return [
+        *_logged(binary, root, log),
+        *("restore", "--image-path", images, "--work-path", work, "--bundle", bundle),
+        *("--pid-file", pid_file, *flags, check_id(cid)),
+    ]  # fmt: skip
+
+
+def criu_flags(leave_running: bool, tcp_established: bool, file_locks: bool) -> list[str]:
+    flags = ["--leave-running"] if leave_running else []
+    return flags + ["--tcp-established"] * tcp_established + ["--file-locks"] * file_locks
+
+
 _ARG_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_=.,:+-/")
 
 
