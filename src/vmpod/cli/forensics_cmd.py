@@ -1,0 +1,63 @@
+"""`vmpod forensics capture / verify / restore`: evidence archives of running
+containers (CRIU in their VM), checked and brought back in a fresh, isolated VM."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from vmpod.cli.common import guarded
+from vmpod.paths import default_paths
+
+
+@click.group()
+def forensics() -> None:
+    """Capture a running container into an evidence archive, verify it, restore it."""
+
+
+@forensics.command()
+@click.argument("container")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The archive to write.")
+@click.option(
+    "--kill", is_flag=True, help="Stop the container after the capture (default: it keeps running)."
+)
+@click.option("--tcp-established", is_flag=True, help="Capture established TCP connections (CRIU).")
+@click.option("--file-locks", is_flag=True, help="Capture file locks (CRIU).")
+@guarded
+def capture(container: str, output: Path, kill: bool, tcp_established: bool, file_locks: bool) -> None:
+    """Checkpoint CONTAINER (of `vmpod run -d`) with CRIU inside its VM."""
+    from vmpod.forensics.capture import CaptureRequest
+    from vmpod.forensics.capture import capture as do_capture
+
+    req = CaptureRequest(container, output, kill, tcp_established, file_locks, command_line=tuple(sys.argv))
+    got = do_capture(default_paths(), req)
+    click.echo(f"{got.archive}")
+    click.echo(
+        f"captured {len(got.manifest.files)} files in {got.seconds:.2f}s "
+        f"(container frozen {got.frozen_seconds:.2f}s; {'stopped' if kill else 'still running'})",
+        err=True,
+    )
+
+
+@forensics.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@guarded
+def verify(archive: Path) -> None:
+    """Recheck every digest of ARCHIVE against its manifest."""
+    from vmpod.forensics.archive import verify as do_verify
+
+    v = do_verify(archive)
+    for name in v.changed:
+        click.echo(f"CHANGED  {name}")
+    for name in v.missing:
+        click.echo(f"MISSING  {name}")
+    for name in v.added:
+        click.echo(f"ADDED    {name}")
+    m = v.manifest
+    who = f"{m.container.get('name', '?')} captured {m.captured} on {m.host}"
+    if not v.ok:
+        click.echo(f"FAILED: {archive} ({who}) does not match its manifest", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {len(m.files)} files match the manifest ({who})")
