@@ -61,3 +61,21 @@ def verify(archive: Path) -> None:
         click.echo(f"FAILED: {archive} ({who}) does not match its manifest", err=True)
         sys.exit(1)
     click.echo(f"OK: {len(m.files)} files match the manifest ({who})")
+
+
+@forensics.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--name", default="", help="Name of the restored container.")
+@click.option(
+    "--rootfs", default="", metavar="DIR", help="The image's root filesystem, if not the archive's."
+)
+@guarded
+def restore(archive: Path, name: str, rootfs: str) -> None:
+    """Restore ARCHIVE's process tree as a new detached container in a fresh VM."""
+    from vmpod.cli.common import progress
+    from vmpod.forensics.restore import NETWORK_NOTE, RestoreRequest
+    from vmpod.forensics.restore import restore as do_restore
+
+    got = do_restore(default_paths(), RestoreRequest(archive, name=name, rootfs=rootfs), progress)
+    click.echo(got.record.name)
+    click.echo(f"restored {got.record.short_id} in {got.seconds:.2f}s; {NETWORK_NOTE}", err=True)

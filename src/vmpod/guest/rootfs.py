@@ -20,7 +20,16 @@ from vmpod.proc import run
 SUITE = "bookworm"
 # python3-minimal lacks json & co.; libpython3.11-stdlib brings them. CRIU dumps tmpfs
 # mounts (the container's /dev) with GNU tar --gzip: busybox's tar lacks its flags.
-PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "runc", "crun", "busybox-static", "criu", "tar", "gzip")
+PACKAGES = (
+    "python3-minimal",
+    "libpython3.11-stdlib",
+    "runc",
+    "crun",
+    "busybox-static",
+    "criu",
+    "tar",
+    "gzip",
+)
 TREE_FORMAT = "2"
 AGENT_ROOT = "opt/vmpod"  # on sys.path in the guest
 _ENTRY = b"import sys\nsys.path.insert(0, '/opt/vmpod')\nfrom vmpod.agent.guest.main import main\nmain()\n"

@@ -393,7 +393,10 @@ class Session:
         return {}
 
     async def _op_start(self, msg: Msg) -> Msg:
-        await self.start()
+        restore = msg.get("restore") or ""
+        if not isinstance(restore, str) or (restore and not os.path.isabs(restore)):
+            raise RuntimeCliError(f"start: invalid restore directory {restore!r}")
+        await self.start(Path(restore) if restore else None)
         return {}
 
     async def _op_kill(self, msg: Msg) -> Msg:
@@ -446,7 +449,8 @@ class Session:
         assert self.container is not None
         await ExecSession(self.container, conn, msg, fds).run()
 
-    async def start(self) -> None:
+    async def start(self, restore: Path | None = None) -> None:
+        """Run the container's process, or (``restore``) restore its CRIU images."""
         require("start", self.status)
         assert self.container is not None
         if self.tty_slave >= 0:
@@ -462,7 +466,14 @@ class Session:
             self.spawn(self._stop_when_reader_gone(gone))
             stdin_fd, stdin = i, not is_null(i)
         output = self._output(Output(out.write, err.write))
-        proc = await self.container.start(output, stdin=stdin, wait_started=True)
+        if restore is not None:
+            try:
+                proc = await self.container.restore(restore, output)
+            except VmpodError as exc:
+                self.finish(125)
+                raise RuntimeCliError(str(exc)) from exc
+        else:
+            proc = await self.container.start(output, stdin=stdin, wait_started=True)
         if not proc.started:
             # runc's start fails when the process cannot run: so does ours, with
             # the guest runtime's message (the container is stopped, as runc's is)
