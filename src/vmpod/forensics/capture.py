@@ -84,7 +84,7 @@ def capture(paths: Paths, req: CaptureRequest) -> Captured:
             stage, criu_dir = tmp / "archive", tmp / "criu"
             stage.mkdir()
             criu_dir.mkdir()
-            pause = v.state == RUNNING_S
+            pause, dumped = v.state == RUNNING_S, False
             if pause:
                 ipc.request(sock, {"op": "runtime", "command": "pause"}, timeout=60)
             try:
@@ -100,10 +100,11 @@ def capture(paths: Paths, req: CaptureRequest) -> Captured:
                         {"op": "checkpoint", "dir": str(criu_dir), "flags": flags},
                         timeout=CHECKPOINT_TIMEOUT + 60,
                     )
+                    dumped = True
                 finally:
                     _keep_log(criu_dir / "work" / "dump.log", stage / a.DUMP_LOG)
             finally:
-                if pause and not req.kill:
+                if pause and not (req.kill and dumped):  # a failed --kill leaves it running
                     with contextlib.suppress(VmpodError):
                         ipc.request(sock, {"op": "runtime", "command": "resume"}, timeout=60)
             frozen = time.monotonic() - t0

@@ -221,6 +221,30 @@ def restore_argv(
     ]  # fmt: skip
 
 
+CRIU_CONFIG_ANNOTATION = "org.criu.config"  # runc hands this file to CRIU
+
+
+def restore_config(bundle: str) -> None:
+    """Prepare ``bundle`` for ``runc restore``: on cgroup v2 runc gives CRIU no
+    cgroup root, so the tree would land in the dumped container's cgroup, out of
+    reach of this container's freezer (pause, a later checkpoint): a CRIU
+    configuration file names this container's cgroup as the root."""
+    path = os.path.join(bundle, "config.json")
+    with open(path) as fh:
+        spec = json.load(fh)
+    if (spec.get("process") or {}).get("terminal"):
+        raise AgentFailure("a container with a terminal cannot be restored", "unsupported")
+    cgroup = (spec.get("linux") or {}).get("cgroupsPath")
+    if not isinstance(cgroup, str) or not cgroup.startswith("/") or not set(cgroup) <= _ARG_OK:
+        return  # no path of ours to give (runc's default)
+    conf = os.path.join(bundle, "criu-restore.conf")
+    with open(conf, "w") as fh:
+        fh.write(f"cgroup-root {cgroup}\n")
+    spec["annotations"] = {**(spec.get("annotations") or {}), CRIU_CONFIG_ANNOTATION: conf}
+    with open(path, "w") as fh:
+        json.dump(spec, fh)
+
+
 def criu_flags(leave_running: bool, tcp_established: bool, file_locks: bool) -> list[str]:
     flags = ["--leave-running"] if leave_running else []
     return flags + ["--tcp-established"] * tcp_established + ["--file-locks"] * file_locks

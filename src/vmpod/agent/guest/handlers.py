@@ -352,9 +352,7 @@ class Handlers:
         self, rid: int, cid: str, stream: int, images: str, work: str, flags: list[str]
     ) -> p.ProcessStarted | None:
         bundle = bundles.bundle_dir(self.config, cid)
-        with open(os.path.join(bundle, "config.json")) as fh:
-            if (json.load(fh).get("process") or {}).get("terminal"):
-                raise AgentFailure("a container with a terminal cannot be restored", "unsupported")
+        bundles.restore_config(bundle)
         pid_file, log = f"{bundle}/init.pid", f"{bundle}/init.log"
         binary = self.config.runtime_binary(self.containers[cid])
         argv = bundles.restore_argv(
