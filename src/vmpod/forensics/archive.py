@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, TypeGuard
 
 from vmpod.errors import ForensicsError
 
@@ -73,7 +73,7 @@ class Manifest:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise ForensicsError(f"{MANIFEST} is not a {FORMAT} manifest")
         files, container = obj.get("files"), obj.get("container")
-        if not _str_map(files) or not _str_map(container):
+        if not (_str_map(files) and _str_map(container)):
             raise ForensicsError(f"{MANIFEST}: 'files' and 'container' must map strings to strings")
         strs = ("captured", "host", "host_kernel", "guest_kernel", "criu", "runc", "vmpod")
         if not all(isinstance(obj.get(k), str) for k in strs) or not isinstance(
@@ -92,7 +92,7 @@ class Manifest:
         )
 
 
-def _str_map(value: object) -> bool:
+def _str_map(value: object) -> TypeGuard[dict[str, str]]:
     return isinstance(value, dict) and all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     )
