@@ -93,7 +93,7 @@ def test_restore_config_names_the_cgroup(tmp_path: Path) -> None:
     bundles.restore_config(str(tmp_path))
     out = json.loads((tmp_path / "config.json").read_text())
     conf = out["annotations"][bundles.CRIU_CONFIG_ANNOTATION]
-    assert Path(conf).read_text() == "cgroup-root /vmpod/abc\n"
+    assert Path(conf).read_text() == "tcp-close\ncgroup-root /vmpod/abc\n"
     (tmp_path / "config.json").write_text(json.dumps({"process": {"terminal": True}}))
     with pytest.raises(AgentFailure, match="terminal"):
         bundles.restore_config(str(tmp_path))

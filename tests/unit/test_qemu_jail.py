@@ -16,9 +16,7 @@ from vmpod.hypervisor.qemu.jail import Jail, jail_enabled, make_jail, sandbox_ui
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the jail needs root (namespaces, a uid switch)"),
-    pytest.mark.skipif(
-        bool(jail_mod.missing_tools()), reason="no bubblewrap (scripts/setup.sh)"
-    ),
+    pytest.mark.skipif(bool(jail_mod.missing_tools()), reason="no bubblewrap (scripts/setup.sh)"),
 ]
 
 PROBE = r"""

@@ -25,13 +25,24 @@ def forensics() -> None:
 )
 @click.option("--tcp-established", is_flag=True, help="Capture established TCP connections (CRIU).")
 @click.option("--file-locks", is_flag=True, help="Capture file locks (CRIU).")
+@click.option(
+    "--max-size",
+    default=16 << 30,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Bytes of CRIU images taken.",
+)
 @guarded
-def capture(container: str, output: Path, kill: bool, tcp_established: bool, file_locks: bool) -> None:
+def capture(
+    container: str, output: Path, kill: bool, tcp_established: bool, file_locks: bool, max_size: int
+) -> None:
     """Checkpoint CONTAINER (of `vmpod run -d`) with CRIU inside its VM."""
     from vmpod.forensics.capture import CaptureRequest
     from vmpod.forensics.capture import capture as do_capture
 
-    req = CaptureRequest(container, output, kill, tcp_established, file_locks, command_line=tuple(sys.argv))
+    req = CaptureRequest(
+        container, output, kill, tcp_established, file_locks, max_bytes=max_size, command_line=tuple(sys.argv)
+    )
     got = do_capture(default_paths(), req)
     click.echo(f"{got.archive}")
     click.echo(

@@ -60,6 +60,12 @@ def capture(paths: Paths, req: CaptureRequest) -> Captured:
         raise ConfigError(f"{out} exists", hint="name a new archive file with -o")
     if not out.parent.is_dir():
         raise ConfigError(f"{out.parent} is not a directory", hint="name an archive in an existing directory")
+    if req.tcp_established:
+        # CRIU locks the connections with iptables while it dumps them
+        raise ForensicsError(
+            "--tcp-established needs iptables in the guest root, which vmpod's guest does not ship yet",
+            hint="capture without it: CRIU then refuses a container with established TCP connections",
+        )
     m = Manager(paths)
     with m.locked(req.ref) as rec:
         v = m.view(rec)

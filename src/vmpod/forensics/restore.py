@@ -36,10 +36,7 @@ from vmpod.paths import Paths
 from vmpod.runtime.state import now_rfc3339
 
 MAX_UNPACKED = 32 << 30  # bytes an archive may unpack to
-NETWORK_NOTE = (
-    "network: none (loopback only); TCP connections are not restored "
-    "(a capture refuses established ones unless --tcp-established)"
-)
+NETWORK_NOTE = "network: none (loopback only); connected TCP sockets are restored closed (CRIU --tcp-close)"
 
 
 @dataclass(frozen=True)

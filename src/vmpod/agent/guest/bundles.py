@@ -225,21 +225,23 @@ CRIU_CONFIG_ANNOTATION = "org.criu.config"  # runc hands this file to CRIU
 
 
 def restore_config(bundle: str) -> None:
-    """Prepare ``bundle`` for ``runc restore``: on cgroup v2 runc gives CRIU no
-    cgroup root, so the tree would land in the dumped container's cgroup, out of
-    reach of this container's freezer (pause, a later checkpoint): a CRIU
-    configuration file names this container's cgroup as the root."""
+    """Prepare ``bundle`` for ``runc restore`` with a CRIU configuration file:
+    ``tcp-close`` (connected TCP sockets come back closed: the new VM has no
+    network), and on cgroup v2, where runc gives CRIU no cgroup root and the
+    tree would land in the dumped container's cgroup, out of reach of this
+    container's freezer (pause, a later checkpoint), this container's cgroup."""
     path = os.path.join(bundle, "config.json")
     with open(path) as fh:
         spec = json.load(fh)
     if (spec.get("process") or {}).get("terminal"):
         raise AgentFailure("a container with a terminal cannot be restored", "unsupported")
+    lines = ["tcp-close"]
     cgroup = (spec.get("linux") or {}).get("cgroupsPath")
-    if not isinstance(cgroup, str) or not cgroup.startswith("/") or not set(cgroup) <= _ARG_OK:
-        return  # no path of ours to give (runc's default)
+    if isinstance(cgroup, str) and cgroup.startswith("/") and set(cgroup) <= _ARG_OK:
+        lines.append(f"cgroup-root {cgroup}")
     conf = os.path.join(bundle, "criu-restore.conf")
     with open(conf, "w") as fh:
-        fh.write(f"cgroup-root {cgroup}\n")
+        fh.write("".join(f"{line}\n" for line in lines))
     spec["annotations"] = {**(spec.get("annotations") or {}), CRIU_CONFIG_ANNOTATION: conf}
     with open(path, "w") as fh:
         json.dump(spec, fh)
