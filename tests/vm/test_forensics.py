@@ -90,6 +90,12 @@ def test_capture_verify_restore(vm_factory: VmFactory, busybox: Path, tmp_path: 
     assert r.returncode != 0 and "checkpoint/pages-1.img" in r.err
     assert "bad" not in vmpod("ps", "-a").out
 
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    r = vmpod("forensics", "restore", str(truncated), "--name", "half")
+    assert r.returncode != 0 and "truncated.tar" in r.err
+    assert "half" not in vmpod("ps", "-a").out
+
     # B: a fresh VM; the archive names the --rootfs directory, which is still here
     r = vmpod("forensics", "restore", str(archive), "--name", "clone", timeout=900)
     assert r.returncode == 0, r.err
@@ -115,6 +121,15 @@ def test_capture_verify_restore(vm_factory: VmFactory, busybox: Path, tmp_path: 
     assert vmpod("forensics", "verify", str(second)).returncode == 0
     assert _captured_log(second)[:captured] == lines
 
+    # the image given by hand (--rootfs): a third VM goes on from the second capture
+    counted = len(_captured_log(second))
+    r = vmpod("forensics", "restore", str(second), "--name", "third", "--rootfs", str(busybox), timeout=900)
+    assert r.returncode == 0, r.err
+    _wait(lambda: len(_counts(vmpod, "third")) >= 1)
+    assert _counts(vmpod, "third")[0] == counted + 1
+    assert vmpod("stop", "third").returncode == 0
+    assert vmpod("rm", "third").returncode == 0
+
     for name in ("clone", "suspect"):
         assert vmpod("rm", "-f", name).returncode == 0
 
@@ -124,3 +139,19 @@ def _status(vmpod: VmpodRunner, name: str) -> str:
         if line.split()[-1] == name:
             return line
     return ""
+
+
+def test_capture_needs_runc_in_the_guest(vm_factory: VmFactory, busybox: Path, tmp_path: Path) -> None:
+    vmpod = vm_factory()
+    r = vmpod.run(
+        "-d", "--name", "c", "--guest-runtime", "crun", "--rootfs", str(busybox), "--", "sleep", "600"
+    )
+    assert r.returncode == 0, r.err
+    archive = tmp_path / "a.tar"
+    r = vmpod("forensics", "capture", "c", "-o", str(archive))
+    assert r.returncode != 0 and "capture needs runc" in r.err and "--guest-runtime runc" in r.err
+    assert not archive.exists() and not list(tmp_path.iterdir())
+    assert "Running" in _status(vmpod, "c")
+    r = vmpod("forensics", "capture", "nosuch", "-o", str(archive))
+    assert r.returncode != 0 and "no such container: nosuch" in r.err
+    assert vmpod("rm", "-f", "c").returncode == 0
