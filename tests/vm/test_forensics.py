@@ -7,13 +7,14 @@ is captured again with --kill."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.vm.conftest import VmFactory, VmpodRunner
+from tests.vm.conftest import GuestKernel, VmFactory, VmpodRunner
 
 # the count lives only in the shell's memory; fd 3 stays open (O_APPEND) all along
 COUNTER = "i=0; exec 3>>/data.log; while true; do i=$((i+1)); echo $i >&3; echo n=$i; sleep 0.3; done"
@@ -58,8 +59,10 @@ def _flip_byte(src: Path, dest: Path, member: str) -> None:
         fh.write(bytes([byte[0] ^ 0xFF]))
 
 
-def test_capture_verify_restore(vm_factory: VmFactory, busybox: Path, tmp_path: Path) -> None:
-    vmpod = vm_factory()
+def test_capture_verify_restore(
+    vm_factory: VmFactory, busybox: Path, tmp_path: Path, guest_kernel: GuestKernel
+) -> None:
+    vmpod = vm_factory(kernel=guest_kernel.name)
     r = vmpod.run("-d", "--name", "suspect", "--rootfs", str(busybox), "--", "sh", "-c", COUNTER)
     assert r.returncode == 0, r.err
     _wait(lambda: len(_counts(vmpod, "suspect")) >= 3)
@@ -110,6 +113,10 @@ def test_capture_verify_restore(vm_factory: VmFactory, busybox: Path, tmp_path: 
     assert restored[:captured] == lines and restored == [str(i) for i in range(1, len(restored) + 1)]
     assert len(restored) > captured
     assert vmpod("exec", "clone", "ls", "/sys/class/net").out.split() == ["lo"]
+    # B boots the captured container's kernel (the manifest names it)
+    manifest = json.loads(_member(archive, "vmpod-manifest.json"))
+    assert manifest["guest_kernel"] == guest_kernel.release
+    assert vmpod("exec", "clone", "uname", "-r").out.strip() == guest_kernel.release
     assert "Running" in vmpod("ps").out.split("\n", 1)[1]
     assert max(_counts(vmpod, "suspect")) > captured + 3  # A still runs its own
 

@@ -80,13 +80,16 @@ def verify(archive: Path) -> None:
 @click.option(
     "--rootfs", default="", metavar="DIR", help="The image's root filesystem, if not the archive's."
 )
+@click.option("--kernel", default="", help="Guest kernel (default: the captured container's).")
 @guarded
-def restore(archive: Path, name: str, rootfs: str) -> None:
+def restore(archive: Path, name: str, rootfs: str, kernel: str) -> None:
     """Restore ARCHIVE's process tree as a new detached container in a fresh VM."""
     from vmpod.cli.common import progress
     from vmpod.forensics.restore import NETWORK_NOTE, RestoreRequest
     from vmpod.forensics.restore import restore as do_restore
 
-    got = do_restore(default_paths(), RestoreRequest(archive, name=name, rootfs=rootfs), progress)
+    got = do_restore(
+        default_paths(), RestoreRequest(archive, name=name, rootfs=rootfs, kernel=kernel), progress
+    )
     click.echo(got.record.name)
     click.echo(f"restored {got.record.short_id} in {got.seconds:.2f}s; {NETWORK_NOTE}", err=True)

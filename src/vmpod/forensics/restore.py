@@ -44,7 +44,7 @@ class RestoreRequest:
     archive: Path
     name: str = ""
     rootfs: str = ""  # the image's root filesystem, when the archive's image is not here
-    kernel: str = RunRequest.kernel
+    kernel: str = ""  # "": the captured container's kernel (else vmpod's default)
     accel: str = RunRequest.accel
 
 
@@ -81,6 +81,12 @@ def restore(paths: Paths, req: RestoreRequest, progress: Progress = silent) -> R
                 "the archive names no image", hint="give the image's root filesystem with --rootfs"
             )
         tree = rootfs.image_tree(paths, source, progress)
+        captured = config.get("vmpod")
+        kernel = (
+            req.kernel
+            or str(captured.get("kernel") if isinstance(captured, dict) else "")
+            or RunRequest.kernel
+        )
         cid = new_id()
         rec = Record(
             id=cid,
@@ -90,12 +96,12 @@ def restore(paths: Paths, req: RestoreRequest, progress: Progress = silent) -> R
             lower=str(tree),
             command=_command(spec),
             created=now_rfc3339(),
-            kernel=req.kernel,
+            kernel=kernel,
             network="none",
         )
         d = m.records.add(rec)
         try:
-            _prepare(m, rec, spec, unpacked, req)
+            _prepare(m, rec, spec, unpacked, req.accel)
             restore_dir = d / "restore"
             os.rename(unpacked / a.CHECKPOINT_DIR, restore_dir / "checkpoint")
             start_container(m, rec, restore=str(restore_dir))
@@ -128,7 +134,7 @@ def _command(spec: dict[str, object]) -> tuple[str, ...]:
     return tuple(args)
 
 
-def _prepare(m: Manager, rec: Record, spec: dict[str, object], unpacked: Path, req: RestoreRequest) -> None:
+def _prepare(m: Manager, rec: Record, spec: dict[str, object], unpacked: Path, accel: str) -> None:
     """The new container's writable layer (the diff applied), bundle and VM settings."""
     d = m.dir(rec)
     ov = m.overlay(rec)
@@ -158,9 +164,9 @@ def _prepare(m: Manager, rec: Record, spec: dict[str, object], unpacked: Path, r
     bundle.mkdir(mode=0o700)
     atomic_write(bundle / "config.json", json.dumps(spec, indent=1).encode(), mode=0o600)
     runtime_cfg = {
-        "kernel": req.kernel,
-        "kernels": [req.kernel],
-        "accel": req.accel,
+        "kernel": rec.kernel,
+        "kernels": [rec.kernel],
+        "accel": accel,
         "guest_runtime": "runc",
         "boot_timeout": RunRequest.boot_timeout,
     }
