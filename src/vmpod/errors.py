@@ -90,3 +90,7 @@ class StateError(VmpodError):
 
 class NetworkError(VmpodError):
     """A pod network namespace that cannot be inspected, wired to a tap or torn down."""
+
+
+class ForensicsError(VmpodError):
+    """Capture, verification or restore of an evidence archive failed."""

@@ -197,6 +197,15 @@ class AgentClient:
     async def stats(self, args: p.GetStats) -> p.ContainerStats:
         return await self._typed(p.ContainerStats, "stats", args)
 
+    async def criu_check(self) -> p.CommandResult:
+        return await self._typed(p.CommandResult, "criu_check", None, timeout=120)
+
+    async def checkpoint(self, args: p.CheckpointContainer) -> p.CommandResult:
+        return await self._typed(p.CommandResult, "checkpoint", args, timeout=p.CHECKPOINT_TIMEOUT + 30)
+
+    async def restore(self, args: p.RestoreContainer) -> p.ProcessStarted:
+        return await self._typed(p.ProcessStarted, "restore", args, timeout=p.CHECKPOINT_TIMEOUT + 30)
+
     async def mount_shared(self) -> p.SharedMounted:
         return await self._typed(p.SharedMounted, "mount_shared", None, timeout=30)
 

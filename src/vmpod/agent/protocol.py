@@ -400,6 +400,32 @@ class CommandResult(Message):
     error: str = ""
 
 
+class CheckpointContainer(Message):
+    """``runc checkpoint`` of a running container (CRIU in the guest). The images go
+    to ``image_dir`` and CRIU's work files (dump.log) to ``work_dir``: directories
+    below SHARED_DIR that the host shared writable for this checkpoint."""
+
+    container_id: str
+    image_dir: str  # relative to SHARED_DIR
+    work_dir: str  # relative to SHARED_DIR
+    leave_running: bool = True
+    tcp_established: bool = False
+    file_locks: bool = False
+
+
+class RestoreContainer(Message):
+    """``runc restore`` of a created container (create_container made its bundle)
+    from the CRIU images in ``image_dir``; the restored tree's stdio becomes
+    ``stream``, as a started container's."""
+
+    container_id: str
+    stream: int
+    image_dir: str  # relative to SHARED_DIR
+    work_dir: str  # relative to SHARED_DIR (restore.log)
+    tcp_established: bool = False
+    file_locks: bool = False
+
+
 class LoadModule(Message):
     """insmod a module the host shipped in the initramfs (under MODULES_DIR)."""
 
@@ -477,7 +503,9 @@ MAX_NICS = 8
 MAX_ADDRESSES = 16  # per interface
 MAX_ROUTES = 64
 MODULES_DIR = "/run/vmpod/modules"  # where /init leaves host-provided modules
+CRIU_MODULES_DIR = "/run/vmpod/criu-modules"  # CRIU's modules and their load order ("order")
 MAX_OUTPUT = 32 * 1024
+CHECKPOINT_TIMEOUT = 900.0  # seconds a CRIU dump or restore may take (TCG is slow)
 SHARED_DIR = "/run/vmpod/shared"  # where the agent mounts the host's shared directory
 SHARED_FS_TAG = "vmpod"  # its virtio-fs tag
 MAX_LOG = 48 * 1024
@@ -501,4 +529,7 @@ OPS: dict[str, tuple[type[Message] | None, type[Message]]] = {
     "stats": (GetStats, ContainerStats),
     "mount_shared": (None, SharedMounted),  # the host's shared directory (virtio-fs)
     "configure_network": (ConfigureNetwork, NetworkConfigured),
+    "criu_check": (None, CommandResult),  # `criu check`: can this guest checkpoint/restore?
+    "checkpoint": (CheckpointContainer, CommandResult),
+    "restore": (RestoreContainer, ProcessStarted),
 }

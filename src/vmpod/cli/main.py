@@ -273,8 +273,9 @@ def assets_build(kernel: str) -> None:
     click.echo(f"rootfs    {a.rootfs}")
 
 
-from vmpod.cli import kernel_cmd, matrix_cmd, system_cmd  # noqa: E402  (commands in their own modules)
+from vmpod.cli import forensics_cmd, kernel_cmd, matrix_cmd, system_cmd  # noqa: E402  (commands in their own modules)
 
+cli.add_command(forensics_cmd.forensics)
 cli.add_command(kernel_cmd.kernel)
 cli.add_command(matrix_cmd.matrix)
 cli.add_command(system_cmd.system)

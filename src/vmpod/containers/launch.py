@@ -126,9 +126,12 @@ def _write_bundle(
 # -- starting -------------------------------------------------------------------------
 
 
-def start_container(m: Manager, rec: Record, *, foreground: bool = False, interactive: bool = False) -> int:
+def start_container(
+    m: Manager, rec: Record, *, foreground: bool = False, interactive: bool = False, restore: str = ""
+) -> int:
     """Mount the rootfs, boot the VM (runtime ``create``), run the process
-    (runtime ``start``); returns the monitor's pid (this process's child)."""
+    (runtime ``start``; with ``restore``, restore it from that directory's CRIU
+    images); returns the monitor's pid (this process's child)."""
     # (imported on use: the sandbox stack is heavy and only booting needs it)
     from vmpod.runtime.create import create
 
@@ -149,7 +152,7 @@ def start_container(m: Manager, rec: Record, *, foreground: bool = False, intera
         net.detach(m.paths, rec.id)
         raise
     m.records.update(rec.id, started=now_rfc3339(), finished="", exit_code=None)
-    lifecycle.start(m.store, rec.id)
+    lifecycle.start(m.store, rec.id, restore)
     return m.store.load(rec.id).pid
 
 

@@ -48,5 +48,11 @@ if [ -d /vmpod-modules ]; then
     $B mkdir -p /sysroot/run/vmpod/modules
     $B cp /vmpod-modules/* /sysroot/run/vmpod/modules/
 fi
+# CRIU's modules, in load order: the agent loads them when checkpoint/restore is asked.
+$B mkdir -p /sysroot/run/vmpod/criu-modules
+for m in $($B cat /etc/modules.criu); do
+    $B cp "/lib/modules/$m.ko" /sysroot/run/vmpod/criu-modules/
+done
+$B cp /etc/modules.criu /sysroot/run/vmpod/criu-modules/order
 echo "vmpod-init: starting agent at $($B cut -d" " -f1 /sysroot/proc/uptime)"
 exec $B switch_root /sysroot /usr/bin/python3 -I -S /opt/vmpod/agent.py

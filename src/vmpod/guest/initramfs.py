@@ -18,8 +18,10 @@ from vmpod.fsutil import owned_tmpdir
 from vmpod.guest.kernel import Kernel
 from vmpod.guest.modules import (
     BOOT_MODULES,
+    CRIU_MODULES,
     NET_MODULES,
     VSOCK_MODULES,
+    available,
     load_order,
     module_name,
     read_module,
@@ -37,7 +39,10 @@ def init_script() -> bytes:
 def initramfs_key(kernel: Kernel, busybox: Path) -> str:
     """Inputs that decide the initramfs content."""
     h = hashlib.sha256()
-    modules = [p.name for p in load_order(kernel.modules_dir, BOOT_MODULES + VSOCK_MODULES + NET_MODULES)]
+    modules = [
+        p.name
+        for p in load_order(kernel.modules_dir, BOOT_MODULES + VSOCK_MODULES + NET_MODULES + CRIU_MODULES)
+    ]
     for part in (FORMAT, kernel.release, kernel.version, ",".join(modules)):
         h.update(part.encode() + b"\0")
     h.update(init_script())
@@ -122,6 +127,12 @@ def _stage(stage: Path, kernel: Kernel, busybox: Path) -> None:
     (stage / "etc/modules.load").write_text("\n".join(boot) + "\n")
     (stage / "etc/modules.vsock").write_text("\n".join(vsock) + "\n")
     (stage / "etc/modules.net").write_text("\n".join(net) + "\n")
+    criu = [m for m in _install(stage, load_order(kernel.modules_dir, _criu(kernel))) if m not in boot]
+    (stage / "etc/modules.criu").write_text("\n".join(criu) + "\n")
+
+
+def _criu(kernel: Kernel) -> tuple[str, ...]:
+    return available(kernel.modules_dir, CRIU_MODULES)
 
 
 def _install(stage: Path, paths: list[Path]) -> list[str]:

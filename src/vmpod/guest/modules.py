@@ -19,6 +19,17 @@ BOOT_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "erofs", "overlay
 VSOCK_MODULES = ("vmw_vsock_virtio_transport",)
 # loaded by /init only in a VM that has a virtio-net device (a NIC)
 NET_MODULES = ("virtio_net",)
+# CRIU's socket diagnostics and its nftables probe (kerndat fails without
+# nf_tables): shipped with every guest, loaded by the agent on first use.
+CRIU_MODULES = (
+    "unix_diag",
+    "inet_diag",
+    "tcp_diag",
+    "udp_diag",
+    "af_packet_diag",
+    "netlink_diag",
+    "nf_tables",
+)
 
 
 def module_name(relpath: str) -> str:
@@ -26,6 +37,14 @@ def module_name(relpath: str) -> str:
     for ext in (".xz", ".zst", ".gz"):
         base = base.removesuffix(ext)
     return base.removesuffix(".ko").replace("-", "_")
+
+
+def available(modules_dir: Path, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of ``names`` that ``modules_dir`` has as loadable modules (optional sets)."""
+    have = {
+        module_name(line.partition(":")[0]) for line in (modules_dir / "modules.dep").read_text().splitlines()
+    }
+    return tuple(n for n in names if n in have)
 
 
 def load_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES) -> list[Path]:

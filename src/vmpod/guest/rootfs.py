@@ -1,4 +1,4 @@
-"""The guest root image: a read-only erofs with python3, runc, busybox and the agent.
+"""The guest root image: a read-only erofs with python3, runc, crun, CRIU, busybox and the agent.
 
 Two cached stages: the Debian tree from mmdebstrap (slow, keyed by the package
 list) and the erofs image (fast, keyed by the tree and the agent's sources), so
@@ -18,9 +18,19 @@ from vmpod.paths import Paths
 from vmpod.proc import run
 
 SUITE = "bookworm"
-# python3-minimal lacks json & co.; libpython3.11-stdlib brings them.
-PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "runc", "crun", "busybox-static")
-TREE_FORMAT = "1"
+# python3-minimal lacks json & co.; libpython3.11-stdlib brings them. CRIU dumps tmpfs
+# mounts (the container's /dev) with GNU tar --gzip: busybox's tar lacks its flags.
+PACKAGES = (
+    "python3-minimal",
+    "libpython3.11-stdlib",
+    "runc",
+    "crun",
+    "busybox-static",
+    "criu",
+    "tar",
+    "gzip",
+)
+TREE_FORMAT = "2"
 AGENT_ROOT = "opt/vmpod"  # on sys.path in the guest
 _ENTRY = b"import sys\nsys.path.insert(0, '/opt/vmpod')\nfrom vmpod.agent.guest.main import main\nmain()\n"
 MOUNT_POINTS = ("proc", "sys", "dev", "run", "tmp", "opt/vmpod/vmpod/agent/guest")
@@ -72,6 +82,9 @@ def ensure_tree(paths: Paths, progress: Progress) -> Path:
         )
         for d in MOUNT_POINTS:
             (tree / d).mkdir(parents=True, exist_ok=True)
+        # GNU tar runs its compressor (CRIU's tmpfs dumps) through /bin/sh
+        if not (tree / "bin/sh").exists():
+            (tree / "bin/sh").symlink_to("busybox")
         # extract runs no maintainer scripts and the root is read-only at run
         # time, so compile bytecode now (unchecked: sources never change there).
         progress("compiling Python bytecode for the guest")

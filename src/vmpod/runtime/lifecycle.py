@@ -9,6 +9,7 @@ import shutil
 import signal
 from pathlib import Path
 
+from vmpod.agent.protocol import CHECKPOINT_TIMEOUT
 from vmpod.fsutil import atomic_write, is_locked
 from vmpod.runtime import ipc
 from vmpod.runtime.cgroups import remove_recorded
@@ -39,7 +40,9 @@ def write_pid_file(path: str, pid: int) -> None:
     atomic_write(Path(path).absolute(), str(pid).encode(), mode=0o600)
 
 
-def start(store: Store, cid: str) -> None:
+def start(store: Store, cid: str, restore: str = "") -> None:
+    """``restore``: a directory with CRIU images (checkpoint/): the process tree
+    is restored from them instead of started (forensics)."""
     with store.lock(cid):
         st = store.load(cid)
         require("start", store.status(st))
@@ -50,7 +53,9 @@ def start(store: Store, cid: str) -> None:
             raise
         # as long as the monitor may wait for the guest runtime, or a slow start
         # would be reported failed and then happen anyway
-        ipc.request(sock_path(store, cid), {"op": "start"}, timeout=CONTAINER_START + MONITOR_MARGIN)
+        msg: dict[str, object] = {"op": "start", "restore": restore} if restore else {"op": "start"}
+        timeout = CHECKPOINT_TIMEOUT if restore else CONTAINER_START
+        ipc.request(sock_path(store, cid), msg, timeout=timeout + MONITOR_MARGIN)
         run_hooks_warn(st.hooks, "poststart", store.load(cid).oci(RUNNING))
 
 

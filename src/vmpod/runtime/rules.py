@@ -44,6 +44,7 @@ RULES: dict[str, Rule] = {
     "ps": Rule(frozenset({RUNNING, PAUSED}), {}, _NOT_RUNNING),
     "events": Rule(frozenset({RUNNING, PAUSED}), {}, _NOT_RUNNING),
     "update": Rule(frozenset({RUNNING, PAUSED}), {}, _NOT_RUNNING),
+    "checkpoint": Rule(frozenset({RUNNING, PAUSED}), {}, _NOT_RUNNING),
 }
 
 

@@ -211,6 +211,8 @@ class Session:
                 "kill": self._op_kill,
                 "runtime": self._op_runtime,
                 "destroy": self._op_destroy,
+                "checkpoint": self._op_checkpoint,
+                "guest_facts": self._op_guest_facts,
             },
             self._op_exec,
         )
@@ -391,7 +393,10 @@ class Session:
         return {}
 
     async def _op_start(self, msg: Msg) -> Msg:
-        await self.start()
+        restore = msg.get("restore") or ""
+        if not isinstance(restore, str) or (restore and not os.path.isabs(restore)):
+            raise RuntimeCliError(f"start: invalid restore directory {restore!r}")
+        await self.start(Path(restore) if restore else None)
         return {}
 
     async def _op_kill(self, msg: Msg) -> Msg:
@@ -411,12 +416,41 @@ class Session:
             raise RuntimeCliError(f"invalid runtime request {command!r}")
         return {"stdout": await self.query(str(command), [str(a) for a in args], resources)}
 
+    async def _op_checkpoint(self, msg: Msg) -> Msg:
+        """CRIU images of the container into the host directory ``dir`` (forensics)."""
+        where, flags = msg.get("dir"), msg.get("flags") or {}
+        if not isinstance(where, str) or not os.path.isabs(where) or not os.path.isdir(where):
+            raise RuntimeCliError(f"checkpoint: {where!r} is not an existing absolute directory")
+        if not isinstance(flags, dict) or not set(flags) <= {
+            "leave_running",
+            "tcp_established",
+            "file_locks",
+        }:
+            raise RuntimeCliError(f"checkpoint: invalid flags {flags!r}")
+        require("checkpoint", self.status)
+        assert self.container is not None
+        try:
+            await self.container.checkpoint(Path(where), **{k: bool(v) for k, v in flags.items()})
+        finally:
+            self.persist()
+        return {}
+
+    async def _op_guest_facts(self, msg: Msg) -> Msg:
+        """The guest's kernel and runc, and whether CRIU works there (first line: its version)."""
+        sandbox = self.sandbox or self.pod
+        if sandbox is None:
+            raise RuntimeCliError("the container has no VM")
+        info = await sandbox.guest_info()
+        criu = await sandbox.criu_check()
+        return {"kernel": info.kernel, "runc": info.runc, "criu_status": criu.status, "criu": criu.stdout}
+
     async def _op_exec(self, conn: ipc.Conn, msg: Msg, fds: list[int]) -> None:
         require("exec", self.status)
         assert self.container is not None
         await ExecSession(self.container, conn, msg, fds).run()
 
-    async def start(self) -> None:
+    async def start(self, restore: Path | None = None) -> None:
+        """Run the container's process, or (``restore``) restore its CRIU images."""
         require("start", self.status)
         assert self.container is not None
         if self.tty_slave >= 0:
@@ -432,7 +466,14 @@ class Session:
             self.spawn(self._stop_when_reader_gone(gone))
             stdin_fd, stdin = i, not is_null(i)
         output = self._output(Output(out.write, err.write))
-        proc = await self.container.start(output, stdin=stdin, wait_started=True)
+        if restore is not None:
+            try:
+                proc = await self.container.restore(restore, output)
+            except VmpodError as exc:
+                self.finish(125)
+                raise RuntimeCliError(str(exc)) from exc
+        else:
+            proc = await self.container.start(output, stdin=stdin, wait_started=True)
         if not proc.started:
             # runc's start fails when the process cannot run: so does ours, with
             # the guest runtime's message (the container is stopped, as runc's is)

@@ -4,6 +4,7 @@ signalled, paused, measured. Its state is an explicit machine (``ContainerState`
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmpod.agent import protocol as p
@@ -18,6 +19,19 @@ if TYPE_CHECKING:
     from vmpod.sandbox.sandbox import Sandbox
 
 RUNTIME_QUERIES = ("ps", "events", "update")
+CRIU_LOG_TAIL = 8  # lines of CRIU's log in an error
+
+
+def criu_log_tail(log: Path) -> str:
+    """The last error lines of a CRIU log the guest wrote (bounded read), for a message."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(max(0, log.stat().st_size - 64 * 1024))
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln][-CRIU_LOG_TAIL:]
+    return ("\n  " + "\n  ".join(ln[:300] for ln in errors)) if errors else ""
 
 
 class Container:
@@ -157,6 +171,69 @@ class Container:
         self._sm.require("resume the container", ContainerState.PAUSED)
         await self._runtime("resume", [])
         self._sm.to(ContainerState.RUNNING)
+
+    async def checkpoint(
+        self,
+        host_dir: Path,
+        *,
+        leave_running: bool = True,
+        tcp_established: bool = False,
+        file_locks: bool = False,
+    ) -> None:
+        """``runc checkpoint`` in the guest: CRIU's images land in ``host_dir``/checkpoint,
+        its log in ``host_dir``/work (both made here). Without ``leave_running``
+        the container ends once it is dumped."""
+        self._sm.require("checkpoint the container", ContainerState.RUNNING, ContainerState.PAUSED)
+        rel = self._share_criu(host_dir)
+        try:
+            res = await self._agent.checkpoint(
+                p.CheckpointContainer(
+                    container_id=self.id,
+                    image_dir=f"{rel}/checkpoint",
+                    work_dir=f"{rel}/work",
+                    leave_running=leave_running,
+                    tcp_established=tcp_established,
+                    file_locks=file_locks,
+                )
+            )
+        finally:
+            self.sandbox.unshare(rel)
+        if res.status != 0:
+            raise SandboxError(
+                f"checkpoint of container {self.id} failed in the VM: {res.error or res.status}"
+                + criu_log_tail(host_dir / "work" / "dump.log")
+            )
+
+    async def restore(self, host_dir: Path, output: Output) -> Process:
+        """``runc restore`` of this created container from the CRIU images in
+        ``host_dir``/checkpoint; the restored tree's output goes to ``output``."""
+        self._sm.require("restore the container", ContainerState.CREATED)
+        rel = self._share_criu(host_dir)
+        try:
+            stream, sink = self._process(output)
+            started = await self._agent.restore(
+                p.RestoreContainer(
+                    container_id=self.id, stream=stream, image_dir=f"{rel}/checkpoint", work_dir=f"{rel}/work"
+                )
+            )
+        finally:
+            self.sandbox.unshare(rel)
+        self.init = Process(self._agent, stream, sink, self._explain)
+        self.init.started = started.started
+        self._sm.to(ContainerState.RUNNING)
+        self.init.add_done_callback(self._init_ended)
+        if not started.started:
+            ex = await self.init.wait()
+            raise SandboxError(
+                f"restore of container {self.id} failed in the VM: {ex.message or ex.status}"
+                + criu_log_tail(host_dir / "work" / "restore.log")
+            )
+        return self.init
+
+    def _share_criu(self, host_dir: Path) -> str:
+        for sub in ("checkpoint", "work"):
+            (host_dir / sub).mkdir(mode=0o700, exist_ok=True)
+        return self.sandbox.share_scratch(f"{self.id}/criu", host_dir)
 
     async def query(self, command: str, args: list[str], resources: dict[str, object] | None = None) -> str:
         """``ps``, ``events`` or ``update`` by the guest runtime; returns its stdout."""

@@ -317,6 +317,22 @@ class Sandbox:
         self._shared.add(share)
         return share.name if relative else f"{self._guest_shared}/{share.name}"
 
+    def share_scratch(self, name: str, source: Path) -> str:
+        """Share host directory ``source`` writable at ``name`` (e.g. CRIU images);
+        returns the path below the guest's shared mount that names it."""
+        self._sm.require("share a directory", _S.RUNNING)
+        return self._share(Share(name, source), relative=True)
+
+    def unshare(self, name: str) -> None:
+        """Undo ``share_scratch``."""
+        if self._shared is not None and self.state is _S.RUNNING:
+            self._shared.remove(name)
+
+    async def criu_check(self) -> p.CommandResult:
+        """``criu check`` in the guest: can this VM checkpoint and restore processes?"""
+        self._sm.require("check CRIU", _S.RUNNING)
+        return await self._agent.criu_check()
+
     def forget_container(self, cid: str) -> None:
         """Drop an ended container of this (still running) sandbox: its shares are
         unmounted on the host; its id may be used again."""

@@ -192,6 +192,66 @@ def exec_argv(
     ]
 
 
+def checkpoint_argv(
+    binary: str, cid: str, images: str, work: str, flags: list[str], root: str = RUNC_ROOT
+) -> list[str]:
+    """``runc checkpoint``: CRIU images to ``images``, dump.log to ``work``."""
+    return [
+        binary, "--root", root, "checkpoint", "--image-path", images, "--work-path", work,
+        *flags, check_id(cid),
+    ]  # fmt: skip
+
+
+def restore_argv(
+    binary: str,
+    bundle: str,
+    cid: str,
+    images: str,
+    work: str,
+    flags: list[str],
+    pid_file: str,
+    log: str,
+    root: str = RUNC_ROOT,
+) -> list[str]:
+    """``runc restore`` in the foreground (like ``run``: its stdio become the tree's)."""
+    return [
+        *_logged(binary, root, log),
+        *("restore", "--image-path", images, "--work-path", work, "--bundle", bundle),
+        *("--pid-file", pid_file, *flags, check_id(cid)),
+    ]  # fmt: skip
+
+
+CRIU_CONFIG_ANNOTATION = "org.criu.config"  # runc hands this file to CRIU
+
+
+def restore_config(bundle: str) -> None:
+    """Prepare ``bundle`` for ``runc restore`` with a CRIU configuration file:
+    ``tcp-close`` (connected TCP sockets come back closed: the new VM has no
+    network), and on cgroup v2, where runc gives CRIU no cgroup root and the
+    tree would land in the dumped container's cgroup, out of reach of this
+    container's freezer (pause, a later checkpoint), this container's cgroup."""
+    path = os.path.join(bundle, "config.json")
+    with open(path) as fh:
+        spec = json.load(fh)
+    if (spec.get("process") or {}).get("terminal"):
+        raise AgentFailure("a container with a terminal cannot be restored", "unsupported")
+    lines = ["tcp-close"]
+    cgroup = (spec.get("linux") or {}).get("cgroupsPath")
+    if isinstance(cgroup, str) and cgroup.startswith("/") and set(cgroup) <= _ARG_OK:
+        lines.append(f"cgroup-root {cgroup}")
+    conf = os.path.join(bundle, "criu-restore.conf")
+    with open(conf, "w") as fh:
+        fh.write("".join(f"{line}\n" for line in lines))
+    spec["annotations"] = {**(spec.get("annotations") or {}), CRIU_CONFIG_ANNOTATION: conf}
+    with open(path, "w") as fh:
+        json.dump(spec, fh)
+
+
+def criu_flags(leave_running: bool, tcp_established: bool, file_locks: bool) -> list[str]:
+    flags = ["--leave-running"] if leave_running else []
+    return flags + ["--tcp-established"] * tcp_established + ["--file-locks"] * file_locks
+
+
 _ARG_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_=.,:+-/")
 
 

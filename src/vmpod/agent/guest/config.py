@@ -6,7 +6,7 @@ A plain class, not a dataclass: importing dataclasses costs start-up time under 
 from __future__ import annotations
 
 from vmpod.agent.guest.errors import AgentFailure
-from vmpod.agent.protocol import MODULES_DIR, SHARED_DIR
+from vmpod.agent.protocol import CRIU_MODULES_DIR, MODULES_DIR, SHARED_DIR
 
 
 class AgentConfig:
@@ -23,6 +23,8 @@ class AgentConfig:
         "runtimes",
         "runc_root",
         "busybox",
+        "criu",
+        "criu_modules",
         "modules_dir",
         "cgroup_root",
         "allow_dir_rootfs",
@@ -40,6 +42,8 @@ class AgentConfig:
         runtimes: dict[str, str] | None = None,
         runc_root: str = "/run/runc",
         busybox: str = "/bin/busybox",
+        criu: str = "/usr/sbin/criu",
+        criu_modules: str = CRIU_MODULES_DIR,
         modules_dir: str = MODULES_DIR,
         cgroup_root: str = "/sys/fs/cgroup",
         allow_dir_rootfs: bool = False,
@@ -55,6 +59,8 @@ class AgentConfig:
         self.runtimes = dict(runtimes or {"runc": "/usr/bin/runc", "crun": "/usr/bin/crun"})
         self.runc_root = runc_root  # the runtimes' --root state directory
         self.busybox = busybox  # mount, insmod, rmmod, poweroff, ip, hostname
+        self.criu = criu  # checkpoint/restore (runc finds it on PATH)
+        self.criu_modules = criu_modules  # its kernel modules, loaded on first use
         self.modules_dir = modules_dir  # load_module only takes paths under it
         self.cgroup_root = cgroup_root  # cgroup v2 mount, for stats
         self.allow_dir_rootfs = allow_dir_rootfs

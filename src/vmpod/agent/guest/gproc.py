@@ -24,8 +24,9 @@ def spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
     return os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setsid=True)
 
 
-def run_capture(argv: list[str], limit: int) -> tuple[int, str, str]:
-    """Run a short command; (status, stdout, stderr), each cut to ``limit`` bytes."""
+def run_capture(argv: list[str], limit: int, timeout: float = 30) -> tuple[int, str, str]:
+    """Run a short command; (status, stdout, stderr), each cut to ``limit`` bytes.
+    Killed when it is silent for ``timeout`` seconds."""
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -37,7 +38,7 @@ def run_capture(argv: list[str], limit: int) -> tuple[int, str, str]:
     bufs = {out_r: bytearray(), err_r: bytearray()}
     open_fds = set(bufs)
     while open_fds:
-        ready, _, _ = select.select(list(open_fds), [], [], 30)
+        ready, _, _ = select.select(list(open_fds), [], [], timeout)
         if not ready:
             break  # a helper that hangs must not hang the agent forever
         for fd in ready:

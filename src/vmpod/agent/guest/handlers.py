@@ -48,6 +48,7 @@ class Handlers:
         self.inits: dict[str, int] = {}  # id -> stream of its init process
         self.shared_mounted = False
         self.network_configured = False
+        self.criu_ready = False  # CRIU's kernel modules are loaded
 
     def dispatch(self, payload: bytes) -> None:
         """Answer one REQUEST frame; no request, however bad, stops the agent."""
@@ -283,6 +284,84 @@ class Handlers:
 
     def _do_stats(self, pid: int) -> p.ContainerStats:
         return stats.container_stats(self.config.cgroup_root, pid)
+
+    # -- checkpoint and restore (CRIU) -------------------------------------------
+    def _op_criu_check(self, rid: int, _a: None) -> p.CommandResult:
+        return self._do_criu_check()
+
+    def _criu_modules(self) -> None:
+        """Load CRIU's kernel modules (socket diagnostics, nf_tables) once."""
+        if self.criu_ready:
+            return
+        where = self.config.criu_modules
+        try:
+            with open(os.path.join(where, "order")) as fh:
+                names = fh.read(4096).split()
+        except OSError:
+            names = []  # an initramfs without them: CRIU says what it misses
+        for name in names:
+            if set(name) <= gkernel.MODULE_NAME_OK and not os.path.isdir(f"/sys/module/{name}"):
+                run_capture([self.config.busybox, "insmod", os.path.join(where, f"{name}.ko")], 4096)
+        self.criu_ready = True
+
+    def _do_criu_check(self) -> p.CommandResult:
+        """``criu check``; its stdout starts with the line of ``criu --version``."""
+        self._criu_modules()
+        _, version, _ = run_capture([self.config.criu, "--version"], 4096)
+        res = self._run([self.config.criu, "check"])
+        lines = [ln for ln in version.splitlines() if ln.startswith("Version")][:1]
+        return p.CommandResult(
+            status=res.status, stdout="\n".join([*lines, res.stdout]), stderr=res.stderr, error=res.error
+        )
+
+    def _criu_dirs(self, cid: str, image_dir: str, work_dir: str) -> tuple[str, str]:
+        if self.containers[cid] != "runc":
+            raise AgentFailure(
+                f"container {cid} runs under {self.containers[cid]}: checkpoint/restore needs runc",
+                "unsupported",
+            )
+        if not self.shared_mounted:
+            raise AgentFailure("the shared directory is not mounted", "invalid")
+        self._criu_modules()
+        return shared.shared_path(self.config, image_dir), shared.shared_path(self.config, work_dir)
+
+    def _op_checkpoint(self, rid: int, a: p.CheckpointContainer) -> p.CommandResult:
+        cid = self._known(a.container_id)
+        images, work = self._criu_dirs(cid, a.image_dir, a.work_dir)
+        flags = bundles.criu_flags(a.leave_running, a.tcp_established, a.file_locks)
+        return self._do_checkpoint(cid, images, work, flags)
+
+    def _do_checkpoint(self, cid: str, images: str, work: str, flags: list[str]) -> p.CommandResult:
+        binary = self.config.runtime_binary(self.containers[cid])
+        argv = bundles.checkpoint_argv(binary, cid, images, work, flags, self.config.runc_root)
+        code, out, err = run_capture(argv, p.MAX_OUTPUT, timeout=p.CHECKPOINT_TIMEOUT)
+        error = bundles.runtime_error(err or out)[:4000] if code != 0 else ""
+        return p.CommandResult(status=code, stdout=out, stderr=err, error=error)
+
+    def _op_restore(self, rid: int, a: p.RestoreContainer) -> p.ProcessStarted | None:
+        cid = self._known(a.container_id)
+        self.procs.check_free(a.stream)
+        images, work = self._criu_dirs(cid, a.image_dir, a.work_dir)
+        if cid in self.inits:
+            raise AgentFailure(f"container {cid} was started already", "exists")
+        return self._do_restore(
+            rid, cid, a.stream, images, work, bundles.criu_flags(False, a.tcp_established, a.file_locks)
+        )
+
+    def _do_restore(
+        self, rid: int, cid: str, stream: int, images: str, work: str, flags: list[str]
+    ) -> p.ProcessStarted | None:
+        bundle = bundles.bundle_dir(self.config, cid)
+        bundles.restore_config(bundle)
+        pid_file, log = f"{bundle}/init.pid", f"{bundle}/init.log"
+        binary = self.config.runtime_binary(self.containers[cid])
+        argv = bundles.restore_argv(
+            binary, bundle, cid, images, work, flags, pid_file, log, self.config.runc_root
+        )
+        pr = self.procs.spawn(stream, cid, argv, False, False, pid_file, log)
+        self.inits[cid] = stream
+        pr.start_waiters.append(rid)
+        return None  # answered by the process table once the tree runs or restore failed
 
     # -- kernel ----------------------------------------------------------------
     def _op_load_module(self, rid: int, a: p.LoadModule) -> p.CommandResult:

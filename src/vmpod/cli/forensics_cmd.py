@@ -1,0 +1,95 @@
+"""`vmpod forensics capture / verify / restore`: evidence archives of running
+containers (CRIU in their VM), checked and brought back in a fresh, isolated VM."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from vmpod.cli.common import guarded
+from vmpod.paths import default_paths
+
+
+@click.group()
+def forensics() -> None:
+    """Capture a running container into an evidence archive, verify it, restore it."""
+
+
+@forensics.command()
+@click.argument("container")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The archive to write.")
+@click.option(
+    "--kill", is_flag=True, help="Stop the container after the capture (default: it keeps running)."
+)
+@click.option("--tcp-established", is_flag=True, help="Capture established TCP connections (CRIU).")
+@click.option("--file-locks", is_flag=True, help="Capture file locks (CRIU).")
+@click.option(
+    "--max-size",
+    default=16 << 30,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Bytes of CRIU images taken.",
+)
+@guarded
+def capture(
+    container: str, output: Path, kill: bool, tcp_established: bool, file_locks: bool, max_size: int
+) -> None:
+    """Checkpoint CONTAINER (of `vmpod run -d`) with CRIU inside its VM."""
+    from vmpod.forensics.capture import CaptureRequest
+    from vmpod.forensics.capture import capture as do_capture
+
+    req = CaptureRequest(
+        container, output, kill, tcp_established, file_locks, max_bytes=max_size, command_line=tuple(sys.argv)
+    )
+    got = do_capture(default_paths(), req)
+    click.echo(f"{got.archive}")
+    click.echo(
+        f"captured {len(got.manifest.files)} files in {got.seconds:.2f}s "
+        f"(container frozen {got.frozen_seconds:.2f}s; {'stopped' if kill else 'still running'})",
+        err=True,
+    )
+
+
+@forensics.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@guarded
+def verify(archive: Path) -> None:
+    """Recheck every digest of ARCHIVE against its manifest."""
+    from vmpod.forensics.archive import verify as do_verify
+
+    v = do_verify(archive)
+    for name in v.changed:
+        click.echo(f"CHANGED  {name}")
+    for name in v.missing:
+        click.echo(f"MISSING  {name}")
+    for name in v.added:
+        click.echo(f"ADDED    {name}")
+    m = v.manifest
+    who = f"{m.container.get('name', '?')} captured {m.captured} on {m.host}"
+    if not v.ok:
+        click.echo(f"FAILED: {archive} ({who}) does not match its manifest", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {len(m.files)} files match the manifest ({who})")
+
+
+@forensics.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--name", default="", help="Name of the restored container.")
+@click.option(
+    "--rootfs", default="", metavar="DIR", help="The image's root filesystem, if not the archive's."
+)
+@click.option("--kernel", default="", help="Guest kernel (default: the captured container's).")
+@guarded
+def restore(archive: Path, name: str, rootfs: str, kernel: str) -> None:
+    """Restore ARCHIVE's process tree as a new detached container in a fresh VM."""
+    from vmpod.cli.common import progress
+    from vmpod.forensics.restore import NETWORK_NOTE, RestoreRequest
+    from vmpod.forensics.restore import restore as do_restore
+
+    got = do_restore(
+        default_paths(), RestoreRequest(archive, name=name, rootfs=rootfs, kernel=kernel), progress
+    )
+    click.echo(got.record.name)
+    click.echo(f"restored {got.record.short_id} in {got.seconds:.2f}s; {NETWORK_NOTE}", err=True)
