@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import leftovers, pids_where
+from tests.vm.conftest import leftovers, qemu_below
 from tests.vm.test_podman import IMAGE, ULIMITS, Podman, private_podman
 from tests.vm.test_runtime_support import monitor_pids
 from vmpod.guest.assets import GuestAssets
@@ -233,15 +233,12 @@ def container_ip(podman: NetPodman, name: str, net: Net) -> str:
 
 
 def qemu_of(podman: NetPodman, name: str) -> int:
-    """The QEMU of a running container: a child of its runtime monitor (State.Pid)."""
+    """The QEMU of a running container: below its runtime monitor (State.Pid)."""
     monitor = int(podman.ok("inspect", "--format", "{{.State.Pid}}", name))
-    status = re.compile(rf"^PPid:\s+{monitor}$", re.M)
-
-    for pid in pids_where(lambda argv: "qemu-system" in argv[0]):
-        with contextlib.suppress(OSError):
-            if status.search(Path(f"/proc/{pid}/status").read_text()):
-                return pid
-    raise AssertionError(f"no QEMU child of monitor {monitor}")
+    [qemu] = qemu_below(monitor) or [0]
+    if not qemu:
+        raise AssertionError(f"no QEMU below monitor {monitor}")
+    return qemu
 
 
 def wait_exited(podman: NetPodman, name: str, timeout: float = 60) -> list[str]:
