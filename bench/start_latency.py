@@ -28,7 +28,7 @@ from vmpod.guest.assets import ensure_assets
 from vmpod.hypervisor.accel import choose_accel
 from vmpod.hypervisor.qemu.devices import Machine, find_qemu
 from vmpod.paths import default_paths
-from vmpod.proc import run
+from vmpod.proc import descendant_named, run
 from vmpod.sandbox import SandboxConfig
 from vmpod.sandbox.boot import kernel_cmdline
 
@@ -95,13 +95,8 @@ def idle_sandbox_pss(rootfs: Path, env: dict[str, str]) -> tuple[int, int]:
     try:
         proc.stdout.readline()
         time.sleep(1.0)  # let the guest settle into idle
-        qemu = [
-            int(p)
-            for p in subprocess.run(
-                ["pgrep", "-P", str(proc.pid), "qemu-system"], capture_output=True, text=True
-            ).stdout.split()
-        ]
-        return sum(pss_kb(p) for p in qemu), pss_kb(proc.pid)
+        qemu = descendant_named(proc.pid, "qemu-system")  # jailed: below bwrap
+        return (pss_kb(qemu) if qemu else 0), pss_kb(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
