@@ -9,7 +9,6 @@ import io
 import json
 import re
 import socket
-import tarfile
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.hostile_registry import tar_layer
 from vmpod.cli.images_cmd import _ago
 from vmpod.errors import ImageError
 from vmpod.images import resolve_image
@@ -48,13 +48,8 @@ def sha(data: bytes) -> str:
 
 def layer(files: dict[str, bytes]) -> tuple[bytes, bytes]:
     """(gzip blob, uncompressed tar) of a layer holding ``files``."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return gzip.compress(buf.getvalue(), mtime=0), buf.getvalue()
+    tar = tar_layer(files)
+    return gzip.compress(tar, mtime=0), tar
 
 
 class FakeRegistry:
