@@ -40,7 +40,7 @@ echo done
 def _probe(jail: Jail, tmp_path: Path, **env: str) -> dict[str, list[str]]:
     r, w = os.pipe()
     os.fchown(w, jail.uid, jail.gid)  # as the driver does for the console pipe
-    argv = wrap_argv(jail, ["/bin/sh", "-c", PROBE], keep_fds=(w,))
+    argv = wrap_argv(jail, ["/bin/sh", "-c", PROBE])
     # the probe's variables: bwrap clears the environment, so pass them in argv
     setenv = [f"{k}={v}" for k, v in {**env, "FD": str(w)}.items()]
     at = argv.index("--", argv.index("--") + 1) + 1  # setpriv's "--": the command follows
@@ -117,5 +117,5 @@ def test_uid_per_sandbox_and_switch(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 def test_missing_bwrap_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(jail_mod, "find_tool", lambda name: None)
     with pytest.raises(HypervisorError, match="bwrap, setpriv not installed") as err:
-        wrap_argv(Jail(1, 1, ()), ["qemu"], ())
+        wrap_argv(Jail(1, 1, ()), ["qemu"])
     assert "bubblewrap" in err.value.hint

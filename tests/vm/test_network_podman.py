@@ -34,11 +34,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import leftovers, qemu_below
+from tests.vm.conftest import leftovers
 from tests.vm.test_podman import IMAGE, ULIMITS, Podman, private_podman
 from tests.vm.test_runtime_support import monitor_pids
 from vmpod.guest.assets import GuestAssets
 from vmpod.paths import Paths
+from vmpod.proc import descendant_named
 
 CNI_LEASES = Path("/var/lib/cni/networks")
 DNSNAME_PLUGIN = Path("/usr/lib/cni/dnsname")
@@ -235,8 +236,8 @@ def container_ip(podman: NetPodman, name: str, net: Net) -> str:
 def qemu_of(podman: NetPodman, name: str) -> int:
     """The QEMU of a running container: below its runtime monitor (State.Pid)."""
     monitor = int(podman.ok("inspect", "--format", "{{.State.Pid}}", name))
-    [qemu] = qemu_below(monitor) or [0]
-    if not qemu:
+    qemu = descendant_named(monitor, "qemu-system")  # jailed: below bwrap
+    if qemu is None:
         raise AssertionError(f"no QEMU below monitor {monitor}")
     return qemu
 

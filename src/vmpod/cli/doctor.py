@@ -134,16 +134,16 @@ def checks(paths: Paths, kernel: str, accel: str) -> list[Check]:
 def _jail_check() -> Check:
     """Whether QEMU runs confined (hypervisor/qemu/jail.py) and, if not, why."""
     from vmpod.errors import HypervisorError
-    from vmpod.hypervisor.qemu.jail import JAIL_ENV, jail_enabled, missing_tools
+    from vmpod.hypervisor import vmm_jail
 
     try:
-        enabled = jail_enabled()
+        enabled, missing, setting = vmm_jail()
     except HypervisorError as err:
         return Check("qemu jail", False, str(err))
     if not enabled:
-        why = "not root" if os.geteuid() != 0 else f"turned off by {JAIL_ENV}"
+        why = "not root" if os.geteuid() != 0 else f"turned off by {setting}"
         return Check("qemu jail", False, f"off ({why}): QEMU runs with vmpod's privileges", required=False)
-    if missing := missing_tools():
+    if missing:
         return Check(
             "qemu jail",
             False,

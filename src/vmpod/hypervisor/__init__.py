@@ -30,6 +30,16 @@ def vmm_binary(name: str = "qemu") -> str | None:
     return find_qemu()
 
 
+def vmm_jail(name: str = "qemu") -> tuple[bool, list[str], str]:
+    """Whether hypervisor ``name`` runs confined here, the tools its jail lacks, and
+    the setting that turns it off (for `vmpod doctor`); raises on a bad setting."""
+    if name != "qemu":
+        raise ConfigError(f"unknown hypervisor {name!r}")
+    from vmpod.hypervisor.qemu.jail import JAIL_ENV, jail_enabled, missing_tools
+
+    return jail_enabled(), missing_tools(), JAIL_ENV
+
+
 def file_server_binary(name: str = "qemu") -> str | None:
     """Where the virtio-fs server hypervisor ``name`` uses is, if installed."""
     if name != "qemu":

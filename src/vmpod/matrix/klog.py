@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 from typing import Protocol
 
-from vmpod.agent.protocol import KernelLogResult
 from vmpod.errors import VmpodError
 from vmpod.matrix.capped import CappedOutput
 from vmpod.matrix.verdict import LogScanner, Verdict
+from vmpod.sandbox import KernelLogResult
 
 POLL_INTERVAL = 1.0
 DMESG_HEAD = 1 << 20  # bytes of dmesg.log kept from the start (the first BUG), then a tail

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmpod.agent.protocol import CommandResult
 from vmpod.errors import ConfigError, VmpodError
 from vmpod.fsutil import LockTimeout, lock_file
 from vmpod.guest.assets import GuestAssets
@@ -23,7 +22,15 @@ from vmpod.matrix.capped import CappedOutput
 from vmpod.matrix.klog import KernelLogTap
 from vmpod.paths import Paths
 from vmpod.runspec import ProcessOptions, build_spec
-from vmpod.sandbox import ContainerSpec, Output, Sandbox, SandboxConfig, SandboxSpec, prepare
+from vmpod.sandbox import (
+    CommandResult,
+    ContainerSpec,
+    Output,
+    Sandbox,
+    SandboxConfig,
+    SandboxSpec,
+    prepare,
+)
 
 MAX_SCRIPT = 48 * 1024
 STEPS = ("build", "boot", "load", "test", "unload")

@@ -9,7 +9,6 @@ import shutil
 import signal
 from pathlib import Path
 
-from vmpod.agent.protocol import CHECKPOINT_TIMEOUT
 from vmpod.fsutil import atomic_write, is_locked
 from vmpod.runtime import ipc
 from vmpod.runtime.cgroups import remove_recorded
@@ -54,7 +53,11 @@ def start(store: Store, cid: str, restore: str = "") -> None:
         # as long as the monitor may wait for the guest runtime, or a slow start
         # would be reported failed and then happen anyway
         msg: dict[str, object] = {"op": "start", "restore": restore} if restore else {"op": "start"}
-        timeout = CHECKPOINT_TIMEOUT if restore else CONTAINER_START
+        timeout = CONTAINER_START
+        if restore:  # (imported on use: a plain start needs no sandbox stack here)
+            from vmpod.sandbox import CHECKPOINT_TIMEOUT
+
+            timeout = CHECKPOINT_TIMEOUT
         ipc.request(sock_path(store, cid), msg, timeout=timeout + MONITOR_MARGIN)
         run_hooks_warn(st.hooks, "poststart", store.load(cid).oci(RUNNING))
 

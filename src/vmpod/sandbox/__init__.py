@@ -9,6 +9,8 @@ every front end (cli, runtime, matrix; later shim, pods, forensics) goes through
         status = (await proc.wait()).status
 """
 
+# Agent records and limits front ends see through this API (they never import the agent).
+from vmpod.agent.protocol import CHECKPOINT_TIMEOUT, CommandResult, KernelLogResult
 from vmpod.sandbox.build import SandboxSpec, prepare
 from vmpod.sandbox.config import ContainerSpec, ContainerState, SandboxConfig, SandboxState, Volume
 from vmpod.sandbox.container import Container
@@ -16,6 +18,9 @@ from vmpod.sandbox.process import Exit, Output, Process
 from vmpod.sandbox.sandbox import Sandbox
 
 __all__ = [
+    "CHECKPOINT_TIMEOUT",
+    "CommandResult",
+    "KernelLogResult",
     "Container",
     "ContainerSpec",
     "ContainerState",

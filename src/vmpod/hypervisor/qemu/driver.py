@@ -111,7 +111,7 @@ class QemuVm:
         # own copies: see Nic), the console pipe's write end, which QEMU opens by
         # path, and the sockets: QEMU needs no path it could write to
         fds = (*(n.fd for n in self.config.nics), console_fd, *sockets.fds())
-        self.argv = qemu_argv if jail is None else wrap_argv(jail, qemu_argv, fds)
+        self.argv = qemu_argv if jail is None else wrap_argv(jail, qemu_argv)
         self._jailed = jail is not None
         log.debug("launching %s", " ".join(self.argv))
         errlog = (self.config.state_dir / "qemu.log").open("wb")

@@ -118,9 +118,10 @@ def _check_access(path: Path, uid: int, write: bool) -> None:
         )
 
 
-def wrap_argv(jail: Jail, argv: list[str], keep_fds: tuple[int, ...]) -> list[str]:
+def wrap_argv(jail: Jail, argv: list[str]) -> list[str]:
     """``argv`` (QEMU's) run inside ``jail``: bwrap builds the namespaces and the
-    file view, setpriv drops to the jail's uid, no capabilities, no_new_privs."""
+    file view, setpriv drops to the jail's uid, no capabilities, no_new_privs.
+    Both keep inherited fds open, so the caller's ``pass_fds`` reach QEMU."""
     bwrap, setpriv = find_tool("bwrap"), find_tool("setpriv")
     if bwrap is None or setpriv is None:
         raise HypervisorError(
@@ -164,9 +165,6 @@ def wrap_argv(jail: Jail, argv: list[str], keep_fds: tuple[int, ...]) -> list[st
         out += ["--ro-bind", str(path), str(path)]
     for path in jail.writable:
         out += ["--bind", str(path), str(path)]
-    for fd in keep_fds:
-        # bwrap keeps inherited fds open for the command; say so for the reader
-        os.set_inheritable(fd, True)
     groups = ",".join(str(g) for g in jail.groups)
     out += [
         "--",
