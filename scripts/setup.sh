@@ -24,6 +24,7 @@ APT_PACKAGES=(
     podman containerd runc              # real clients of vmpod-runtime; runc to compare
     gcc make libc6-dev dwarves          # out-of-tree kernel module builds (pahole: 6.12)
     bubblewrap                          # the sandbox `vmpod matrix` builds modules in
+    criu                                # crit/pycriu: `vmpod forensics inspect`; host-side capture
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()
