@@ -424,6 +424,7 @@ class RestoreContainer(Message):
     work_dir: str  # relative to SHARED_DIR (restore.log)
     tcp_established: bool = False
     file_locks: bool = False
+    leave_stopped: bool = False  # CRIU leaves every task stopped (SIGSTOP) until SIGCONT
 
 
 class LoadModule(Message):

@@ -81,15 +81,37 @@ def verify(archive: Path) -> None:
     "--rootfs", default="", metavar="DIR", help="The image's root filesystem, if not the archive's."
 )
 @click.option("--kernel", default="", help="Guest kernel (default: the captured container's).")
+@click.option(
+    "--paused",
+    is_flag=True,
+    help="Leave every restored task stopped (exec and dump-memory work) until `vmpod forensics resume`.",
+)
 @guarded
-def restore(archive: Path, name: str, rootfs: str, kernel: str) -> None:
-    """Restore ARCHIVE's process tree as a new detached container in a fresh VM."""
+def restore(archive: Path, name: str, rootfs: str, kernel: str, paused: bool) -> None:
+    """Restore ARCHIVE's process tree as a new detached container in a fresh VM.
+
+    ARCHIVE is one of `vmpod forensics capture`, verified first, or a podman or
+    Kubernetes checkpoint archive (plain, gzip or zstd), which carries no digests."""
     from vmpod.cli.common import progress
     from vmpod.forensics.restore import NETWORK_NOTE, RestoreRequest
     from vmpod.forensics.restore import restore as do_restore
 
-    got = do_restore(
-        default_paths(), RestoreRequest(archive, name=name, rootfs=rootfs, kernel=kernel), progress
-    )
+    req = RestoreRequest(archive, name=name, rootfs=rootfs, kernel=kernel, paused=paused)
+    got = do_restore(default_paths(), req, progress)
     click.echo(got.record.name)
-    click.echo(f"restored {got.record.short_id} in {got.seconds:.2f}s; {NETWORK_NOTE}", err=True)
+    if got.manifest is None:
+        click.echo("warning: no vmpod manifest (a podman/Kubernetes archive): nothing was verified", err=True)
+    for note in got.notes:
+        click.echo(f"note: {note}", err=True)
+    state = f"stopped until `vmpod forensics resume {got.record.name}`" if paused else "running"
+    click.echo(f"restored {got.record.short_id} in {got.seconds:.2f}s, {state}; {NETWORK_NOTE}", err=True)
+
+
+@forensics.command()
+@click.argument("container")
+@guarded
+def resume(container: str) -> None:
+    """Let a container restored with --paused run (SIGCONT to every task)."""
+    from vmpod.forensics.restore import resume as do_resume
+
+    click.echo(do_resume(default_paths(), container).name)

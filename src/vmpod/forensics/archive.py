@@ -10,7 +10,9 @@ chain-of-custody manifest.
     vmpod-manifest.json  SHA-256 of every other file, capture time, host, kernels,
                          CRIU/runc/vmpod versions, command line (written last)
 
-The archive is an uncompressed tar. Reading one trusts nothing: member names
+vmpod writes an uncompressed tar. podman's and Kubernetes' archives (the same
+layout without the manifest, often gzip or zstd compressed) are read too, as
+unverified: they carry no digests. Reading one trusts nothing: member names
 must be plain relative paths, only regular files and directories are taken,
 and sizes are capped.
 """
@@ -24,12 +26,14 @@ import os
 import stat
 import tarfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, TypeGuard
 
-from vmpod.errors import ForensicsError
+from vmpod.errors import ForensicsError, ImageError
+from vmpod.images.stream import LayerBlob, LayerReader
 
 CHECKPOINT_DIR = "checkpoint"
 CONFIG_DUMP = "config.dump"
@@ -182,7 +186,33 @@ def member_name(info: tarfile.TarInfo) -> str:
     return PurePosixPath(*parts).as_posix() if parts else "."
 
 
-def scan(archive: Path) -> tuple[Manifest, dict[str, str], list[str]]:
+def plain_tar(archive: Path, scratch: Path, max_bytes: int) -> Path:
+    """``archive`` itself if it is an uncompressed tar, else its gzip or zstd
+    decompression into ``scratch`` (at most ``max_bytes``)."""
+    with open(archive, "rb") as fh:
+        magic = fh.read(4)
+    if magic[:2] != b"\x1f\x8b" and magic != b"\x28\xb5\x2f\xfd":
+        return archive
+    out = scratch / "archive.tar"
+    try:
+        raw = open(archive, "rb")  # noqa: SIM115 - closed by the with below
+        reader = LayerReader(raw, LayerBlob(archive.name), str(archive))
+        with raw, reader as src, open(out, "wb") as dest:
+            total = 0
+            while chunk := src.read(_CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise ForensicsError(f"{archive} decompresses to more than {max_bytes} bytes")
+                dest.write(chunk)
+            reader.verify()  # zstd's exit status
+    except ImageError as err:
+        raise ForensicsError(f"cannot decompress {archive}: {err.message}") from None
+    except (OSError, EOFError, zlib.error) as err:
+        raise ForensicsError(f"cannot decompress {archive}: {err}") from None
+    return out
+
+
+def scan(archive: Path, *, need_manifest: bool = True) -> tuple[Manifest | None, dict[str, str], list[str]]:
     """(manifest, digest of every regular member, names of other non-directory members)."""
     digests: dict[str, str] = {}
     odd: list[str] = []
@@ -210,14 +240,21 @@ def scan(archive: Path) -> tuple[Manifest, dict[str, str], list[str]]:
         raise ForensicsError(f"{archive} is not a readable tar archive: {err}") from err
     except OSError as err:
         raise ForensicsError(f"cannot read {archive}: {err.strerror or err}") from err
-    if manifest is None:
-        raise ForensicsError(f"{archive} has no {MANIFEST}: it is not a vmpod evidence archive")
+    if manifest is None and need_manifest:
+        raise ForensicsError(
+            f"{archive} has no {MANIFEST}: it is not a vmpod evidence archive, so it carries no digests"
+        )
     return manifest, digests, odd
 
 
 def verify(archive: Path) -> Verdict:
     """Recompute every digest and compare with the manifest."""
     manifest, digests, odd = scan(archive)
+    assert manifest is not None
+    return _verdict(manifest, digests, odd)
+
+
+def _verdict(manifest: Manifest, digests: dict[str, str], odd: list[str]) -> Verdict:
     want = manifest.files
     changed = sorted(n for n in want if n in digests and digests[n] != want[n])
     missing = sorted(n for n in want if n not in digests)
@@ -225,12 +262,19 @@ def verify(archive: Path) -> Verdict:
     return Verdict(manifest, tuple(changed), tuple(missing), tuple(added))
 
 
-def extract(archive: Path, dest: Path, max_bytes: int) -> Manifest:
-    """Verify ``archive``, then unpack its directories and regular files into the
-    empty directory ``dest`` (nothing else; ``max_bytes`` in all)."""
-    verdict = verify(archive)
-    if not verdict.ok:
-        raise ForensicsError(f"{archive} fails verification: {describe(verdict)}")
+def extract(archive: Path, dest: Path, max_bytes: int) -> Manifest | None:
+    """Verify ``archive`` (an uncompressed tar), then unpack its directories and
+    regular files into the empty directory ``dest`` (nothing else; ``max_bytes``
+    in all). An archive without a manifest (podman's, Kubernetes') cannot be
+    verified: it is unpacked if every member is plain, and None is returned."""
+    manifest, digests, odd = scan(archive, need_manifest=False)
+    if manifest is None:
+        if odd:
+            raise ForensicsError(f"{archive} has members that are not regular files: {', '.join(odd[:5])}")
+    else:
+        verdict = _verdict(manifest, digests, odd)
+        if not verdict.ok:
+            raise ForensicsError(f"{archive} fails verification: {describe(verdict)}")
     total = 0
     with tarfile.open(archive, "r:") as tar:
         for info in tar:
@@ -251,7 +295,7 @@ def extract(archive: Path, dest: Path, max_bytes: int) -> Manifest:
             with os.fdopen(fd, "wb") as out:
                 while chunk := src.read(_CHUNK):
                     out.write(chunk)
-    return verdict.manifest
+    return manifest
 
 
 def describe(v: Verdict) -> str:

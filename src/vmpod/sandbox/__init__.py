@@ -13,7 +13,7 @@ every front end (cli, runtime, matrix; later shim, pods, forensics) goes through
 from vmpod.agent.protocol import CHECKPOINT_TIMEOUT, CommandResult, KernelLogResult
 from vmpod.sandbox.build import SandboxSpec, prepare
 from vmpod.sandbox.config import ContainerSpec, ContainerState, SandboxConfig, SandboxState, Volume
-from vmpod.sandbox.container import Container
+from vmpod.sandbox.container import LEAVE_STOPPED, Container
 from vmpod.sandbox.process import Exit, Output, Process
 from vmpod.sandbox.sandbox import Sandbox
 
@@ -21,6 +21,7 @@ __all__ = [
     "CHECKPOINT_TIMEOUT",
     "CommandResult",
     "KernelLogResult",
+    "LEAVE_STOPPED",
     "Container",
     "ContainerSpec",
     "ContainerState",

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 RUNTIME_QUERIES = ("ps", "events", "update")
 CRIU_LOG_TAIL = 8  # lines of CRIU's log in an error
+LEAVE_STOPPED = "leave-stopped"  # a file in a restore directory: CRIU leaves the tree stopped
 
 
 def criu_log_tail(log: Path) -> str:
@@ -206,14 +207,19 @@ class Container:
 
     async def restore(self, host_dir: Path, output: Output) -> Process:
         """``runc restore`` of this created container from the CRIU images in
-        ``host_dir``/checkpoint; the restored tree's output goes to ``output``."""
+        ``host_dir``/checkpoint; the restored tree's output goes to ``output``.
+        A file ``host_dir``/leave-stopped asks CRIU to leave every task stopped."""
         self._sm.require("restore the container", ContainerState.CREATED)
         rel = self._share_criu(host_dir)
         try:
             stream, sink = self._process(output)
             started = await self._agent.restore(
                 p.RestoreContainer(
-                    container_id=self.id, stream=stream, image_dir=f"{rel}/checkpoint", work_dir=f"{rel}/work"
+                    container_id=self.id,
+                    stream=stream,
+                    image_dir=f"{rel}/checkpoint",
+                    work_dir=f"{rel}/work",
+                    leave_stopped=(host_dir / LEAVE_STOPPED).is_file(),
                 )
             )
         finally:

@@ -224,18 +224,19 @@ def restore_argv(
 CRIU_CONFIG_ANNOTATION = "org.criu.config"  # runc hands this file to CRIU
 
 
-def restore_config(bundle: str) -> None:
+def restore_config(bundle: str, leave_stopped: bool = False) -> None:
     """Prepare ``bundle`` for ``runc restore`` with a CRIU configuration file:
     ``tcp-close`` (connected TCP sockets come back closed: the new VM has no
-    network), and on cgroup v2, where runc gives CRIU no cgroup root and the
-    tree would land in the dumped container's cgroup, out of reach of this
-    container's freezer (pause, a later checkpoint), this container's cgroup."""
+    network), ``leave-stopped`` if asked (an analyst's ``--paused``), and on
+    cgroup v2, where runc gives CRIU no cgroup root and the tree would land in
+    the dumped container's cgroup, out of reach of this container's freezer
+    (pause, a later checkpoint), this container's cgroup."""
     path = os.path.join(bundle, "config.json")
     with open(path) as fh:
         spec = json.load(fh)
     if (spec.get("process") or {}).get("terminal"):
         raise AgentFailure("a container with a terminal cannot be restored", "unsupported")
-    lines = ["tcp-close"]
+    lines = ["tcp-close", *["leave-stopped"] * leave_stopped]
     cgroup = (spec.get("linux") or {}).get("cgroupsPath")
     if isinstance(cgroup, str) and cgroup.startswith("/") and set(cgroup) <= _ARG_OK:
         lines.append(f"cgroup-root {cgroup}")

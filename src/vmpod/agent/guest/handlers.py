@@ -345,14 +345,20 @@ class Handlers:
         if cid in self.inits:
             raise AgentFailure(f"container {cid} was started already", "exists")
         return self._do_restore(
-            rid, cid, a.stream, images, work, bundles.criu_flags(False, a.tcp_established, a.file_locks)
+            rid,
+            cid,
+            a.stream,
+            images,
+            work,
+            bundles.criu_flags(False, a.tcp_established, a.file_locks),
+            a.leave_stopped,
         )
 
     def _do_restore(
-        self, rid: int, cid: str, stream: int, images: str, work: str, flags: list[str]
+        self, rid: int, cid: str, stream: int, images: str, work: str, flags: list[str], stopped: bool
     ) -> p.ProcessStarted | None:
         bundle = bundles.bundle_dir(self.config, cid)
-        bundles.restore_config(bundle)
+        bundles.restore_config(bundle, stopped)
         pid_file, log = f"{bundle}/init.pid", f"{bundle}/init.log"
         binary = self.config.runtime_binary(self.containers[cid])
         argv = bundles.restore_argv(

@@ -1,0 +1,118 @@
+"""Restores an analyst needs beyond the plain round trip, on real VMs and real
+CRIU: a podman-layout archive (no manifest, zstd) restored with every task left
+stopped until `vmpod forensics resume`; a capture whose VM dies mid-dump."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+from tests.vm.conftest import VMPOD, VmFactory, qemu_pids
+from tests.vm.test_forensics import COUNTER, _counts, _status, _wait
+
+
+def _podman_layout(src: Path, dest: Path) -> None:
+    """``src`` (a vmpod archive) as podman exports one: no manifest, podman's
+    config.dump keys only, zstd-compressed."""
+    plain = dest.with_suffix("")
+    with tarfile.open(src) as tin, tarfile.open(plain, "w") as tout:
+        for info in tin:
+            if info.name == "vmpod-manifest.json":
+                continue
+            data = tin.extractfile(info) if info.isreg() else None
+            if info.name == "config.dump":
+                assert data is not None
+                config = json.loads(data.read())
+                slim = json.dumps({k: config[k] for k in ("id", "name", "createdTime")}).encode()
+                info.size, data = len(slim), io.BytesIO(slim)
+            tout.addfile(info, data)
+    subprocess.run(["zstd", "-q", "--rm", "-o", str(dest), str(plain)], check=True)
+
+
+def test_paused_restore_of_a_podman_layout_archive(
+    vm_factory: VmFactory, busybox: Path, tmp_path: Path
+) -> None:
+    vmpod = vm_factory()
+    r = vmpod.run("-d", "--name", "suspect", "--rootfs", str(busybox), "--", "sh", "-c", COUNTER)
+    assert r.returncode == 0, r.err
+    _wait(lambda: len(_counts(vmpod, "suspect")) >= 2)
+    archive = tmp_path / "evidence.tar"
+    r = vmpod("forensics", "capture", "suspect", "-o", str(archive), "--kill", timeout=900)
+    assert r.returncode == 0, r.err
+    captured = max(_counts(vmpod, "suspect"))
+    podman = tmp_path / "podman.tar.zst"
+    _podman_layout(archive, podman)
+
+    r = vmpod("forensics", "verify", str(podman))
+    assert r.returncode != 0 and "no vmpod-manifest.json" in r.err
+    r = vmpod("forensics", "restore", str(podman), "--name", "clone", "--paused", timeout=900)
+    assert r.returncode != 0 and "names no image" in r.err and "--rootfs" in r.err  # podman's has none here
+    assert "clone" not in vmpod("ps", "-a").out
+    r = vmpod(
+        "forensics",
+        "restore",
+        str(podman),
+        "--name",
+        "clone",
+        "--rootfs",
+        str(busybox),
+        "--paused",
+        timeout=900,
+    )
+    assert r.returncode == 0, r.err
+    assert "nothing was verified" in r.err and "stopped until `vmpod forensics resume clone`" in r.err
+    # every restored task is stopped, yet the analyst can look inside
+    r = vmpod("exec", "clone", "grep", "State", "/proc/1/status")
+    assert r.returncode == 0 and "T (stopped)" in r.out, (r.out, r.err)
+    assert _counts(vmpod, "clone") == []
+    assert vmpod("forensics", "resume", "clone").out.strip() == "clone"
+    _wait(lambda: len(_counts(vmpod, "clone")) >= 2)
+    assert _counts(vmpod, "clone")[:2] == [captured + 1, captured + 2]
+    assert vmpod("rm", "-f", "clone").returncode == 0
+    r = vmpod("forensics", "resume", "suspect")
+    assert r.returncode != 0 and "not running" in r.err
+
+
+def test_vm_killed_mid_dump_leaves_nothing(vm_factory: VmFactory, busybox: Path, tmp_path: Path) -> None:
+    vmpod = vm_factory()
+    # 40 MB held in the shell's memory: the dump takes long enough to be caught in it
+    big = "x=$(head -c 40000000 /dev/zero | tr '\\0' a); echo ready; sleep 1000"
+    r = vmpod.run("-d", "--name", "big", "--rootfs", str(busybox), "--", "sh", "-c", big)
+    assert r.returncode == 0, r.err
+    _wait(lambda: "ready" in vmpod("logs", "big").out, timeout=300)
+    scratch = vmpod.paths.tmp
+    before = set(scratch.glob("forensics-*"))
+    archive = tmp_path / "a.tar"
+    capture = subprocess.Popen(
+        [*VMPOD, "forensics", "capture", "big", "-o", str(archive)],
+        env=vmpod.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # CRIU has started once its log exists in the capture's scratch directory
+        _wait(lambda: any(scratch.glob("forensics-*/criu/work/dump.log")) or capture.poll() is not None)
+        assert capture.poll() is None, capture.communicate()
+        (qemu,) = qemu_pids(str(vmpod.paths.run))
+        os.kill(qemu, signal.SIGKILL)
+        out, err = capture.communicate(timeout=300)
+    finally:
+        if capture.poll() is None:
+            capture.kill()
+    assert capture.returncode != 0
+    lines = err.decode().strip().splitlines()
+    assert lines and lines[0].startswith("vmpod: error: "), lines
+    assert not archive.exists() and list(tmp_path.iterdir()) == []
+    assert set(scratch.glob("forensics-*")) == before
+    _wait(lambda: "Exited" in _status(vmpod, "big"), timeout=60)
+    assert vmpod("rm", "big").returncode == 0
+    deadline = time.monotonic() + 30
+    while qemu_pids(str(vmpod.paths.run)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert qemu_pids(str(vmpod.paths.run)) == []
