@@ -11,7 +11,9 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -27,6 +29,7 @@ from vmpod.stdio import reserve_stdio
 log = logging.getLogger("vmpod")
 _LOG: dict[str, str] = {"path": "", "format": "text", "debug": ""}
 _CTX = {"help_option_names": ["-h", "--help"]}
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def parse_signal(raw: str) -> int:
@@ -380,6 +383,105 @@ def spec(bundle: str, rootless: bool) -> None:
     from vmpod.runtime.specgen import write_default_spec
 
     write_default_spec(Path(bundle))
+
+
+# flags the guest's CRIU cannot honour here (runtime/checkpoint.py says why)
+_UNSUPPORTED_CHECKPOINT = (
+    "tcp_established",
+    "ext_unix_sk",
+    "shell_job",
+    "lazy_pages",
+    "page_server",
+    "status_fd",
+    "pre_dump",
+    "parent_path",
+    "auto_dedup",
+)
+_UNSUPPORTED_RESTORE = (
+    "tcp_established",
+    "ext_unix_sk",
+    "shell_job",
+    "lazy_pages",
+    "file_locks",
+    "auto_dedup",
+    "lsm_profile",
+    "lsm_mount_context",
+)
+
+
+def _given(flags: dict[str, Any], names: tuple[str, ...]) -> list[str]:
+    """The command-line names of ``names`` that were given (set, non-empty)."""
+    return [f"--{n.replace('_', '-')}" for n in names if flags[n] not in (None, False, "")]
+
+
+def _criu_flag(name: str, help_: str) -> Callable[[F], F]:
+    return click.option(name, name.lstrip("-").replace("-", "_"), is_flag=True, help=help_)
+
+
+@cli.command(context_settings=_CTX)
+@click.argument("container_id")
+@click.option("--image-path", default="", help="Where CRIU's images go (default: ./checkpoint).")
+@click.option("--work-path", default="", help="Where dump.log goes (default: the image path).")
+@click.option("--parent-path", default="", help="Not supported (incremental dumps).")
+@_criu_flag("--leave-running", "Keep the container running after the dump.")
+@_criu_flag("--file-locks", "Dump file locks.")
+@_criu_flag("--tcp-established", "Not supported (needs iptables in the guest).")
+@_criu_flag("--ext-unix-sk", "Not supported.")
+@_criu_flag("--shell-job", "Not supported.")
+@_criu_flag("--lazy-pages", "Not supported.")
+@_criu_flag("--pre-dump", "Not supported (incremental dumps).")
+@_criu_flag("--auto-dedup", "Not supported.")
+@click.option("--page-server", default="", help="Not supported.")
+@click.option("--status-fd", type=int, default=None, help="Not supported.")
+@click.option("--manage-cgroups-mode", default="", help="Only soft (the default).")
+@click.option("--empty-ns", multiple=True, help="Only network (the VM's network is never dumped).")
+def checkpoint(container_id: str, image_path: str, work_path: str, **flags: Any) -> None:
+    """Dump the container with CRIU inside its VM; the images land on the host."""
+    from vmpod.runtime import checkpoint as cp
+
+    cp.refuse("checkpoint", _given(flags, _UNSUPPORTED_CHECKPOINT))
+    cp.check_cgroup_mode(flags["manage_cgroups_mode"])
+    cp.check_empty_ns(flags["empty_ns"])
+    images, work = cp.default_paths_for(image_path, work_path)
+    opts = cp.CheckpointOptions(images, work, flags["leave_running"], flags["file_locks"])
+    cp.checkpoint(_store(), container_id, opts)
+
+
+@cli.command(context_settings=_CTX)
+@click.argument("container_id")
+@click.option("--bundle", "-b", default=".", help="Bundle directory (config.json).")
+@click.option("--image-path", default="", help="CRIU's images (default: ./checkpoint).")
+@click.option("--work-path", default="", help="Where restore.log goes (default: the image path).")
+@click.option("--detach", "-d", is_flag=True, help="Return once the container runs.")
+@click.option("--pid-file", default="", help="Write the monitor's pid here.")
+@click.option("--console-socket", default="", help="Unix socket that gets the pty master.")
+@click.option("--no-subreaper", is_flag=True, help="Accepted; the monitor reaps.")
+@click.option("--no-pivot", is_flag=True, help="Accepted; the guest runtime decides.")
+@_criu_flag("--tcp-established", "Not supported (needs iptables in the guest).")
+@_criu_flag("--ext-unix-sk", "Not supported.")
+@_criu_flag("--shell-job", "Not supported.")
+@_criu_flag("--lazy-pages", "Not supported.")
+@_criu_flag("--file-locks", "Not supported yet.")
+@_criu_flag("--auto-dedup", "Not supported.")
+@click.option("--lsm-profile", default="", help="Not supported (no LSM in the guest).")
+@click.option("--lsm-mount-context", default="", help="Not supported (no LSM in the guest).")
+@click.option("--manage-cgroups-mode", default="", help="Only soft (the default).")
+@click.option("--empty-ns", multiple=True, help="Only network (each VM has its own).")
+def restore(
+    container_id: str, bundle: str, image_path: str, work_path: str, pid_file: str, **flags: Any
+) -> None:
+    """Restore a checkpointed container in a new VM (CRIU in the guest)."""
+    from vmpod.runtime import checkpoint as cp
+
+    cp.refuse("restore", _given(flags, _UNSUPPORTED_RESTORE))
+    cp.check_cgroup_mode(flags["manage_cgroups_mode"])
+    cp.check_empty_ns(flags["empty_ns"])
+    images, work = cp.default_paths_for(image_path, work_path)
+    opts = cp.RestoreOptions(
+        Path(bundle).absolute(), images, work, pid_file, flags["console_socket"], flags["detach"]
+    )
+    log_opts = (_LOG["path"], _LOG["format"], bool(_LOG["debug"]))
+    sys.exit(cp.restore(_store(), container_id, opts, log_opts))
 
 
 def _register_exec() -> None:

@@ -442,7 +442,13 @@ class Session:
             raise RuntimeCliError("the container has no VM")
         info = await sandbox.guest_info()
         criu = await sandbox.criu_check()
-        return {"kernel": info.kernel, "runc": info.runc, "criu_status": criu.status, "criu": criu.stdout}
+        return {
+            "kernel": info.kernel,
+            "runc": info.runc,
+            "criu_status": criu.status,
+            "criu": criu.stdout,
+            "guest_runtime": self.a.guest_runtime,  # what runs this container in the VM
+        }
 
     async def _op_exec(self, conn: ipc.Conn, msg: Msg, fds: list[int]) -> None:
         require("exec", self.status)

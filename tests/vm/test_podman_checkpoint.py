@@ -1,0 +1,152 @@
+"""podman 4.3 checkpoints a vmpod-runtime container (CRIU in its VM) and restores
+it into a new VM: ``podman container checkpoint --export`` writes a standard
+archive, ``podman container restore --import`` brings the process tree back.
+
+One container is shared by every step (each VM boot and CRIU run is slow under
+TCG). It counts only in its shell's memory and appends each count to a file it
+keeps open; podman takes the rootfs diff after the runtime's dump, so the
+restored archive comes from a checkpoint that stopped the container (with
+--leave-running the file may grow between dump and diff, and CRIU then refuses
+the file's size: runc under podman has the same race).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm.conftest import qemu_below
+from tests.vm.test_podman import IMAGE, ULIMITS, Podman, private_podman
+from vmpod.guest.assets import GuestAssets
+from vmpod.paths import Paths
+
+# the count lives only in the shell's memory; fd 3 stays open (O_APPEND) all along
+COUNTER = "i=0; exec 3>>/data.log; while true; do i=$((i+1)); echo $i >&3; echo n=$i; sleep 0.3; done"
+
+
+@pytest.fixture(scope="module")
+def podman(
+    paths: Paths, assets: GuestAssets, busybox: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Podman]:
+    with private_podman(paths, busybox, tmp_path_factory.mktemp("podman-cr")) as (base, _):
+        yield Podman(base)
+
+
+def _wait(pred: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.3)
+
+
+def _counts(podman: Podman, name: str) -> list[int]:
+    r = podman("logs", name)
+    assert r.returncode == 0, r.stderr
+    return [int(line[2:]) for line in r.stdout.splitlines() if line.startswith("n=")]
+
+
+def _state(podman: Podman, name: str) -> str:
+    return podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+
+
+def _qemu(podman: Podman, name: str) -> int:
+    monitor = int(podman("inspect", "--format", "{{.State.Pid}}", name).stdout)
+    found = qemu_below(monitor)
+    assert found, f"no QEMU below the monitor {monitor} of {name}"
+    return found[0]
+
+
+def _members(archive: Path) -> dict[str, bytes]:
+    with tarfile.open(archive) as tar:
+        out = {}
+        for info in tar:
+            fh = tar.extractfile(info) if info.isreg() else None
+            out[info.name.removeprefix("./")] = fh.read() if fh is not None else b""
+        return out
+
+
+def _data_log(members: dict[str, bytes]) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(members["rootfs-diff.tar"])) as diff:
+        fh = diff.extractfile("data.log")
+        assert fh is not None
+        return fh.read().decode().split()
+
+
+def test_checkpoint_export_and_restore_import(podman: Podman, tmp_path: Path) -> None:
+    r = podman("run", "-d", "--name", "counter", *ULIMITS, IMAGE, "sh", "-c", COUNTER)
+    assert r.returncode == 0, r.stderr
+    first_qemu = _qemu(podman, "counter")
+    _wait(lambda: len(_counts(podman, "counter")) >= 3)
+
+    # 1. --leave-running: a standard archive, and the original goes on counting
+    live = tmp_path / "live.tar"
+    t0 = time.monotonic()
+    r = podman(
+        "container",
+        "checkpoint",
+        "--leave-running",
+        "--compress",
+        "none",
+        "--export",
+        str(live),
+        "counter",
+        timeout=900,
+    )
+    print(f"podman checkpoint --leave-running --export: {time.monotonic() - t0:.1f}s")
+    assert r.returncode == 0, r.stderr
+    members = _members(live)
+    for want in ("checkpoint/inventory.img", "config.dump", "spec.dump", "rootfs-diff.tar"):
+        assert want in members, sorted(members)
+    assert any(n.startswith("checkpoint/pages-") for n in members)
+    lines = _data_log(members)
+    assert lines and lines == [str(i) for i in range(1, len(lines) + 1)]
+    assert b"counter" in members["config.dump"] and b"/data.log" in members["spec.dump"]
+    assert _state(podman, "counter") == "running"
+    assert _qemu(podman, "counter") == first_qemu
+    _wait(lambda: max(_counts(podman, "counter")) >= len(lines) + 3)
+
+    # 2. without it: the container stops once dumped, its VM goes
+    stopped = tmp_path / "stopped.tar"
+    t0 = time.monotonic()
+    r = podman(
+        "container", "checkpoint", "--compress", "none", "--export", str(stopped), "counter", timeout=900
+    )
+    checkpoint_s = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert _state(podman, "counter") == "exited"
+    _wait(lambda: not os.path.exists(f"/proc/{first_qemu}"), timeout=30)
+    captured = _data_log(_members(stopped))
+    assert len(captured) > len(lines)
+
+    # 3. restored in a new VM: memory, the open file's offset, exec, then rm -f
+    t0 = time.monotonic()
+    r = podman("container", "restore", "--import", str(stopped), "--name", "clone", timeout=900)
+    restore_s = time.monotonic() - t0
+    print(f"podman checkpoint --export {checkpoint_s:.1f}s, restore --import {restore_s:.1f}s")
+    assert r.returncode == 0, r.stderr
+    assert _state(podman, "clone") == "running"
+    qemu = _qemu(podman, "clone")
+    assert qemu != first_qemu
+    _wait(lambda: max(_counts(podman, "clone"), default=0) >= len(captured) + 3)
+    counts = _counts(podman, "clone")
+    # the memory came back: the count goes on from the captured value, without a
+    # restart (podman's archive carries the original's log: that part comes first)
+    assert counts[0] in (1, len(captured) + 1) and len(captured) + 1 in counts
+    assert counts == list(range(counts[0], counts[0] + len(counts)))
+    r = podman("exec", "clone", "cat", "/data.log")
+    assert r.returncode == 0, r.stderr
+    now = r.stdout.split()
+    # appended through the restored fd at the captured offset: no gap, no overwrite
+    assert now[: len(captured)] == captured and now == [str(i) for i in range(1, len(now) + 1)]
+    assert len(now) > len(captured)
+    assert podman("ps", "--format", "{{.Names}} {{.Status}}").stdout.count("clone Up") == 1
+
+    assert podman("rm", "-f", "-t", "0", "clone").returncode == 0
+    _wait(lambda: not os.path.exists(f"/proc/{qemu}"), timeout=30)
+    assert podman("rm", "-f", "-t", "0", "counter").returncode == 0
