@@ -35,7 +35,22 @@ def podman(
     paths: Paths, assets: GuestAssets, busybox: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Podman]:
     with private_podman(paths, busybox, tmp_path_factory.mktemp("podman-cr")) as (base, _):
+        log_argv(Path(base[base.index("--runtime") + 1]))
         yield Podman(base)
+
+
+def log_argv(wrapper: Path) -> None:
+    """The wrapper also notes each argv podman and conmon give the runtime."""
+    first, rest = wrapper.read_text().split("\n", 1)
+    note = f'printf "%s\\n" "$*" >> {wrapper}.argv\n'
+    wrapper.write_text(f"{first}\n{note}{rest}")
+
+
+def calls(podman: Podman, command: str) -> list[list[str]]:
+    """The argv (after the wrapper's own) of each ``command`` the runtime was given."""
+    wrapper = Path(podman.base[podman.base.index("--runtime") + 1])
+    lines = Path(f"{wrapper}.argv").read_text().splitlines()
+    return [words for words in (line.split() for line in lines) if words and words[0] == command]
 
 
 def _wait(pred: Callable[[], bool], timeout: float = 120) -> None:
@@ -109,6 +124,16 @@ def test_checkpoint_export_and_restore_import(podman: Podman, tmp_path: Path) ->
     assert b"counter" in members["config.dump"] and b"/data.log" in members["spec.dump"]
     assert _state(podman, "counter") == "running"
     assert _qemu(podman, "counter") == first_qemu
+    cid = podman("inspect", "--format", "{{.Id}}", "counter").stdout.strip()
+    userdata = podman("inspect", "--format", "{{.StaticDir}}", "counter").stdout.strip()
+    # what podman 4.3 passes (no global flags to a runtime not named runc/crun)
+    assert calls(podman, "checkpoint") == [
+        ["checkpoint", "--help"],
+        [
+            *("checkpoint", "--image-path", f"{userdata}/checkpoint", "--work-path", userdata),
+            *("--leave-running", "--leave-running", cid),
+        ],
+    ]
     _wait(lambda: max(_counts(podman, "counter")) >= len(lines) + 3)
 
     # 2. without it: the container stops once dumped, its VM goes
@@ -146,6 +171,9 @@ def test_checkpoint_export_and_restore_import(podman: Podman, tmp_path: Path) ->
     assert now[: len(captured)] == captured and now == [str(i) for i in range(1, len(now) + 1)]
     assert len(now) > len(captured)
     assert podman("ps", "--format", "{{.Names}} {{.Status}}").stdout.count("clone Up") == 1
+    print("restore argv:", calls(podman, "restore"))
+    (restored,) = calls(podman, "restore")
+    assert {"--bundle", "--detach", "--pid-file", "--image-path", "--work-path"} <= set(restored)
 
     assert podman("rm", "-f", "-t", "0", "clone").returncode == 0
     _wait(lambda: not os.path.exists(f"/proc/{qemu}"), timeout=30)
