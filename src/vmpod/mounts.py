@@ -109,6 +109,22 @@ def mounts_below(root: Path) -> list[Path]:
     return list(seen)
 
 
+def overlay_upper(point: Path) -> Path | None:
+    """The upper directory of the overlay mounted at ``point`` (its latest mount), if any."""
+    found = None
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            head, _, tail = line.partition(" - ")
+            fields, rest = head.split(), tail.split()
+            if len(fields) > 4 and Path(_unescape(fields[4])) == point:
+                found = None
+                if len(rest) > 2 and rest[0] == "overlay":
+                    for opt in rest[2].split(","):
+                        if opt.startswith("upperdir="):
+                            found = Path(_unescape(opt.removeprefix("upperdir=")))
+    return found
+
+
 def _flags(point: Path) -> int:
     for p, opts in reversed(_table()):
         if p == point:

@@ -128,7 +128,29 @@ def checks(paths: Paths, kernel: str, accel: str) -> list[Check]:
     from vmpod.network.doctor import host_checks  # pyroute2: only when asked
 
     out += [Check(c.name, c.ok, c.detail, c.required) for c in host_checks()]
+    out.append(_host_criu_check())
     return out
+
+
+def _host_criu_check() -> Check:
+    """Whether host-side forensics capture (--runc, --podman) can work; vmpod's own
+    containers are captured by CRIU inside their VMs whatever this says."""
+    from vmpod.errors import VmpodError
+    from vmpod.forensics.host import host_criu
+
+    try:
+        found = host_criu()
+    except VmpodError as err:
+        return Check("host criu", False, f"cannot run criu: {err}", required=False)
+    if found.ok:
+        return Check("host criu", True, f"{found.detail}: host-side capture (--runc, --podman) works")
+    return Check(
+        "host criu",
+        False,
+        f"host-side capture (--runc, --podman) unavailable: {found.detail} "
+        "(vmpod containers are captured by CRIU in their VMs)",
+        required=False,
+    )
 
 
 def _jail_check() -> Check:

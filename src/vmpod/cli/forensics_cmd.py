@@ -18,8 +18,13 @@ def forensics() -> None:
 
 
 @forensics.command()
-@click.argument("container")
+@click.argument("container", required=False, default="")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The archive to write.")
+@click.option(
+    "--runc", "runc_id", default="", metavar="ID", help="A container of the host's runc (host CRIU)."
+)
+@click.option("--root", default="", metavar="DIR", help="runc's state directory (with --runc).")
+@click.option("--podman", "podman_name", default="", metavar="NAME", help="A podman container (host CRIU).")
 @click.option(
     "--kill", is_flag=True, help="Stop the container after the capture (default: it keeps running)."
 )
@@ -34,16 +39,38 @@ def forensics() -> None:
 )
 @guarded
 def capture(
-    container: str, output: Path, kill: bool, tcp_established: bool, file_locks: bool, max_size: int
+    container: str,
+    output: Path,
+    runc_id: str,
+    root: str,
+    podman_name: str,
+    kill: bool,
+    tcp_established: bool,
+    file_locks: bool,
+    max_size: int,
 ) -> None:
-    """Checkpoint CONTAINER (of `vmpod run -d`) with CRIU inside its VM."""
-    from vmpod.forensics.capture import CaptureRequest
+    """Checkpoint CONTAINER (of `vmpod run -d`) with CRIU inside its VM, or a
+    container of the host's runc or podman with the host's CRIU."""
+    from vmpod.forensics.capture import Captured, CaptureRequest
     from vmpod.forensics.capture import capture as do_capture
+    from vmpod.forensics.host import HostCaptureRequest, capture_host
 
-    req = CaptureRequest(
-        container, output, kill, tcp_established, file_locks, max_bytes=max_size, command_line=tuple(sys.argv)
-    )
-    got = do_capture(default_paths(), req)
+    chosen = [x for x in (container, runc_id, podman_name) if x]
+    if len(chosen) != 1:
+        raise click.UsageError("name one container: CONTAINER, --runc ID or --podman NAME")
+    if root and not runc_id:
+        raise click.UsageError("--root goes with --runc")
+    got: Captured
+    flags = {"kill": kill, "tcp_established": tcp_established, "file_locks": file_locks}
+    if container:
+        req = CaptureRequest(container, output, max_bytes=max_size, command_line=tuple(sys.argv), **flags)
+        got = do_capture(default_paths(), req)
+    else:
+        engine, ref = ("runc", runc_id) if runc_id else ("podman", podman_name)
+        host_req = HostCaptureRequest(
+            engine, ref, output, root, max_bytes=max_size, command_line=tuple(sys.argv), **flags
+        )
+        got = capture_host(default_paths(), host_req)
     click.echo(f"{got.archive}")
     click.echo(
         f"captured {len(got.manifest.files)} files in {got.seconds:.2f}s "
