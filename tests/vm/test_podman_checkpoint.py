@@ -13,6 +13,7 @@ the file's size: runc under podman has the same race).
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 import time
@@ -23,6 +24,8 @@ import pytest
 
 from tests.vm.conftest import qemu_below
 from tests.vm.test_podman import IMAGE, ULIMITS, Podman, private_podman
+from vmpod.forensics.archive import verify
+from vmpod.forensics.capture import CaptureRequest, capture
 from vmpod.guest.assets import GuestAssets
 from vmpod.paths import Paths
 
@@ -33,10 +36,16 @@ COUNTER = "i=0; exec 3>>/data.log; while true; do i=$((i+1)); echo $i >&3; echo 
 @pytest.fixture(scope="module")
 def podman(
     paths: Paths, assets: GuestAssets, busybox: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Podman]:
-    with private_podman(paths, busybox, tmp_path_factory.mktemp("podman-cr")) as (base, _):
+) -> Iterator[RuntimePodman]:
+    with private_podman(paths, busybox, tmp_path_factory.mktemp("podman-cr")) as (base, rt_root):
         log_argv(Path(base[base.index("--runtime") + 1]))
-        yield Podman(base)
+        yield RuntimePodman(base, rt_root)
+
+
+class RuntimePodman(Podman):
+    def __init__(self, base: list[str], rt_root: Path) -> None:
+        super().__init__(base)
+        self.rt_root = rt_root  # vmpod-runtime's --root under this podman
 
 
 def log_argv(wrapper: Path) -> None:
@@ -93,7 +102,7 @@ def _data_log(members: dict[str, bytes]) -> list[str]:
         return fh.read().decode().split()
 
 
-def test_checkpoint_export_and_restore_import(podman: Podman, tmp_path: Path) -> None:
+def test_checkpoint_export_and_restore_import(podman: RuntimePodman, paths: Paths, tmp_path: Path) -> None:
     r = podman("run", "-d", "--name", "counter", *ULIMITS, IMAGE, "sh", "-c", COUNTER)
     assert r.returncode == 0, r.stderr
     first_qemu = _qemu(podman, "counter")
@@ -135,6 +144,22 @@ def test_checkpoint_export_and_restore_import(podman: Podman, tmp_path: Path) ->
         ],
     ]
     _wait(lambda: max(_counts(podman, "counter")) >= len(lines) + 3)
+
+    # 1b. vmpod's evidence archive of the same container, through the same monitor:
+    # paused while the diff (podman's overlay upper dir) is read and CRIU dumps
+    evidence = tmp_path / "evidence.tar"
+    got = capture(paths, CaptureRequest(cid, evidence, runtime_root=podman.rt_root))
+    verdict = verify(evidence)
+    assert verdict.ok and verdict.manifest.container["id"] == cid
+    members = _members(evidence)
+    assert "checkpoint/inventory.img" in members and "vmpod-manifest.json" in members
+    in_file = _data_log(members)
+    assert in_file == [str(i) for i in range(1, len(in_file) + 1)] and len(in_file) > len(lines)
+    assert json.loads(members["config.dump"])["vmpod"]["runtime_root"] == str(podman.rt_root)
+    assert members["spec.dump"] == Path(userdata, "config.json").read_bytes()
+    print(f"vmpod forensics capture --runtime-root: {got.seconds:.1f}s (frozen {got.frozen_seconds:.1f}s)")
+    assert _state(podman, "counter") == "running"
+    _wait(lambda: max(_counts(podman, "counter")) >= len(in_file) + 2)
 
     # 2. without it: the container stops once dumped, its VM goes
     stopped = tmp_path / "stopped.tar"
