@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from tests.vm.conftest import VMPOD, VmFactory, qemu_pids
 from tests.vm.test_forensics import COUNTER, _counts, _status, _wait
+from vmpod.guest.kernel import DEFAULT_KERNEL, ensure_kernel
 
 
 def _podman_layout(src: Path, dest: Path) -> None:
@@ -46,8 +48,24 @@ def test_paused_restore_of_a_podman_layout_archive(
     r = vmpod("forensics", "capture", "suspect", "-o", str(archive), "--kill", timeout=900)
     assert r.returncode == 0, r.err
     captured = max(_counts(vmpod, "suspect"))
+    assert vmpod("rm", "suspect").returncode == 0
     podman = tmp_path / "podman.tar.zst"
     _podman_layout(archive, podman)
+
+    # a guest kernel built without checkpoint/restore (the same image, catalogued
+    # with a config that says so) is refused before anything is made
+    k = ensure_kernel(vmpod.paths, DEFAULT_KERNEL)
+    mods = tmp_path / "nocr" / k.release
+    shutil.copytree(k.modules_dir, mods, symlinks=True)
+    (mods / "build").mkdir()
+    config = [ln for ln in k.config.read_text().splitlines() if "CONFIG_CHECKPOINT_RESTORE" not in ln]
+    (mods / "build" / ".config").write_text("\n".join([*config, "# CONFIG_CHECKPOINT_RESTORE is not set\n"]))
+    r = vmpod("kernel", "add", "nocr", "--vmlinuz", str(k.boot_image), "--modules", str(mods))
+    assert r.returncode == 0, r.err
+    r = vmpod("forensics", "restore", str(archive), "--kernel", "nocr", "--name", "nocr")
+    assert r.returncode != 0 and "kernel local-nocr has no checkpoint/restore support" in r.err
+    assert "nocr" not in vmpod("ps", "-a").out and qemu_pids(str(vmpod.paths.run)) == []
+    assert vmpod("kernel", "rm", "nocr").returncode == 0
 
     r = vmpod("forensics", "verify", str(podman))
     assert r.returncode != 0 and "no vmpod-manifest.json" in r.err
@@ -74,9 +92,11 @@ def test_paused_restore_of_a_podman_layout_archive(
     assert vmpod("forensics", "resume", "clone").out.strip() == "clone"
     _wait(lambda: len(_counts(vmpod, "clone")) >= 2)
     assert _counts(vmpod, "clone")[:2] == [captured + 1, captured + 2]
-    assert vmpod("rm", "-f", "clone").returncode == 0
-    r = vmpod("forensics", "resume", "suspect")
-    assert r.returncode != 0 and "not running" in r.err
+    r = vmpod("stop", "clone")
+    assert r.returncode == 0, r.err
+    r = vmpod("forensics", "resume", "clone")
+    assert r.returncode != 0 and "container clone is not running" in r.err
+    assert vmpod("rm", "clone").returncode == 0
 
 
 def test_vm_killed_mid_dump_leaves_nothing(vm_factory: VmFactory, busybox: Path, tmp_path: Path) -> None:

@@ -84,9 +84,15 @@ def capture(
 @guarded
 def verify(archive: Path) -> None:
     """Recheck every digest of ARCHIVE against its manifest."""
+    from vmpod.forensics.archive import plain_tar
     from vmpod.forensics.archive import verify as do_verify
+    from vmpod.forensics.restore import MAX_UNPACKED
+    from vmpod.fsutil import owned_tmpdir
 
-    v = do_verify(archive)
+    paths = default_paths()
+    paths.tmp.mkdir(parents=True, exist_ok=True)
+    with owned_tmpdir(paths.tmp, "verify-") as tmp:  # a compressed copy is checked decompressed
+        v = do_verify(plain_tar(archive, tmp, MAX_UNPACKED))
     for name in v.changed:
         click.echo(f"CHANGED  {name}")
     for name in v.missing:

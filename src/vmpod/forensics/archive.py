@@ -189,8 +189,11 @@ def member_name(info: tarfile.TarInfo) -> str:
 def plain_tar(archive: Path, scratch: Path, max_bytes: int) -> Path:
     """``archive`` itself if it is an uncompressed tar, else its gzip or zstd
     decompression into ``scratch`` (at most ``max_bytes``)."""
-    with open(archive, "rb") as fh:
-        magic = fh.read(4)
+    try:
+        with open(archive, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as err:
+        raise ForensicsError(f"cannot read {archive}: {err.strerror or err}") from None
     if magic[:2] != b"\x1f\x8b" and magic != b"\x28\xb5\x2f\xfd":
         return archive
     out = scratch / "archive.tar"

@@ -36,6 +36,7 @@ from vmpod.errors import ConfigError, ForensicsError, VmpodError
 from vmpod.forensics import archive as a
 from vmpod.forensics.rootfsdiff import apply_diff, read_deleted
 from vmpod.fsutil import atomic_write, owned_tmpdir
+from vmpod.guest.kernel import ensure_kernel
 from vmpod.guest.progress import Progress, silent
 from vmpod.images import resolve_image, resolve_rootfs
 from vmpod.jsonsafe import parse_json
@@ -79,6 +80,13 @@ def restore(paths: Paths, req: RestoreRequest, progress: Progress = silent) -> R
         config = _load_json(unpacked / a.CONFIG_DUMP)
         if not (unpacked / a.CHECKPOINT_DIR / "inventory.img").is_file():
             raise ForensicsError(f"{req.archive} holds no CRIU images (checkpoint/inventory.img)")
+        captured = config.get("vmpod")
+        kernel = (
+            req.kernel
+            or str(captured.get("kernel") if isinstance(captured, dict) else "")
+            or RunRequest.kernel
+        )
+        _check_kernel(paths, kernel)
         image = str(config.get("rootfsImageName") or "")
         if req.rootfs:
             source = resolve_rootfs(req.rootfs)
@@ -91,12 +99,6 @@ def restore(paths: Paths, req: RestoreRequest, progress: Progress = silent) -> R
                 "the archive names no image", hint="give the image's root filesystem with --rootfs"
             )
         tree = rootfs.image_tree(paths, source, progress)
-        captured = config.get("vmpod")
-        kernel = (
-            req.kernel
-            or str(captured.get("kernel") if isinstance(captured, dict) else "")
-            or RunRequest.kernel
-        )
         cid = new_id()
         rec = Record(
             id=cid,
@@ -137,6 +139,21 @@ def resume(paths: Paths, ref: str) -> Record:
         msg = {"op": "kill", "signal": int(signal.SIGCONT), "all": True}
         ipc.request(m.store.dir(rec.id) / "monitor.sock", msg, timeout=30)
         return rec
+
+
+def _check_kernel(paths: Paths, name: str) -> None:
+    """Refuse a guest kernel built without checkpoint/restore before anything is made
+    (CRIU would fail deep inside the new VM)."""
+    k = ensure_kernel(paths, name)
+    try:
+        config = k.config.read_text(errors="replace").splitlines()
+    except OSError:  # a local kernel catalogued without its config: CRIU will say what it misses
+        config = []
+    if config and "CONFIG_CHECKPOINT_RESTORE=y" not in config:  # (empty: not known)
+        raise ForensicsError(
+            f"kernel {k.id} has no checkpoint/restore support (CONFIG_CHECKPOINT_RESTORE is not set)",
+            hint="restore with --kernel naming one that has it (every Debian kernel does)",
+        )
 
 
 def _load_json(path: Path) -> dict[str, object]:
