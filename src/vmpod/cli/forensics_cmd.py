@@ -26,6 +26,13 @@ def forensics() -> None:
 @click.option("--root", default="", metavar="DIR", help="runc's state directory (with --runc).")
 @click.option("--podman", "podman_name", default="", metavar="NAME", help="A podman container (host CRIU).")
 @click.option(
+    "--runtime-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="vmpod-runtime's --root: CONTAINER is an id of its containers (e.g. one podman made).",
+)
+@click.option(
     "--kill", is_flag=True, help="Stop the container after the capture (default: it keeps running)."
 )
 @click.option("--tcp-established", is_flag=True, help="Capture established TCP connections (CRIU).")
@@ -44,6 +51,7 @@ def capture(
     runc_id: str,
     root: str,
     podman_name: str,
+    runtime_root: Path | None,
     kill: bool,
     tcp_established: bool,
     file_locks: bool,
@@ -60,10 +68,19 @@ def capture(
         raise click.UsageError("name one container: CONTAINER, --runc ID or --podman NAME")
     if root and not runc_id:
         raise click.UsageError("--root goes with --runc")
+    if runtime_root is not None and not container:
+        raise click.UsageError("--runtime-root goes with a CONTAINER id")
     got: Captured
     flags = {"kill": kill, "tcp_established": tcp_established, "file_locks": file_locks}
     if container:
-        req = CaptureRequest(container, output, max_bytes=max_size, command_line=tuple(sys.argv), **flags)
+        req = CaptureRequest(
+            container,
+            output,
+            max_bytes=max_size,
+            command_line=tuple(sys.argv),
+            runtime_root=runtime_root,
+            **flags,
+        )
         got = do_capture(default_paths(), req)
     else:
         engine, ref = ("runc", runc_id) if runc_id else ("podman", podman_name)
