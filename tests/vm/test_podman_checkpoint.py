@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -84,6 +85,14 @@ def _qemu(podman: Podman, name: str) -> int:
     found = qemu_below(monitor)
     assert found, f"no QEMU below the monitor {monitor} of {name}"
     return found[0]
+
+
+def _runtime(podman: RuntimePodman, *args: str) -> str:
+    """vmpod-runtime itself, on the state podman's containers live in."""
+    wrapper = podman.base[podman.base.index("--runtime") + 1]
+    r = subprocess.run([wrapper, "--root", str(podman.rt_root), *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 def _members(archive: Path) -> dict[str, bytes]:
@@ -174,6 +183,18 @@ def test_checkpoint_export_and_restore_import(podman: RuntimePodman, paths: Path
     captured = _data_log(_members(stopped))
     assert len(captured) > len(lines)
 
+    # 2b. restored in place (podman's own checkpoint directory) in a new VM
+    r = podman("container", "restore", "counter", timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert _state(podman, "counter") == "running"
+    assert _qemu(podman, "counter") != first_qemu
+    _wait(lambda: max(_counts(podman, "counter")) >= len(captured) + 2)
+    counts = _counts(podman, "counter")
+    assert counts == list(range(1, len(counts) + 1))  # one log, no restart
+    state = json.loads(_runtime(podman, "state", cid))
+    assert state["status"] == "running"
+    assert state["pid"] == int(podman("inspect", "--format", "{{.State.Pid}}", "counter").stdout)
+
     # 3. restored in a new VM: memory, the open file's offset, exec, then rm -f
     t0 = time.monotonic()
     r = podman("container", "restore", "--import", str(stopped), "--name", "clone", timeout=900)
@@ -196,9 +217,13 @@ def test_checkpoint_export_and_restore_import(podman: RuntimePodman, paths: Path
     assert now[: len(captured)] == captured and now == [str(i) for i in range(1, len(now) + 1)]
     assert len(now) > len(captured)
     assert podman("ps", "--format", "{{.Names}} {{.Status}}").stdout.count("clone Up") == 1
-    print("restore argv:", calls(podman, "restore"))
-    (restored,) = calls(podman, "restore")
-    assert {"--bundle", "--detach", "--pid-file", "--image-path", "--work-path"} <= set(restored)
+    # conmon's: restore --bundle B --pid-file P --detach --image-path I --work-path W ID
+    restores = calls(podman, "restore")
+    assert len(restores) == 2
+    for argv in restores:
+        flags = [w for w in argv if w.startswith("--")]
+        assert flags == ["--bundle", "--pid-file", "--detach", "--image-path", "--work-path"], argv
+        assert argv[argv.index("--image-path") + 1] == argv[argv.index("--work-path") + 1] + "/checkpoint"
 
     assert podman("rm", "-f", "-t", "0", "clone").returncode == 0
     _wait(lambda: not os.path.exists(f"/proc/{qemu}"), timeout=30)
