@@ -3,6 +3,7 @@ and what lands where (the monitor and the sandbox are faked)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,12 +101,20 @@ def test_default_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 # -- checkpoint: through a fake monitor ------------------------------------------
 
 
+def _bundle(where: Path, terminal: bool = False) -> Path:
+    where.mkdir(parents=True, exist_ok=True)
+    spec = {"ociVersion": "1.0.2", "process": {"terminal": terminal, "args": ["sh"]}}
+    (where / "config.json").write_text(json.dumps(spec))
+    return where
+
+
 @pytest.fixture
 def running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
     """A container whose (fake) monitor is alive: it holds monitor.lock."""
     monkeypatch.setenv("VMPOD_HOME", str(tmp_path / "home"))
     store = Store(tmp_path / "root")
-    st = ContainerState(id="c1", bundle="/b", rootfs="/b/rootfs", created="now", status=RUNNING, pid=1)
+    bundle = _bundle(tmp_path / "bundle")
+    st = ContainerState(id="c1", bundle=str(bundle), rootfs="/r", created="now", status=RUNNING, pid=1)
     _, lock, mon = store.begin(st)
     os.close(lock)
     yield store
@@ -139,7 +148,12 @@ def test_checkpoint_moves_images_and_copies_the_log(
 ) -> None:
     seen = _fake_monitor(
         monkeypatch,
-        {"checkpoint/inventory.img": b"inv", "checkpoint/pages-1.img": b"p", "work/dump.log": b"dumped"},
+        {
+            "checkpoint/inventory.img": b"inv",
+            "checkpoint/pages-1.img": b"p",
+            "work/dump.log": b"dumped",
+            "work/stats-dump": b"stats",
+        },
     )
     images, work = tmp_path / "ud" / "checkpoint", tmp_path / "ud"
     images.mkdir(parents=True)
@@ -152,6 +166,7 @@ def test_checkpoint_moves_images_and_copies_the_log(
         "pages-1.img": b"p",
     }
     assert (work / "dump.log").read_bytes() == b"dumped"
+    assert (work / "stats-dump").read_bytes() == b"stats"  # podman exports it
     stage = Path(str(seen[0]["dir"]))
     assert not stage.exists()  # the staging directory is gone
 
@@ -174,6 +189,30 @@ def test_failed_checkpoint_keeps_the_log(
         cp.checkpoint(running, "c1", cp.CheckpointOptions(tmp_path / "i", tmp_path / "w", leave_running=True))
     assert (tmp_path / "w" / "dump.log").read_bytes().endswith(b"boom")
     assert not (tmp_path / "i").exists()
+
+
+def test_a_log_symlink_from_the_guest_is_not_followed(
+    running: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_monitor(monkeypatch, {"checkpoint/inventory.img": b"inv", "work/dump.log@": b""})
+    cp.checkpoint(running, "c1", cp.CheckpointOptions(tmp_path / "i", tmp_path / "w", leave_running=True))
+    assert not (tmp_path / "w" / "dump.log").exists()
+    assert (tmp_path / "i" / "inventory.img").read_bytes() == b"inv"
+
+
+def test_terminal_containers_are_refused(
+    running: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _fake_monitor(monkeypatch, {})
+    _bundle(tmp_path / "bundle", terminal=True)
+    with pytest.raises(RuntimeCliError, match="checkpoint of a container with a terminal is not supported"):
+        cp.checkpoint(running, "c1", cp.CheckpointOptions(tmp_path / "i", tmp_path / "w"))
+    assert seen == []
+    images = _images(tmp_path / "ud" / "checkpoint")
+    opts = cp.RestoreOptions(tmp_path / "bundle", images, tmp_path / "ud", detach=True)
+    with pytest.raises(RuntimeCliError, match="restore of a container with a terminal is not supported"):
+        cp.restore(Store(tmp_path / "root2"), "c1", opts, ("", "text", False))
+    assert not (tmp_path / "root2").exists()
 
 
 def test_checkpoint_of_a_stopped_container(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,6 +243,7 @@ def test_restore_copies_the_images_and_writes_the_pid_file(
     monkeypatch.setenv("VMPOD_HOME", str(tmp_path / "home"))
     store = Store(tmp_path / "root")
     images = _images(tmp_path / "ud" / "checkpoint")
+    _bundle(tmp_path / "ud")
     made: list[str] = []
 
     def create(store_: Store, cid: str, bundle: str, pid_file: str, console: str, log_opts: object) -> None:
@@ -238,6 +278,7 @@ def test_failed_restore_leaves_no_container(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("VMPOD_HOME", str(tmp_path / "home"))
     store = Store(tmp_path / "root")
     images = _images(tmp_path / "ud" / "checkpoint")
+    _bundle(tmp_path / "ud")
 
     def create(store_: Store, cid: str, bundle: str, pid_file: str, console: str, log_opts: object) -> None:
         _, lock, mon = store_.begin(ContainerState(id=cid, bundle=bundle, rootfs="/r", created="now"))

@@ -13,13 +13,16 @@ container reads as running with the monitor's pid, as runc's restore leaves it.
 The engine has laid the rootfs diff into the bundle's root before calling us.
 
 What CRIU in the guest cannot do for an engine is refused with one line naming
-the flag, never ignored.
+the flag, never ignored; so is a container with a terminal (the guest agent
+cannot restore one: its pty is the guest's), before anything is dumped or booted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from pathlib import Path
 from vmpod.errors import VmpodError
 from vmpod.forensics.archive import check_tree
 from vmpod.fsutil import owned_tmpdir
+from vmpod.jsonsafe import parse_json
 from vmpod.paths import default_paths
 from vmpod.runtime import ipc, lifecycle
 from vmpod.runtime.errors import RuntimeCliError
@@ -35,6 +39,10 @@ from vmpod.runtime.state import Store, check_id
 
 MAX_IMAGES = 16 << 30  # bytes of CRIU images moved from a guest, or copied into one
 MAX_LOG = 16 << 20  # bytes of a CRIU log copied to --work-path
+# CRIU's work files the engine reads from --work-path (podman exports stats-dump
+# and prints it with --print-stats)
+DUMP_FILES = ("dump.log", "stats-dump")
+RESTORE_FILES = ("restore.log", "stats-restore")
 CGROUP_MODES = ("", "soft")  # what the guest's runc gets (its default)
 # what the guest's CRIU cannot do here, and why (the refusal's second half)
 _WHY = {
@@ -106,6 +114,7 @@ def checkpoint(store: Store, cid: str, opts: CheckpointOptions) -> None:
     with store.lock(cid):
         st = store.load(cid)
         require("checkpoint", store.status(st))
+        refuse_terminal("checkpoint", Path(st.bundle))
         paths = default_paths()
         with owned_tmpdir(paths.tmp, "checkpoint-") as tmp:
             stage = tmp / "criu"  # what the VM sees: nothing else of tmp
@@ -118,8 +127,7 @@ def checkpoint(store: Store, cid: str, opts: CheckpointOptions) -> None:
                     timeout=CHECKPOINT_TIMEOUT + 60,
                 )
             finally:
-                opts.work_path.mkdir(parents=True, exist_ok=True)
-                copy_log(stage / "work" / "dump.log", opts.work_path / "dump.log")
+                copy_work_files(stage / "work", opts.work_path, DUMP_FILES)
             images = stage / "checkpoint"
             try:
                 check_tree(images, MAX_IMAGES, "the CRIU images the guest wrote")
@@ -141,6 +149,7 @@ def restore(store: Store, cid: str, opts: RestoreOptions, log_opts: tuple[str, s
         raise RuntimeCliError(f"{opts.image_path} holds no CRIU images (inventory.img)")
     if (store.dir(cid) / "state.json").exists():
         raise RuntimeCliError("container with given ID already exists")
+    refuse_terminal("restore", opts.bundle)
     paths = default_paths()
     with owned_tmpdir(paths.tmp, "restore-") as tmp:
         stage = tmp / "criu"  # a copy: the guest never writes into the engine's images
@@ -155,8 +164,7 @@ def restore(store: Store, cid: str, opts: RestoreOptions, log_opts: tuple[str, s
             try:
                 lifecycle.start(store, cid, restore=str(stage))
             finally:
-                opts.work_path.mkdir(parents=True, exist_ok=True)
-                copy_log(stage / "work" / "restore.log", opts.work_path / "restore.log")
+                copy_work_files(stage / "work", opts.work_path, RESTORE_FILES)
             st = store.load(cid)
             if opts.pid_file:
                 lifecycle.write_pid_file(opts.pid_file, st.pid)
@@ -172,12 +180,36 @@ def restore(store: Store, cid: str, opts: RestoreOptions, log_opts: tuple[str, s
     return status
 
 
-def copy_log(src: Path, dest: Path) -> None:
-    """A CRIU log the guest wrote: a bounded copy of a regular file, if there is one."""
-    with contextlib.suppress(OSError):
-        if src.is_file() and not src.is_symlink():
-            with open(src, "rb") as fin, open(dest, "wb") as fout:
-                fout.write(fin.read(MAX_LOG))
+def refuse_terminal(command: str, bundle: Path) -> None:
+    try:
+        spec = parse_json((bundle / "config.json").read_bytes())
+    except (OSError, ValueError, VmpodError) as err:
+        raise RuntimeCliError(f"cannot read {bundle / 'config.json'}: {err}") from err
+    process = spec.get("process") if isinstance(spec, dict) else None
+    if isinstance(process, dict) and process.get("terminal"):
+        raise RuntimeCliError(
+            f"{command} of a container with a terminal is not supported by vmpod-runtime: "
+            "the guest cannot restore its pty"
+        )
+
+
+def copy_work_files(src: Path, dest: Path, names: tuple[str, ...]) -> None:
+    """CRIU's work files the guest wrote: bounded copies of regular files, if any."""
+    dest.mkdir(parents=True, exist_ok=True)
+    try:  # (the guest made these: no symlink is followed, nothing but a regular file read)
+        dfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return  # CRIU did not get as far as its work directory
+    try:
+        for name in names:
+            with contextlib.suppress(OSError):
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+                with open(fd, "rb") as fin:
+                    if stat.S_ISREG(os.fstat(fd).st_mode):
+                        data = fin.read(MAX_LOG)
+                        (dest / name).write_bytes(data)
+    finally:
+        os.close(dfd)
 
 
 def move_into(src: Path, dest: Path) -> None:
