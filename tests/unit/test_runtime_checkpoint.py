@@ -298,3 +298,28 @@ def test_failed_restore_leaves_no_container(tmp_path: Path, monkeypatch: pytest.
     assert store.ids() == [] and not (tmp_path / "pid").exists()
     assert (tmp_path / "ud" / "restore.log").read_bytes() == b"Error: bad size"
     assert list((tmp_path / "home" / "tmp").iterdir()) == []
+
+
+def test_restore_in_the_foreground_waits_and_deletes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --detach, as runc: wait for the restored container, delete it, exit with its status."""
+    monkeypatch.setenv("VMPOD_HOME", str(tmp_path / "home"))
+    store = Store(tmp_path / "root")
+    images = _images(tmp_path / "ud" / "checkpoint")
+    _bundle(tmp_path / "ud")
+    deleted: list[str] = []
+
+    def create(store_: Store, cid: str, bundle: str, pid_file: str, console: str, log_opts: object) -> None:
+        st = ContainerState(id=cid, bundle=bundle, rootfs="/r", created="now", pid=77, monitor_start=5)
+        _, lock, mon = store_.begin(st)
+        os.close(lock)
+        os.close(mon)
+
+    monkeypatch.setattr("vmpod.runtime.create.create", create)
+    monkeypatch.setattr("vmpod.runtime.lifecycle.start", lambda store_, cid, restore="": None)
+    monkeypatch.setattr(
+        "vmpod.runtime.run.wait_child", lambda pid, start: 137 if (pid, start) == (77, 5) else 0
+    )
+    monkeypatch.setattr("vmpod.runtime.lifecycle.delete", lambda store_, cid, force: deleted.append(cid))
+    opts = cp.RestoreOptions(tmp_path / "ud", images, tmp_path / "ud")
+    assert cp.restore(store, "c1", opts, ("", "text", False)) == 137
+    assert deleted == ["c1"]

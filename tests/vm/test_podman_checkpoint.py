@@ -175,10 +175,14 @@ def test_checkpoint_export_and_restore_import(podman: RuntimePodman, paths: Path
     stopped = tmp_path / "stopped.tar"
     t0 = time.monotonic()
     r = podman(
-        "container", "checkpoint", "--compress", "none", "--export", str(stopped), "counter", timeout=900
+        "container",
+        *("checkpoint", "--print-stats", "--compress", "none", "--export", str(stopped), "counter"),
+        timeout=900,
     )
     checkpoint_s = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)["container_statistics"][0]  # read from CRIU's stats-dump
+    assert stats["criu_statistics"]["freezing_time"] > 0 and stats["runtime_checkpoint_duration"] > 0
     assert _state(podman, "counter") == "exited"
     _wait(lambda: not os.path.exists(f"/proc/{first_qemu}"), timeout=30)
     captured = _data_log(_members(stopped))
