@@ -622,8 +622,8 @@ def test_forwarder_second_signal_kills_at_once() -> None:
             os.kill(os.getpid(), signal.SIGUSR2)
             await until(proc, lambda: proc.signals == [signal.SIGUSR1, signal.SIGKILL])
             pending = asyncio.all_tasks() - before
-            assert len(pending) == 1  # the first signal's grace timer
-        # leaving cancels the grace timer: no second SIGKILL later
+            assert len(pending) == 2  # the first signal's grace timer, the kill's
+        # leaving cancels the grace timers: no second SIGKILL later
         results = await asyncio.gather(*pending, return_exceptions=True)
         assert all(isinstance(r, asyncio.CancelledError) for r in results)
         assert proc.signals == [signal.SIGUSR1, signal.SIGKILL]
@@ -647,9 +647,42 @@ def test_forwarder_agent_error_is_not_raised() -> None:
         proc = FakeProcess()
         proc.failures["signal"] = 2
         fwd = SignalForwarder(proc, (signal.SIGTERM,), grace=0.01)
-        await fwd.forward(signal.SIGTERM)  # first: forwarding fails
-        await fwd.forward(signal.SIGTERM)  # second: the kill fails too
-        assert fwd.count == 2 and proc.calls == {"signal": 2} and proc.signals == []
+        await fwd.forward(signal.SIGTERM)  # forwarding fails, then the kill after the grace
+        assert fwd.count == 1 and proc.calls == {"signal": 2} and proc.signals == []
+        assert fwd.unresponsive.done()  # not even SIGKILL got through
+        await fwd.forward(signal.SIGTERM)  # a second signal: SIGKILL at once (it works now)
+        assert fwd.count == 2 and proc.signals == [signal.SIGKILL]
+
+    run(body())
+
+
+class HungProcess(FakeProcess):
+    """A process whose guest never answers: signals are never acknowledged."""
+
+    async def signal(self, sig: int) -> None:
+        self._call("signal")
+        await asyncio.Event().wait()
+
+
+def test_forwarder_gives_up_on_a_guest_that_never_answers() -> None:
+    async def body() -> None:
+        proc = HungProcess()
+        with SignalForwarder(proc, (signal.SIGTERM,), grace=0.05) as fwd:
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(fwd.unresponsive, TIMEOUT)
+        assert proc.calls == {"signal": 2}  # the signal, then SIGKILL: both unanswered
+        assert not proc.done
+
+    run(body())
+
+
+def test_forwarder_does_not_give_up_on_a_process_that_ends() -> None:
+    async def body() -> None:
+        proc = FakeProcess()
+        proc.die_on.add(signal.SIGKILL)
+        fwd = SignalForwarder(proc, (signal.SIGTERM,), grace=0.01)
+        await asyncio.wait_for(fwd.forward(signal.SIGTERM), TIMEOUT)
+        assert proc.signals == [signal.SIGTERM, signal.SIGKILL] and not fwd.unresponsive.done()
 
     run(body())
 

@@ -4,6 +4,7 @@ from a terminal, a reader that goes away, a closed stdout, a flooded console."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -53,6 +54,38 @@ def test_ctrl_c_to_the_foreground_group_reaches_the_container(vmpod: VmpodRunner
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 3, err.decode()
     assert b"got-int" in out, err.decode()
+    assert not _wait_no_helpers(vmpod)
+
+
+def test_sigterm_ends_a_run_whose_guest_hangs(vmpod: VmpodRunner, busybox: Path) -> None:
+    """A guest that never answers (its QEMU frozen) cannot take the signal, nor
+    SIGKILL after the grace: vmpod gives up on it, says so, exits 137 and its
+    teardown kills the VM."""
+    proc = vmpod.popen(
+        "run",
+        "--rootfs",
+        str(busybox),
+        "--",
+        "sh",
+        "-c",
+        "echo up; sleep 600",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"up\n"
+    (qemu,) = qemu_pids(str(vmpod.paths.run))
+    os.kill(qemu, signal.SIGSTOP)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(qemu, signal.SIGCONT)
+    assert proc.returncode == 137, err.decode()
+    assert b"its VM does not answer; the VM was killed" in err, err.decode()
     assert not _wait_no_helpers(vmpod)
 
 

@@ -138,12 +138,12 @@ async def _run_in(
         try:
             with raw:
                 proc = await container.start(output, stdin=opts.interactive)
-                with SignalForwarder(proc, STOP_SIGNALS, grace=STOP_GRACE):
+                with SignalForwarder(proc, STOP_SIGNALS, grace=STOP_GRACE) as fwd:
                     if tty:
                         relay.watch_size(1 if os.isatty(1) else 0, proc)
                     if opts.interactive:
                         relay.pump(0, proc)
-                    exit_ = await _wait_unless_reader_gone(proc, reader_gone)
+                    exit_ = await _wait_unless_reader_gone(proc, reader_gone, fwd.unresponsive)
         finally:
             await relay.close()
     if reader_gone.done():
@@ -155,19 +155,30 @@ async def _run_in(
     return exit_.status
 
 
-async def _wait_unless_reader_gone(proc: Process, reader_gone: asyncio.Future[None]) -> Exit:
+async def _wait_unless_reader_gone(
+    proc: Process, reader_gone: asyncio.Future[None], unresponsive: asyncio.Future[None]
+) -> Exit:
     """The process's exit; if our stdout's (or stderr's) reader goes away first,
     kill the process, as SIGPIPE would kill a writer on the host: its output has
-    nowhere to go, and it must not run (a VM at full speed) forever."""
+    nowhere to go, and it must not run (a VM at full speed) forever. If even
+    SIGKILL does not end it (``unresponsive``: a hung guest), give up on it: the
+    sandbox's teardown kills the VM."""
     wait = asyncio.ensure_future(proc.wait())
     try:
-        either: set[asyncio.Future[Any]] = {wait, reader_gone}
+        either: set[asyncio.Future[Any]] = {wait, reader_gone, unresponsive}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         wait.cancel()
         raise
     if wait.done():
         return wait.result()
+    if unresponsive.done():
+        wait.cancel()
+        return Exit(
+            128 + signal.SIGKILL,
+            f"the container did not end within {STOP_GRACE:.0f}s of SIGKILL: its VM does not answer; "
+            "the VM was killed",
+        )
     log.debug("the reader of the container's output went away: stopping the container")
     with contextlib.suppress(VmpodError):
         # not SIGPIPE: a container's PID 1 without a handler ignores it

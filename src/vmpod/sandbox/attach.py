@@ -226,9 +226,12 @@ class SignalForwarder:
 
     With a ``grace`` period (``vmpod run``), the first signal is forwarded and, if
     the process has not ended ``grace`` seconds later — or on a second signal — it
-    is killed: the front end always ends. Without one (the runtime's monitor,
-    which podman and containerd signal on the user's behalf) every signal is just
-    forwarded, as runc's signal proxy does.
+    is killed; if even SIGKILL cannot end it within ``grace`` (a hung or frozen
+    guest does not answer), ``unresponsive`` resolves and the front end ends
+    without it (its sandbox's teardown kills the VM): the front end always ends.
+    Without a grace (the runtime's monitor, which podman and containerd signal
+    on the user's behalf) every signal is just forwarded, as runc's signal proxy
+    does.
     """
 
     def __init__(
@@ -237,6 +240,7 @@ class SignalForwarder:
         self.process, self.signals, self.grace = process, signals, grace
         self.count = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.unresponsive: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def __enter__(self) -> SignalForwarder:
         loop = asyncio.get_running_loop()
@@ -262,15 +266,32 @@ class SignalForwarder:
 
     async def forward(self, sig: int) -> None:
         self.count += 1
-        escalate = self.grace is not None and self.count > 1
+        if self.grace is None:
+            await self._send(sig)
+            return
+        if self.count == 1:
+            await self._within_grace(self._send(sig))
+            await asyncio.sleep(self.grace)
+        if not self.process.done:  # the grace ran out, or a second signal
+            await self._within_grace(self._send(signal.SIGKILL))
+            await asyncio.sleep(self.grace)
+            if not self.process.done and not self.unresponsive.done():
+                self.unresponsive.set_result(None)
+
+    async def _send(self, sig: int) -> None:
         try:
-            await self.process.signal(signal.SIGKILL if escalate else sig)
-            if self.grace is not None and self.count == 1:
-                await asyncio.sleep(self.grace)
-                if not self.process.done:
-                    await self.process.signal(signal.SIGKILL)
+            await self.process.signal(sig)
         except VmpodError as err:
             log.debug("signal %d not forwarded: %s", sig, err)
+
+    async def _within_grace(self, call: Awaitable[None]) -> None:
+        """A signal the agent must take within the grace (a hung guest never answers).
+        (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+        that arrives as the call completes.)"""
+        assert self.grace is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.grace):
+                await call
 
 
 # How a container ends whose output's reader went away: as a writer killed by SIGPIPE.
