@@ -26,8 +26,8 @@ import pytest
 
 from tests.vm.conftest import qemu_below
 from tests.vm.test_podman import IMAGE, ULIMITS, Podman, private_podman
+from tests.vm.test_runtime_support import BINARY, runtime_env
 from vmpod.forensics.archive import verify
-from vmpod.forensics.capture import CaptureRequest, capture
 from vmpod.guest.assets import GuestAssets
 from vmpod.paths import Paths
 
@@ -158,7 +158,19 @@ def test_checkpoint_export_and_restore_import(podman: RuntimePodman, paths: Path
     # 1b. vmpod's evidence archive of the same container, through the same monitor:
     # paused while the diff (podman's overlay upper dir) is read and CRIU dumps
     evidence = tmp_path / "evidence.tar"
-    got = capture(paths, CaptureRequest(cid, evidence, runtime_root=podman.rt_root))
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [str(BINARY.parent / "vmpod"), "forensics", "capture", "--runtime-root", str(podman.rt_root), cid]
+        + ["-o", str(evidence)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        stdin=subprocess.DEVNULL,
+        env=runtime_env(paths, tmp_path / "runtime.json"),
+    )
+    capture_s = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(evidence) and "still running" in r.stderr
     verdict = verify(evidence)
     assert verdict.ok and verdict.manifest.container["id"] == cid
     members = _members(evidence)
@@ -167,7 +179,7 @@ def test_checkpoint_export_and_restore_import(podman: RuntimePodman, paths: Path
     assert in_file == [str(i) for i in range(1, len(in_file) + 1)] and len(in_file) > len(lines)
     assert json.loads(members["config.dump"])["vmpod"]["runtime_root"] == str(podman.rt_root)
     assert members["spec.dump"] == Path(userdata, "config.json").read_bytes()
-    print(f"vmpod forensics capture --runtime-root: {got.seconds:.1f}s (frozen {got.frozen_seconds:.1f}s)")
+    print(f"vmpod forensics capture --runtime-root: {capture_s:.1f}s ({r.stderr.strip()})")
     assert _state(podman, "counter") == "running"
     _wait(lambda: max(_counts(podman, "counter")) >= len(in_file) + 2)
 
