@@ -211,18 +211,21 @@ class Container:
         A file ``host_dir``/leave-stopped asks CRIU to leave every task stopped."""
         self._sm.require("restore the container", ContainerState.CREATED)
         rel = self._share_criu(host_dir)
+        # the evidence is read-only to the VM: only CRIU's log is written back
+        images = self.sandbox.share_scratch(f"{self.id}/criu-images", host_dir / "checkpoint", readonly=True)
         try:
             stream, sink = self._process(output)
             started = await self._agent.restore(
                 p.RestoreContainer(
                     container_id=self.id,
                     stream=stream,
-                    image_dir=f"{rel}/checkpoint",
+                    image_dir=images,
                     work_dir=f"{rel}/work",
                     leave_stopped=(host_dir / LEAVE_STOPPED).is_file(),
                 )
             )
         finally:
+            self.sandbox.unshare(images)
             self.sandbox.unshare(rel)
         self.init = Process(self._agent, stream, sink, self._explain)
         self.init.started = started.started

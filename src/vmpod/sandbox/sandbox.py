@@ -317,11 +317,11 @@ class Sandbox:
         self._shared.add(share)
         return share.name if relative else f"{self._guest_shared}/{share.name}"
 
-    def share_scratch(self, name: str, source: Path) -> str:
-        """Share host directory ``source`` writable at ``name`` (e.g. CRIU images);
-        returns the path below the guest's shared mount that names it."""
+    def share_scratch(self, name: str, source: Path, *, readonly: bool = False) -> str:
+        """Share host directory ``source`` at ``name`` (e.g. CRIU images), writable
+        unless ``readonly``; returns the path below the guest's shared mount that names it."""
         self._sm.require("share a directory", _S.RUNNING)
-        return self._share(Share(name, source), relative=True)
+        return self._share(Share(name, source, readonly=readonly), relative=True)
 
     def unshare(self, name: str) -> None:
         """Undo ``share_scratch``."""
