@@ -212,3 +212,30 @@ def _show(got: object, wanted: set[str]) -> None:
         click.echo(f"\nMEMORY MATCHES of {got.search!r}: {len(f.hits)}{more}")
         for h in f.hits:
             click.echo(f"{h.pid:>7} {h.comm:<15} {h.address:#018x}  {h.context}")
+
+
+@forensics.command("dump-memory")
+@click.argument("container")
+@click.argument("pid", type=int)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The tar file to write.")
+@click.option(
+    "--max-size",
+    default=4 << 30,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Bytes of memory taken.",
+)
+@guarded
+def dump_memory(container: str, pid: int, output: Path, max_size: int) -> None:
+    """Dump the memory of process PID (as `vmpod exec CONTAINER ps` shows it) of a
+    running CONTAINER into a tar: dump.json, maps.txt, regions/START-END.bin."""
+    from vmpod.forensics.dumpmem import DumpRequest
+    from vmpod.forensics.dumpmem import dump_memory as do_dump
+
+    got = do_dump(default_paths(), DumpRequest(container, pid, output, max_size))
+    click.echo(str(got.output))
+    click.echo(
+        f"pid {pid} ({got.comm}, {got.vm_pid} in the VM): {got.regions} regions, {got.bytes} bytes "
+        f"in {got.seconds:.2f}s; {len(got.unreadable)} unreadable",
+        err=True,
+    )

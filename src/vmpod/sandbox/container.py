@@ -230,6 +230,19 @@ class Container:
             )
         return self.init
 
+    async def dump_memory(self, pid: int, host_dir: Path, max_bytes: int) -> p.MemoryDumped:
+        """The memory of the container's process ``pid`` (in its pid namespace) into
+        the empty host directory ``host_dir``: maps.txt and one file per readable
+        region (``protocol.DumpMemory``)."""
+        self._sm.require("dump a process's memory", ContainerState.RUNNING, ContainerState.PAUSED)
+        rel = self.sandbox.share_scratch(f"{self.id}/memory", host_dir)
+        try:
+            return await self._agent.dump_memory(
+                p.DumpMemory(container_id=self.id, pid=pid, dir=rel, max_bytes=max_bytes)
+            )
+        finally:
+            self.sandbox.unshare(rel)
+
     def _share_criu(self, host_dir: Path) -> str:
         for sub in ("checkpoint", "work"):
             (host_dir / sub).mkdir(mode=0o700, exist_ok=True)
