@@ -3,6 +3,7 @@ signalled, paused, measured. Its state is an explicit machine (``ContainerState`
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -235,7 +236,9 @@ class Container:
         the empty host directory ``host_dir``: maps.txt and one file per readable
         region (``protocol.DumpMemory``)."""
         self._sm.require("dump a process's memory", ContainerState.RUNNING, ContainerState.PAUSED)
-        rel = self.sandbox.share_scratch(f"{self.id}/memory", host_dir)
+        # a name of its own each time: the guest's virtio-fs may still cache the
+        # directory an earlier dump shared under the same name (writes then fail)
+        rel = self.sandbox.share_scratch(f"{self.id}/memory-{secrets.token_hex(6)}", host_dir)
         try:
             return await self._agent.dump_memory(
                 p.DumpMemory(container_id=self.id, pid=pid, dir=rel, max_bytes=max_bytes)

@@ -96,9 +96,12 @@ def dump(pid: int, dest: str, max_bytes: int) -> tuple[int, int, list[str]]:
 
 
 def _write(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    except OSError as err:
+        raise AgentFailure(f"cannot write the memory dump: {err.strerror or err}") from None
 
 
 def _copy(mem: int, lo: int, hi: int, path: str) -> bool:
