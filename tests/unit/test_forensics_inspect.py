@@ -10,6 +10,7 @@ import re
 import socket
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 from vmpod.cli.main import cli
 from vmpod.errors import ForensicsError
 from vmpod.forensics import archive as a
+from vmpod.forensics import images
 from vmpod.forensics.images import HELPER, SYSTEM_PYTHON
 from vmpod.forensics.inspect import inspect_archive, inspect_dir, search_pattern
 from vmpod.forensics.memory import PAGE, PE_LAZY, PE_PARENT, PE_PRESENT, Memory, Run, runs_of
@@ -273,6 +275,10 @@ def test_a_damaged_image_is_a_warning_a_damaged_tree_an_error(checkpoint: Path) 
     assert any(w.startswith("pagemap-1.img:") for w in f.warnings), f.warnings
     assert f.processes[0].argv == () and f.hits == ()
     assert not [o for o in f.files if o.pid == 7]
+    with open(checkpoint / "mm-7.img", "r+b") as fh:
+        fh.truncate(65 << 20)  # sparse: past what the decoder takes
+    f = inspect_dir(checkpoint)
+    assert "mm-7.img: larger than 67108864 bytes" in f.warnings, f.warnings
     (checkpoint / "pstree.img").write_bytes(b"garbage!" * 8)
     with pytest.raises(ForensicsError, match="cannot read the checkpoint's pstree.img"):
         inspect_dir(checkpoint)
@@ -285,6 +291,19 @@ def test_pagemap_naming_missing_pages_is_a_warning(checkpoint: Path) -> None:
     (checkpoint / "pages-1.img").unlink()
     f = inspect_dir(checkpoint)
     assert any("names pages-1.img, which is not in the archive" in w for w in f.warnings), f.warnings
+
+
+def test_without_pycriu_or_python_the_error_says_what_to_install(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images, "SYSTEM_PYTHON", sys.executable)  # the venv's: no pycriu
+    with pytest.raises(ForensicsError, match="pycriu does not load") as err:
+        inspect_dir(checkpoint)
+    assert "criu package" in str(err.value)
+    monkeypatch.setattr(images, "SYSTEM_PYTHON", "/nonexistent/python3")
+    with pytest.raises(ForensicsError, match="is not installed") as err:
+        inspect_dir(checkpoint)
+    assert "criu package" in str(err.value)
 
 
 # -- archives and the CLI ---------------------------------------------------------

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from vmpod.cli.common import guarded
 from vmpod.paths import default_paths
+
+if TYPE_CHECKING:
+    from vmpod.forensics.inspect import Inspection
 
 
 @click.group()
@@ -155,10 +159,8 @@ def inspect(
         sys.exit(1)
 
 
-def _show(got: object, wanted: set[str]) -> None:
-    from vmpod.forensics.inspect import Inspection
-
-    assert isinstance(got, Inspection)
+def _show(got: Inspection, wanted: set[str]) -> None:
+    """The sections ``wanted`` (and the hits of a search) for people."""
     f = got.findings
     c = got.container
     criu = got.criu.splitlines()[0] if got.criu else "?"

@@ -395,18 +395,7 @@ def inspect_dir(root: Path, pattern: re.Pattern[bytes] | None = None, max_hits: 
         f, s = r.fds(proc.pid, files_id)
         files += f
         sockets += s
-    hits: list[MemoryHit] = []
-    truncated = False
-    for proc, _ in procs if pattern is not None else ():
-        mem = r.memory(proc.pid)
-        assert pattern is not None
-        for h in mem.search(pattern, max_hits - len(hits) + 1) if mem is not None else ():
-            if len(hits) == max_hits:
-                truncated = True
-                break
-            hits.append(_hit(proc, h))
-        if truncated:
-            break
+    hits, truncated = _search(r, [p for p, _ in procs], pattern, max_hits) if pattern else ([], False)
     uts = next((e for n in images.names("utsns-") for e in images.entries(n) or []), {})
     return Findings(
         processes=tuple(p for p, _ in procs),
@@ -418,6 +407,21 @@ def inspect_dir(root: Path, pattern: re.Pattern[bytes] | None = None, max_hits: 
         hits_truncated=truncated,
         warnings=tuple(images.warnings),
     )
+
+
+def _search(
+    r: _Reader, procs: list[Process], pattern: re.Pattern[bytes], max_hits: int
+) -> tuple[list[MemoryHit], bool]:
+    """Up to ``max_hits`` hits in the processes' pages, in tree order; and whether
+    there were more."""
+    hits: list[MemoryHit] = []
+    for proc in procs:
+        mem = r.memory(proc.pid)
+        for h in mem.search(pattern, max_hits - len(hits) + 1) if mem is not None else ():
+            if len(hits) == max_hits:
+                return hits, True
+            hits.append(_hit(proc, h))
+    return hits, False
 
 
 def _hit(proc: Process, h: Hit) -> MemoryHit:
