@@ -381,3 +381,19 @@ def test_cli_inspect(tmp_path: Path, checkpoint: Path, monkeypatch: pytest.Monke
     assert r.exit_code != 0 and "not a valid expression" in r.output
     r = runner.invoke(cli, ["forensics", "inspect", str(tmp_path / "nope.tar")])
     assert r.exit_code != 0 and "is not a file" in r.output
+
+
+def test_a_hostile_process_tree(tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = {"pid": 1, "ppid": 0, "pgid": 1, "sid": 1, "threads": [1]}
+    encode(checkpoint, {"pstree.img": _img("PSTREE", entry, entry)})
+    with pytest.raises(ForensicsError, match="lists pid 1 twice"):
+        inspect_dir(checkpoint)
+    # 5 and 6 are each other's parent: shown once each, not lost, not looping
+    cycle = [entry, {**entry, "pid": 5, "ppid": 6}, {**entry, "pid": 6, "ppid": 5}]
+    encode(checkpoint, {"pstree.img": _img("PSTREE", *cycle)})
+    archive = _archive(tmp_path, checkpoint)
+    monkeypatch.setenv("VMPOD_HOME", str(tmp_path / "home"))
+    r = CliRunner().invoke(cli, ["forensics", "inspect", str(archive), "--ps-tree"])
+    assert r.exit_code == 0, r.output
+    pids = [int(line.split()[0]) for line in r.output.splitlines() if re.match(r"^\s+\d+\s+\d+\s", line)]
+    assert sorted(pids) == [1, 5, 6]

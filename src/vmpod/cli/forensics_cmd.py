@@ -176,10 +176,15 @@ def _show(got: Inspection, wanted: set[str]) -> None:
         for p in f.processes:
             kids.setdefault(p.ppid, []).append(p.pid)
         by_pid = {p.pid: p for p in f.processes}
-        roots = [p.pid for p in f.processes if p.ppid not in by_pid]
-        stack = [(pid, 0) for pid in reversed(roots)]
+        # roots first; then whatever a (hostile) tree's cycles left unreached
+        order = [p.pid for p in f.processes if p.ppid not in by_pid] + [p.pid for p in f.processes]
+        stack = [(pid, 0) for pid in reversed(order)]
+        shown: set[int] = set()
         while stack:
             pid, depth = stack.pop()
+            if pid in shown:
+                continue
+            shown.add(pid)
             p = by_pid[pid]
             cmd = " ".join(p.argv) if p.argv else f"[{p.comm}]"
             uid = "?" if p.uid is None else str(p.uid)

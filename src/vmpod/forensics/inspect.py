@@ -227,8 +227,12 @@ class _Reader:
         if len(tree) > MAX_PROCESSES:
             raise ForensicsError(f"pstree.img lists more than {MAX_PROCESSES} processes")
         out = []
+        seen: set[int] = set()
         for e in tree:
             pid = _task_id(e, "pid")
+            if pid in seen:
+                raise ForensicsError(f"pstree.img lists pid {pid} twice")
+            seen.add(pid)
             threads = e.get("threads")
             core = self.im.first(f"core-{pid}.img") or {}
             tc, creds = _obj(core, "tc"), _obj(_obj(core, "thread_core"), "creds")
