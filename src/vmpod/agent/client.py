@@ -206,6 +206,9 @@ class AgentClient:
     async def restore(self, args: p.RestoreContainer) -> p.ProcessStarted:
         return await self._typed(p.ProcessStarted, "restore", args, timeout=p.CHECKPOINT_TIMEOUT + 30)
 
+    async def dump_memory(self, args: p.DumpMemory) -> p.MemoryDumped:
+        return await self._typed(p.MemoryDumped, "dump_memory", args, timeout=p.MEMORY_DUMP_TIMEOUT + 30)
+
     async def mount_shared(self) -> p.SharedMounted:
         return await self._typed(p.SharedMounted, "mount_shared", None, timeout=30)
 

@@ -427,6 +427,27 @@ class RestoreContainer(Message):
     leave_stopped: bool = False  # CRIU leaves every task stopped (SIGSTOP) until SIGCONT
 
 
+class DumpMemory(Message):
+    """Read the memory of process ``pid`` (as the container's pid namespace numbers
+    it) of a running container into ``dir`` (relative to SHARED_DIR, shared
+    writable for this dump): ``maps.txt`` (its /proc/PID/maps) and one file per
+    readable region, ``<start>-<end>.bin`` (16 hex digits each), at most
+    ``max_bytes`` in all."""
+
+    container_id: str
+    pid: int
+    dir: str
+    max_bytes: int
+
+
+class MemoryDumped(Message):
+    vm_pid: int  # the process's pid in the VM
+    comm: str
+    regions: int  # files written
+    bytes: int
+    unreadable: tuple[str, ...] = ()  # maps lines of readable regions the kernel refused
+
+
 class LoadModule(Message):
     """insmod a module the host shipped in the initramfs (under MODULES_DIR)."""
 
@@ -507,6 +528,7 @@ MODULES_DIR = "/run/vmpod/modules"  # where /init leaves host-provided modules
 CRIU_MODULES_DIR = "/run/vmpod/criu-modules"  # CRIU's modules and their load order ("order")
 MAX_OUTPUT = 32 * 1024
 CHECKPOINT_TIMEOUT = 900.0  # seconds a CRIU dump or restore may take (TCG is slow)
+MEMORY_DUMP_TIMEOUT = 900.0  # seconds a dump_memory may take
 SHARED_DIR = "/run/vmpod/shared"  # where the agent mounts the host's shared directory
 SHARED_FS_TAG = "vmpod"  # its virtio-fs tag
 MAX_LOG = 48 * 1024
@@ -533,4 +555,5 @@ OPS: dict[str, tuple[type[Message] | None, type[Message]]] = {
     "criu_check": (None, CommandResult),  # `criu check`: can this guest checkpoint/restore?
     "checkpoint": (CheckpointContainer, CommandResult),
     "restore": (RestoreContainer, ProcessStarted),
+    "dump_memory": (DumpMemory, MemoryDumped),  # a process's memory, for forensics
 }

@@ -213,6 +213,7 @@ class Session:
                 "destroy": self._op_destroy,
                 "checkpoint": self._op_checkpoint,
                 "guest_facts": self._op_guest_facts,
+                "dump_memory": self._op_dump_memory,
             },
             self._op_exec,
         )
@@ -434,6 +435,24 @@ class Session:
         finally:
             self.persist()
         return {}
+
+    async def _op_dump_memory(self, msg: Msg) -> Msg:
+        """The memory of the container's process ``pid`` into the empty host directory ``dir``."""
+        where, pid, max_bytes = msg.get("dir"), msg.get("pid"), msg.get("max_bytes")
+        if not isinstance(where, str) or not os.path.isabs(where) or not os.path.isdir(where):
+            raise RuntimeCliError(f"dump_memory: {where!r} is not an existing absolute directory")
+        if type(pid) is not int or type(max_bytes) is not int or pid <= 0 or max_bytes <= 0:
+            raise RuntimeCliError(f"dump_memory: invalid pid {pid!r} or size {max_bytes!r}")
+        require("checkpoint", self.status)  # running or paused, as for a checkpoint
+        assert self.container is not None
+        got = await self.container.dump_memory(pid, Path(where), max_bytes)
+        return {
+            "vm_pid": got.vm_pid,
+            "comm": got.comm,
+            "regions": got.regions,
+            "bytes": got.bytes,
+            "unreadable": list(got.unreadable),
+        }
 
     async def _op_guest_facts(self, msg: Msg) -> Msg:
         """The guest's kernel and runc, and whether CRIU works there (first line: its version)."""

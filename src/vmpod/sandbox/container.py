@@ -3,6 +3,7 @@ signalled, paused, measured. Its state is an explicit machine (``ContainerState`
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -238,6 +239,21 @@ class Container:
                 + criu_log_tail(host_dir / "work" / "restore.log")
             )
         return self.init
+
+    async def dump_memory(self, pid: int, host_dir: Path, max_bytes: int) -> p.MemoryDumped:
+        """The memory of the container's process ``pid`` (in its pid namespace) into
+        the empty host directory ``host_dir``: maps.txt and one file per readable
+        region (``protocol.DumpMemory``)."""
+        self._sm.require("dump a process's memory", ContainerState.RUNNING, ContainerState.PAUSED)
+        # a name of its own each time: the guest's virtio-fs may still cache the
+        # directory an earlier dump shared under the same name (writes then fail)
+        rel = self.sandbox.share_scratch(f"{self.id}/memory-{secrets.token_hex(6)}", host_dir)
+        try:
+            return await self._agent.dump_memory(
+                p.DumpMemory(container_id=self.id, pid=pid, dir=rel, max_bytes=max_bytes)
+            )
+        finally:
+            self.sandbox.unshare(rel)
 
     def _share_criu(self, host_dir: Path) -> str:
         for sub in ("checkpoint", "work"):

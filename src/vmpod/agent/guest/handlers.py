@@ -14,7 +14,7 @@ import sys
 import time
 
 from vmpod.agent import protocol as p
-from vmpod.agent.guest import bundles, gkernel, network, shared, stats
+from vmpod.agent.guest import bundles, gkernel, memory, network, shared, stats
 from vmpod.agent.guest.errors import AgentFailure
 from vmpod.agent.guest.gproc import run_capture
 from vmpod.agent.guest.users import resolve_user
@@ -368,6 +368,31 @@ class Handlers:
         self.inits[cid] = stream
         pr.start_waiters.append(rid)
         return None  # answered by the process table once the tree runs or restore failed
+
+    # -- forensics --------------------------------------------------------------
+    def _op_dump_memory(self, rid: int, a: p.DumpMemory) -> p.MemoryDumped:
+        cid = self._known(a.container_id)
+        if not 0 < a.pid < 1 << 22 or a.max_bytes <= 0:
+            raise AgentFailure(f"invalid pid {a.pid} or size {a.max_bytes}", "invalid")
+        if not self.shared_mounted:
+            raise AgentFailure("the shared directory is not mounted", "invalid")
+        init = self.procs.procs.get(self.inits.get(cid, 0))
+        init_pid = init.target_pid() if init is not None and init.status is None else 0
+        if init is None or init_pid == init.pid or init_pid <= 0:
+            raise AgentFailure(f"container {cid} is not running", "invalid")
+        return self._do_dump_memory(init_pid, a.pid, shared.shared_path(self.config, a.dir), a.max_bytes)
+
+    def _do_dump_memory(self, init_pid: int, ns_pid: int, dest: str, max_bytes: int) -> p.MemoryDumped:
+        pid = memory.vm_pid(init_pid, ns_pid)
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                comm = fh.read(64).strip()
+        except OSError:
+            comm = ""
+        regions, total, unreadable = memory.dump(pid, dest, max_bytes)
+        return p.MemoryDumped(
+            vm_pid=pid, comm=comm, regions=regions, bytes=total, unreadable=tuple(unreadable)
+        )
 
     # -- kernel ----------------------------------------------------------------
     def _op_load_module(self, rid: int, a: p.LoadModule) -> p.CommandResult:
