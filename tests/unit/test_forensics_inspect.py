@@ -338,7 +338,7 @@ def test_inspect_archive_verifies_first_and_leaves_nothing(tmp_path: Path, check
     assert got.container["name"] == "suspect" and [p.pid for p in got.findings.processes] == [1, 7]
     assert list(paths.tmp.iterdir()) == []
     out = got.to_json()
-    assert list(out)[:8] == [
+    assert list(out)[:9] == [
         "archive",
         "container",
         "captured",
@@ -346,8 +346,10 @@ def test_inspect_archive_verifies_first_and_leaves_nothing(tmp_path: Path, check
         "guest_kernel",
         "criu",
         "search",
+        "verified",
         "processes",
     ]
+    assert out["verified"] is True
     data = bytearray(archive.read_bytes())
     at = data.find(b"HOME=/root")
     data[at] ^= 0xFF

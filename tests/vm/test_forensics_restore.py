@@ -69,6 +69,10 @@ def test_paused_restore_of_a_podman_layout_archive(
 
     r = vmpod("forensics", "verify", str(podman))
     assert r.returncode != 0 and "no vmpod-manifest.json" in r.err
+    r = vmpod("forensics", "inspect", str(podman), "--format", "json")
+    assert r.returncode == 0 and "nothing was verified" in r.err, r.err
+    seen = json.loads(r.out)
+    assert seen["verified"] is False and [p["pid"] for p in seen["processes"]][:1] == [1]
     r = vmpod("forensics", "restore", str(podman), "--name", "clone", "--paused", timeout=900)
     assert r.returncode != 0 and "names no image" in r.err and "--rootfs" in r.err  # podman's has none here
     assert "clone" not in vmpod("ps", "-a").out

@@ -228,6 +228,8 @@ def inspect(
         _show(got, wanted)
     for warning in got.findings.warnings:
         click.echo(f"warning: {warning}", err=True)
+    if not got.verified:
+        click.echo("warning: no vmpod manifest (a podman/Kubernetes archive): nothing was verified", err=True)
     if pattern is not None and not got.findings.hits:
         sys.exit(1)
 

@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shutil
 import socket
 import time
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmpod import __version__
+from vmpod import __version__, mounts
 from vmpod.agent.protocol import CHECKPOINT_TIMEOUT
 from vmpod.containers.manager import PAUSED_S, RUNNING_S, Manager
 from vmpod.errors import ConfigError, ForensicsError, VmpodError
@@ -162,7 +161,7 @@ def _capture(paths: Paths, req: CaptureRequest, target: _Target, runtime: str | 
                 )
                 dumped = True
             finally:
-                _keep_log(criu_dir / "work" / "dump.log", stage / a.DUMP_LOG)
+                keep_log(criu_dir / "work" / "dump.log", stage / a.DUMP_LOG)
         finally:
             if pause and not (req.kill and dumped):  # a failed --kill leaves it running
                 with contextlib.suppress(VmpodError):
@@ -225,31 +224,14 @@ def _runtime_target(root: Path, cid: str) -> Iterator[_Target]:
 
 def overlay_upper(rootfs: Path) -> Path:
     """The upper (writable) directory of the overlay mounted at ``rootfs``."""
-    found = ""
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            head, _, tail = line.partition(" - ")
-            fields, rest = head.split(), tail.split()
-            if len(fields) < 5 or len(rest) < 3 or Path(_unescape(fields[4])) != rootfs:
-                continue
-            # the latest mount at that point is what the container sees
-            found = ""
-            if rest[0] == "overlay":
-                for opt in rest[2].split(","):
-                    if opt.startswith("upperdir="):
-                        found = _unescape(opt.removeprefix("upperdir="))
-    if not found or not os.path.isabs(found) or not os.path.isdir(found):
+    found = mounts.overlay_upper(rootfs)
+    if found is None or not found.is_absolute() or not found.is_dir():
         raise ForensicsError(
             f"the root filesystem {rootfs} is not an overlay mount with an upper directory: "
             "its changes cannot be told from its image",
             hint="capture needs a container on overlay storage (podman's overlay driver, vmpod run -d)",
         )
-    return Path(found)
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    return found
 
 
 def _runtime_config_dump(st: ContainerState, root: Path, spec: Path) -> dict[str, object]:
@@ -295,7 +277,7 @@ def _config_dump(record: dict[str, object], runtime: str) -> dict[str, object]:
     }
 
 
-def _keep_log(src: Path, dest: Path) -> None:
+def keep_log(src: Path, dest: Path) -> None:
     """CRIU's log (a guest file: a bounded copy of a regular file, if any)."""
     with contextlib.suppress(OSError):
         if src.is_file() and not src.is_symlink():

@@ -25,11 +25,10 @@ from pathlib import Path
 from vmpod import __version__
 from vmpod.errors import CommandError, ConfigError, ForensicsError
 from vmpod.forensics import archive as a
-from vmpod.forensics.capture import MAX_IMAGES, Captured, _keep_log
+from vmpod.forensics.capture import MAX_IMAGES, Captured, keep_log, overlay_upper
 from vmpod.forensics.rootfsdiff import write_diff
 from vmpod.fsutil import owned_tmpdir
 from vmpod.jsonsafe import parse_json
-from vmpod.mounts import overlay_upper
 from vmpod.paths import Paths
 from vmpod.proc import run
 from vmpod.runtime.state import now_rfc3339
@@ -170,11 +169,6 @@ def _runc(req: HostCaptureRequest, stage: Path, tmp: Path) -> tuple[dict[str, st
         raise ForensicsError(f"runc container {req.ref} is not running")
     bundle, rootfs = Path(str(state.get("bundle"))), Path(str(state.get("rootfs")))
     upper = overlay_upper(rootfs)
-    if upper is None:
-        raise ForensicsError(
-            f"the root of runc container {req.ref} ({rootfs}) is not an overlay mount: "
-            "its changes cannot be told from its image"
-        )
     t0 = time.monotonic()
     pause, dumped = state["status"] == "running", False
     if pause:
@@ -187,7 +181,7 @@ def _runc(req: HostCaptureRequest, stage: Path, tmp: Path) -> tuple[dict[str, st
             run([*argv, req.ref], what=f"runc checkpoint {req.ref}", timeout=1800)
             dumped = True
         finally:
-            _keep_log(work / "dump.log", stage / a.DUMP_LOG)
+            keep_log(work / "dump.log", stage / a.DUMP_LOG)
     finally:
         if pause and not (req.kill and dumped):
             with contextlib.suppress(CommandError):

@@ -159,6 +159,7 @@ class Inspection:
     criu: str
     search: str | None
     findings: Findings
+    verified: bool = True  # False: a podman/Kubernetes archive (no manifest, no digests)
 
     def to_json(self) -> dict[str, object]:
         """Stable keys for machines (addresses as integers): the archive's facts,
@@ -449,11 +450,13 @@ def inspect_archive(
     with owned_tmpdir(paths.tmp, "inspect-") as tmp:
         unpacked = tmp / "archive"
         unpacked.mkdir()
-        manifest = a.extract(archive, unpacked, max_bytes)
+        manifest = a.extract(a.plain_tar(archive, tmp, max_bytes), unpacked, max_bytes)
         images_dir = unpacked / a.CHECKPOINT_DIR
         if not (images_dir / "inventory.img").is_file():
             raise ForensicsError(f"{archive} holds no CRIU images (checkpoint/inventory.img)")
         findings = inspect_dir(images_dir, search[1] if search else None, max_hits)
+    if manifest is None:  # what podman's and Kubernetes' archives do not say is unknown
+        return Inspection(str(archive), {}, "?", "?", "?", "", search[0] if search else None, findings, False)
     return Inspection(
         archive=str(archive),
         container=dict(manifest.container),

@@ -213,7 +213,9 @@ class Container:
         self._sm.require("restore the container", ContainerState.CREATED)
         rel = self._share_criu(host_dir)
         # the evidence is read-only to the VM: only CRIU's log is written back
-        images = self.sandbox.share_scratch(f"{self.id}/criu-images", host_dir / "checkpoint", readonly=True)
+        images = self.sandbox.share_scratch(
+            _fresh(f"{self.id}/criu-images"), host_dir / "checkpoint", readonly=True
+        )
         try:
             stream, sink = self._process(output)
             started = await self._agent.restore(
@@ -245,9 +247,7 @@ class Container:
         the empty host directory ``host_dir``: maps.txt and one file per readable
         region (``protocol.DumpMemory``)."""
         self._sm.require("dump a process's memory", ContainerState.RUNNING, ContainerState.PAUSED)
-        # a name of its own each time: the guest's virtio-fs may still cache the
-        # directory an earlier dump shared under the same name (writes then fail)
-        rel = self.sandbox.share_scratch(f"{self.id}/memory-{secrets.token_hex(6)}", host_dir)
+        rel = self.sandbox.share_scratch(_fresh(f"{self.id}/memory"), host_dir)
         try:
             return await self._agent.dump_memory(
                 p.DumpMemory(container_id=self.id, pid=pid, dir=rel, max_bytes=max_bytes)
@@ -258,7 +258,7 @@ class Container:
     def _share_criu(self, host_dir: Path) -> str:
         for sub in ("checkpoint", "work"):
             (host_dir / sub).mkdir(mode=0o700, exist_ok=True)
-        return self.sandbox.share_scratch(f"{self.id}/criu", host_dir)
+        return self.sandbox.share_scratch(_fresh(f"{self.id}/criu"), host_dir)
 
     async def query(self, command: str, args: list[str], resources: dict[str, object] | None = None) -> str:
         """``ps``, ``events`` or ``update`` by the guest runtime; returns its stdout."""
@@ -289,3 +289,9 @@ class Container:
         if self.state is not ContainerState.STOPPED:
             self._exit = self._exit or Exit(status)
             self._sm.to(ContainerState.STOPPED)
+
+
+def _fresh(name: str) -> str:
+    """A share name never used before: the guest's virtio-fs may still cache the
+    directory an earlier share of the same name held (writes to it then fail)."""
+    return f"{name}-{secrets.token_hex(6)}"
