@@ -6,10 +6,12 @@ Only what vmpod needs, with errors that name the path; no shell, no mount(8).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import re
+import stat
 from pathlib import Path
 
 from vmpod.errors import MountError
@@ -134,3 +136,35 @@ def _flags(point: Path) -> int:
 
 def is_mount_point(path: Path) -> bool:
     return path in mounts_below(path)
+
+
+def remove_tree(path: Path) -> None:
+    """``rm -rf path``, refusing to cross a mount point (checked before and during)."""
+    if not os.path.lexists(path):
+        return
+    if left := mounts_below(path):
+        raise MountError(f"refusing to remove {path}: {left[0]} is mounted below it")
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    _empty_dir(str(path), st.st_dev)
+    os.rmdir(path)
+
+
+def _empty_dir(path: str, dev: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        if os.fstat(fd).st_dev != dev:
+            raise MountError(f"refusing to remove {path}: another file system")
+        with os.scandir(fd) as it:
+            entries = list(it)
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                _empty_dir(os.path.join(path, e.name), dev)
+                os.rmdir(e.name, dir_fd=fd)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(e.name, dir_fd=fd)
+    finally:
+        os.close(fd)

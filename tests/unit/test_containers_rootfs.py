@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from vmpod.containers.records import ContainerError
-from vmpod.containers.rootfs import Overlay, is_mounted, mount, remove_tree, unmount
+from vmpod.containers.rootfs import Overlay, is_mounted, mount, unmount
+from vmpod.errors import MountError
+from vmpod.mounts import remove_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 
@@ -40,7 +41,7 @@ def test_remove_tree_refuses_to_cross_a_mount(tmp_path: Path) -> None:
     (rec / "mnt").mkdir(parents=True)
     subprocess.run(["mount", "--bind", str(volume), str(rec / "mnt")], check=True)
     try:
-        with pytest.raises(ContainerError, match="mounted below"):
+        with pytest.raises(MountError, match="mounted below"):
             remove_tree(rec)
     finally:
         subprocess.run(["umount", str(rec / "mnt")], check=True)

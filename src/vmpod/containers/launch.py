@@ -26,6 +26,7 @@ from vmpod.errors import ConfigError
 from vmpod.fsutil import atomic_write, lock_file
 from vmpod.guest.progress import Progress, silent
 from vmpod.images import resolve_image, resolve_rootfs
+from vmpod.mounts import remove_tree
 from vmpod.runspec import build_spec
 from vmpod.runtime import ipc, lifecycle
 from vmpod.runtime.config import load_config
@@ -74,7 +75,7 @@ def make_container(m: Manager, req: RunRequest, progress: Progress = silent) -> 
     try:
         _write_bundle(m, rec, spec, user, req)
     except BaseException:
-        rootfs.remove_tree(d)
+        remove_tree(d)
         raise
     return rec
 

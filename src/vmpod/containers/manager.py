@@ -20,6 +20,7 @@ from pathlib import Path
 from vmpod.containers import network as net
 from vmpod.containers import rootfs
 from vmpod.containers.records import ContainerError, NoSuchContainer, Record, Records
+from vmpod.mounts import remove_tree
 from vmpod.paths import Paths
 from vmpod.proc import descendant_named
 from vmpod.runtime import ipc, lifecycle
@@ -178,7 +179,7 @@ class Manager:
         d = self.dir(rec)
         trash = d.with_name(f".trash-{rec.id}")
         os.rename(d, trash)  # the name is free and lookups skip it from here on
-        rootfs.remove_tree(trash)
+        remove_tree(trash)
 
     def inspect(self, ref: str) -> dict[str, object]:
         with self.locked(ref) as rec:

@@ -13,9 +13,7 @@ it enters, so a volume's data is never deleted through the container.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,35 +132,3 @@ def unmount(ov: Overlay) -> None:
         run(["umount", point], what="unmount the container's rootfs")
     if left := mounts_below(ov.merged):
         raise ContainerError(f"{left[0]} is still mounted", hint="a process may still use it")
-
-
-def remove_tree(path: Path) -> None:
-    """``rm -rf path``, refusing to cross a mount point (checked before and during)."""
-    if not os.path.lexists(path):
-        return
-    if left := mounts_below(path):
-        raise ContainerError(f"refusing to remove {path}: {left[0]} is mounted below it")
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
-        return
-    _empty_dir(str(path), st.st_dev)
-    os.rmdir(path)
-
-
-def _empty_dir(path: str, dev: int) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        if os.fstat(fd).st_dev != dev:
-            raise ContainerError(f"refusing to remove {path}: another file system")
-        with os.scandir(fd) as it:
-            entries = list(it)
-        for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                _empty_dir(os.path.join(path, e.name), dev)
-                os.rmdir(e.name, dir_fd=fd)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(e.name, dir_fd=fd)
-    finally:
-        os.close(fd)

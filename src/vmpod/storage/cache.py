@@ -157,7 +157,7 @@ def remove_unused(entry: Path, keep: Callable[[], set[str]]) -> bool:
     """Remove ``entry`` unless leased or among ``keep()`` (real paths, see ``referenced``:
     asked under the lock, so a record written before the last lease ended counts);
     True when it went."""
-    from vmpod.containers.rootfs import remove_tree
+    from vmpod.mounts import remove_tree
 
     if not entry.parent.is_dir():
         return True  # nothing was ever cached here
@@ -200,7 +200,7 @@ def enforce_cap(paths: Paths, settings: CacheSettings | None = None) -> list[Pat
 
 def collect_trash(paths: Paths) -> int:
     """Finish removals a killed remover left (``.trash-*``); returns the bytes freed."""
-    from vmpod.containers.rootfs import remove_tree
+    from vmpod.mounts import remove_tree
 
     freed = 0
     for kind in (TREES, DISKS):
