@@ -21,7 +21,7 @@ from vmpod.errors import ForensicsError
 from vmpod.forensics import archive as a
 from vmpod.forensics import images
 from vmpod.forensics.images import HELPER, SYSTEM_PYTHON
-from vmpod.forensics.inspect import inspect_archive, inspect_dir, search_pattern
+from vmpod.forensics.inspect import inspect_archive, inspect_dir, root_mode, search_pattern
 from vmpod.forensics.memory import PAGE, PE_LAZY, PE_PARENT, PE_PRESENT, Memory, Run, runs_of
 from vmpod.paths import Paths
 
@@ -52,12 +52,9 @@ def encode(root: Path, images: dict[str, object]) -> None:
     spec.unlink()
 
 
-def _reg(fid: int, name: str, pos: int = 0, flags: int = 0) -> dict[str, object]:
-    return {
-        "type": "REG",
-        "id": fid,
-        "reg": {"id": fid, "flags": flags, "pos": pos, "fown": FOWN, "name": name},
-    }
+def _reg(fid: int, name: str, pos: int = 0, flags: int = 0, mode: int | None = None) -> dict[str, object]:
+    reg = {"id": fid, "flags": flags, "pos": pos, "fown": FOWN, "name": name}
+    return {"type": "REG", "id": fid, "reg": reg if mode is None else {**reg, "mode": mode}}
 
 
 def _mm(arg: tuple[int, int], env: tuple[int, int]) -> dict[str, object]:
@@ -150,7 +147,7 @@ def checkpoint(tmp_path: Path) -> Path:
                 _reg(1, "/bin/busybox"),
                 _reg(2, "/var/log/app.log", pos=42, flags=0o2001),
                 _reg(3, "/srv"),
-                _reg(4, "/"),
+                _reg(4, "/", mode=0o40555),
                 {"type": "INETSK", "id": 5, "isk": isk},
                 {"type": "UNIXSK", "id": 6, "usk": usk},
             ),
@@ -256,6 +253,14 @@ def test_inspect_reads_what_the_images_hold(checkpoint: Path) -> None:
     assert f"[{SECRET.decode()}]" in f.hits[0].context
     # the child's argv lives in pages that were not dumped: said, not guessed
     assert any("pid 7" in w and "not dumped" in w for w in f.warnings), f.warnings
+
+
+def test_root_mode_is_what_criu_recorded(checkpoint: Path, tmp_path: Path) -> None:
+    assert root_mode(checkpoint) == 0o555  # a restore gives the new root this mode
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    encode(bare, {"pstree.img": _img("PSTREE", {"pid": 1, "ppid": 0, "pgid": 1, "sid": 1, "threads": [1]})})
+    assert root_mode(bare) is None  # no fs image: unknown
 
 
 def test_max_hits_truncates(checkpoint: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import quopri
 import re
 import socket
+import stat
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -387,6 +388,21 @@ def search_pattern(text: str | None, regex: str | None) -> re.Pattern[bytes] | N
             raise ForensicsError(f"--search-regex {regex!r} matches the empty string")
         return pattern
     return None
+
+
+def root_mode(root: Path) -> int | None:
+    """The permission bits CRIU recorded for the first task's root directory (a
+    restore fails unless the new root has them), if the images say."""
+    images = decode(root)
+    tree = images.entries("pstree.img", required=True) or []
+    if not tree:
+        return None
+    fs = images.first(f"fs-{_task_id(tree[0], 'pid')}.img") or {}
+    typ, entry = _Reader(images).files.get(_int(fs, "root_id", -1), ("", {}))
+    mode = entry.get("mode")
+    if typ != "REG" or type(mode) is not int or not stat.S_ISDIR(mode):
+        return None
+    return stat.S_IMODE(mode)
 
 
 def inspect_dir(root: Path, pattern: re.Pattern[bytes] | None = None, max_hits: int = MAX_HITS) -> Findings:

@@ -34,6 +34,7 @@ from vmpod.containers.options import RunRequest
 from vmpod.containers.records import Record, check_name, default_name, new_id
 from vmpod.errors import ConfigError, ForensicsError, VmpodError
 from vmpod.forensics import archive as a
+from vmpod.forensics.inspect import root_mode
 from vmpod.forensics.rootfsdiff import apply_diff, read_deleted
 from vmpod.fsutil import atomic_write, owned_tmpdir
 from vmpod.guest.kernel import ensure_kernel
@@ -184,6 +185,12 @@ def _prepare(m: Manager, rec: Record, spec: dict[str, object], unpacked: Path, a
     ov.upper.mkdir(parents=True, mode=0o755)
     diff = unpacked / a.ROOTFS_DIFF
     apply_diff(diff if diff.is_file() else None, read_deleted(unpacked / a.DELETED_FILES), ov.upper)
+    # the root's mode as the tree saw it (the overlay's root takes the upper's): CRIU
+    # refuses a root whose mode differs, and engines differ (podman's is often 0555)
+    with contextlib.suppress(VmpodError):
+        mode = root_mode(unpacked / a.CHECKPOINT_DIR)
+        if mode is not None:
+            ov.upper.chmod(mode)
     mounts = spec.get("mounts")
     if not isinstance(mounts, list) or not all(isinstance(x, dict) for x in mounts):
         raise ForensicsError("spec.dump has no mounts list")
