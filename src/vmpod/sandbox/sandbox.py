@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import secrets
 import signal
@@ -38,6 +39,7 @@ from vmpod.sandbox.config import (
     Volume,
 )
 from vmpod.sandbox.container import Container
+from vmpod.sandbox.process import Output
 from vmpod.sandbox.share import Share, SharedDir
 from vmpod.states import StateMachine
 
@@ -71,6 +73,7 @@ class Sandbox:
         self._watch: asyncio.Task[None] | None = None
         self.shared_failure: str | None = None  # why the shared file system is gone
         self._net: WiredNetwork | None = None  # the pod namespace's taps, mirrored
+        self._launched: VmConfig | None = None  # what the VM was started with
 
     @property
     def state(self) -> SandboxState:
@@ -107,6 +110,7 @@ class Sandbox:
             for skipped in self._net.plan.skipped:
                 log.warning("network: %s not wired into the VM: %s", skipped.name, skipped.reason)
         vm_config = self._vm_config()
+        self._launched = vm_config
         self._vm = create_vm(self.config.hypervisor, vm_config)
         try:
             await self._vm.launch()
@@ -148,11 +152,11 @@ class Sandbox:
             nics=tuple(Nic(w.fd, w.mac, w.mtu) for w in (self._net.interfaces if self._net else ())),
         )
 
-    async def _connect(self, vm_config: VmConfig) -> None:
+    async def _connect(self, vm_config: VmConfig, resync: bool = False) -> None:
         ch, timeout = vm_config.channel, self.config.boot_timeout
         target = vm_config.channel_socket if ch.kind == "serial" else (ch.vsock_cid, p.VSOCK_PORT)
         try:
-            hello = await self._agent.connect(target, timeout, self._check_alive)
+            hello = await self._agent.connect(target, timeout, self._check_alive, resync=resync)
         except AgentTimeout as err:
             a = self.config.assets
             raise AgentTimeout(
@@ -251,6 +255,82 @@ class Sandbox:
     def alive(self) -> bool:
         """The VM process still runs."""
         return self._vm is not None and self._vm.exit_status() is None
+
+    # -- snapshots (sandbox/snapshot.py) -------------------------------------------
+    @property
+    def vm_config(self) -> VmConfig | None:
+        """What the VM was launched with (its device configuration)."""
+        return self._launched
+
+    def snapshot_refusal(self) -> str | None:
+        """Why this sandbox's VM state cannot be saved (None: it can)."""
+        if self.config.shared_fs:
+            return (
+                f"sandbox {self.id} has a virtio-fs device (vhost-user-fs-device, tag "
+                f"{p.SHARED_FS_TAG}), which QEMU 7.2 cannot save: run the container with "
+                "--root-in-vm (its root on an erofs disk, its writes in the VM) to snapshot it"
+            )
+        if self.config.netns:
+            return (
+                f"sandbox {self.id} has network interfaces (virtio-net on taps): snapshots of "
+                "networked sandboxes are not supported yet; run the container with --network none"
+            )
+        if self._launched is not None and self._launched.channel.kind != "serial":
+            return f"sandbox {self.id} talks to its agent over vsock: snapshots need virtio-serial"
+        return None
+
+    async def save_state(self, fd: int) -> int:
+        """Pause the VM and write its whole state to ``fd``; it stays paused
+        (``resume_vm``, or ``stop``). Returns the bytes of RAM written."""
+        self._sm.require("snapshot the sandbox", _S.RUNNING)
+        why = self.snapshot_refusal()
+        if why is not None:
+            raise SandboxError(why)
+        assert self._vm is not None
+        return await self._vm.save_state(fd)
+
+    async def resume_vm(self) -> None:
+        self._sm.require("resume the sandbox", _S.RUNNING)
+        assert self._vm is not None
+        await self._vm.resume()
+
+    async def start_restored(
+        self, fd: int, cmdline: str, check: Callable[[VmConfig], None] = lambda _vm: None
+    ) -> p.ProcessList:
+        """Start the VM from the state in ``fd`` (saved by ``save_state`` from a
+        sandbox of the same config, booted with ``cmdline``), reconnect to its agent,
+        set its clock and reseed its random pool. Returns what the agent runs: adopt
+        the containers with ``adopt``. ``check`` may refuse the VM's config first."""
+        self._sm.to(_S.STARTING)
+        if self.config.shared_fs or self.config.netns:
+            raise SandboxError("a restored sandbox has no shared directory and no network")
+        self._dir.make()
+        vm_config = dataclasses.replace(self._vm_config(), cmdline=cmdline, incoming=True)
+        check(vm_config)
+        self._launched = vm_config
+        self._vm = create_vm(self.config.hypervisor, vm_config)
+        await self._vm.launch()
+        await self._vm.load_state(fd)
+        await self._vm.resume()
+        await self._connect(vm_config, resync=True)
+        self._agent.on_failure = self._on_agent_failure
+        await self._agent.set_clock(p.SetClock(epoch_ns=time.time_ns()))
+        await self._agent.reseed_random(p.ReseedRandom(entropy=secrets.token_hex(p.RESEED_BYTES)))
+        running = await self._agent.list_processes()
+        self._next_stream = max((i.stream for i in running.processes), default=0) + 1
+        self._sm.to(_S.RUNNING)
+        return running
+
+    def adopt(self, spec: ContainerSpec, info: p.ProcessInfo, output: Output) -> Container:
+        """The container ``spec`` whose init ``info`` describes, already running (or
+        ended) in a restored VM; its output from now on goes to ``output``."""
+        self._sm.require("adopt a container", _S.RUNNING)
+        if spec.id in self.containers or spec.id != info.container_id or not info.init:
+            raise SandboxError(f"cannot adopt container {spec.id} in sandbox {self.id}")
+        container = Container(self, self._agent, spec, spec.oci, self._rootfs(spec), self.failure)
+        container.adopt(info.stream, output, None if info.running else info.status)
+        self.containers[spec.id] = container
+        return container
 
     # -- containers -------------------------------------------------------------
     async def create_container(self, spec: ContainerSpec) -> Container:
