@@ -7,7 +7,7 @@ import signal
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from vmpod.hypervisor.accel import AccelChoice
 
@@ -152,6 +152,11 @@ class Hypervisor(Protocol):
         """Why the shared directory's file server is gone (None while it serves, or
         when the VM has no shared directory)."""
         ...
+
+
+@runtime_checkable
+class SavesState(Protocol):
+    """A Hypervisor that can save and load a whole VM's state (sandbox snapshots)."""
 
     async def save_state(self, fd: int) -> int:
         """Pause the VM and write its whole state (RAM, devices) to ``fd``; it stays

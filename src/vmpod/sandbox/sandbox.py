@@ -27,7 +27,7 @@ from vmpod.errors import AgentError, AgentTimeout, HypervisorError, ProtocolErro
 from vmpod.guest.initramfs import with_modules
 from vmpod.guest.modules import ModuleLoad, read_module
 from vmpod.hypervisor import create_vm
-from vmpod.hypervisor.base import Disk, Hypervisor, Nic, VmConfig, describe_exit
+from vmpod.hypervisor.base import Disk, Hypervisor, Nic, SavesState, VmConfig, describe_exit
 from vmpod.paths import Paths
 from vmpod.sandbox.boot import StateDir, agent_channel, console_line, kernel_cmdline
 from vmpod.sandbox.config import (
@@ -286,13 +286,16 @@ class Sandbox:
         why = self.snapshot_refusal()
         if why is not None:
             raise SandboxError(why)
-        assert self._vm is not None
-        return await self._vm.save_state(fd)
+        return await self._saver().save_state(fd)
 
     async def resume_vm(self) -> None:
         self._sm.require("resume the sandbox", _S.RUNNING)
-        assert self._vm is not None
-        await self._vm.resume()
+        await self._saver().resume()
+
+    def _saver(self) -> SavesState:
+        if not isinstance(self._vm, SavesState):
+            raise SandboxError(f"hypervisor {self.config.hypervisor} cannot save or load VM state")
+        return self._vm
 
     async def start_restored(
         self, fd: int, cmdline: str, check: Callable[[VmConfig], None] = lambda _vm: None
@@ -310,8 +313,8 @@ class Sandbox:
         self._launched = vm_config
         self._vm = create_vm(self.config.hypervisor, vm_config)
         await self._vm.launch()
-        await self._vm.load_state(fd)
-        await self._vm.resume()
+        await self._saver().load_state(fd)
+        await self._saver().resume()
         await self._connect(vm_config, resync=True)
         self._agent.on_failure = self._on_agent_failure
         await self._agent.set_clock(p.SetClock(epoch_ns=time.time_ns()))

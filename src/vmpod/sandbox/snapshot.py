@@ -36,7 +36,7 @@ from vmpod.hypervisor.base import VmConfig
 from vmpod.jsonsafe import parse_json
 from vmpod.paths import Paths
 from vmpod.sandbox.build import SandboxSpec, prepare
-from vmpod.sandbox.config import ContainerSpec
+from vmpod.sandbox.config import ContainerSpec, SandboxConfig
 from vmpod.sandbox.sandbox import ROOT_SERIAL, Sandbox
 
 log = logging.getLogger(__name__)
@@ -311,10 +311,10 @@ def load_manifest(src: Path) -> Manifest:
     return manifest
 
 
-def restore_config(paths: Paths, m: Manifest) -> Sandbox:
-    """A new (not started) sandbox configured as the snapshot's was."""
+def restore_sandbox_config(paths: Paths, m: Manifest) -> SandboxConfig:
+    """The config of a sandbox like the snapshot's (checked against it at ``start``)."""
     disks = tuple(Path(d.file.path) for d in m.devices.disks if d.serial != ROOT_SERIAL)
-    config = prepare(
+    return prepare(
         paths,
         SandboxSpec(
             kernel=m.kernel,
@@ -327,7 +327,11 @@ def restore_config(paths: Paths, m: Manifest) -> Sandbox:
             hypervisor=m.hypervisor,
         ),
     )
-    return Sandbox(paths, config)
+
+
+def restore_config(paths: Paths, m: Manifest) -> Sandbox:
+    """A new (not started) sandbox configured as the snapshot's was."""
+    return Sandbox(paths, restore_sandbox_config(paths, m))
 
 
 async def start(sandbox: Sandbox, src: Path, m: Manifest) -> p.ProcessList:
