@@ -318,11 +318,19 @@ class Sandbox:
         await self._connect(vm_config, resync=True)
         self._agent.on_failure = self._on_agent_failure
         await self._agent.set_clock(p.SetClock(epoch_ns=time.time_ns()))
-        await self._agent.reseed_random(p.ReseedRandom(entropy=secrets.token_hex(p.RESEED_BYTES)))
+        await self._reseed_random()
         running = await self._agent.list_processes()
         self._next_stream = max((i.stream for i in running.processes), default=0) + 1
         self._sm.to(_S.RUNNING)
         return running
+
+    async def reseed_random(self) -> None:
+        """Mix host randomness into the guest's pool and reseed its CRNG now."""
+        self._sm.require("reseed the guest's random pool", _S.RUNNING)
+        await self._reseed_random()
+
+    async def _reseed_random(self) -> None:
+        await self._agent.reseed_random(p.ReseedRandom(entropy=secrets.token_hex(p.RESEED_BYTES)))
 
     def adopt(self, spec: ContainerSpec, info: p.ProcessInfo, output: Output) -> Container:
         """The container ``spec`` whose init ``info`` describes, already running (or
