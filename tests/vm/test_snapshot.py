@@ -234,6 +234,17 @@ def test_cli_snapshot_and_restore(vm_factory: VmFactory, busybox: Path, tmp_path
     r = vmpod("restore", str(damaged))
     assert r.returncode != 0 and "truncated or damaged" in r.err and len(r.err.strip().splitlines()) == 1
     assert _ps(vmpod) == {"src": "Running"}
+    # one QEMU cannot load (its manifest vouches for it): the new container goes again
+    garbage = os.urandom(1000)
+    (damaged / snap.STATE).write_bytes(garbage)
+    manifest = json.loads((damaged / snap.MANIFEST).read_text())
+    manifest.update(state_size=len(garbage), state_sha256=hashlib.sha256(garbage).hexdigest())
+    (damaged / snap.MANIFEST).write_text(json.dumps(manifest))
+    qemus = qemu_pids(str(vmpod.paths.run))
+    r = vmpod("restore", str(damaged), "--name", "broken")
+    assert r.returncode != 0 and "loading the VM state failed" in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert _ps(vmpod) == {"src": "Running"} and qemu_pids(str(vmpod.paths.run)) == qemus
 
     r = vmpod("snapshot", "src", str(tmp_path / "last"), "--stop")
     assert r.returncode == 0, r.err
