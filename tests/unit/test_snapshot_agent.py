@@ -110,7 +110,8 @@ class FailingSave:
     """Just enough of a Sandbox for ``snapshot.save``: QEMU fails mid-save."""
 
     def __init__(self, tmp: Path) -> None:
-        self.id, self.alive, self.resumed, self.containers = "s1", True, 0, {}
+        self.id, self.alive, self.resumed = "s1", True, 0
+        self.containers: dict[str, object] = {}
         self.config = cast(Any, type("C", (), {"modules": (), "shared_fs": False}))
         (tmp / "k").write_bytes(b"k")
         self.vm_config = cast(
