@@ -204,6 +204,10 @@ def test_cli_snapshot_and_restore(vm_factory: VmFactory, busybox: Path, tmp_path
     r = vmpod("cp", "src:/count", str(tmp_path / "count"))
     assert r.returncode != 0 and "--root-in-vm" in r.err and not (tmp_path / "count").exists()
     assert vmpod("rm", "-f", "fs").returncode == 0
+    archive = tmp_path / "evidence.tar"
+    r = vmpod("forensics", "capture", "src", "-o", str(archive), timeout=600)
+    assert r.returncode != 0 and "--root-in-vm" in r.err and not archive.exists(), r.err
+    assert len(r.err.strip().splitlines()) == 1
 
     snapshot = tmp_path / "snap"
     r = vmpod("snapshot", "src", str(snapshot))
