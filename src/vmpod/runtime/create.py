@@ -101,7 +101,7 @@ def create(
     if snapshot:
         from vmpod.sandbox import snapshot as snap
 
-        sandbox = snap.restore_sandbox_config(paths, snap.load_manifest(Path(snapshot)))
+        sandbox = snap.restore_sandbox_config(paths, snap.load_manifest(Path(snapshot), verify=False))
     args = MonitorArgs(
         store_root=str(store.root),
         cid=cid,

@@ -282,8 +282,10 @@ def _check_dest(dest: Path) -> None:
 # -- restore ------------------------------------------------------------------------
 
 
-def load_manifest(src: Path) -> Manifest:
-    """The manifest of snapshot ``src``, with its state file checked against it."""
+def load_manifest(src: Path, *, verify: bool = True) -> Manifest:
+    """The manifest of snapshot ``src``, with its state file checked against it
+    (its size always, its digest with ``verify``; ``start`` checks it again on the
+    very descriptor QEMU reads)."""
     path = src / MANIFEST
     try:
         with open(path, "rb") as fh:
@@ -296,19 +298,31 @@ def load_manifest(src: Path) -> Manifest:
     if len(data) > MAX_MANIFEST:
         raise SnapshotError(f"{path} is larger than {MAX_MANIFEST} bytes: not a vmpod snapshot manifest")
     manifest = Manifest.from_json(data, path)
-    state = src / STATE
     try:
-        size = state.stat().st_size
+        fd = os.open(src / STATE, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         raise SnapshotError(f"snapshot {src} has no {STATE}: {err.strerror}") from err
+    try:
+        _check_state(fd, src / STATE, manifest, verify)
+    finally:
+        os.close(fd)
+    return manifest
+
+
+def _check_state(fd: int, state: Path, manifest: Manifest, verify: bool = True) -> None:
+    size = os.fstat(fd).st_size
     if size != manifest.state_size:
         raise SnapshotError(
             f"{state} has {size} bytes, the snapshot recorded {manifest.state_size}: "
             "it is truncated or damaged"
         )
-    if digest(state).sha256 != manifest.state_sha256:
-        raise SnapshotError(f"{state} does not match its recorded sha256: the snapshot is damaged")
-    return manifest
+    if verify:
+        with open(fd, "rb", closefd=False) as fh:
+            fh.seek(0)
+            sha = hashlib.file_digest(fh, "sha256").hexdigest()
+            fh.seek(0)
+        if sha != manifest.state_sha256:
+            raise SnapshotError(f"{state} does not match its recorded sha256: the snapshot is damaged")
 
 
 def restore_sandbox_config(paths: Paths, m: Manifest) -> SandboxConfig:
@@ -346,8 +360,12 @@ async def start(sandbox: Sandbox, src: Path, m: Manifest) -> p.ProcessList:
                 f"cannot restore {src}: {why}", hint="restore it where the same guest assets are"
             )
 
-    fd = os.open(src / STATE, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        fd = os.open(src / STATE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise SnapshotError(f"snapshot {src} has no {STATE}: {err.strerror}") from err
+    try:
+        _check_state(fd, src / STATE, m)  # what QEMU reads is what the manifest vouches for
         return await sandbox.start_restored(fd, m.devices.cmdline, check)
     finally:
         os.close(fd)
