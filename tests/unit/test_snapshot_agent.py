@@ -126,6 +126,7 @@ class FailingSave:
                     "cpus": 1,
                     "memory_mb": 512,
                     "disks": (),
+                    "nics": (),
                     "accel": type("A", (), {"accel": "tcg"}),
                     "channel": type("H", (), {"kind": "serial"}),
                 },

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import pytest
 
+from tests.vm import test_network_vmpod
 from tests.vm.conftest import VmFactory, VmpodRunner, assert_nothing_left, qemu_pids
 from vmpod.errors import HypervisorError
 from vmpod.guest.assets import GuestAssets
@@ -28,6 +29,8 @@ from vmpod.sandbox import snapshot as snap
 from vmpod.storage.erofs import rootfs_disk
 
 T = TypeVar("T")
+# its `vmpod` fixture, for this module's tests: a runner on the test's own CNI network
+network_runner = test_network_vmpod.vmpod
 QUIET_UPTIME = 20.0  # the source's: the kernel's own reseed comes uptime/2 after the last
 CLOCK_GAP = 8.0  # seconds between save and restore: how far behind an uncorrected clock is
 COUNTER = "echo kept > /marker; i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done"
@@ -290,3 +293,25 @@ def test_clones_do_not_share_random_state(
     finally:
         loop.close()
     assert len(ra.split()) == 32 and ra != rb
+
+
+def test_cli_snapshot_of_a_networked_container(vmpod: VmpodRunner, busybox: Path, tmp_path: Path) -> None:
+    """A container on the bridge network (a NIC on a tap) is saved; its clone has
+    the same NIC (the saved state expects it) with nothing behind it."""
+    r = vmpod.run("-d", "--root-in-vm", "--name", "web", "--rootfs", str(busybox), "--", "sh", "-c", COUNTER)
+    assert r.returncode == 0, r.err
+    route = vmpod("exec", "web", "ip", "route").out
+    gateway = next(ln.split()[2] for ln in route.splitlines() if ln.startswith("default via"))
+    ping = ("ping", "-c", "1", "-W", "3", gateway)
+    assert vmpod("exec", "web", *ping).returncode == 0  # the source reaches its gateway
+    r = vmpod("snapshot", "web", str(tmp_path / "snap"))
+    assert r.returncode == 0, r.err
+    r = vmpod("restore", str(tmp_path / "snap"), "--name", "clone")
+    assert r.returncode == 0, r.err
+    mac = vmpod("exec", "web", "cat", "/sys/class/net/eth0/address").out
+    assert vmpod("exec", "clone", "cat", "/sys/class/net/eth0/address").out == mac
+    assert vmpod("exec", "clone", *ping).returncode != 0  # isolated
+    assert vmpod("exec", "web", *ping).returncode == 0  # the source is not
+    assert _counted_past(vmpod, "clone", 0) > 0
+    for name in ("clone", "web"):
+        assert vmpod("rm", "-f", name).returncode == 0

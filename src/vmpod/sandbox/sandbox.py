@@ -13,6 +13,7 @@ import asyncio
 import copy
 import dataclasses
 import logging
+import os
 import secrets
 import signal
 import threading
@@ -74,6 +75,7 @@ class Sandbox:
         self.shared_failure: str | None = None  # why the shared file system is gone
         self._net: WiredNetwork | None = None  # the pod namespace's taps, mirrored
         self._launched: VmConfig | None = None  # what the VM was started with
+        self._isolated: list[int] = []  # taps of isolated_nics, until QEMU has them
 
     @property
     def state(self) -> SandboxState:
@@ -149,7 +151,13 @@ class Sandbox:
             channel=channel,
             shared_dir=self._shared.root if self._shared else None,
             shared_tag=p.SHARED_FS_TAG,
-            nics=tuple(Nic(w.fd, w.mac, w.mtu) for w in (self._net.interfaces if self._net else ())),
+            nics=(
+                *(Nic(w.fd, w.mac, w.mtu) for w in (self._net.interfaces if self._net else ())),
+                *(
+                    Nic(fd, mac, mtu)
+                    for (mac, mtu), fd in zip(self.config.isolated_nics, self._isolated, strict=True)
+                ),
+            ),
         )
 
     async def _connect(self, vm_config: VmConfig, resync: bool = False) -> None:
@@ -270,11 +278,6 @@ class Sandbox:
                 f"{p.SHARED_FS_TAG}), which QEMU 7.2 cannot save: run the container with "
                 "--root-in-vm (its root on an erofs disk, its writes in the VM) to snapshot it"
             )
-        if self.config.netns:
-            return (
-                f"sandbox {self.id} has network interfaces (virtio-net on taps): snapshots of "
-                "networked sandboxes are not supported yet; run the container with --network none"
-            )
         if self._launched is not None and self._launched.channel.kind != "serial":
             return f"sandbox {self.id} talks to its agent over vsock: snapshots need virtio-serial"
         return None
@@ -308,11 +311,17 @@ class Sandbox:
         if self.config.shared_fs or self.config.netns:
             raise SandboxError("a restored sandbox has no shared directory and no network")
         self._dir.make()
-        vm_config = dataclasses.replace(self._vm_config(), cmdline=cmdline, incoming=True)
-        check(vm_config)
-        self._launched = vm_config
-        self._vm = create_vm(self.config.hypervisor, vm_config)
-        await self._vm.launch()
+        try:
+            self._isolated = [isolated_tap(i) for i in range(len(self.config.isolated_nics))]
+            vm_config = dataclasses.replace(self._vm_config(), cmdline=cmdline, incoming=True)
+            check(vm_config)
+            self._launched = vm_config
+            self._vm = create_vm(self.config.hypervisor, vm_config)
+            await self._vm.launch()
+        finally:
+            for tap in self._isolated:  # QEMU holds its own copies: the taps live as long as it
+                os.close(tap)
+            self._isolated = []
         await self._saver().load_state(fd)
         await self._saver().resume()
         await self._connect(vm_config, resync=True)
@@ -516,6 +525,16 @@ def guest_network(net: WiredNetwork) -> p.ConfigureNetwork:
             for r in w.routes
         ),
     )
+
+
+def isolated_tap(n: int) -> int:
+    """A tap (with virtio-net headers, as the saved NIC had) alone in a new network
+    namespace, down: what the guest sends there goes nowhere, nothing comes back.
+    The namespace vanishes with the tap, when QEMU closes it."""
+    from vmpod.network.netns import run_in_netns  # (pyroute2: only when used)
+    from vmpod.network.tap import open_tap, tap_name
+
+    return run_in_netns(None, lambda: open_tap(tap_name(n)))
 
 
 def _off_loop(fn: Callable[[], None], what: str) -> None:

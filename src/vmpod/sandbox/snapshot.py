@@ -65,6 +65,12 @@ class SavedDisk:
 
 
 @dataclass(frozen=True)
+class SavedNic:
+    mac: str
+    mtu: int
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     """What the restored QEMU must be started with: equal, or the state cannot load."""
 
@@ -76,6 +82,8 @@ class DeviceConfig:
     accel: str
     channel: str
     disks: tuple[SavedDisk, ...]
+    # restored without a backend (frames go nowhere): a clone is network-isolated
+    nics: tuple[SavedNic, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,7 @@ class Manifest:
                 disks=tuple(
                     SavedDisk(d["serial"], d["readonly"], FileDigest(**d["file"])) for d in dev.pop("disks")
                 ),
+                nics=tuple(SavedNic(**n) for n in dev.pop("nics", ())),
                 **dev,
             )
             manifest = cls(
@@ -186,6 +195,7 @@ def device_config(vm: VmConfig) -> DeviceConfig:
         accel=vm.accel.accel,
         channel=vm.channel.kind,
         disks=tuple(SavedDisk(d.serial, d.readonly, digest(d.path)) for d in vm.disks),
+        nics=tuple(SavedNic(n.mac, n.mtu) for n in vm.nics),
     )
 
 
@@ -195,7 +205,7 @@ def difference(saved: DeviceConfig, here: DeviceConfig) -> str | None:
         a, b = getattr(saved, name), getattr(here, name)
         if a.sha256 != b.sha256:
             return f"its {name} {a.path} (sha256 {a.sha256[:12]}) is now {b.path} (sha256 {b.sha256[:12]})"
-    for name in ("cpus", "memory_mb", "accel", "channel", "cmdline"):
+    for name in ("cpus", "memory_mb", "accel", "channel", "cmdline", "nics"):
         if getattr(saved, name) != getattr(here, name):
             was, now = getattr(saved, name), getattr(here, name)
             return f"it was taken with {name} {was!r}, this VM would have {now!r}"
@@ -326,9 +336,10 @@ def _check_state(fd: int, state: Path, manifest: Manifest, verify: bool = True) 
 
 
 def restore_sandbox_config(paths: Paths, m: Manifest) -> SandboxConfig:
-    """The config of a sandbox like the snapshot's (checked against it at ``start``)."""
+    """The config of a sandbox like the snapshot's (checked against it at ``start``);
+    its NICs have no backend: a clone is network-isolated."""
     disks = tuple(Path(d.file.path) for d in m.devices.disks if d.serial != ROOT_SERIAL)
-    return prepare(
+    config = prepare(
         paths,
         SandboxSpec(
             kernel=m.kernel,
@@ -341,6 +352,7 @@ def restore_sandbox_config(paths: Paths, m: Manifest) -> SandboxConfig:
             hypervisor=m.hypervisor,
         ),
     )
+    return dataclasses.replace(config, isolated_nics=tuple((n.mac, n.mtu) for n in m.devices.nics))
 
 
 def restore_config(paths: Paths, m: Manifest) -> Sandbox:
