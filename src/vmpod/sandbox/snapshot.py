@@ -6,8 +6,10 @@ writable layers, devices) saved to a directory, and started again as a new sandb
 
 What can be saved: a sandbox whose devices QEMU 7.2 can migrate and whose writes
 all live in guest RAM — container roots on read-only erofs disks with a tmpfs
-upper layer in the VM. A virtio-fs device (``vhost-user-fs``) blocks migration,
-and network interfaces are refused in this version (``Sandbox.snapshot_refusal``).
+upper layer in the VM. A virtio-fs device (``vhost-user-fs``) blocks migration:
+refused (``Sandbox.snapshot_refusal``). NICs are saved as devices; a restored
+VM gets each one on a tap alone in a fresh, empty network namespace (the same
+device with virtio-net headers, as the state expects), so a clone reaches nothing.
 
 A restore needs exactly the same device configuration (kernel, initramfs, disks —
 by content —, vCPUs, memory, accelerator, kernel command line); the manifest
@@ -82,7 +84,7 @@ class DeviceConfig:
     accel: str
     channel: str
     disks: tuple[SavedDisk, ...]
-    # restored without a backend (frames go nowhere): a clone is network-isolated
+    # restored on isolated taps (frames go nowhere): a clone is network-isolated
     nics: tuple[SavedNic, ...] = ()
 
 
@@ -337,7 +339,7 @@ def _check_state(fd: int, state: Path, manifest: Manifest, verify: bool = True) 
 
 def restore_sandbox_config(paths: Paths, m: Manifest) -> SandboxConfig:
     """The config of a sandbox like the snapshot's (checked against it at ``start``);
-    its NICs have no backend: a clone is network-isolated."""
+    its NICs get isolated taps: a clone is network-isolated."""
     disks = tuple(Path(d.file.path) for d in m.devices.disks if d.serial != ROOT_SERIAL)
     config = prepare(
         paths,
