@@ -6,9 +6,8 @@ root is a host directory on virtio-fs, whose device (vhost-user-fs) QEMU 7.2
 cannot migrate. The snapshot keeps the container's record, bundle config and
 runtime settings (``Manifest.extra``); a restore makes a new record from them —
 new id and name, no network (its NICs, if the original had any, lead nowhere) —
-and its monitor starts the VM from
-the snapshot and adopts the running container: from then on it is an ordinary
-container (ps, exec, logs, stop, rm).
+and its monitor starts the VM from the snapshot and adopts the running
+container: from then on it is an ordinary container (ps, exec, logs, stop, rm).
 """
 
 from __future__ import annotations
