@@ -241,7 +241,15 @@ class QemuVm:
     async def load_state(self, fd: int) -> None:
         from vmpod.hypervisor.qemu import migrate
 
-        await migrate.load(self._connected_qmp(), fd)
+        try:
+            await migrate.load(self._connected_qmp(), fd)
+        except HypervisorError as err:
+            await self._wait_exit(1.0)  # QEMU exits when a load fails: its log says why
+            if self.exit_status() is None:
+                raise
+            raise HypervisorError(
+                f"loading the VM state failed: {self.qemu_error()}", argv=self.argv
+            ) from err
 
     async def resume(self) -> None:
         from vmpod.hypervisor.qemu import migrate
