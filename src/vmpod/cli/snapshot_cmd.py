@@ -33,8 +33,9 @@ def snapshot(name: str, directory: Path, stop: bool) -> None:
 @click.option("--name", default="", help="Name of the new container.")
 @guarded
 def restore(directory: Path, name: str) -> None:
-    """Start a new container from snapshot DIRECTORY (no network: loopback only;
-    clock corrected, random pool reseeded); print its id."""
+    """Start a new container from snapshot DIRECTORY and print its id. It reaches
+    no network (its NICs, if any, lead nowhere); its clock is corrected and its
+    random pool reseeded."""
     from vmpod.containers import snapshots
 
     rec = snapshots.restore(Manager(default_paths()), directory, name)
