@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from vmpod.agent import protocol as p
 from vmpod.errors import AgentError, AgentTimeout, ProtocolError
@@ -67,6 +68,9 @@ class AgentClient:
         self._sinks: dict[int, ProcessSink] = {}
         self._next_id = 1
         self._hello: asyncio.Future[p.Hello] | None = None
+        # a reconnect (restored snapshot): frames the guest queued for its previous
+        # host, before this connection's hello, are dropped instead of refused
+        self._resync = False
         self._closed: BaseException | None = None
         self.hello: p.Hello | None = None
         # Called once with the error when the channel fails (a ProtocolError: the guest
@@ -74,13 +78,19 @@ class AgentClient:
         self.on_failure: Callable[[AgentError], None] | None = None
 
     async def connect(
-        self, channel: Path | tuple[int, int], timeout: float, check_alive: Callable[[], None]
+        self,
+        channel: Path | tuple[int, int],
+        timeout: float,
+        check_alive: Callable[[], None],
+        *,
+        resync: bool = False,
     ) -> p.Hello:
         """Connect and wait for the agent's hello. ``channel`` is the unix socket of a
         virtio-serial port, or ``(cid, port)`` for vsock. ``check_alive`` raises when
         the VM died, so a crashed boot fails at once instead of at the timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        self._resync = resync
         while True:
             check_alive()
             try:
@@ -96,6 +106,9 @@ class AgentClient:
         self._hello = loop.create_future()
         self._task = asyncio.create_task(self._read_loop())
         try:
+            if resync:
+                self.hello = await self._resync_agent(deadline, check_alive)
+                return self.hello
             while not self._hello.done():
                 check_alive()
                 remaining = deadline - loop.time()
@@ -107,6 +120,29 @@ class AgentClient:
             await self.close()
             raise
         return self.hello
+
+    async def _resync_agent(self, deadline: float, check_alive: Callable[[], None]) -> p.Hello:
+        """Sync with an agent that greeted a previous host (a restored snapshot): it
+        greets again only if it noticed that host go, so ping it until a ping
+        answers or a hello comes. Request ids start far from the previous host's."""
+        assert self._hello is not None
+        loop = asyncio.get_running_loop()
+        self._next_id = secrets.randbelow(1 << 30) + (1 << 30)
+        while not self._hello.done():
+            check_alive()
+            if loop.time() > deadline:
+                raise AgentTimeout("the restored guest agent did not answer")
+            ping = asyncio.ensure_future(self._typed(p.PingResult, "ping", timeout=1.0))
+            either: set[asyncio.Future[Any]] = {ping, self._hello}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not ping.done():
+                ping.cancel()
+            elif ping.exception() is None:
+                uptime = ping.result().uptime
+                return p.Hello(protocol=p.PROTOCOL_VERSION, agent_version="", kernel="", uptime=uptime)
+            elif not isinstance(ping.exception(), AgentTimeout):
+                raise ping.exception()  # type: ignore[misc]
+        return self._hello.result()
 
     async def request(
         self, op: str, args: dict[str, object] | None = None, timeout: float = 30.0
@@ -209,6 +245,12 @@ class AgentClient:
     async def dump_memory(self, args: p.DumpMemory) -> p.MemoryDumped:
         return await self._typed(p.MemoryDumped, "dump_memory", args, timeout=p.MEMORY_DUMP_TIMEOUT + 30)
 
+    async def reseed_random(self, args: p.ReseedRandom) -> None:
+        await self._typed(p.Empty, "reseed_random", args)
+
+    async def list_processes(self) -> p.ProcessList:
+        return await self._typed(p.ProcessList, "list_processes")
+
     async def mount_shared(self) -> p.SharedMounted:
         return await self._typed(p.SharedMounted, "mount_shared", None, timeout=30)
 
@@ -274,6 +316,8 @@ class AgentClient:
             )
 
     def _dispatch(self, kind: int, stream: int, payload: bytes) -> None:
+        if self._resync and kind in (p.STDOUT, p.STDERR, p.CREDIT) and stream not in self._sinks:
+            return  # meant for the previous host (see _resync)
         if kind in (p.STDOUT, p.STDERR):
             sink = self._sinks.get(stream)
             if sink is None:
@@ -306,6 +350,10 @@ class AgentClient:
             hello = p.decode(p.Hello, {k: v for k, v in obj.items() if k != "event"})
             if hello.protocol != p.PROTOCOL_VERSION:
                 raise p.ProtocolViolation(f"agent speaks protocol {hello.protocol}")
+            if self._resync and self._hello is not None:  # (see _resync_agent)
+                if not self._hello.done():
+                    self._hello.set_result(hello)
+                return
             if self._hello is None or self._hello.done():  # one per connection, first
                 raise p.ProtocolViolation("a second hello (did the guest agent restart?)")
             self._hello.set_result(hello)

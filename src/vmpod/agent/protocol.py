@@ -521,6 +521,32 @@ class NetworkConfigured(Message):
     names: tuple[str, ...]  # the guest's name for each interface, in order
 
 
+class ReseedRandom(Message):
+    """Mix host randomness into the guest's pool and force a reseed of its CRNG: a
+    restored snapshot (a clone) must not go on with its twin's random state."""
+
+    entropy: str  # hex, RESEED_BYTES bytes from the host's CSPRNG
+
+
+class ProcessInfo(Message):
+    """One process the agent relays (a container's init or an exec)."""
+
+    nested = True
+    stream: int
+    container_id: str
+    init: bool  # the container's init process (else an exec)
+    running: bool
+    status: int = -1  # its exit status once it ended (-1 while it runs)
+
+
+class ProcessList(Message):
+    """What the agent runs: how a host that reconnects (a restored snapshot) adopts it."""
+
+    processes: tuple[ProcessInfo, ...]
+
+
+RESEED_BYTES = 64
+
 MAX_NICS = 8
 MAX_ADDRESSES = 16  # per interface
 MAX_ROUTES = 64
@@ -556,4 +582,6 @@ OPS: dict[str, tuple[type[Message] | None, type[Message]]] = {
     "checkpoint": (CheckpointContainer, CommandResult),
     "restore": (RestoreContainer, ProcessStarted),
     "dump_memory": (DumpMemory, MemoryDumped),  # a process's memory, for forensics
+    "reseed_random": (ReseedRandom, Empty),  # after a snapshot restore
+    "list_processes": (None, ProcessList),  # after a host reconnect
 }

@@ -258,6 +258,12 @@ def cp(src: str, dst: str) -> None:
         )
     m = manager()
     with m.locked(sname or dname) as rec:
+        if rec.root_disk:
+            raise ContainerError(
+                f"container {rec.name} keeps its root and writes in its VM (--root-in-vm): "
+                "vmpod cp cannot reach them",
+                hint=f"use vmpod exec {rec.name} cat FILE > HOSTFILE",
+            )
         ov = m.overlay(rec)
         rootfs.mount(ov)  # after a reboot the overlay is mounted again
         if sname:

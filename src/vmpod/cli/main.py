@@ -99,6 +99,12 @@ def cli(verbose: int) -> None:
     help="Publish a container port on the host (bridge network).",
 )
 @click.option("--pod", default="", help="Run in this pod's VM (vmpod pod create), sharing its network.")
+@click.option(
+    "--root-in-vm",
+    is_flag=True,
+    help="With -d: root on the image's disk, writes kept in the VM (no volumes, no vmpod cp); "
+    "such containers can be saved with vmpod snapshot.",
+)
 @click.option("--log-max-size", default="10m", show_default=True, help="Size of one log file (-d/--name).")
 @click.option("--log-max-files", type=int, default=3, show_default=True, help="Log files kept (-d/--name).")
 def run(
@@ -131,6 +137,7 @@ def run(
     network: str,
     publish: tuple[str, ...],
     pod: str,
+    root_in_vm: bool,
     log_max_size: str,
     log_max_files: int,
 ) -> None:
@@ -184,6 +191,7 @@ def run(
             network=network,
             ports=ports,
             pod=pod,
+            root_in_vm=root_in_vm,
         )
         guard(lambda: _named_ok(named, tty, console, kernel_modules, load_modules))
         sys.exit(guard(lambda: run_named(named, detach=detach, interactive=interactive)))
@@ -289,6 +297,11 @@ images_cmd.register(cli)
 from vmpod.cli import lifecycle  # noqa: E402  (commands in their own modules)
 
 lifecycle.register(cli)
+
+
+from vmpod.cli import snapshot_cmd  # noqa: E402  (commands in their own modules)
+
+snapshot_cmd.register(cli)
 
 
 def main() -> None:

@@ -45,12 +45,23 @@ def make_container(m: Manager, req: RunRequest, progress: Progress = silent) -> 
         raise ConfigError("give either an IMAGE or --rootfs DIR, not both")
     if not req.rootfs and not req.image:
         raise ConfigError("no image given", hint="use vmpod run -d IMAGE [CMD...] or --rootfs DIR")
+    if req.root_in_vm and (req.volumes or req.pod):
+        raise ConfigError(
+            "--root-in-vm keeps the container's root and writes in its VM: it cannot have volumes "
+            "(-v) or join a pod, which need virtio-fs",
+            hint="drop -v/--pod or --root-in-vm",
+        )
     source = resolve_rootfs(req.rootfs) if req.rootfs else resolve_image(req.image, progress=progress)
     config = source.config
     if req.entrypoint is not None:  # docker: --entrypoint replaces ENTRYPOINT and drops CMD
         config = dataclasses.replace(config, entrypoint=(req.entrypoint,) if req.entrypoint else (), cmd=())
     spec = build_spec(config, req.process)
     tree = rootfs.image_tree(m.paths, source, progress)
+    root_disk = ""
+    if req.root_in_vm:
+        from vmpod.storage.erofs import rootfs_disk
+
+        root_disk = str(rootfs_disk(m.paths, source, progress))
     user = user_ids(tree, req.process.user or config.user)
     cid = new_id()
     rec = Record(
@@ -70,6 +81,7 @@ def make_container(m: Manager, req: RunRequest, progress: Progress = silent) -> 
         ports=req.ports,
         pod=req.pod,
         pod_infra=req.pod_infra,
+        root_disk=root_disk,
     )
     d = m.records.add(rec)
     try:
@@ -128,11 +140,18 @@ def _write_bundle(
 
 
 def start_container(
-    m: Manager, rec: Record, *, foreground: bool = False, interactive: bool = False, restore: str = ""
+    m: Manager,
+    rec: Record,
+    *,
+    foreground: bool = False,
+    interactive: bool = False,
+    restore: str = "",
+    snapshot: str = "",
 ) -> int:
     """Mount the rootfs, boot the VM (runtime ``create``), run the process
     (runtime ``start``; with ``restore``, restore it from that directory's CRIU
-    images); returns the monitor's pid (this process's child)."""
+    images); with ``snapshot`` the VM starts from that snapshot, its container
+    running. Returns the monitor's pid (this process's child)."""
     # (imported on use: the sandbox stack is heavy and only booting needs it)
     from vmpod.runtime.create import create
 
@@ -148,12 +167,24 @@ def start_container(
     try:
         with _stdin(interactive):
             log_opts = (str(d / "monitor.log"), "text", False)
-            create(m.store, rec.id, str(d / "bundle"), "", "", log_opts, cfg=cfg, output_log=sink)
+            create(
+                m.store,
+                rec.id,
+                str(d / "bundle"),
+                "",
+                "",
+                log_opts,
+                cfg=cfg,
+                output_log=sink,
+                root_disk=rec.root_disk,
+                snapshot=snapshot,
+            )
     except BaseException:
         net.detach(m.paths, rec.id)
         raise
     m.records.update(rec.id, started=now_rfc3339(), finished="", exit_code=None)
-    lifecycle.start(m.store, rec.id, restore)
+    if not snapshot:  # (a restored snapshot's container runs already)
+        lifecycle.start(m.store, rec.id, restore)
     return m.store.load(rec.id).pid
 
 

@@ -38,6 +38,8 @@ class RunRequest:
     ports: tuple[PortMapping, ...] = ()
     pod: str = ""  # join this pod's VM (`vmpod run --pod`)
     pod_infra: bool = False  # the pod's infra container (`vmpod pod create`)
+    # root on the image's erofs disk, writes in the VM, no virtio-fs: can be snapshotted
+    root_in_vm: bool = False
 
 
 def pod_infra_name(pod: str) -> str:

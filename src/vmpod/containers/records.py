@@ -69,6 +69,9 @@ class Record:
     ports: tuple[PortMapping, ...] = ()
     pod: str = ""  # the pod it belongs to (its name)
     pod_infra: bool = False  # the pod's first container: it holds the VM and the network
+    # --root-in-vm: its root is this erofs disk of the image and its writes live in
+    # the VM (gone when it stops; `vmpod cp` cannot reach them); no virtio-fs device
+    root_disk: str = ""
 
     @property
     def short_id(self) -> str:

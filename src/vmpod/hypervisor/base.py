@@ -7,7 +7,7 @@ import signal
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from vmpod.hypervisor.accel import AccelChoice
 
@@ -101,6 +101,8 @@ class VmConfig:
     shared_tag: str = "shared"
     # virtio-net NICs on tap fds the caller opened (and closes after launch).
     nics: tuple[Nic, ...] = ()
+    # Start paused, waiting for a saved state (``load_state``) instead of booting.
+    incoming: bool = False
 
     @property
     def channel_socket(self) -> Path:
@@ -149,6 +151,24 @@ class Hypervisor(Protocol):
     def shared_fs_failure(self) -> str | None:
         """Why the shared directory's file server is gone (None while it serves, or
         when the VM has no shared directory)."""
+        ...
+
+
+@runtime_checkable
+class SavesState(Protocol):
+    """A Hypervisor that can save and load a whole VM's state (sandbox snapshots)."""
+
+    async def save_state(self, fd: int) -> int:
+        """Pause the VM and write its whole state (RAM, devices) to ``fd``; it stays
+        paused until ``resume``. Returns the bytes of RAM written."""
+        ...
+
+    async def load_state(self, fd: int) -> None:
+        """Load a state ``save_state`` wrote into a VM launched with ``incoming``."""
+        ...
+
+    async def resume(self) -> None:
+        """Run a paused VM."""
         ...
 
 

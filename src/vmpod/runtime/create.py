@@ -45,10 +45,15 @@ def create(
     *,
     cfg: RuntimeConfig | None = None,
     output_log: LogSink | None = None,
+    root_disk: str = "",
+    snapshot: str = "",
 ) -> None:
     """runc's create. ``cfg``: the runtime's configuration (default: its config
     file); ``output_log``: the container's stdout/stderr go to that rotating log
-    instead of the stdio ``create`` was given (`vmpod run -d`)."""
+    instead of the stdio ``create`` was given (`vmpod run -d`); ``root_disk``: the
+    container's root is that erofs disk, not the bundle's directory over virtio-fs
+    (`--root-in-vm`); ``snapshot``: the VM starts from that snapshot directory,
+    the container already running in it (`vmpod restore`)."""
     check_id(cid)
     if (store.dir(cid) / "state.json").exists():
         raise RuntimeCliError("container with given ID already exists")
@@ -73,6 +78,11 @@ def create(
         )
         return
     paths = default_paths()
+    if root_disk and plan.volumes:
+        raise RuntimeCliError(
+            "a container with its root in the VM (--root-in-vm) cannot have volumes: they need "
+            "virtio-fs (drop -v or --root-in-vm)"
+        )
     # resolved before anything is made: an unknown kernel or module fails `create` itself
     sandbox = prepare(
         paths,
@@ -83,10 +93,15 @@ def create(
             memory_mb=plan.memory_mb,
             boot_timeout=cfg.boot_timeout,
             kernel_modules=plan.kernel_modules,
-            shared_fs=True,
+            shared_fs=not root_disk,
             netns=plan.netns,
+            rootfs=(Path(root_disk),) if root_disk else (),
         ),
     )
+    if snapshot:
+        from vmpod.sandbox import snapshot as snap
+
+        sandbox = snap.restore_sandbox_config(paths, snap.load_manifest(Path(snapshot), verify=False))
     args = MonitorArgs(
         store_root=str(store.root),
         cid=cid,
@@ -101,6 +116,8 @@ def create(
         log_format=log_opts[1],
         debug=log_opts[2],
         host_cgroup=host_cgroup,
+        root_disk=root_disk,
+        snapshot=snapshot,
     )
     _launch(
         store,

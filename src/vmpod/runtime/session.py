@@ -71,6 +71,10 @@ class MonitorArgs:
     debug: bool = False
     output_log: LogSink | None = None  # the container's stdout/stderr go to this file
     host_cgroup: HostCgroup | None = None  # the VM's cgroup on the host (the first container's)
+    # `vmpod run -d --root-in-vm`: the container's root is this erofs disk, its writes
+    # stay in the VM, and the VM has no virtio-fs device (so it can be snapshotted)
+    root_disk: str = ""
+    snapshot: str = ""  # `vmpod restore`: start the VM from this snapshot directory
 
 
 class Session:
@@ -159,6 +163,9 @@ class Session:
         )
         self.sandbox = sandbox
         t0 = time.monotonic()
+        if a.snapshot:
+            await self._restore_in(sandbox)
+            return
         try:
             await sandbox.start()
         except AgentTimeout as err:
@@ -191,7 +198,7 @@ class Session:
             ContainerSpec(
                 id=a.cid,
                 oci=plan.spec,
-                rootfs=plan.rootfs,
+                rootfs=Path(a.root_disk) if a.root_disk else plan.rootfs,
                 runtime=a.guest_runtime,
                 volumes=plan.volumes,
                 join_namespaces=tuple((ns, self.pod_id) for ns in plan.shared_namespaces if self.pod_id),
@@ -203,6 +210,33 @@ class Session:
                 ipc.send_console(a.console_socket, master)
             finally:
                 os.close(master)
+        self._serve_control()
+
+    async def _restore_in(self, sandbox: Sandbox) -> None:
+        """`vmpod restore`: the VM comes back from a snapshot with the container
+        running in it (see sandbox/snapshot.py); it is adopted, not created."""
+        from vmpod.sandbox import snapshot as snap
+
+        src = Path(self.a.snapshot)
+        m = snap.load_manifest(src, verify=False)  # (start checks the state it loads)
+        running = await snap.start(sandbox, src, m)
+        if len(m.containers) != 1:
+            raise RuntimeCliError(f"snapshot {src} holds {len(m.containers)} containers: restore needs one")
+        saved = m.containers[0]
+        info = next((i for i in running.processes if i.init and i.container_id == saved.id), None)
+        if info is None:
+            raise RuntimeCliError(f"the restored VM runs no container {saved.id}")
+        output = self._output(Output(lambda _b: None, lambda _b: None))
+        self.container = container = sandbox.adopt(saved.spec(), info, output)
+        self._serve_control()
+        self.announced = True
+        if container.init is None:
+            self.finish(container.exit.status if container.exit else 128 + signal.SIGKILL)
+        else:
+            self.spawn(self._watch_init(container.init, output.stderr))
+        self.persist()
+
+    def _serve_control(self) -> None:
         self.server = server = ControlServer(
             ipc.listen_unix(self.state_dir / "monitor.sock"),
             {
@@ -214,6 +248,7 @@ class Session:
                 "checkpoint": self._op_checkpoint,
                 "guest_facts": self._op_guest_facts,
                 "dump_memory": self._op_dump_memory,
+                "snapshot": self._op_snapshot,
             },
             self._op_exec,
         )
@@ -430,6 +465,11 @@ class Session:
             raise RuntimeCliError(f"checkpoint: invalid flags {flags!r}")
         require("checkpoint", self.status)
         assert self.container is not None
+        if self.a.root_disk or self.a.snapshot:
+            raise RuntimeCliError(
+                "checkpoint: the container runs with its root in the VM (--root-in-vm): there is no "
+                "shared directory for CRIU's images; use vmpod snapshot, or run it without --root-in-vm"
+            )
         try:
             await self.container.checkpoint(Path(where), **{k: bool(v) for k, v in flags.items()})
         finally:
@@ -453,6 +493,25 @@ class Session:
             "bytes": got.bytes,
             "unreadable": list(got.unreadable),
         }
+
+    async def _op_snapshot(self, msg: Msg) -> Msg:
+        """The VM's whole state into the new directory ``dir`` (`vmpod snapshot`);
+        the container runs on, or with ``stop`` ends with its VM."""
+        from vmpod.sandbox import snapshot as snap
+
+        where, stop, extra = msg.get("dir"), msg.get("stop"), msg.get("extra") or {}
+        if not isinstance(where, str) or not os.path.isabs(where) or not isinstance(extra, dict):
+            raise RuntimeCliError(f"snapshot: invalid request for {where!r}")
+        require("checkpoint", self.status)
+        if self.pod is not None or self.members or self.sandbox is None:
+            raise RuntimeCliError("snapshot: containers of a pod cannot be snapshotted yet")
+        try:
+            m = await snap.save(self.sandbox, Path(where), stop=bool(stop), extra=extra)
+        except VmpodError as err:
+            raise RuntimeCliError(err.message, hint=err.hint) from err
+        if stop:
+            asyncio.get_running_loop().call_soon(self.finish, 128 + signal.SIGKILL)
+        return {"ram_bytes": m.ram_bytes, "state_size": m.state_size}
 
     async def _op_guest_facts(self, msg: Msg) -> Msg:
         """The guest's kernel and runc, and whether CRIU works there (first line: its version)."""

@@ -44,6 +44,9 @@ class SandboxConfig:
     # each of its interfaces is mirrored to a tap and becomes a NIC of the VM with
     # the same MAC, MTU, addresses and routes. "": the VM has loopback only.
     netns: str = ""
+    # (MAC, MTU) of NICs with no backend, after the wired ones: a restored
+    # snapshot's (the device its state expects; frames go nowhere)
+    isolated_nics: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

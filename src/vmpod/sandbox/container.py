@@ -107,6 +107,21 @@ class Container:
         self.init.add_done_callback(self._init_ended)
         return self.init
 
+    def adopt(self, stream: int, output: Output, ended: int | None = None) -> None:
+        """This container already runs in a restored VM, its init on ``stream``
+        (``ended``: the status it ended with while no host was connected)."""
+        self._sm.require("adopt the container", ContainerState.NEW)
+        self._sm.to(ContainerState.CREATED)
+        if ended is not None:
+            self._exit = Exit(ended)
+            self._sm.to(ContainerState.STOPPED)
+            return
+        sink = ProcessSink(on_stdout=output.stdout, on_stderr=output.stderr)
+        self._agent.attach(stream, sink)
+        self.init = Process(self._agent, stream, sink, self._explain)
+        self._sm.to(ContainerState.RUNNING)
+        self.init.add_done_callback(self._init_ended)
+
     def _init_ended(self) -> None:
         if self.init is not None:
             self._exit = self._exit or self.init.result()

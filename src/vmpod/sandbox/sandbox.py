@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
+import os
 import secrets
 import signal
 import threading
@@ -26,7 +28,7 @@ from vmpod.errors import AgentError, AgentTimeout, HypervisorError, ProtocolErro
 from vmpod.guest.initramfs import with_modules
 from vmpod.guest.modules import ModuleLoad, read_module
 from vmpod.hypervisor import create_vm
-from vmpod.hypervisor.base import Disk, Hypervisor, Nic, VmConfig, describe_exit
+from vmpod.hypervisor.base import Disk, Hypervisor, Nic, SavesState, VmConfig, describe_exit
 from vmpod.paths import Paths
 from vmpod.sandbox.boot import StateDir, agent_channel, console_line, kernel_cmdline
 from vmpod.sandbox.config import (
@@ -38,6 +40,7 @@ from vmpod.sandbox.config import (
     Volume,
 )
 from vmpod.sandbox.container import Container
+from vmpod.sandbox.process import Output
 from vmpod.sandbox.share import Share, SharedDir
 from vmpod.states import StateMachine
 
@@ -71,6 +74,8 @@ class Sandbox:
         self._watch: asyncio.Task[None] | None = None
         self.shared_failure: str | None = None  # why the shared file system is gone
         self._net: WiredNetwork | None = None  # the pod namespace's taps, mirrored
+        self._launched: VmConfig | None = None  # what the VM was started with
+        self._isolated: list[int] = []  # taps of isolated_nics, until QEMU has them
 
     @property
     def state(self) -> SandboxState:
@@ -107,6 +112,7 @@ class Sandbox:
             for skipped in self._net.plan.skipped:
                 log.warning("network: %s not wired into the VM: %s", skipped.name, skipped.reason)
         vm_config = self._vm_config()
+        self._launched = vm_config
         self._vm = create_vm(self.config.hypervisor, vm_config)
         try:
             await self._vm.launch()
@@ -145,14 +151,20 @@ class Sandbox:
             channel=channel,
             shared_dir=self._shared.root if self._shared else None,
             shared_tag=p.SHARED_FS_TAG,
-            nics=tuple(Nic(w.fd, w.mac, w.mtu) for w in (self._net.interfaces if self._net else ())),
+            nics=(
+                *(Nic(w.fd, w.mac, w.mtu) for w in (self._net.interfaces if self._net else ())),
+                *(
+                    Nic(fd, mac, mtu)
+                    for (mac, mtu), fd in zip(self.config.isolated_nics, self._isolated, strict=True)
+                ),
+            ),
         )
 
-    async def _connect(self, vm_config: VmConfig) -> None:
+    async def _connect(self, vm_config: VmConfig, resync: bool = False) -> None:
         ch, timeout = vm_config.channel, self.config.boot_timeout
         target = vm_config.channel_socket if ch.kind == "serial" else (ch.vsock_cid, p.VSOCK_PORT)
         try:
-            hello = await self._agent.connect(target, timeout, self._check_alive)
+            hello = await self._agent.connect(target, timeout, self._check_alive, resync=resync)
         except AgentTimeout as err:
             a = self.config.assets
             raise AgentTimeout(
@@ -251,6 +263,94 @@ class Sandbox:
     def alive(self) -> bool:
         """The VM process still runs."""
         return self._vm is not None and self._vm.exit_status() is None
+
+    # -- snapshots (sandbox/snapshot.py) -------------------------------------------
+    @property
+    def vm_config(self) -> VmConfig | None:
+        """What the VM was launched with (its device configuration)."""
+        return self._launched
+
+    def snapshot_refusal(self) -> str | None:
+        """Why this sandbox's VM state cannot be saved (None: it can)."""
+        if self.config.shared_fs:
+            return (
+                f"sandbox {self.id} has a virtio-fs device (vhost-user-fs-device, tag "
+                f"{p.SHARED_FS_TAG}), which QEMU 7.2 cannot save: run the container with "
+                "--root-in-vm (its root on an erofs disk, its writes in the VM) to snapshot it"
+            )
+        if self._launched is not None and self._launched.channel.kind != "serial":
+            return f"sandbox {self.id} talks to its agent over vsock: snapshots need virtio-serial"
+        return None
+
+    async def save_state(self, fd: int) -> int:
+        """Pause the VM and write its whole state to ``fd``; it stays paused
+        (``resume_vm``, or ``stop``). Returns the bytes of RAM written."""
+        self._sm.require("snapshot the sandbox", _S.RUNNING)
+        why = self.snapshot_refusal()
+        if why is not None:
+            raise SandboxError(why)
+        return await self._saver().save_state(fd)
+
+    async def resume_vm(self) -> None:
+        self._sm.require("resume the sandbox", _S.RUNNING)
+        await self._saver().resume()
+
+    def _saver(self) -> SavesState:
+        if not isinstance(self._vm, SavesState):
+            raise SandboxError(f"hypervisor {self.config.hypervisor} cannot save or load VM state")
+        return self._vm
+
+    async def start_restored(
+        self, fd: int, cmdline: str, check: Callable[[VmConfig], None] = lambda _vm: None
+    ) -> p.ProcessList:
+        """Start the VM from the state in ``fd`` (saved by ``save_state`` from a
+        sandbox of the same config, booted with ``cmdline``), reconnect to its agent,
+        set its clock and reseed its random pool. Returns what the agent runs: adopt
+        the containers with ``adopt``. ``check`` may refuse the VM's config first."""
+        self._sm.to(_S.STARTING)
+        if self.config.shared_fs or self.config.netns:
+            raise SandboxError("a restored sandbox has no shared directory and no network")
+        self._dir.make()
+        try:
+            self._isolated = [isolated_tap(i) for i in range(len(self.config.isolated_nics))]
+            vm_config = dataclasses.replace(self._vm_config(), cmdline=cmdline, incoming=True)
+            check(vm_config)
+            self._launched = vm_config
+            self._vm = create_vm(self.config.hypervisor, vm_config)
+            await self._vm.launch()
+        finally:
+            for tap in self._isolated:  # QEMU holds its own copies: the taps live as long as it
+                os.close(tap)
+            self._isolated = []
+        await self._saver().load_state(fd)
+        await self._saver().resume()
+        await self._connect(vm_config, resync=True)
+        self._agent.on_failure = self._on_agent_failure
+        await self._agent.set_clock(p.SetClock(epoch_ns=time.time_ns()))
+        await self._reseed_random()
+        running = await self._agent.list_processes()
+        self._next_stream = max((i.stream for i in running.processes), default=0) + 1
+        self._sm.to(_S.RUNNING)
+        return running
+
+    async def reseed_random(self) -> None:
+        """Mix host randomness into the guest's pool and reseed its CRNG now."""
+        self._sm.require("reseed the guest's random pool", _S.RUNNING)
+        await self._reseed_random()
+
+    async def _reseed_random(self) -> None:
+        await self._agent.reseed_random(p.ReseedRandom(entropy=secrets.token_hex(p.RESEED_BYTES)))
+
+    def adopt(self, spec: ContainerSpec, info: p.ProcessInfo, output: Output) -> Container:
+        """The container ``spec`` whose init ``info`` describes, already running (or
+        ended) in a restored VM; its output from now on goes to ``output``."""
+        self._sm.require("adopt a container", _S.RUNNING)
+        if spec.id in self.containers or spec.id != info.container_id or not info.init:
+            raise SandboxError(f"cannot adopt container {spec.id} in sandbox {self.id}")
+        container = Container(self, self._agent, spec, spec.oci, self._rootfs(spec), self.failure)
+        container.adopt(info.stream, output, None if info.running else info.status)
+        self.containers[spec.id] = container
+        return container
 
     # -- containers -------------------------------------------------------------
     async def create_container(self, spec: ContainerSpec) -> Container:
@@ -425,6 +525,16 @@ def guest_network(net: WiredNetwork) -> p.ConfigureNetwork:
             for r in w.routes
         ),
     )
+
+
+def isolated_tap(n: int) -> int:
+    """A tap (with virtio-net headers, as the saved NIC had) alone in a new network
+    namespace, down: what the guest sends there goes nowhere, nothing comes back.
+    The namespace vanishes with the tap, when QEMU closes it."""
+    from vmpod.network.netns import run_in_netns  # (pyroute2: only when used)
+    from vmpod.network.tap import open_tap, tap_name
+
+    return run_in_netns(None, lambda: open_tap(tap_name(n)))
 
 
 def _off_loop(fn: Callable[[], None], what: str) -> None:

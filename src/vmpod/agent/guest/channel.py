@@ -37,6 +37,11 @@ class Channel:
         self.out = bytearray()
         self.reader = p.FrameReader()
         self.paused_until = 0.0
+        # A port's host went away (EOF): output queued for it is dropped (a frame
+        # half-written to the old host would garble the next) and a fresh hello
+        # greets whoever connects next: a restored snapshot's new host.
+        self.host_away = False
+        self.rehello = False
 
     def send(self, frame: bytes) -> None:
         self.out += frame
@@ -85,7 +90,11 @@ class Channel:
             else:
                 self.paused_until = time.monotonic() + _EOF_RETRY
                 self.reader = p.FrameReader()
+                if not self.host_away:
+                    self.host_away = self.rehello = True
+                    self.out.clear()
             return []
+        self.host_away = False
         try:
             return self.reader.feed(data)
         except p.ProtocolViolation as err:

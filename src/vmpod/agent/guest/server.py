@@ -90,6 +90,9 @@ class Agent:
                 elif kind == p.STDIN:
                     self.procs.on_stdin(stream, payload)
                 # anything else the host sends is not for the guest: ignored
+            if self.chan.rehello:  # the host went away: greet the next one
+                self.chan.rehello = False
+                self._hello()
 
     def _update_interest(self) -> None:
         if self.chan.fd >= 0:

@@ -253,6 +253,8 @@ def build_argv(
     argv = [binary]
     for dev in devices:
         argv += dev.args()
+    if cfg.incoming:  # paused, its state comes over QMP (migrate.py)
+        argv += ["-S", "-incoming", "defer"]
     return argv
 
 

@@ -233,6 +233,35 @@ class QemuVm:
             raise HypervisorError("QMP is not connected")
         return await self._qmp.execute(cmd, args or None)
 
+    async def save_state(self, fd: int) -> int:
+        from vmpod.hypervisor.qemu import migrate
+
+        return await migrate.save(self._connected_qmp(), fd)
+
+    async def load_state(self, fd: int) -> None:
+        from vmpod.hypervisor.qemu import migrate
+
+        try:
+            await migrate.load(self._connected_qmp(), fd)
+        except HypervisorError as err:
+            await self._wait_exit(1.0)  # QEMU exits when a load fails: its log says why
+            if self.exit_status() is None:
+                raise
+            raise HypervisorError(
+                f"loading the VM state failed: {self.qemu_error()}", argv=self.argv
+            ) from err
+
+    async def resume(self) -> None:
+        from vmpod.hypervisor.qemu import migrate
+
+        await migrate.resume(self._connected_qmp())
+
+    def _connected_qmp(self) -> QMPClient:
+        self._sm.require("send a QMP command", VmState.RUNNING)
+        if self._qmp is None:
+            raise HypervisorError("QMP is not connected")
+        return self._qmp
+
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Ask QEMU to quit over QMP, wait, then SIGKILL by pid; always cleans up.
 
