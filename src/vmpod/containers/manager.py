@@ -201,7 +201,11 @@ class Manager:
                 "started": rec.started,
                 "finished": v.finished,
             },
-            "rootfs": {"lower": rec.lower, **{k: str(p) for k, p in _layers(self.overlay(rec)).items()}},
+            "rootfs": (
+                {"disk": rec.root_disk, "writes": "in the VM (--root-in-vm)"}
+                if rec.root_disk
+                else {"lower": rec.lower, **{k: str(p) for k, p in _layers(self.overlay(rec)).items()}}
+            ),
             "mounts": [
                 {"source": m.source, "destination": m.destination, "mode": "ro" if m.readonly else "rw"}
                 for m in rec.mounts

@@ -94,6 +94,12 @@ def capture(paths: Paths, req: CaptureRequest) -> Captured:
     m = Manager(paths)
     with m.locked(req.ref) as rec:
         v = m.view(rec)
+        if rec.root_disk:
+            raise ForensicsError(
+                f"container {rec.name} keeps its root and its writes in its VM (--root-in-vm): "
+                "capture cannot read them",
+                hint=f"save its whole VM with vmpod snapshot {rec.name} DIR",
+            )
         if v.state not in (RUNNING_S, PAUSED_S):
             raise ForensicsError(
                 f"container {rec.name} is {v.state}: only a running container can be captured"

@@ -147,10 +147,15 @@ def entries(paths: Paths) -> list[Entry]:
 
 
 def referenced(paths: Paths) -> set[str]:
-    """Image trees named by a container record (running or stopped)."""
+    """Image trees and disks named by a container record (running or stopped)."""
     from vmpod.containers.records import Records  # (storage sits below containers)
 
-    return {os.path.realpath(rec.lower) for rec in Records(paths.home / "containers").all()}
+    return {
+        os.path.realpath(path)
+        for rec in Records(paths.home / "containers").all()
+        for path in (rec.lower, rec.root_disk)
+        if path
+    }
 
 
 def remove_unused(entry: Path, keep: Callable[[], set[str]]) -> bool:

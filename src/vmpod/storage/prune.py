@@ -68,7 +68,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Users:
-    """What containers use: image digests and (real) tree paths."""
+    """What containers use: image digests and (real) paths of trees and disks."""
 
     digests: frozenset[str]
     trees: frozenset[str]
@@ -76,9 +76,7 @@ class Users:
     @classmethod
     def of(cls, paths: Paths) -> Users:
         records = Records(paths.home / "containers").all()
-        return cls(
-            frozenset(r.image_digest for r in records), frozenset(os.path.realpath(r.lower) for r in records)
-        )
+        return cls(frozenset(r.image_digest for r in records), frozenset(cache.referenced(paths)))
 
 
 def _unused_images(store: ImageStore, users: Users) -> list[StoredImage]:
