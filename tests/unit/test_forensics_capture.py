@@ -23,7 +23,12 @@ class FakeManager:
     def __init__(self, root: Path, runtime: str = "runc") -> None:
         self.root = root
         self.rec = SimpleNamespace(
-            id="c" * 64, name="suspect", image="/rootfs", image_digest="sha256:x", to_json=self._json
+            id="c" * 64,
+            name="suspect",
+            image="/rootfs",
+            image_digest="sha256:x",
+            root_disk="",
+            to_json=self._json,
         )
         (root / "rec" / "bundle").mkdir(parents=True)
         (root / "rec" / "bundle" / "config.json").write_text('{"ociVersion": "1.0.2"}')
