@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, TypeGuard
 
-from vmpod.errors import ForensicsError, ImageError
+from vmpod.errors import ConfigError, ForensicsError, ImageError
 from vmpod.images.stream import LayerBlob, LayerReader
 
 CHECKPOINT_DIR = "checkpoint"
@@ -184,6 +184,17 @@ def member_name(info: tarfile.TarInfo) -> str:
     if not name or name.startswith("/") or ".." in parts or "\0" in name:
         raise ForensicsError(f"archive member {name!r} is not a plain relative path")
     return PurePosixPath(*parts).as_posix() if parts else "."
+
+
+def new_output(path: Path) -> Path:
+    """``path`` made absolute, once sure it names a new file in an existing directory
+    (an archive or dump is never written over anything)."""
+    out = path.absolute()
+    if out.exists() or out.is_symlink():
+        raise ConfigError(f"{out} exists", hint="name a new file with -o")
+    if not out.parent.is_dir():
+        raise ConfigError(f"{out.parent} is not a directory", hint="name a file in an existing directory")
+    return out
 
 
 def plain_tar(archive: Path, scratch: Path, max_bytes: int) -> Path:

@@ -30,7 +30,7 @@ from pathlib import Path
 from vmpod import __version__, mounts
 from vmpod.agent.protocol import CHECKPOINT_TIMEOUT
 from vmpod.containers.manager import PAUSED_S, RUNNING_S, Manager
-from vmpod.errors import ConfigError, ForensicsError, VmpodError
+from vmpod.errors import ForensicsError, VmpodError
 from vmpod.forensics import archive as a
 from vmpod.forensics.rootfsdiff import write_diff
 from vmpod.fsutil import owned_tmpdir
@@ -77,11 +77,7 @@ class Captured:
 
 
 def capture(paths: Paths, req: CaptureRequest) -> Captured:
-    out = req.output.absolute()
-    if out.exists() or out.is_symlink():
-        raise ConfigError(f"{out} exists", hint="name a new archive file with -o")
-    if not out.parent.is_dir():
-        raise ConfigError(f"{out.parent} is not a directory", hint="name an archive in an existing directory")
+    a.new_output(req.output)  # checked before anything is paused
     if req.tcp_established:
         # CRIU locks the connections with iptables while it dumps them
         raise ForensicsError(

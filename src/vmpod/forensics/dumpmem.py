@@ -31,7 +31,7 @@ from pathlib import Path
 from vmpod.agent.protocol import MEMORY_DUMP_TIMEOUT
 from vmpod.containers.manager import PAUSED_S, RUNNING_S, Manager
 from vmpod.errors import ConfigError, ForensicsError, VmpodError
-from vmpod.forensics.archive import check_tree
+from vmpod.forensics.archive import check_tree, new_output
 from vmpod.fsutil import owned_tmpdir
 from vmpod.paths import Paths
 from vmpod.runtime import ipc
@@ -64,11 +64,7 @@ class Dumped:
 
 
 def dump_memory(paths: Paths, req: DumpRequest) -> Dumped:
-    out = req.output.absolute()
-    if out.exists() or out.is_symlink():
-        raise ConfigError(f"{out} exists", hint="name a new file with -o")
-    if not out.parent.is_dir():
-        raise ConfigError(f"{out.parent} is not a directory", hint="name a file in an existing directory")
+    out = new_output(req.output)
     if req.pid <= 0:
         raise ConfigError(f"invalid pid {req.pid}", hint="give a pid that `vmpod exec NAME ps` shows")
     t0 = time.monotonic()

@@ -103,13 +103,9 @@ class HostCaptureRequest:
 
 def capture_host(paths: Paths, req: HostCaptureRequest) -> Captured:
     """Checkpoint a host container with the host's CRIU into an evidence archive."""
-    out = req.output.absolute()
     if req.engine not in ENGINES:
         raise ConfigError(f"unknown engine {req.engine!r}")
-    if out.exists() or out.is_symlink():
-        raise ConfigError(f"{out} exists", hint="name a new archive file with -o")
-    if not out.parent.is_dir():
-        raise ConfigError(f"{out.parent} is not a directory", hint="name an archive in an existing directory")
+    out = a.new_output(req.output)
     criu = host_criu()
     if not criu.ok:
         raise ForensicsError(
