@@ -35,7 +35,6 @@ def test_podman_probes() -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ["--tcp-established"],
         ["--ext-unix-sk"],
         ["--shell-job"],
         ["--lazy-pages"],
@@ -160,7 +159,7 @@ def test_checkpoint_moves_images_and_copies_the_log(
     (images / "pages-1.img").write_bytes(b"stale")  # a previous checkpoint's
     cp.checkpoint(running, "c1", cp.CheckpointOptions(images, work, leave_running=True))
     assert seen[0]["op"] == "checkpoint"
-    assert seen[0]["flags"] == {"leave_running": True, "file_locks": False}
+    assert seen[0]["flags"] == {"leave_running": True, "file_locks": False, "tcp_established": False}
     assert {p.name: p.read_bytes() for p in images.iterdir()} == {
         "inventory.img": b"inv",
         "pages-1.img": b"p",

@@ -14,7 +14,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from tests.vm.conftest import VMPOD, VmFactory, qemu_pids
+from tests.vm.conftest import VMPOD, VmFactory, VmpodRunner, qemu_pids
 from tests.vm.test_forensics import COUNTER, _counts, _status, _wait
 from vmpod.guest.kernel import DEFAULT_KERNEL, ensure_kernel
 
@@ -140,3 +140,42 @@ def test_vm_killed_mid_dump_leaves_nothing(vm_factory: VmFactory, busybox: Path,
     while qemu_pids(str(vmpod.paths.run)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert qemu_pids(str(vmpod.paths.run)) == []
+
+
+# a client streaming to a server over loopback: an established TCP connection
+TALKER = (
+    "sleep 100000 | nc -l -p 9000 > /dev/null & sleep 1; "
+    "(while true; do echo x; sleep 0.5; done) | nc 127.0.0.1 9000 & "
+    "i=0; while true; do i=$((i+1)); echo n=$i; sleep 0.3; done"
+)
+
+
+def _established(vmpod: VmpodRunner, name: str) -> int:
+    r = vmpod("exec", name, "netstat", "-tn")
+    assert r.returncode == 0, r.err
+    return r.out.count("ESTABLISHED")
+
+
+def test_established_tcp_is_captured_and_restored_closed(
+    vm_factory: VmFactory, busybox: Path, tmp_path: Path
+) -> None:
+    vmpod = vm_factory()
+    r = vmpod.run("-d", "--name", "talker", "--rootfs", str(busybox), "--", "sh", "-c", TALKER)
+    assert r.returncode == 0, r.err
+    _wait(lambda: _established(vmpod, "talker") == 2)  # both ends, in the container
+    refused = tmp_path / "refused.tar"
+    r = vmpod("forensics", "capture", "talker", "-o", str(refused), timeout=900)
+    assert r.returncode != 0 and "consider using --tcp-established" in r.err and not refused.exists()
+    archive = tmp_path / "evidence.tar"
+    r = vmpod("forensics", "capture", "talker", "--tcp-established", "-o", str(archive), timeout=900)
+    assert r.returncode == 0, r.err
+    # CRIU's network lock (iptables in the VM) is lifted: the original talks on
+    assert _established(vmpod, "talker") == 2
+    r = vmpod("forensics", "restore", str(archive), "--name", "clone", timeout=900)
+    assert r.returncode == 0 and "restored closed" in r.err, r.err
+    captured = max(_counts(vmpod, "talker"))
+    _wait(lambda: len(_counts(vmpod, "clone")) >= 2)
+    assert 1 < _counts(vmpod, "clone")[0] <= captured + 1  # the count went on in the clone
+    assert _established(vmpod, "clone") == 0
+    for name in ("clone", "talker"):
+        assert vmpod("rm", "-f", name).returncode == 0

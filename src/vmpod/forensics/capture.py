@@ -78,12 +78,6 @@ class Captured:
 
 def capture(paths: Paths, req: CaptureRequest) -> Captured:
     a.new_output(req.output)  # checked before anything is paused
-    if req.tcp_established:
-        # CRIU locks the connections with iptables while it dumps them
-        raise ForensicsError(
-            "--tcp-established needs iptables in the guest root, which vmpod's guest does not ship yet",
-            hint="capture without it: CRIU then refuses a container with established TCP connections",
-        )
     if req.runtime_root is not None:
         with _runtime_target(req.runtime_root, req.ref) as target:
             return _capture(paths, req, target, None)

@@ -29,6 +29,8 @@ CRIU_MODULES = (
     "af_packet_diag",
     "netlink_diag",
     "nf_tables",
+    "nft_compat",  # iptables-nft's matches without a native nftables form (CRIU's lock)
+    "xt_mark",
 )
 
 

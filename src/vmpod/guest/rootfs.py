@@ -29,7 +29,13 @@ PACKAGES = (
     "criu",
     "tar",
     "gzip",
+    "iptables",
 )
+# CRIU locks established TCP connections with iptables-restore while it dumps them
+# (--tcp-established); extract runs no maintainer script, so the alternatives
+# update-alternatives would make are made here: the nftables backend (nf_tables
+# is among the modules the agent loads for CRIU).
+IPTABLES_ALTERNATIVES = tuple(f"{v}tables{s}" for v in ("ip", "ip6") for s in ("", "-restore", "-save"))
 TREE_FORMAT = "2"
 AGENT_ROOT = "opt/vmpod"  # on sys.path in the guest
 _ENTRY = b"import sys\nsys.path.insert(0, '/opt/vmpod')\nfrom vmpod.agent.guest.main import main\nmain()\n"
@@ -85,6 +91,11 @@ def ensure_tree(paths: Paths, progress: Progress) -> Path:
         # GNU tar runs its compressor (CRIU's tmpfs dumps) through /bin/sh
         if not (tree / "bin/sh").exists():
             (tree / "bin/sh").symlink_to("busybox")
+        for name in IPTABLES_ALTERNATIVES:
+            link = tree / "usr/sbin" / name
+            if not link.exists():
+                link.unlink(missing_ok=True)
+                link.symlink_to("xtables-nft-multi")
         # extract runs no maintainer scripts and the root is read-only at run
         # time, so compile bytecode now (unchecked: sources never change there).
         progress("compiling Python bytecode for the guest")

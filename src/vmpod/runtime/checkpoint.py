@@ -46,7 +46,7 @@ RESTORE_FILES = ("restore.log", "stats-restore")
 CGROUP_MODES = ("", "soft")  # what the guest's runc gets (its default)
 # what the guest's CRIU cannot do here, and why (the refusal's second half)
 _WHY = {
-    "--tcp-established": "CRIU's network lock needs iptables, which vmpod's guest does not ship",
+    "--tcp-established": "a restore brings connected TCP sockets back closed (CRIU tcp-close)",
     "--ext-unix-sk": "a unix socket's peer outside the container is outside the VM",
     "--shell-job": "the container's terminal is relayed by its monitor, not inherited",
     "--lazy-pages": "lazy migration needs a page server the host cannot reach in the VM",
@@ -67,6 +67,7 @@ class CheckpointOptions:
     work_path: Path
     leave_running: bool = False
     file_locks: bool = False
+    tcp_established: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,11 @@ def checkpoint(store: Store, cid: str, opts: CheckpointOptions) -> None:
         with owned_tmpdir(paths.tmp, "checkpoint-") as tmp:
             stage = tmp / "criu"  # what the VM sees: nothing else of tmp
             stage.mkdir(mode=0o700)
-            flags = {"leave_running": opts.leave_running, "file_locks": opts.file_locks}
+            flags = {
+                "leave_running": opts.leave_running,
+                "file_locks": opts.file_locks,
+                "tcp_established": opts.tcp_established,
+            }
             try:
                 ipc.request(
                     lifecycle.sock_path(store, cid),

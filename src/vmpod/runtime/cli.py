@@ -387,7 +387,6 @@ def spec(bundle: str, rootless: bool) -> None:
 
 # flags the guest's CRIU cannot honour here (runtime/checkpoint.py says why)
 _UNSUPPORTED_CHECKPOINT = (
-    "tcp_established",
     "ext_unix_sk",
     "shell_job",
     "lazy_pages",
@@ -425,7 +424,7 @@ def _criu_flag(name: str, help_: str) -> Callable[[F], F]:
 @click.option("--parent-path", default="", help="Not supported (incremental dumps).")
 @_criu_flag("--leave-running", "Keep the container running after the dump.")
 @_criu_flag("--file-locks", "Dump file locks.")
-@_criu_flag("--tcp-established", "Not supported (needs iptables in the guest).")
+@_criu_flag("--tcp-established", "Dump established TCP connections (CRIU locks them with iptables).")
 @_criu_flag("--ext-unix-sk", "Not supported.")
 @_criu_flag("--shell-job", "Not supported.")
 @_criu_flag("--lazy-pages", "Not supported.")
@@ -443,7 +442,9 @@ def checkpoint(container_id: str, image_path: str, work_path: str, **flags: Any)
     cp.check_cgroup_mode(flags["manage_cgroups_mode"])
     cp.check_empty_ns(flags["empty_ns"])
     images, work = cp.default_paths_for(image_path, work_path)
-    opts = cp.CheckpointOptions(images, work, flags["leave_running"], flags["file_locks"])
+    opts = cp.CheckpointOptions(
+        images, work, flags["leave_running"], flags["file_locks"], flags["tcp_established"]
+    )
     cp.checkpoint(_store(), container_id, opts)
 
 
@@ -457,7 +458,7 @@ def checkpoint(container_id: str, image_path: str, work_path: str, **flags: Any)
 @click.option("--console-socket", default="", help="Unix socket that gets the pty master.")
 @click.option("--no-subreaper", is_flag=True, help="Accepted; the monitor reaps.")
 @click.option("--no-pivot", is_flag=True, help="Accepted; the guest runtime decides.")
-@_criu_flag("--tcp-established", "Not supported (needs iptables in the guest).")
+@_criu_flag("--tcp-established", "Not supported (connections come back closed).")
 @_criu_flag("--ext-unix-sk", "Not supported.")
 @_criu_flag("--shell-job", "Not supported.")
 @_criu_flag("--lazy-pages", "Not supported.")
