@@ -136,8 +136,6 @@ def test_refusals(tmp_path: Path, paths: Paths, monkeypatch: pytest.MonkeyPatch)
     (tmp_path / "exists.tar").write_text("")
     with pytest.raises(ConfigError, match="exists"):
         cap.capture(paths, cap.CaptureRequest("x", tmp_path / "exists.tar"))
-    with pytest.raises(ForensicsError, match="iptables"):
-        cap.capture(paths, cap.CaptureRequest("x", tmp_path / "n.tar", tcp_established=True))
     monkeypatch.setattr(cap, "Manager", lambda p: FakeManager(tmp_path / "crun", runtime="crun"))
     with pytest.raises(ForensicsError, match="needs runc"):
         cap.capture(paths, cap.CaptureRequest("x", tmp_path / "n.tar"))

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from vmpod.forensics.dumpmem import _check, _write_tar
 # the secret exists only once the process runs: its argv holds it reversed
 HIDDEN = "terces-yromem-ylno"
 SECRET = HIDDEN[::-1].encode()
-HOLDER = ["python3", "-c", f"import time; s = {HIDDEN!r}[::-1] * 2; time.sleep(60)"]
+# it touches its argv[1] once the secret is built (a dump before that would miss it)
+HOLDER = f"import sys, time; s = {HIDDEN!r}[::-1] * 2; open(sys.argv[1], 'w').close(); time.sleep(60)"
 
 
 @pytest.fixture
@@ -54,12 +56,17 @@ def _dump(pid: int, max_bytes: int = 1 << 30, cid: str = "c1") -> dict[str, obje
 
 def test_dump_memory_op(agent: InProcessAgent, tmp_path: Path, shared: Path) -> None:
     assert agent.refused("dump_memory", _dump(1))[0] == "not_found"
-    create(agent, tmp_path, "c1", HOLDER)
+    ready = tmp_path / "ready"
+    create(agent, tmp_path, "c1", ["python3", "-c", HOLDER, str(ready)])
     assert agent.refused("dump_memory", _dump(1)) == ("invalid", "the shared directory is not mounted")
     agent.call("mount_shared")
     assert agent.refused("dump_memory", _dump(1)) == ("invalid", "container c1 is not running")
     start(agent, "c1", 3)
     pid = _pid_file(tmp_path, "c1")  # the fake runc: no pid namespace, host pids
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert time.monotonic() < deadline, "the holder never got ready"
+        time.sleep(0.05)
     assert agent.refused("dump_memory", _dump(0))[0] == "invalid"
     assert agent.refused("dump_memory", {**_dump(pid), "dir": "c1/../.."})[0] == "invalid"
     assert agent.refused("dump_memory", _dump(pid, max_bytes=4096)) == (
