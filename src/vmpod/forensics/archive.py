@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TypeGuard
 
 from vmpod.errors import ConfigError, ForensicsError, ImageError
+from vmpod.fsutil import atomic_writer
 from vmpod.images.stream import LayerBlob, LayerReader
 
 CHECKPOINT_DIR = "checkpoint"
@@ -147,19 +148,13 @@ def _files(root: Path) -> Iterator[Path]:
 
 def write_archive(stage: Path, out: Path, manifest: Manifest) -> None:
     """Tar ``stage`` (sorted, numeric owners) with the manifest last, atomically to ``out``."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for path in sorted(stage.rglob("*")):
-                tar.add(path, arcname=path.relative_to(stage).as_posix(), recursive=False)
-            info = tarfile.TarInfo(MANIFEST)
-            data = manifest.to_json()
-            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
-            tar.addfile(info, io.BytesIO(data))
-        os.rename(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_writer(out) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(stage.rglob("*")):
+            tar.add(path, arcname=path.relative_to(stage).as_posix(), recursive=False)
+        info = tarfile.TarInfo(MANIFEST)
+        data = manifest.to_json()
+        info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+        tar.addfile(info, io.BytesIO(data))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmpod import __version__, mounts
-from vmpod.agent.protocol import CHECKPOINT_TIMEOUT
 from vmpod.containers.manager import PAUSED_S, RUNNING_S, Manager
 from vmpod.errors import ForensicsError, VmpodError
 from vmpod.forensics import archive as a
@@ -38,6 +37,7 @@ from vmpod.paths import Paths
 from vmpod.runtime import ipc
 from vmpod.runtime.errors import NotFound, RuntimeCliError
 from vmpod.runtime.state import PAUSED, RUNNING, ContainerState, Store, check_id, now_rfc3339
+from vmpod.sandbox import CHECKPOINT_TIMEOUT
 
 MAX_IMAGES = 16 << 30  # bytes of CRIU images taken from a guest by default
 MAX_LOG = 16 << 20  # bytes of dump.log kept
@@ -139,10 +139,7 @@ def _capture(paths: Paths, req: CaptureRequest, target: _Target, runtime: str | 
         stage, criu_dir = tmp / "archive", tmp / "criu"
         stage.mkdir()
         criu_dir.mkdir()
-        pause, dumped = not target.paused, False
-        if pause:
-            ipc.request(sock, {"op": "runtime", "command": "pause"}, timeout=60)
-        try:
+        with freezer(sock, pause=not target.paused) as hold:
             write_diff(target.upper, stage / a.ROOTFS_DIFF, stage / a.DELETED_FILES)
             flags = {
                 "leave_running": not req.kill,
@@ -155,13 +152,9 @@ def _capture(paths: Paths, req: CaptureRequest, target: _Target, runtime: str | 
                     {"op": "checkpoint", "dir": str(criu_dir), "flags": flags},
                     timeout=CHECKPOINT_TIMEOUT + 60,
                 )
-                dumped = True
+                hold.resume = not req.kill  # a failed --kill leaves it running
             finally:
                 keep_log(criu_dir / "work" / "dump.log", stage / a.DUMP_LOG)
-        finally:
-            if pause and not (req.kill and dumped):  # a failed --kill leaves it running
-                with contextlib.suppress(VmpodError):
-                    ipc.request(sock, {"op": "runtime", "command": "resume"}, timeout=60)
         frozen = time.monotonic() - t0
         images = criu_dir / "checkpoint"
         a.check_tree(images, req.max_bytes, "the CRIU images the guest wrote")
@@ -271,6 +264,29 @@ def _config_dump(record: dict[str, object], runtime: str) -> dict[str, object]:
         "command": record["command"],
         "vmpod": {**record, "guest_runtime": runtime},
     }
+
+
+@dataclass
+class Hold:
+    """Whether ``freezer`` resumes the container when its block ends."""
+
+    resume: bool = True
+
+
+@contextlib.contextmanager
+def freezer(sock: Path, *, pause: bool) -> Iterator[Hold]:
+    """The container paused (cgroup freezer in the guest) for the block, if ``pause``
+    (else it was paused already and stays so); resumed after it unless the block
+    set ``resume`` false. A resume that fails is left to the caller's error."""
+    hold = Hold()
+    if pause:
+        ipc.request(sock, {"op": "runtime", "command": "pause"}, timeout=60)
+    try:
+        yield hold
+    finally:
+        if pause and hold.resume:
+            with contextlib.suppress(VmpodError):
+                ipc.request(sock, {"op": "runtime", "command": "resume"}, timeout=60)
 
 
 def keep_log(src: Path, dest: Path) -> None:

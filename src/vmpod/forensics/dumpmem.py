@@ -16,7 +16,6 @@ regular files with the names above, at most ``--max-size`` bytes, are taken.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -28,14 +27,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmpod.agent.protocol import MEMORY_DUMP_TIMEOUT
 from vmpod.containers.manager import PAUSED_S, RUNNING_S, Manager
-from vmpod.errors import ConfigError, ForensicsError, VmpodError
+from vmpod.errors import ConfigError, ForensicsError
 from vmpod.forensics.archive import check_tree, new_output
-from vmpod.fsutil import owned_tmpdir
+from vmpod.forensics.capture import freezer
+from vmpod.fsutil import atomic_writer, owned_tmpdir
 from vmpod.paths import Paths
 from vmpod.runtime import ipc
 from vmpod.runtime.state import now_rfc3339
+from vmpod.sandbox import MEMORY_DUMP_TIMEOUT
 
 FORMAT = "vmpod-memory/1"
 MAX_DUMP = 4 << 30  # bytes of memory taken by default
@@ -78,19 +78,12 @@ def dump_memory(paths: Paths, req: DumpRequest) -> Dumped:
         with owned_tmpdir(paths.tmp, "memdump-") as tmp:
             shared = tmp / "memory"
             shared.mkdir(mode=0o700)
-            pause = v.state == RUNNING_S
-            if pause:
-                ipc.request(sock, {"op": "runtime", "command": "pause"}, timeout=60)
-            try:
+            with freezer(sock, pause=v.state == RUNNING_S):
                 got = ipc.request(
                     sock,
                     {"op": "dump_memory", "pid": req.pid, "dir": str(shared), "max_bytes": req.max_bytes},
                     timeout=MEMORY_DUMP_TIMEOUT + 60,
                 )
-            finally:
-                if pause:
-                    with contextlib.suppress(VmpodError):
-                        ipc.request(sock, {"op": "runtime", "command": "resume"}, timeout=60)
             answer = _answer(got)
             regions = _check(shared, req.max_bytes)
             summary = {
@@ -151,24 +144,18 @@ def _check(root: Path, max_bytes: int) -> list[tuple[str, int, int]]:
 def _write_tar(
     root: Path, regions: list[tuple[str, int, int]], summary: dict[str, object], out: Path
 ) -> None:
-    """dump.json, maps.txt, regions/* into ``out`` (atomically: a temp name, then rename)."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            data = json.dumps(summary, indent=1).encode()
-            info = tarfile.TarInfo("dump.json")
-            info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
-            tar.addfile(info, io.BytesIO(data))
-            for name, arcname in [(MAPS, MAPS), *((n, f"regions/{n}") for n, _, _ in regions)]:
-                fd = os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW)
-                with os.fdopen(fd, "rb") as fh:
-                    st = os.fstat(fh.fileno())
-                    if not stat.S_ISREG(st.st_mode):
-                        raise ForensicsError(f"the memory dump's {name} is not a regular file")
-                    info = tarfile.TarInfo(arcname)
-                    info.size, info.mode, info.mtime = st.st_size, 0o600, int(st.st_mtime)
-                    tar.addfile(info, fh)
-        os.rename(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """dump.json, maps.txt, regions/* into ``out`` (atomically: a temp file, then rename)."""
+    with atomic_writer(out) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        data = json.dumps(summary, indent=1).encode()
+        info = tarfile.TarInfo("dump.json")
+        info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
+        tar.addfile(info, io.BytesIO(data))
+        for name, arcname in [(MAPS, MAPS), *((n, f"regions/{n}") for n, _, _ in regions)]:
+            fd = os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise ForensicsError(f"the memory dump's {name} is not a regular file")
+                info = tarfile.TarInfo(arcname)
+                info.size, info.mode, info.mtime = st.st_size, 0o600, int(st.st_mtime)
+                tar.addfile(info, fh)

@@ -10,7 +10,7 @@ every front end (cli, runtime, matrix; later shim, pods, forensics) goes through
 """
 
 # Agent records and limits front ends see through this API (they never import the agent).
-from vmpod.agent.protocol import CHECKPOINT_TIMEOUT, CommandResult, KernelLogResult
+from vmpod.agent.protocol import CHECKPOINT_TIMEOUT, MEMORY_DUMP_TIMEOUT, CommandResult, KernelLogResult
 from vmpod.sandbox.build import SandboxSpec, prepare
 from vmpod.sandbox.config import ContainerSpec, ContainerState, SandboxConfig, SandboxState, Volume
 from vmpod.sandbox.container import LEAVE_STOPPED, Container
@@ -22,6 +22,7 @@ __all__ = [
     "CommandResult",
     "KernelLogResult",
     "LEAVE_STOPPED",
+    "MEMORY_DUMP_TIMEOUT",
     "Container",
     "ContainerSpec",
     "ContainerState",
